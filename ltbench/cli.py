@@ -1,0 +1,194 @@
+"""Command line: ``python -m ltbench <subcommand>``. Snakemake rules call these subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ltbench.config import ConfigError
+
+
+def _float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"imbalance ratio must be >= 1, got {s}")
+    return v
+
+
+def _load_config(a: argparse.Namespace) -> dict:
+    """The workflow config from ``--config-json`` (what Snakemake passes) or ``--config FILE``."""
+    from ltbench import config
+
+    if getattr(a, "config_json", None):
+        return config.validate(json.loads(a.config_json))
+    if a.config:
+        return config.load(a.config)
+    # no config file: an empty grid with every default
+    return config.validate({"experiments": {"cli": {"datasets": ["digits-lt"], "ratios": [1],
+                                                    "methods": ["ce"], "backbones": ["resnet8"]}}})
+
+
+def cmd_counts(a) -> int:
+    from ltbench import data
+
+    counts = data.counts_for(a.dataset, a.ratio, a.profile)
+    print(json.dumps({"dataset": a.dataset, "ratio": a.ratio, "profile": a.profile,
+                      "counts": counts, "total": sum(counts)}))
+    return 0
+
+
+def cmd_download(a) -> int:
+    from ltbench import data
+
+    cfg = _load_config(a)
+    spec = data.get(a.dataset)
+    if spec.fetch is None:
+        print(f"{a.dataset} is embedded; nothing to download", file=sys.stderr)
+    else:
+        spec.fetch(Path(a.data_dir or cfg["data_dir"]), cfg["datasets"].get(a.dataset, {}))
+    if a.done:
+        Path(a.done).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.done).write_text("ok\n")
+    return 0
+
+
+def cmd_prepare(a) -> int:
+    from ltbench import data
+
+    cfg = _load_config(a)
+    opts = dict(cfg["datasets"].get(a.dataset, {}))
+    if a.subset_seed is not None:
+        opts["subset_seed"] = a.subset_seed
+    info = data.prepare(a.dataset, a.ratio, Path(a.data_dir or cfg["data_dir"]), Path(a.out), opts)
+    print(json.dumps({k: v for k, v in info.items() if k != "counts"}), file=sys.stderr)
+    return 0
+
+
+def prepared_path(cfg: dict, dataset: str, ratio: float) -> Path:
+    from ltbench.config import format_ratio
+
+    seed = cfg["datasets"].get(dataset, {}).get("subset_seed", 0)
+    return Path(cfg["results_dir"]) / "data" / f"{dataset}_r{format_ratio(ratio)}_s{seed}.npz"
+
+
+def cmd_train(a) -> int:
+    from ltbench import config, data, train
+
+    cfg = _load_config(a)
+    if a.spec:
+        spec = json.loads(a.spec)
+    else:
+        try:
+            spec = config.cell_spec(cfg, a.dataset, a.method, a.backbone)
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+    data_file = Path(a.data) if a.data else prepared_path(cfg, a.dataset, a.ratio)
+    if not data_file.exists():
+        dspec = data.get(a.dataset)
+        opts = cfg["datasets"].get(a.dataset, {})
+        if dspec.fetch is not None:
+            dspec.fetch(Path(cfg["data_dir"]), opts)
+        data.prepare(a.dataset, a.ratio, Path(cfg["data_dir"]), data_file, opts)
+    overrides = {k: v for k, v in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr),
+                                   ("device", a.device), ("threads", a.threads)) if v is not None}
+    m = train.run(spec, a.ratio, a.seed, data_file, a.out, overrides)
+    print(json.dumps({k: m[k] for k in ("top1", "many", "medium", "few", "wall_time_s")}))
+    return 0
+
+
+def cmd_aggregate(a) -> int:
+    from ltbench import aggregate
+
+    aggregate.main(a.metrics, Path(a.out_dir))
+    return 0
+
+
+def cmd_report(a) -> int:
+    from ltbench import report
+
+    cfg = _load_config(a) if (a.config or a.config_json) else None
+    report.main(Path(a.aggregate_dir), Path(a.out), cfg, figures_dir=a.figures_dir)
+    return 0
+
+
+def _config_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", help="workflow config file (YAML): settings, datasets, recipes")
+    s.add_argument("--config-json", help="the validated workflow config as JSON (what Snakemake passes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ltbench", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("counts", help="per-class training counts of a long-tailed dataset (JSON)")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--ratio", type=_float, required=True)
+    s.add_argument("--profile", default="exp", choices=["exp", "step"])
+    s.set_defaults(fn=cmd_counts)
+
+    s = sub.add_parser("download", help="download and verify a dataset's original archive")
+    s.add_argument("--dataset", required=True)
+    _config_args(s)
+    s.add_argument("--data-dir")
+    s.add_argument("--done", help="write this marker file on success")
+    s.set_defaults(fn=cmd_download)
+
+    s = sub.add_parser("prepare", help="write the long-tailed subset of a dataset as .npz")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--ratio", type=_float, required=True)
+    _config_args(s)
+    s.add_argument("--data-dir")
+    s.add_argument("--subset-seed", type=int, help="override the config's subset seed")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("train", help="train one cell and write metrics.json")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--ratio", type=_float, required=True)
+    s.add_argument("--method", default="ce")
+    s.add_argument("--backbone", default="resnet32")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output directory of the cell")
+    _config_args(s)
+    s.add_argument("--spec", help="resolved cell spec as JSON (what the Snakemake rule passes)")
+    s.add_argument("--data", help="prepared .npz (default: prepared on demand under results_dir/data)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--threads", type=int)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("aggregate", help="collect metrics.json files into tidy tables")
+    s.add_argument("metrics", nargs="+", help="metrics.json files")
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(fn=cmd_aggregate)
+
+    s = sub.add_parser("report", help="write the self-contained HTML comparison report")
+    s.add_argument("--aggregate-dir", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--figures-dir")
+    _config_args(s)
+    s.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"ltbench {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from ltbench.data.download import DownloadError
+
+        if isinstance(e, (DownloadError, FloatingPointError)):
+            print(f"ltbench {args.cmd}: error: {e}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,81 @@
+"""Datasets, long-tailed subsets, and the prepared-data file every training run reads.
+
+A dataset is registered by name (:data:`DATASETS`) as a :class:`DatasetSpec`: its class count,
+the head-class size ``n_max`` used by the long-tail profile, normalization constants, crop
+padding, and functions that fetch and load the balanced originals. ``prepare`` writes one
+``.npz`` per (dataset, ratio, subset seed) with uint8 images in (N, C, H, W) layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ltbench.data.longtail import class_groups, longtail_counts, longtail_indices  # noqa: F401
+from ltbench.registry import Registry
+
+DATASETS = Registry("dataset")
+
+# (train_x, train_y, test_x, test_y) with images uint8 (N, C, H, W)
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    n_max: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    padding: int = 4
+    many_threshold: int = 100
+    few_threshold: int = 20
+    # load(data_dir, options) -> Arrays; options are the dataset's config entry
+    load: Callable[[Path, dict], Arrays] = field(default=None, repr=False)
+    # fetch(data_dir, options) -> None; None for embedded data
+    fetch: Optional[Callable[[Path, dict], None]] = field(default=None, repr=False)
+    url: Optional[str] = None
+    md5: Optional[str] = None
+    needs_download: bool = False
+
+
+def get(name: str) -> DatasetSpec:
+    return DATASETS.get(name)
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    DATASETS.register(spec.name)(spec)
+    return spec
+
+
+def counts_for(name: str, ratio: float, profile: str = "exp") -> list[int]:
+    spec = get(name)
+    return longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
+
+
+def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | None = None) -> dict:
+    """Subsample the dataset's training set and write the prepared ``.npz`` atomically."""
+    from ltbench.io import atomic_path
+
+    options = dict(options or {})
+    spec = get(name)
+    profile = options.get("profile", "exp")
+    subset_seed = int(options.get("subset_seed", 0))
+    counts = longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
+    train_x, train_y, test_x, test_y = spec.load(Path(data_dir), options)
+    idx = longtail_indices(train_y, counts, subset_seed)
+    info = {"dataset": name, "ratio": ratio, "profile": profile, "subset_seed": subset_seed,
+            "counts": counts, "train_total": int(len(idx)), "test_total": int(len(test_y))}
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, train_x=train_x[idx], train_y=train_y[idx].astype(np.int64),
+                     test_x=test_x, test_y=test_y.astype(np.int64), counts=np.asarray(counts),
+                     subset_indices=idx)
+    return info
+
+
+from ltbench.data import cifar, digits  # noqa: E402,F401  (register the datasets)

@@ -1,0 +1,79 @@
+"""CIFAR-10 / CIFAR-100 in the original "python" format, as torchvision downloads them.
+
+Training order is torchvision's (data_batch_1..5, or the single ``train`` file), which the
+long-tail subset construction depends on.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from ltbench.data import DatasetSpec, register
+from ltbench.data.download import DownloadError, fetch, safe_extract
+
+BASE_URL = "https://www.cs.toronto.edu/~kriz/"
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+# name -> (archive, md5, extracted folder, train files, test file, label key)
+FILES = {
+    "cifar10": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels"),
+    "cifar100": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
+                 ["train"], "test", "fine_labels"),
+}
+
+
+def folder(name: str, data_dir: Path) -> Path:
+    return Path(data_dir) / name
+
+
+def download(name: str, data_dir: Path, options: dict) -> Path:
+    """Fetch, verify and extract into ``<data_dir>/<name>/``; a no-op if it is already there."""
+    archive, md5, inner, *_ = FILES[name]
+    target = folder(name, data_dir)
+    if (target / inner).is_dir():
+        return target
+    url = options.get("url") or BASE_URL + archive
+    md5 = options.get("md5") or md5
+    tar = Path(data_dir) / archive
+    if not (tar.exists() and _md5_ok(tar, md5)):
+        fetch(url, tar, md5)
+    safe_extract(tar, target)
+    if not (target / inner).is_dir():
+        raise DownloadError(f"{tar} does not contain {inner}/; is it the {name} python archive?")
+    return target
+
+
+def _md5_ok(path: Path, md5: str) -> bool:
+    from ltbench.data.download import md5sum
+
+    return md5sum(path) == md5
+
+
+def _read(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; run `python -m ltbench download` for this dataset")
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return x, np.asarray(d[label_key], dtype=np.int64)
+
+
+def load(name: str, data_dir: Path, options: dict):
+    _, _, inner, train_files, test_file, key = FILES[name]
+    root = folder(name, data_dir) / inner
+    parts = [_read(root / f, key) for f in train_files]
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    test_x, test_y = _read(root / test_file, key)
+    return train_x, train_y, test_x, test_y
+
+
+for _name, _classes, _nmax in (("cifar10", 10, 5000), ("cifar100", 100, 500)):
+    register(DatasetSpec(
+        name=_name, num_classes=_classes, n_max=_nmax, image_size=32, channels=3, mean=MEAN, std=STD,
+        padding=4, load=lambda d, o, n=_name: load(n, d, o),
+        fetch=lambda d, o, n=_name: download(n, d, o),
+        url=BASE_URL + FILES[_name][0], md5=FILES[_name][1], needs_download=True))

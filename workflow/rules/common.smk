@@ -1,0 +1,52 @@
+# Config validation (JSON schema + registry names) and the grid of cells, at DAG-build time.
+import json
+import re
+import sys
+
+sys.path.insert(0, workflow.basedir)  # the ltbench package next to this Snakefile
+
+from ltbench import config as ltconfig
+from ltbench import data as ltdata
+
+try:
+    config = ltconfig.validate(config)
+except ltconfig.ConfigError as e:
+    raise WorkflowError(str(e))
+
+# Rules run `python -m ltbench` from the package next to the Snakefile (also inside conda envs).
+shell.prefix(f"export PYTHONPATH={workflow.basedir}:$PYTHONPATH; ")
+
+R = config["results_dir"]
+DATA = config["data_dir"]
+CELLS = ltconfig.cells(config)
+REPORT = f"{config['reports_dir']}/{config['name']}.html"
+ENV = f"{workflow.basedir}/envs/ltbench.yaml"
+
+
+def _alternatives(values):
+    return "|".join(re.escape(v) for v in sorted(set(values)))
+
+
+wildcard_constraints:
+    dataset=_alternatives(c.dataset for c in CELLS),
+    method=_alternatives(c.method for c in CELLS),
+    backbone=_alternatives(c.backbone for c in CELLS),
+    ratio=r"[0-9]+(\.[0-9]+)?",
+    seed=r"[0-9]+",
+    subset=r"[0-9]+",
+
+
+def subset_seed(dataset):
+    return config["datasets"].get(dataset, {}).get("subset_seed", 0)
+
+
+def prepared(w):
+    return f"{R}/data/{w.dataset}_r{w.ratio}_s{subset_seed(w.dataset)}.npz"
+
+
+def metrics_files():
+    return [f"{R}/runs/{c.path}/metrics.json" for c in CELLS]
+
+
+def resource(rule, key, default):
+    return config["resources"].get(rule, {}).get(key, config["resources"].get("default", {}).get(key, default))
