@@ -1,0 +1,176 @@
+"""The real CIFAR download path, against archives generated here and served on 127.0.0.1."""
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltbench import data
+from ltbench.data import cifar
+from ltbench.data.download import DownloadError, fetch, safe_extract
+
+
+def make_cifar10_tarball(per_class=(30, 20, 12, 8, 6, 5, 4, 3, 3, 2), test_per_class=4) -> bytes:
+    """A tiny archive in the CIFAR-10 python format (5 train batches + test batch)."""
+    rng = np.random.RandomState(0)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(per_class)])
+    rng.shuffle(labels)
+    images = rng.randint(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name, payload):
+            blob = pickle.dumps(payload)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+        for i, part in enumerate(np.array_split(np.arange(len(labels)), 5)):
+            add(f"data_batch_{i + 1}", {"data": images[part], "labels": labels[part].tolist()})
+        tl = np.repeat(np.arange(10), test_per_class)
+        add("test_batch", {"data": rng.randint(0, 256, size=(len(tl), 3072), dtype=np.uint8), "labels": tl.tolist()})
+    return buf.getvalue()
+
+
+class Server:
+    """Serves fixed bytes per path on 127.0.0.1; ``lie_length`` announces more bytes than sent."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.lie_length: set[str] = set()
+        files, lie = self.files, self.lie_length
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body) + (1000 if self.path in lie else 0)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def md5(b: bytes) -> str:
+    return hashlib.md5(b).hexdigest()
+
+
+def test_download_verify_extract_and_prepare(server, tmp_path):
+    blob = make_cifar10_tarball()
+    server.files["/c10.tar.gz"] = blob
+    opts = {"url": server.url("/c10.tar.gz"), "md5": md5(blob)}
+    cifar.download("cifar10", tmp_path, opts)
+    assert (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_5").is_file()
+    tx, ty, sx, sy = cifar.load("cifar10", tmp_path, opts)
+    assert tx.shape == (93, 3, 32, 32) and sx.shape == (40, 3, 32, 32)
+    # training order is data_batch_1..5 concatenated
+    with open(tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        first = pickle.load(f)
+    np.testing.assert_array_equal(tx[: len(first["labels"])].reshape(-1, 3072), first["data"])
+    # a second call is a no-op (no network needed)
+    server.files.clear()
+    cifar.download("cifar10", tmp_path, opts)
+
+
+def test_the_real_constants_are_torchvisions():
+    spec = data.get("cifar10")
+    assert spec.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert spec.md5 == "c58f30108f718f92721af3b95e74349a"
+    assert data.get("cifar100").md5 == "eb9058c3a382ffc7106e4002c42a8d85"
+
+
+def test_wrong_md5_leaves_nothing(server, tmp_path):
+    blob = make_cifar10_tarball()
+    server.files["/c10.tar.gz"] = blob
+    with pytest.raises(DownloadError, match="md5 mismatch"):
+        cifar.download("cifar10", tmp_path, {"url": server.url("/c10.tar.gz"), "md5": "0" * 32})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_download_leaves_nothing(server, tmp_path):
+    blob = make_cifar10_tarball()
+    server.files["/c10.tar.gz"] = blob
+    server.lie_length.add("/c10.tar.gz")
+    with pytest.raises(DownloadError, match="ended after"):
+        fetch(server.url("/c10.tar.gz"), tmp_path / "c10.tar.gz", md5(blob), timeout=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_url_is_a_clear_error(server, tmp_path):
+    with pytest.raises(DownloadError, match="could not download .*mirror"):
+        fetch(server.url("/missing.tar.gz"), tmp_path / "x.tar.gz", "0" * 32, timeout=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("evil", ["../escape.txt", "/abs/escape.txt", "cifar-10-batches-py/../../escape.txt"])
+def test_path_escaping_member_is_refused(tmp_path, evil):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in ("cifar-10-batches-py/ok.txt", evil):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+    archive = tmp_path / "evil.tar.gz"
+    archive.write_bytes(buf.getvalue())
+    target = tmp_path / "out" / "cifar10"
+    with pytest.raises(DownloadError, match="outside the target directory"):
+        safe_extract(archive, target)
+    assert not target.exists() and not (tmp_path / "escape.txt").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_symlink_member_is_refused(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/link")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    archive = tmp_path / "link.tar"
+    archive.write_bytes(buf.getvalue())
+    with pytest.raises(DownloadError, match="not a plain file"):
+        safe_extract(archive, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_download_command_reports_md5_failure(server, tmp_path, cli):
+    blob = make_cifar10_tarball()
+    server.files["/c10.tar.gz"] = blob
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+data_dir: {tmp_path / 'data'}
+datasets:
+  cifar10: {{url: "{server.url('/c10.tar.gz')}", md5: "{'1' * 32}"}}
+experiments:
+  e: {{datasets: [cifar10], ratios: [10], methods: [ce], backbones: [resnet8]}}
+""")
+    p = cli("download", "--dataset", "cifar10", "--config", cfg, "--done", tmp_path / "done", check=False)
+    assert p.returncode == 1 and "md5 mismatch" in p.stderr
+    assert not (tmp_path / "done").exists()
+    assert not any((tmp_path / "data").rglob("*.tar.gz"))
