@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ltbench import augment, data, io, losses, models, norm
+from ltbench import data, io, losses, models, norm
+from ltbench.sources import TensorSource
 from ltbench.config import format_ratio
 
 
@@ -54,14 +55,14 @@ def lr_lambda(train: Mapping[str, Any], steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, num_classes: int,
-             batch_size: int = 1000) -> torch.Tensor:
+def evaluate(model: nn.Module, source, num_classes: int) -> torch.Tensor:
     """Per-class count of correct test predictions (int64 tensor on the device)."""
     model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long, device=x.device)
-    for i in range(0, len(y), batch_size):
-        pred = model(augment.normalize(x[i:i + batch_size], mean, std)).argmax(1)
-        correct.index_add_(0, y[i:i + batch_size], (pred == y[i:i + batch_size]).long())
+    correct = None
+    for x, y in source.test():
+        if correct is None:
+            correct = torch.zeros(num_classes, dtype=torch.long, device=y.device)
+        correct.index_add_(0, y, (model(x).argmax(1) == y).long())
     model.train()
     return correct
 
@@ -110,16 +111,12 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     gen = torch.Generator(device=device).manual_seed(seed)
 
     dspec = data.get(spec["dataset"])
-    with np.load(data_file) as z:
-        train_x, train_y = torch.from_numpy(z["train_x"]).to(device), torch.from_numpy(z["train_y"]).to(device)
-        test_x, test_y = torch.from_numpy(z["test_x"]).to(device), torch.from_numpy(z["test_y"]).to(device)
-        counts = z["counts"].tolist()
+    source = TensorSource(data_file, device, dspec.mean, dspec.std, dspec.padding)
+    counts = source.counts
     K = dspec.num_classes
-    mean = torch.tensor(dspec.mean, device=device)
-    std = torch.tensor(dspec.std, device=device)
     opts = spec["dataset_options"]
     groups = data.class_groups(counts, opts["many_threshold"], opts["few_threshold"])
-    test_per_class = np.maximum(np.bincount(test_y.cpu().numpy(), minlength=K), 1).astype(np.float64)
+    test_per_class = np.maximum(np.bincount(source.test_y.cpu().numpy(), minlength=K), 1).astype(np.float64)
 
     recipe = spec["recipe"]
     model = models.build(spec["backbone"], K, dspec.channels,
@@ -128,9 +125,11 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     criterion = losses.make(recipe["loss"]["name"], counts, **recipe["loss"].get("options", {})).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=train["lr"], momentum=train["momentum"],
                           weight_decay=train["weight_decay"], nesterov=train["nesterov"])
-    n = len(train_y)
+    n = len(source)
     bs = train["batch_size"]
-    steps_per_epoch = n // bs + (1 if n % bs >= 2 else 0)  # a last batch of 1 breaks BatchNorm: drop it
+    steps_per_epoch = source.steps(n, bs)
+    views = ["weak" if recipe["augment"] == "crop_flip" else
+             "strong" if recipe["augment"] == "autoaugment" else "none"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps_per_epoch))
     amp = device.type == "cuda" and train["amp"] == "bf16"
 
@@ -145,13 +144,9 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
         perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
-            idx = perm[step * bs:(step + 1) * bs]
-            xb, yb = train_x[idx], train_y[idx]
-            if recipe["augment"] != "none":
-                xb = augment.random_crop_flip(xb, dspec.padding, gen)
+        for (xb,), yb in source.epoch(perm, bs, views, gen):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(augment.normalize(xb, mean, std))
+                logits = model(xb)
                 loss = criterion(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -168,7 +163,7 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
                                      f"{epoch + 1} (lr {row['lr']:.4g}); the cell is not usable")
         train_time += time.time() - t0
         if (epoch + 1) % train["eval_every"] == 0 or epoch + 1 == train["epochs"]:
-            per_class = evaluate(model, test_x, test_y, mean, std, K).cpu().numpy() / test_per_class
+            per_class = evaluate(model, source, K).cpu().numpy() / test_per_class
             row["top1"] = float(100.0 * per_class.mean())
             row.update(group_accuracy(per_class, groups))
             if best is None or train["report_epoch"] == "last" or row["top1"] > best[0]["top1"]:
