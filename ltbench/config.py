@@ -76,7 +76,7 @@ def _check_names(cfg: Mapping) -> None:
     for m, r in extra.items():
         try:
             methods.check(m, methods.recipe(m, extra))
-        except KeyError as e:
+        except (KeyError, ValueError) as e:
             raise ConfigError(f"config key methods.{m}: {e.args[0]}") from None
     for ename, exp in cfg["experiments"].items():
         for key, known in (("datasets", list(data.DATASETS)), ("methods", methods.available(extra)),
@@ -88,7 +88,7 @@ def _check_names(cfg: Mapping) -> None:
         for m in exp["methods"]:
             try:
                 methods.check(m, methods.recipe(m, extra))
-            except KeyError as e:
+            except (KeyError, ValueError) as e:
                 raise ConfigError(f"config key experiments.{ename}.methods: {e.args[0]}") from None
 
 

@@ -7,20 +7,69 @@ run records exactly what it used.
 from __future__ import annotations
 
 import copy
+import inspect
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping
 
 import yaml
 
+# Every recipe key with its default. Keys that encode a detail the papers leave open are
+# documented in OPEN_DETAILS (listed in the report with the values each run used).
 DEFAULT_RECIPE: dict[str, Any] = {
     "description": "",
     "norm": {"name": "bn", "scope": "all", "options": {}},
     "loss": {"name": "ce", "options": {}},
+    "head": "linear",
     "sampler": "uniform",
     "augment": "crop_flip",
+    "views": None,  # None: [weak] for crop_flip, [strong] for autoaugment, [none] for none
+    "paths": ["compound"],
+    "classify_on": None,  # None: the last view of every path, e.g. ["compound/strong", "split/strong"]
+    "consistency": {"weight": 0.0, "pairing": "cross"},
+    "decoupled": {"enabled": False, "fraction": 0.2, "classifier": "crt", "loss": "ce", "sampler": "uniform",
+                  "reweight": "none", "reinit": True, "lr": None, "tau": 1.0},
+    "posthoc_tau": None,
+    "logit_rectification": False,
     "train": {},
 }
+
+OPEN_DETAILS: dict[str, str] = {
+    "recipe.classify_on": "CBN Eq. 20 applies Balanced Softmax to the strong-view prediction; whether the split path "
+                          "and the weak view also get it is not stated (default: strong view of both paths).",
+    "recipe.consistency.pairing": "CBN Eq. 19's exact pairing: 'cross' = −½[cos(z^c_s, sg(z^s_w)) + cos(z^s_s, sg(z^c_w))].",
+    "recipe.consistency.weight": "Weight of the consistency loss relative to Balanced Softmax (not stated; default 1).",
+    "recipe.paths": "What 'Baseline + SBN' trains: compound and split paths with the compound EM switched off (em: false).",
+    "recipe.decoupled.fraction": "CBN Table 3: 80% of epochs representation, 20% classifier (stated).",
+    "recipe.decoupled.reinit": "Whether the classifier is re-initialized at the start of the classifier stage (cRT: yes).",
+    "recipe.decoupled.reweight": "RW in the classifier stage: class-balanced weights (β = 0.9999) by default.",
+    "recipe.decoupled.loss": "Loss of the classifier stage (not stated by CBN Table 3; default cross-entropy as in cRT: "
+                             "the representation's Balanced Softmax on top of RS/RW would correct the imbalance twice).",
+    "recipe.head": "Classifier layer: linear, or cosine (LDAM-DRW's NormedLinear, which LDAM's s = 30 assumes).",
+    "recipe.decoupled.lr": "Classifier-stage learning rate (null = the representation stage's lr), cosine over the stage.",
+    "recipe.norm.options.train_stats": "CBN open detail 1: normalize with batch statistics (as BN does in training) or "
+                                       "the running statistics during training (default batch).",
+    "recipe.norm.options.responsibilities": "CBN open detail 2: responsibilities per pixel (as the equations read; "
+                                            "default) or per sample (spatially pooled).",
+    "recipe.norm.options.init": "CBN open detail 3: symmetry-breaking component init: first_batch (M distinct points "
+                                "of the first batch; default) or random (N(0, init_std²) means).",
+    "recipe.norm.options.em": "CBN open detail 6: 'Baseline + SBN' = em: false, a plain-BN compound path used at test, "
+                              "the components only for the split path.",
+    "recipe.norm.options.detach_responsibilities": "CBN: whether gradients flow through the E-step responsibilities "
+                                                   "(default: yes, as autograd gives them).",
+    "recipe.norm.options.alpha": "NBN open detail 2: one α shared by every normalized layer (public code; default), "
+                                 "per layer, or separate α for weight and bias.",
+    "recipe.norm.options.alpha_weight_decay": "NBN open detail 3: whether α gets weight decay (public code: yes).",
+    "recipe.norm.scope": "Which BN layers are replaced: CBN 'all' (by default reading; open detail 5); NBN "
+                         "'last_stage' (public code; NBN open detail 1 for the CIFAR ResNet-32).",
+    "recipe.logit_rectification": "NBN open detail 4: whether logit rectification (BatchNorm1d without affine on the "
+                                  "logits) is part of the NBN rows (default: yes).",
+    "train.weight_decay": "CBN: weight decay not stated (default 2e-4, the LDAM-DRW value).",
+    "train.momentum": "CBN: SGD momentum not stated (default 0.9).",
+    "train.warmup_epochs": "CBN: warmup not stated (default 5 epochs, the LDAM-DRW convention).",
+}
+
+VIEWS_OF_AUGMENT = {"crop_flip": ["weak"], "autoaugment": ["strong"], "none": ["none"]}
 
 
 @lru_cache(maxsize=None)
@@ -44,20 +93,81 @@ def available(extra: Mapping[str, Mapping] | None = None) -> list[str]:
     return sorted(set(builtin()) | set(extra or {}))
 
 
-def recipe(name: str, extra: Mapping[str, Mapping] | None = None) -> dict:
-    """The full recipe for ``name``: defaults < built-in recipe < config's ``methods[name]``."""
-    extra = extra or {}
+def _raw(name: str, extra: Mapping[str, Mapping], chain: tuple[str, ...] = ()) -> dict:
+    """A recipe as written, with ``extends`` resolved (the parent first, then this recipe)."""
     if name not in builtin() and name not in extra:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(available(extra))}")
-    r = merge(DEFAULT_RECIPE, builtin().get(name, {}))
-    return merge(r, extra.get(name, {}))
+    if name in chain:
+        raise ValueError(f"method {name!r}: 'extends' forms a cycle: {' -> '.join(chain + (name,))}")
+    own = merge(builtin().get(name, {}), extra.get(name, {}))
+    parent = own.pop("extends", None)
+    if parent is None:
+        return own
+    try:
+        base = _raw(parent, extra, chain + (name,))
+    except KeyError as e:
+        raise KeyError(f"method {name!r} extends {parent!r}: {e.args[0]}") from None
+    base.pop("description", None)
+    return merge(base, own)
+
+
+def _with_defaults(factory, options: Mapping[str, Any], skip: int) -> dict:
+    """``options`` plus every keyword default of ``factory`` not given (after ``skip`` positionals)."""
+    params = list(inspect.signature(factory).parameters.values())[skip:]
+    out = {p.name: p.default for p in params
+           if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+    out.update(options)
+    return out
+
+
+def recipe(name: str, extra: Mapping[str, Mapping] | None = None) -> dict:
+    """The full recipe for ``name``: defaults < built-in recipe (and the one it ``extends``) < the
+    config's ``methods[name]``; the norm layer's and loss's options are completed with their
+    defaults so that a run records every value it used."""
+    from ltbench import losses, norm
+
+    extra = extra or {}
+    r = merge(DEFAULT_RECIPE, _raw(name, extra))
+    if r["views"] is None:
+        r["views"] = list(VIEWS_OF_AUGMENT[r["augment"]])
+    if r["classify_on"] is None:
+        r["classify_on"] = [f"{p}/{r['views'][-1]}" for p in r["paths"]]
+    for part, registry in (("norm", norm.NORMS), ("loss", losses.LOSSES)):
+        if r[part]["name"] in registry:
+            r[part]["options"] = _with_defaults(registry.get(r[part]["name"]), r[part]["options"], skip=1)
+    return r
 
 
 def check(name: str, r: Mapping) -> None:
-    """Raise ``KeyError``/``ValueError`` naming the method and the part if a part is unknown."""
-    from ltbench import losses, norm
+    """Raise ``KeyError``/``ValueError`` naming the method and the offending part."""
+    from ltbench import losses, norm, sampling
 
     for what, registry, part in (("norm", norm.NORMS, r["norm"]["name"]),
-                                 ("loss", losses.LOSSES, r["loss"]["name"])):
+                                 ("loss", losses.LOSSES, r["loss"]["name"]),
+                                 ("decoupled.loss", losses.LOSSES, r["decoupled"]["loss"]),
+                                 ("sampler", sampling.SAMPLERS, r["sampler"]),
+                                 ("decoupled.sampler", sampling.SAMPLERS, r["decoupled"]["sampler"])):
         if part not in registry:
             raise KeyError(f"method {name!r}: unknown {what} {part!r}; known: {', '.join(registry)}")
+    for what, registry in (("norm", norm.NORMS), ("loss", losses.LOSSES)):
+        params = inspect.signature(registry.get(r[what]["name"])).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        known = list(params)[1:]
+        for opt in r[what]["options"]:
+            if opt not in known:
+                raise KeyError(f"method {name!r}: {what} {r[what]['name']!r} has no option {opt!r}; "
+                               f"known: {', '.join(known)}")
+    if r["decoupled"]["enabled"] and r["head"] != "linear":
+        raise ValueError(f"method {name!r}: the decoupled classifier stage needs head: linear, not {r['head']!r}")
+    produced = {f"{p}/{v}" for p in r["paths"] for v in r["views"]}
+    for k in r["classify_on"]:
+        if k not in produced:
+            raise ValueError(f"method {name!r}: classify_on {k!r} is not one of the path/view pairs it "
+                             f"trains ({', '.join(sorted(produced))})")
+    if "split" in r["paths"] and r["norm"]["name"] != "cbn":
+        raise ValueError(f"method {name!r}: paths [.., split] (SBN) needs norm cbn, not {r['norm']['name']!r}")
+    if r["consistency"]["weight"] > 0 and (set(r["views"]) != {"weak", "strong"}
+                                           or set(r["paths"]) != {"compound", "split"}):
+        raise ValueError(f"method {name!r}: consistency.weight > 0 needs views [weak, strong] and "
+                         "paths [compound, split]")

@@ -71,6 +71,21 @@ def fig_per_class(per_class: pd.DataFrame, path: Path) -> Path:
     return _save(g.figure, path)
 
 
+def open_details(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every paper detail left open (``methods.OPEN_DETAILS``) with the values the runs used, per method."""
+    from ltbench.methods import OPEN_DETAILS
+
+    rows = []
+    for key, what in OPEN_DETAILS.items():
+        if key not in runs.columns:
+            continue
+        used = runs.drop_duplicates("method").dropna(subset=[key]).groupby(key, sort=True)["method"]
+        values = "; ".join(f"{v}: {', '.join(sorted(ms))}" for v, ms in used)
+        if values:
+            rows.append({"setting": key, "what the papers leave open": what, "value used (methods)": values})
+    return pd.DataFrame(rows)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with io.atomic_path(path) as tmp:
@@ -118,6 +133,10 @@ def render(runs: pd.DataFrame, per_class: pd.DataFrame, summary: pd.DataFrame, f
                       "Top-1 overall and by many/medium/few class group for every method."))
     parts.append(_img(fig_per_class(per_class, figures_dir / "per_class.png"),
                       "Per-class test accuracy against the class's number of training images."))
+    details = open_details(runs)
+    if not details.empty:
+        parts.append("<h2>Unspecified paper details and the values used</h2>")
+        parts.append(details.to_html(index=False, escape=True))
     if config is not None:
         parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2)) + "</pre>")
     parts.append("</body></html>")

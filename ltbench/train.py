@@ -1,29 +1,44 @@
 """Train one cell (dataset × ratio × method × backbone × seed) and write its metrics.
 
-The whole loop is in :func:`run`: the prepared uint8 images live on the training device, each
+The whole loop is in :func:`run`. The prepared uint8 images live on the training device, each
 batch is augmented there with per-sample random ops, and per-step statistics accumulate on the
-device, so there is no host synchronisation inside an epoch.
+device, so there is no host synchronisation inside an epoch. A method recipe (``methods.yaml``)
+decides the views per image (weak / strong), the forward paths (compound / split = SBN), which
+logits get the classification loss, the stop-gradient consistency of dual-path learning, and an
+optional decoupled classifier stage.
 
-Outputs in ``out_dir``: ``train.jsonl`` (one line per epoch) and ``metrics.json`` (final
-accuracy overall / many / medium / few and per class, counts, the resolved spec, seeds,
-code version, device, wall time, throughput), both written atomically.
+Outputs in ``out_dir``: ``model.pt`` (the final state_dict), ``train.jsonl`` (one line per
+epoch) and ``metrics.json`` (final accuracy overall / many / medium / few and per class, counts,
+the resolved spec, seeds, code version, device, wall time, throughput), written atomically, in
+that order, so ``metrics.json`` exists only for a finished cell.
+
+Preemption: ``checkpoint.pt`` (model, optimizers, schedules, RNG states, position in the epoch)
+is written every ``train.checkpoint_every`` epochs and when SIGTERM or SIGUSR1 arrives (what
+SLURM sends before a kill); a run started again in the same ``out_dir`` resumes from it.
 """
 from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ltbench import data, io, losses, models, norm
-from ltbench.sources import TensorSource
+from ltbench import classifier, data, io, losses, models, norm, sampling
 from ltbench.config import format_ratio
+from ltbench.sources import TensorSource
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was written and the run can be resumed."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -34,10 +49,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_lambda(train: Mapping[str, Any], steps_per_epoch: int):
+def lr_lambda(train: Mapping[str, Any], steps_per_epoch: int, epochs: int | None = None,
+              warmup_epochs: float | None = None):
     """LR multiplier per optimizer step: linear warmup, then cosine / step / constant."""
-    total = train["epochs"] * steps_per_epoch
-    warm = int(round(train["warmup_epochs"] * steps_per_epoch))
+    epochs = train["epochs"] if epochs is None else epochs
+    total = epochs * steps_per_epoch
+    warm = int(round((train["warmup_epochs"] if warmup_epochs is None else warmup_epochs) * steps_per_epoch))
     milestones = [int(round(f * total)) for f in train["step_milestones"]]
     factors = train["step_factors"]
 
@@ -55,20 +72,27 @@ def lr_lambda(train: Mapping[str, Any], steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source, num_classes: int) -> torch.Tensor:
-    """Per-class count of correct test predictions (int64 tensor on the device)."""
+def evaluate(model: nn.Module, source, num_classes: int, adjust: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-class count of correct test predictions (int64 tensor on the device).
+
+    ``adjust`` is subtracted from the logits first (post-hoc logit adjustment, τ log π).
+    """
+    was_training = model.training
     model.eval()
     correct = None
     for x, y in source.test():
         if correct is None:
             correct = torch.zeros(num_classes, dtype=torch.long, device=y.device)
-        correct.index_add_(0, y, (model(x).argmax(1) == y).long())
-    model.train()
+        logits = model(x).float()
+        if adjust is not None:
+            logits = logits - adjust
+        correct.index_add_(0, y, (logits.argmax(1) == y).long())
+    model.train(was_training)
     return correct
 
 
 def group_accuracy(per_class: np.ndarray, groups: list[str]) -> dict[str, float | None]:
-    """Top-1 (mean over test images, here = mean over classes on a balanced test set) and by group."""
+    """Mean accuracy (%) over the classes of each group; None for an empty group."""
     out: dict[str, float | None] = {}
     for g in ("many", "medium", "few"):
         sel = [i for i, gg in enumerate(groups) if gg == g]
@@ -76,22 +100,90 @@ def group_accuracy(per_class: np.ndarray, groups: list[str]) -> dict[str, float 
     return out
 
 
+def consistency_loss(logits: Mapping[str, torch.Tensor], pairing: str) -> torch.Tensor:
+    """Stop-gradient cosine consistency between the compound and split paths (CBN Eq. 19).
+
+    cross:     −½[cos(z^c_s, sg(z^s_w)) + cos(z^s_s, sg(z^c_w))]  (weak-view predictions are targets)
+    same_view: −½[cos(z^c_s, sg(z^s_s)) + cos(z^s_w, sg(z^c_w))]
+    """
+    c_w, c_s, s_w, s_s = (logits[k] for k in ("compound/weak", "compound/strong", "split/weak", "split/strong"))
+    if pairing == "cross":
+        pairs = ((c_s, s_w), (s_s, c_w))
+    elif pairing == "same_view":
+        pairs = ((c_s, s_s), (s_w, c_w))
+    else:
+        raise ValueError(f"unknown consistency pairing {pairing!r}; known: cross, same_view")
+    return -0.5 * sum(F.cosine_similarity(a, b.detach(), dim=1).mean() for a, b in pairs)
+
+
+def forward_paths(model: nn.Module, views: Mapping[str, torch.Tensor], paths, wanted: set[str],
+                  groups: torch.Tensor | None, amp: bool) -> dict[str, torch.Tensor]:
+    """Logits keyed ``"path/view"`` for every wanted pair; the split path runs in SBN mode."""
+    out = {}
+    for p in paths:
+        ctx = norm.split_mode(model, groups) if p == "split" else nullcontext()
+        with ctx, torch.autocast(next(iter(views.values())).device.type, dtype=torch.bfloat16, enabled=amp):
+            for v, x in views.items():
+                if f"{p}/{v}" in wanted:
+                    out[f"{p}/{v}"] = model(x).float()
+    return out
+
+
 class Progress:
     """One updating line on a terminal; a plain line per epoch otherwise (log files)."""
 
     def __init__(self, total: int, label: str):
-        self.total, self.label, self.tty = total, label, sys.stderr.isatty()
+        self.total, self.label = total, label
+        self.tty = sys.stderr.isatty()
 
     def update(self, epoch: int, msg: str) -> None:
         if self.tty:
             width = 30
             done = int(width * epoch / self.total)
             print(f"\r{self.label} [{'#' * done}{'.' * (width - done)}] {epoch}/{self.total} {msg}",
-                  end="", file=sys.stderr, flush=True)
-            if epoch == self.total:
-                print(file=sys.stderr)
+                  end="" if epoch < self.total else "\n", file=sys.stderr, flush=True)
         else:
             print(f"{self.label} epoch {epoch}/{self.total} {msg}", file=sys.stderr, flush=True)
+
+
+class _Signals:
+    """Turns SIGTERM/SIGUSR1 into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.caught: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.caught = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.Module:
+    """The backbone with the recipe's norm layers (in scope) and optional logit rectification."""
+    recipe = spec["recipe"]
+    n = recipe["norm"]
+    scope = n.get("scope", "all")
+    if scope == "all":
+        model = models.build(spec["backbone"], num_classes, channels, norm.factory(n["name"], n["options"]))
+    else:
+        model = norm.apply(models.build(spec["backbone"], num_classes, channels), n["name"], scope=scope,
+                           **n["options"])
+    if models.HEADS[recipe["head"]] is not None:
+        model.fc = models.HEADS[recipe["head"]](model.fc.in_features, num_classes)
+    if recipe["logit_rectification"]:
+        norm.rectify_logits(model)
+    return model
 
 
 def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path, out_dir: str | Path,
@@ -100,6 +192,7 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     spec = json.loads(json.dumps(spec))  # private deep copy
     train = {**spec["train"], **(overrides or {})}
     spec["train"] = train
+    recipe = spec["recipe"]
     out_dir = Path(out_dir)
     t_start = time.time()
 
@@ -107,7 +200,6 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     if train["threads"]:
         torch.set_num_threads(train["threads"])
     torch.manual_seed(seed)
-    np.random.seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
 
     dspec = data.get(spec["dataset"])
@@ -117,63 +209,171 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     opts = spec["dataset_options"]
     groups = data.class_groups(counts, opts["many_threshold"], opts["few_threshold"])
     test_per_class = np.maximum(np.bincount(source.test_y.cpu().numpy(), minlength=K), 1).astype(np.float64)
+    counts_t = torch.tensor(counts, dtype=torch.float32, device=device)
 
-    recipe = spec["recipe"]
-    model = models.build(spec["backbone"], K, dspec.channels,
-                         norm.factory(recipe["norm"]["name"], recipe["norm"].get("options")))
-    model.to(device)
-    criterion = losses.make(recipe["loss"]["name"], counts, **recipe["loss"].get("options", {})).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=train["lr"], momentum=train["momentum"],
-                          weight_decay=train["weight_decay"], nesterov=train["nesterov"])
-    n = len(source)
+    model = build_model(spec, K, dspec.channels).to(device)
+    if train["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = losses.make(recipe["loss"]["name"], counts, **recipe["loss"]["options"]).to(device)
+    nopts = recipe["norm"]["options"]
+    opt = torch.optim.SGD(norm.param_groups(model, train["weight_decay"],
+                                            alpha_weight_decay=nopts.get("alpha_weight_decay", True)),
+                          lr=train["lr"], momentum=train["momentum"], nesterov=train["nesterov"])
+
+    # Stages: representation epochs, then (decoupled cRT / LWS) the classifier alone on frozen
+    # features; τ-normalization is post hoc and trains no classifier stage.
+    dt = recipe["decoupled"]
+    epochs = train["epochs"]
+    head_epochs = int(round(dt["fraction"] * epochs)) if dt["enabled"] and dt["classifier"] != "tau_norm" else 0
+    rep_epochs = epochs - head_epochs
+    stage_criterion = losses.make(dt["loss"], counts).to(device)
+    if rep_epochs < 1:
+        raise ValueError(f"decoupled.fraction {dt['fraction']} leaves no representation epoch of {epochs}")
     bs = train["batch_size"]
-    steps_per_epoch = source.steps(n, bs)
-    views = ["weak" if recipe["augment"] == "crop_flip" else
-             "strong" if recipe["augment"] == "autoaugment" else "none"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps_per_epoch))
+    steps_per_epoch = source.steps(len(source), bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps_per_epoch, epochs=rep_epochs))
     amp = device.type == "cuda" and train["amp"] == "bf16"
+    views, paths = recipe["views"], recipe["paths"]
+    wanted = set(recipe["classify_on"])
+    cons = recipe["consistency"]
+    if cons["weight"] > 0:
+        wanted |= {f"{p}/{v}" for p in ("compound", "split") for v in ("weak", "strong")}
+    group_of_class = norm.class_groups(K, nopts["num_components"]).to(device) if "split" in paths else None
+    adjust = None
+    if recipe["posthoc_tau"] is not None:
+        adjust = recipe["posthoc_tau"] * torch.log(counts_t / counts_t.sum())
 
     label = f"{spec['dataset']} r{format_ratio(ratio)} {spec['method']} {spec['backbone']} s{seed}"
-    progress = Progress(train["epochs"], label)
-    log_lines: list[str] = []
-    best = None
-    images_seen, train_time = 0, 0.0
-    for epoch in range(train["epochs"]):
-        criterion.set_epoch(epoch, train["epochs"])
-        t0 = time.time()
-        perm = torch.randperm(n, device=device, generator=gen)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        for (xb,), yb in source.epoch(perm, bs, views, gen):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(xb)
-                loss = criterion(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-        seen = min(n, steps_per_epoch * bs)
-        images_seen += seen
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum.item() / seen,
-               "train_acc": 100.0 * correct.item() / seen}
-        if not math.isfinite(row["train_loss"]):
-            raise FloatingPointError(f"{label}: training loss became {row['train_loss']} at epoch "
-                                     f"{epoch + 1} (lr {row['lr']:.4g}); the cell is not usable")
-        train_time += time.time() - t0
-        if (epoch + 1) % train["eval_every"] == 0 or epoch + 1 == train["epochs"]:
-            per_class = evaluate(model, source, K).cpu().numpy() / test_per_class
-            row["top1"] = float(100.0 * per_class.mean())
-            row.update(group_accuracy(per_class, groups))
-            if best is None or train["report_epoch"] == "last" or row["top1"] > best[0]["top1"]:
-                best = (row, per_class)
-        row["epoch_time_s"] = time.time() - t0
-        log_lines.append(json.dumps(row))
-        progress.update(epoch + 1, f"loss {row['train_loss']:.3f}" +
-                        (f" top1 {row['top1']:.2f}" if "top1" in row else ""))
+    progress = Progress(epochs, label)
+    state = {"epoch": 0, "step": 0, "perm": None, "log": [], "best": None, "images_seen": 0,
+             "train_time": 0.0, "loss_sum": torch.zeros((), device=device),
+             "correct": torch.zeros((), device=device)}
+    ckpt_path = out_dir / "checkpoint.pt"
+    spec_hash = io.config_hash(spec)
+    head = head_opt = head_sched = None
 
-    final, per_class = best
+    def enter_classifier_stage():
+        nonlocal head, head_opt, head_sched
+        head = classifier.setup_stage(model, dt, K).to(device)
+        if dt["classifier"] == "tau_norm":
+            return
+        lr = dt["lr"] if dt["lr"] is not None else train["lr"]
+        head_opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=train["momentum"],
+                                   weight_decay=train["weight_decay"])
+        head_sched = torch.optim.lr_scheduler.LambdaLR(
+            head_opt, lr_lambda(train, steps_per_epoch, epochs=head_epochs, warmup_epochs=0))
+
+    def save_checkpoint():
+        payload = {"spec_hash": spec_hash, "seed": seed, "model": model.state_dict(),
+                   "opt": opt.state_dict(), "sched": sched.state_dict(),
+                   "head": head.state_dict() if head is not None else None,
+                   "head_opt": head_opt.state_dict() if head_opt else None,
+                   "head_sched": head_sched.state_dict() if head_sched else None,
+                   "criterion": criterion.state_dict(),
+                   "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                   **{k: v for k, v in state.items() if k != "best"},
+                   "best_row": json.dumps(state["best"][0]) if state["best"] else None,
+                   "best_per_class": torch.from_numpy(state["best"][1]) if state["best"] else None}
+        with io.atomic_path(ckpt_path) as tmp:
+            torch.save(payload, tmp)
+
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ck["spec_hash"] != spec_hash or ck["seed"] != seed:
+            print(f"{label}: {ckpt_path} belongs to another spec or seed; starting afresh", file=sys.stderr)
+        else:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            criterion.load_state_dict(ck["criterion"])
+            if ck["head"] is not None:
+                enter_classifier_stage()
+                head.load_state_dict(ck["head"])
+                if head_opt is not None:
+                    head_opt.load_state_dict(ck["head_opt"])
+                    head_sched.load_state_dict(ck["head_sched"])
+            gen.set_state(ck["gen"].cpu() if device.type == "cpu" else ck["gen"])
+            torch.set_rng_state(ck["torch_rng"].cpu())
+            if ck["cuda_rng"] is not None:
+                torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
+            for k in ("epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct"):
+                state[k] = ck[k]
+            if ck["best_row"] is not None:
+                state["best"] = (json.loads(ck["best_row"]), ck["best_per_class"].numpy())
+            print(f"{label}: resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}",
+                  file=sys.stderr)
+
+    with _Signals() as signals:
+        while state["epoch"] < epochs:
+            epoch = state["epoch"]
+            in_head_stage = epoch >= rep_epochs
+            if in_head_stage and head is None:
+                enter_classifier_stage()
+            criterion.set_epoch(epoch, epochs)
+            t0 = time.time()
+            if state["perm"] is None:
+                state["perm"] = sampling.SAMPLERS.get(dt["sampler"] if in_head_stage else recipe["sampler"])(
+                    source.labels, gen)
+                state["step"] = 0
+            perm = state["perm"]
+            for xs, yb in source.epoch(perm[state["step"] * bs:], bs, views, gen):
+                if in_head_stage:
+                    loss, logits = classifier.stage_loss(model, head, xs[-1], yb, stage_criterion, dt, counts_t)
+                    step_opt, step_sched = head_opt, head_sched
+                else:
+                    out = forward_paths(model, dict(zip(views, xs)), paths, wanted,
+                                        group_of_class[yb] if group_of_class is not None else None, amp)
+                    loss = sum(criterion(out[k], yb) for k in recipe["classify_on"]) / len(recipe["classify_on"])
+                    if cons["weight"] > 0:
+                        loss = loss + cons["weight"] * consistency_loss(out, cons["pairing"])
+                    logits = out[recipe["classify_on"][0]]
+                    step_opt, step_sched = opt, sched
+                step_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                step_opt.step()
+                step_sched.step()
+                state["loss_sum"] += loss.detach() * len(yb)
+                state["correct"] += (logits.argmax(1) == yb).sum()
+                state["step"] += 1
+                if signals.caught is not None:
+                    state["train_time"] += time.time() - t0
+                    save_checkpoint()
+                    raise Preempted(f"{label}: signal {signals.caught} at epoch {epoch + 1}, step "
+                                    f"{state['step']}; checkpoint written to {ckpt_path}")
+            seen = min(len(perm), state["step"] * bs)
+            state["images_seen"] += seen
+            row = {"epoch": epoch + 1, "stage": "classifier" if in_head_stage else "representation",
+                   "lr": (head_opt if in_head_stage else opt).param_groups[0]["lr"],
+                   "train_loss": state["loss_sum"].item() / seen, "train_acc": 100.0 * state["correct"].item() / seen}
+            if not math.isfinite(row["train_loss"]):
+                ckpt_path.unlink(missing_ok=True)
+                raise FloatingPointError(f"{label}: training loss became {row['train_loss']} at epoch "
+                                         f"{epoch + 1} (lr {row['lr']:.4g}); the cell is not usable. Lower "
+                                         "train.lr or check the method's options")
+            state["train_time"] += time.time() - t0
+            last = epoch + 1 == epochs
+            if last and head is None and dt["enabled"]:  # τ-normalization: post hoc, on the final weights
+                enter_classifier_stage()
+            if (epoch + 1) % train["eval_every"] == 0 or last:
+                net = classifier.eval_model(model, head, dt) if head is not None else model
+                per_class = evaluate(net, source, K, adjust).cpu().numpy() / test_per_class
+                row["top1"] = float(100.0 * per_class.mean())
+                row.update(group_accuracy(per_class, groups))
+                best = state["best"]
+                if best is None or train["report_epoch"] == "last" or row["top1"] > best[0]["top1"]:
+                    state["best"] = (row, per_class)
+            row["epoch_time_s"] = time.time() - t0
+            state["log"].append(json.dumps(row))
+            state.update(epoch=epoch + 1, step=0, perm=None, loss_sum=torch.zeros((), device=device),
+                         correct=torch.zeros((), device=device))
+            progress.update(epoch + 1, f"loss {row['train_loss']:.3f}" +
+                            (f" top1 {row['top1']:.2f}" if "top1" in row else ""))
+            if train["checkpoint_every"] and (epoch + 1) % train["checkpoint_every"] == 0 and not last:
+                save_checkpoint()
+
+    final, per_class = state["best"]
+    final_model = classifier.eval_model(model, head, dt) if head is not None else model
     metrics = {
         "cell": {"dataset": spec["dataset"], "ratio": ratio, "method": spec["method"],
                  "backbone": spec["backbone"], "seed": seed},
@@ -182,12 +382,15 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
         "per_class_acc": [float(100.0 * a) for a in per_class],
         "train_counts": counts, "class_groups": groups,
         "seeds": {"train": seed, "subset": opts["subset_seed"]},
-        "spec": spec, "spec_hash": io.config_hash(spec),
+        "spec": spec, "spec_hash": spec_hash,
         "code": io.code_version(), "environment": io.environment(), "device": str(device),
-        "wall_time_s": time.time() - t_start, "train_time_s": train_time,
-        "images_per_s": images_seen / max(train_time, 1e-9),
+        "wall_time_s": time.time() - t_start, "train_time_s": state["train_time"],
+        "images_per_s": state["images_seen"] / max(state["train_time"], 1e-9),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    io.write_text(out_dir / "train.jsonl", "\n".join(log_lines) + "\n")
+    with io.atomic_path(out_dir / "model.pt") as tmp:
+        torch.save(final_model.state_dict(), tmp)
+    io.write_text(out_dir / "train.jsonl", "\n".join(state["log"]) + "\n")
     io.write_json(out_dir / "metrics.json", metrics)
+    ckpt_path.unlink(missing_ok=True)
     return metrics

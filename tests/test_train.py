@@ -1,9 +1,10 @@
 import json
+import signal
 
 import pytest
 import torch
 
-from ltbench import config, data, train
+from ltbench import config, data, methods, norm, train
 
 FAST = {"epochs": 12, "batch_size": 64, "lr": 0.1, "warmup_epochs": 1, "weight_decay": 5e-4, "device": "cpu"}
 
@@ -36,7 +37,7 @@ def test_digits_lt_beats_chance_and_writes_metrics(prepared, tmp_path):
     assert abs(sum(on_disk["per_class_acc"]) / 10 - on_disk["top1"]) < 1e-9
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
     assert len(lines) == FAST["epochs"] and json.loads(lines[-1])["top1"] == m["top1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "train.jsonl"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model.pt", "train.jsonl"]  # no temp files left
 
 
 def test_same_cell_twice_is_identical_on_cpu(prepared, tmp_path):
@@ -81,3 +82,98 @@ def test_train_command(prepared, tmp_path, cli):
     bad = cli("train", "--dataset", "digits-lt", "--ratio", 10, "--method", "nope", "--out", tmp_path / "x",
               check=False)
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
+
+
+# ---- methods through the training loop ----
+
+@pytest.mark.parametrize("method", methods.available())
+def test_every_builtin_method_trains_and_records_its_recipe(prepared, tmp_path, method):
+    staged = methods.recipe(method)["decoupled"]["enabled"]
+    epochs = 15 if staged else 5  # a re-initialized classifier gets 3 epochs of its own
+    m = train.run(spec(method, epochs=epochs, checkpoint_every=0), 10, 0, prepared, tmp_path)
+    assert m["top1"] > 20.0, m["top1"]  # chance is 10%
+    r = m["spec"]["recipe"]
+    assert r == methods.recipe(method)  # every resolved knob, norm and loss defaults included
+    rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    stages = [row["stage"] for row in rows]
+    if r["decoupled"]["enabled"] and r["decoupled"]["classifier"] != "tau_norm":
+        assert stages == ["representation"] * 12 + ["classifier"] * 3  # 20% of the epochs
+    else:
+        assert set(stages) == {"representation"}
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    if r["norm"]["name"] == "cbn":
+        assert any(k.endswith("running_prior") for k in state)
+
+
+def test_consistency_loss_stops_gradients_at_the_weak_view():
+    torch.manual_seed(0)
+    z = {k: torch.randn(6, 4, requires_grad=True) for k in
+         ("compound/weak", "compound/strong", "split/weak", "split/strong")}
+    loss = train.consistency_loss(z, "cross")
+    loss.backward()
+    assert z["compound/weak"].grad is None or not z["compound/weak"].grad.any()
+    assert z["split/weak"].grad is None or not z["split/weak"].grad.any()
+    assert z["compound/strong"].grad.abs().sum() > 0 and z["split/strong"].grad.abs().sum() > 0
+    # closed form: −½[cos(c_s, s_w) + cos(s_s, c_w)]
+    cos = torch.nn.functional.cosine_similarity
+    expect = -0.5 * (cos(z["compound/strong"], z["split/weak"]).mean() + cos(z["split/strong"], z["compound/weak"]).mean())
+    assert loss.item() == pytest.approx(expect.item())
+
+
+def test_split_path_uses_class_groups(prepared, tmp_path, monkeypatch):
+    seen = []
+    real = norm.split_mode
+
+    def spy(model, groups):
+        seen.append(groups.clone())
+        return real(model, groups)
+
+    monkeypatch.setattr(norm, "split_mode", spy)
+    train.run(spec("baseline+cbn+sbn", epochs=1, checkpoint_every=0), 10, 0, prepared, tmp_path)
+    assert seen and all(g.max() <= 3 and g.min() >= 0 for g in seen)  # M = 4 groups of the 10 classes
+    assert set(torch.cat(seen).tolist()) == {0, 1, 2, 3}
+
+
+class _SignalAfter(train._Signals):
+    """Pretends SIGUSR1 arrived after ``n`` training steps."""
+    n = 7
+
+    def __enter__(self):
+        self._count = 0
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    @property
+    def caught(self):
+        self._count += 1
+        return signal.SIGUSR1 if self._count >= self.n else None
+
+    @caught.setter
+    def caught(self, value):
+        pass
+
+
+@pytest.mark.parametrize("method", ["baseline+cbn+sbn+dpl", "nbn", "lws"])
+def test_preempted_run_resumes_bit_identically(prepared, tmp_path, monkeypatch, method):
+    s = spec(method, epochs=5, checkpoint_every=2)
+    ref = train.run(s, 10, 0, prepared, tmp_path / "ref")
+    monkeypatch.setattr(train, "_Signals", _SignalAfter)
+    for n in (7, 28):  # 8 steps per epoch: inside epoch 1, then at step 35 (the classifier stage for lws)
+        _SignalAfter.n = n
+        with pytest.raises(train.Preempted):
+            train.run(s, 10, 0, prepared, tmp_path / "cut")
+        assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "metrics.json").exists()
+    monkeypatch.setattr(train, "_Signals", _SignalAfter.__mro__[1])
+    got = train.run(s, 10, 0, prepared, tmp_path / "cut")
+    assert got["per_class_acc"] == ref["per_class_acc"]
+    assert (tmp_path / "cut" / "train.jsonl").read_text().count("\n") == 5
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_balanced_softmax_improves_few_shot_accuracy_over_cross_entropy(prepared, tmp_path):
+    few = {m: [train.run(spec(m, epochs=20, checkpoint_every=0), 10, s, prepared, tmp_path / f"{m}{s}")["few"]
+               for s in (0, 1, 2)] for m in ("ce", "balanced-softmax")}
+    assert sum(few["balanced-softmax"]) / 3 > sum(few["ce"]) / 3 + 2.0, few

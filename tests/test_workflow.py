@@ -51,19 +51,23 @@ def test_demo_pipeline_end_to_end(tmp_path):
                data_dir=str(tmp_path / "data"))
     cfg["train"]["epochs"] = 4
     cfg["experiments"]["demo"]["seeds"] = [0, 1]
+    cfg["experiments"]["demo"]["methods"] = ["ce", "baseline+cbn+sbn+dpl"]
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
     p = snakemake("--cores", 2, "--configfile", tmp_path / "demo.yaml", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = sorted((tmp_path / "results" / "runs").rglob("metrics.json"))
-    assert len(runs) == 2 * 2  # ratios × seeds
+    assert len(runs) == 2 * 2 * 2  # ratios × methods × seeds
     summary = pd.read_csv(tmp_path / "results" / "aggregate" / "summary.csv", dtype={"ratio": str})
-    top1 = summary[summary.metric == "top1"].set_index("ratio")
+    top1 = summary[(summary.metric == "top1") & (summary.method == "ce")].set_index("ratio")
     assert set(top1.index) == {"10", "50"} and (top1["n"] == 2).all()
     # the aggregate is exactly the mean of what the cells measured
-    vals = [json.loads(p.read_text())["top1"] for p in runs if "/r10/" in str(p)]
+    vals = [json.loads(p.read_text())["top1"] for p in runs if "/r10/ce/" in str(p)]
     assert top1.loc["10", "mean"] == pytest.approx(sum(vals) / len(vals))
     html = (tmp_path / "reports" / "demo.html").read_text()
     assert "data:image/png;base64," in html and f"{top1.loc['10', 'mean']:.2f}" in html
+    # the paper details left open are listed with the values used
+    assert "Unspecified paper details" in html and "recipe.consistency.pairing" in html
+    assert "cross: baseline+cbn+sbn+dpl" in html
     for log in ("logs/aggregate.log", "logs/report.log"):
         assert (tmp_path / "results" / log).exists()
     # nothing left to do: the DAG is complete and a rerun is a no-op

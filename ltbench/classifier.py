@@ -1,0 +1,239 @@
+"""The decoupled classifier stage: cRT, τ-normalization and LWS (Kang et al. 2020), CBN Table 3 DT.
+
+After the representation epochs the backbone is frozen and only a classifier head is learned
+(or, for τ-normalization, the classifier is rescaled post hoc). ``dt`` is a recipe's
+``decoupled`` dict (keys ``enabled``, ``fraction``, ``classifier``, ``sampler``, ``reweight``,
+``reinit``, ``lr``, ``tau``; missing keys take the defaults of
+``methods.DEFAULT_RECIPE["decoupled"]``). The stage's sampler is chosen by the caller
+(``ltbench.sampling``); re-weighting (RW) is applied here, in :func:`stage_loss`.
+
+The model is a backbone with ``model.features(x) -> (N, D)`` and its classifier ``model.fc``:
+an ``nn.Linear``, or, with NBN logit rectification, ``nn.Sequential(nn.Linear,
+nn.BatchNorm1d(K, affine=False))``. The rectification BatchNorm1d is part of the classifier: it
+is applied (in eval mode, running statistics frozen) to the linear logits in training and is
+folded into the test-time weights.
+
+Choices the papers leave open, made here:
+
+- Frozen features use the backbone in eval mode (BN running statistics, no update), computed
+  under ``torch.no_grad``. :func:`stage_loss` leaves the model in eval mode.
+- ``crt``: the classifier Linear is the head; with ``reinit`` it is re-initialized as
+  ``nn.Linear.reset_parameters`` does (Kaiming-uniform, a = √5; bias U(±1/√D)), from the global
+  RNG. The loss is the recipe's criterion.
+- ``lws``: a per-class scale s (init 1) multiplies the frozen classifier's logits, bias and
+  rectification included: z = s ⊙ fc(f), as Kang et al.'s code scales ``fc(x)``. ``reinit`` is
+  ignored (re-initializing would discard the classifier that LWS rescales).
+- ``tau_norm``: post hoc, no training: the test weights are w_c / ‖w_c‖^τ with τ = ``dt["tau"]``
+  and **no bias**, as in Kang et al.'s τ-normalization code (logits = f · pnorm(W, τ)ᵀ). With
+  rectification, w_c and the bias are those of the folded Linear∘BatchNorm1d. ``reinit`` is
+  ignored.
+- RW: ``dt["reweight"]`` weights each sample's ``criterion.per_sample`` value by its class
+  weight (``losses.class_weights``, cb with β = 0.9999 or inverse), Σ w_y l_i / Σ w_y; any
+  weighting configured on the criterion itself is not applied in this stage.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from ltbench import losses
+from ltbench.methods import DEFAULT_RECIPE
+from ltbench.registry import Registry
+
+STAGES = Registry("decoupled classifier")
+POST_HOC = ("τ-normalization (classifier: tau_norm) is post hoc and has no training step; "
+            "skip the classifier-stage epochs and call eval_model")
+
+
+def _options(dt: Mapping[str, Any]) -> dict:
+    return {**DEFAULT_RECIPE["decoupled"], **dt}
+
+
+def classifier_layers(model: nn.Module) -> tuple[nn.Linear, nn.Module | None]:
+    """(the classifier Linear, the rectification BatchNorm1d or None) of ``model.fc``."""
+    fc = model.fc
+    if isinstance(fc, nn.Linear):
+        return fc, None
+    if (isinstance(fc, nn.Sequential) and len(fc) == 2 and isinstance(fc[0], nn.Linear)
+            and isinstance(fc[1], nn.BatchNorm1d)):
+        return fc[0], fc[1]
+    raise TypeError(f"model.fc must be nn.Linear or nn.Sequential(nn.Linear, nn.BatchNorm1d); got {fc}")
+
+
+@torch.no_grad()
+def folded_weights(linear: nn.Linear, rect: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of the affine map ``rect(linear(f))`` with ``rect`` in eval mode (copies)."""
+    w = linear.weight.detach().clone()
+    b = linear.bias.detach().clone() if linear.bias is not None else w.new_zeros(w.shape[0])
+    if rect is None:
+        return w, b
+    if rect.running_mean is None:
+        raise ValueError("the rectification BatchNorm1d has no running statistics; it cannot be frozen")
+    scale = (rect.running_var + rect.eps).rsqrt()
+    shift = -rect.running_mean * scale
+    if rect.affine:
+        scale, shift = scale * rect.weight, shift * rect.weight + rect.bias
+    return w * scale[:, None], b * scale + shift
+
+
+class LearnableWeightScaling(nn.Module):
+    """LWS head: per-class scales s (init 1) on the frozen classifier's logits, z = s ⊙ fc(f)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.scale
+
+
+class PostHoc(nn.Module):
+    """The τ-normalization 'head': no parameters and no training (the stage is post hoc)."""
+
+
+class DecoupledModel(nn.Module):
+    """Test-time model: ``classifier(backbone.features(x))`` with the staged classifier as one Linear.
+
+    ``backbone`` is the trained model (its own ``fc`` included, unused here); ``classifier`` holds
+    the effective test weights (rectification folded in).
+    """
+
+    def __init__(self, backbone: nn.Module, classifier: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone.features(x))
+
+
+class Stage:
+    """One way of learning the classifier on frozen features."""
+
+    trainable = True
+
+    def setup(self, linear: nn.Linear, dt: Mapping, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def test_weights(self, model: nn.Module, head: nn.Module, dt: Mapping) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+@STAGES.register("crt")
+class ClassifierRetraining(Stage):
+    """cRT: retrain the classifier Linear (re-initialized when ``reinit``) on frozen features."""
+
+    def setup(self, linear, dt, num_classes):
+        if dt["reinit"]:
+            linear.reset_parameters()
+        linear.requires_grad_(True)
+        return linear
+
+    def logits(self, model, head, features):
+        _, rect = classifier_layers(model)
+        z = head(features)
+        return rect(z) if rect is not None else z
+
+    def test_weights(self, model, head, dt):
+        return folded_weights(*classifier_layers(model))
+
+
+@STAGES.register("lws")
+class WeightScaling(Stage):
+    """LWS: learn per-class scales of the frozen classifier's logits."""
+
+    def setup(self, linear, dt, num_classes):
+        return LearnableWeightScaling(num_classes).to(linear.weight.device)
+
+    def logits(self, model, head, features):
+        with torch.no_grad():
+            z = model.fc(features)
+        return head(z)
+
+    def test_weights(self, model, head, dt):
+        w, b = folded_weights(*classifier_layers(model))
+        s = head.scale.detach()
+        return w * s[:, None], b * s
+
+
+@STAGES.register("tau_norm")
+class TauNormalization(Stage):
+    """τ-normalization: test weights w_c / ‖w_c‖^τ, bias dropped; nothing is trained."""
+
+    trainable = False
+
+    def setup(self, linear, dt, num_classes):
+        return PostHoc()
+
+    def logits(self, model, head, features):
+        raise RuntimeError(POST_HOC)
+
+    def test_weights(self, model, head, dt):
+        w, _ = folded_weights(*classifier_layers(model))
+        norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return w / norms.pow(float(dt["tau"])), None
+
+
+def _stage(dt: Mapping) -> Stage:
+    return STAGES.get(dt["classifier"])()
+
+
+def setup_stage(model: nn.Module, dt: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """Freeze every model parameter and return the trainable head for ``dt["classifier"]``.
+
+    crt: the classifier Linear itself (part of ``model``; re-initialized if ``reinit``).
+    lws: a :class:`LearnableWeightScaling` module, *not* part of ``model`` (checkpoint it apart).
+    tau_norm: a :class:`PostHoc` module without parameters (there is nothing to optimize).
+    """
+    dt = _options(dt)
+    stage = _stage(dt)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    linear, _ = classifier_layers(model)
+    if linear.out_features != num_classes:
+        raise ValueError(f"model.fc has {linear.out_features} outputs, expected {num_classes}")
+    return stage.setup(linear, dt, num_classes)
+
+
+def stage_loss(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               criterion: losses.Loss, dt: Mapping[str, Any], counts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of one classifier-stage batch; gradients reach only ``head``.
+
+    Features come from the backbone in eval mode under ``torch.no_grad``; the loss is
+    ``criterion.per_sample`` reduced with class weights of kind ``dt["reweight"]`` ("none" =
+    plain mean). Raises ``RuntimeError`` for tau_norm, which is not trained.
+    """
+    dt = _options(dt)
+    stage = _stage(dt)
+    if not stage.trainable:
+        raise RuntimeError(POST_HOC)
+    model.eval()
+    with torch.no_grad():
+        features = model.features(x)
+    logits = stage.logits(model, head, features).float()
+    weight = None if dt["reweight"] == "none" else losses.class_weights(counts, dt["reweight"])
+    return losses.weighted_mean(criterion.per_sample(logits, y), y, weight), logits
+
+
+def eval_model(model: nn.Module, head: nn.Module, dt: Mapping[str, Any]) -> DecoupledModel:
+    """A :class:`DecoupledModel` giving the staged classifier's test logits.
+
+    The classifier is a snapshot (a new ``nn.Linear``) of the current weights: call again after
+    further training. crt: the retrained Linear; lws: rows and bias times s; tau_norm:
+    w_c / ‖w_c‖^τ without bias; the rectification BatchNorm1d, when present, is folded in first.
+    """
+    dt = _options(dt)
+    w, b = _stage(dt).test_weights(model, head, dt)
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        if b is not None:
+            linear.bias.copy_(b)
+    linear.requires_grad_(False)
+    return DecoupledModel(model, linear)
