@@ -174,11 +174,15 @@ def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.
     recipe = spec["recipe"]
     n = recipe["norm"]
     scope = n.get("scope", "all")
-    if scope == "all":
+    # A norm layer is injected through the backbone's norm_layer; restricted scopes and NBN's
+    # shared α (one Parameter across layers) need model-level surgery instead (norm.apply).
+    if scope == "all" and n["options"].get("alpha") != "shared":
         model = models.build(spec["backbone"], num_classes, channels, norm.factory(n["name"], n["options"]))
     else:
         model = norm.apply(models.build(spec["backbone"], num_classes, channels), n["name"], scope=scope,
                            **n["options"])
+    if spec["train"].get("pretrained"):
+        models.load_pretrained(model, spec["train"]["pretrained"])
     if models.HEADS[recipe["head"]] is not None:
         model.fc = models.HEADS[recipe["head"]](model.fc.in_features, num_classes)
     if recipe["logit_rectification"]:

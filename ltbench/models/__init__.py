@@ -41,4 +41,5 @@ class CosineLinear(nn.Module):
 HEADS = {"linear": None, "cosine": CosineLinear}
 
 
-from ltbench.models import cifar_resnet  # noqa: E402,F401  (registers the CIFAR ResNets)
+from ltbench.models import cifar_resnet, imagenet_resnet  # noqa: E402,F401  (register the backbones)
+from ltbench.models.imagenet_resnet import load_pretrained  # noqa: E402,F401
