@@ -5,7 +5,7 @@ CORES ?= 2
 .PHONY: install demo test dryrun clean-demo
 
 install:
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet -e ".[test,slurm]"
 
 # The whole pipeline on the embedded digits-lt data: data → train → aggregate → report.
 demo: install

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from ltbench.config import ConfigError
 
+# `train` stopped by SIGTERM/SIGUSR1 after writing checkpoint.pt (EX_TEMPFAIL: retry to resume).
+EXIT_PREEMPTED = 75
+
 
 def _float(s: str) -> float:
     try:
@@ -71,6 +74,10 @@ def cmd_prepare(a) -> int:
 def prepared_path(cfg: dict, dataset: str, ratio: float) -> Path:
     from ltbench.config import format_ratio
 
+    from ltbench.data import imagelists
+
+    if imagelists.is_image_list(dataset):  # no subset: the checked lists' manifest
+        return imagelists.manifest_path(cfg["results_dir"], dataset, format_ratio(ratio))
     seed = cfg["datasets"].get(dataset, {}).get("subset_seed", 0)
     return Path(cfg["results_dir"]) / "data" / f"{dataset}_r{format_ratio(ratio)}_s{seed}.npz"
 
@@ -100,10 +107,36 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_inat_lists(a) -> int:
+    from ltbench.data import imagelists
+
+    out_dir = Path(a.out_dir)
+    for split, js in (("train", a.train_json), ("val", a.val_json)):
+        info = imagelists.inat_to_list(js, out_dir / f"iNaturalist18_{split}.txt")
+        print(json.dumps(info), file=sys.stderr)
+    print(f"datasets:\n  inat2018:\n    root: <folder containing train_val2018/>\n"
+          f"    train_list: {out_dir / 'iNaturalist18_train.txt'}\n    test_list: {out_dir / 'iNaturalist18_val.txt'}")
+    return 0
+
+
 def cmd_aggregate(a) -> int:
     from ltbench import aggregate
 
-    aggregate.main(a.metrics, Path(a.out_dir))
+    cfg = _load_config(a) if (a.config or a.config_json) else None
+    try:
+        aggregate.main(a.metrics, Path(a.out_dir), cfg, existing=a.existing)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from ltbench import config, plan
+
+    path = a.configfile or a.config or "config/config.yaml"  # snakemake's default config file
+    cfg = config.load(path)
+    result = plan.plan(cfg, throughput_files=a.throughput or [])
+    print(json.dumps(result, indent=2) if a.json else plan.format_text(result, path))
     return 0
 
 
@@ -111,7 +144,20 @@ def cmd_report(a) -> int:
     from ltbench import report
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
-    report.main(Path(a.aggregate_dir), Path(a.out), cfg, figures_dir=a.figures_dir)
+    report.main(Path(a.aggregate_dir), Path(a.out), cfg, figures_dir=a.figures_dir, tables_dir=a.tables_dir)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from ltbench import bench, io
+
+    result = bench.main(method=a.method, backbone=a.backbone, steps=a.steps, batch_size=a.batch_size,
+                        device=a.device, workers=a.workers, common=not a.no_common, config_path=a.config,
+                        warmup=a.warmup)
+    text = bench.format_json(result)
+    if a.out:
+        io.write_text(a.out, text + "\n")
+    print(text)
     return 0
 
 
@@ -163,17 +209,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("aggregate", help="collect metrics.json files into tidy tables")
-    s.add_argument("metrics", nargs="+", help="metrics.json files")
+    s = sub.add_parser("inat-lists", help="convert iNaturalist 2018 train/val json to '<path> <label>' lists")
+    s.add_argument("--train-json", required=True, help="train2018.json")
+    s.add_argument("--val-json", required=True, help="val2018.json (the test set)")
+    s.add_argument("--out-dir", required=True, help="writes iNaturalist18_train.txt and iNaturalist18_val.txt")
+    s.set_defaults(fn=cmd_inat_lists)
+
+    s = sub.add_parser("aggregate", help="collect metrics.json files into tidy tables (CSV) and compare with the papers")
+    s.add_argument("metrics", nargs="*", help="metrics.json files")
     s.add_argument("--out-dir", required=True)
+    s.add_argument("--existing", action="store_true",
+                   help="also take every existing metrics.json of the config's cells (a partial grid)")
+    _config_args(s)
     s.set_defaults(fn=cmd_aggregate)
 
     s = sub.add_parser("report", help="write the self-contained HTML comparison report")
     s.add_argument("--aggregate-dir", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--figures-dir")
+    s.add_argument("--figures-dir", help="figures (PNG + SVG) go here (default: next to --out)")
+    s.add_argument("--tables-dir", help="paper-layout tables (HTML, Markdown, LaTeX) go here (default: next to --out)")
     _config_args(s)
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("plan", help="the grid of a config: cells per experiment, unique total, projected GPU-hours")
+    s.add_argument("--configfile", help="workflow config file (YAML), as for snakemake")
+    s.add_argument("--config", help=argparse.SUPPRESS)
+    s.add_argument("--throughput", action="append", metavar="FILE",
+                   help="measured speed: `ltbench bench --out` JSON or an aggregate runs.csv (repeatable)")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("bench", help="training speed: resident-data fast path vs the common DataLoader recipe (JSON)")
+    s.add_argument("--method", default="baseline", help="method recipe to benchmark (default: CBN's baseline)")
+    s.add_argument("--backbone", default="resnet32")
+    s.add_argument("--steps", type=int, default=20, help="timed training steps per path")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--workers", type=int, default=4, help="DataLoader workers of the common recipe")
+    s.add_argument("--no-common", action="store_true", help="only the fast path")
+    s.add_argument("--config", help="also project the device-hours of this config's grid")
+    s.add_argument("--out", help="also write the JSON here")
+    s.set_defaults(fn=cmd_bench)
     return p
 
 
@@ -187,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         from ltbench.data.download import DownloadError
+        from ltbench.data.imagelists import ListCheckError
 
-        if isinstance(e, (DownloadError, FloatingPointError)):
+        if type(e).__name__ == "Preempted":  # ltbench.train.Preempted (not imported: torch is slow to load)
+            print(f"ltbench {args.cmd}: preempted: {e}; run the same command again to resume", file=sys.stderr)
+            return EXIT_PREEMPTED
+        if isinstance(e, (DownloadError, FloatingPointError, ListCheckError)):
             print(f"ltbench {args.cmd}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -45,7 +45,7 @@ def _check_runs(runs: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in RUN_COLUMNS if c not in runs.columns]
     if missing:
         raise ValueError(f"runs table lacks column(s) {missing}; expected {RUN_COLUMNS}")
-    runs = runs[RUN_COLUMNS].astype({"ratio": "int64", "value": "float64"})
+    runs = runs[RUN_COLUMNS].astype({"ratio": "float64", "value": "float64"})
     bad = runs[runs["value"].isna()]
     if len(bad):
         raise ValueError("runs contain NaN values (failed runs?); drop or fix them first:\n"
@@ -110,8 +110,8 @@ def compare(summary: pd.DataFrame, reference_df: pd.DataFrame, tolerance: float 
     if missing := sorted(need - set(reference_df.columns)):
         raise ValueError(f"reference table lacks column(s) {missing}")
     stats_cols = ["mean", "std", "n", "ci_low", "ci_high", "seeds"]
-    ref = reference_df.astype({"ratio": "int64"}).rename(columns={"value": "paper_value"})
-    summ = summary[CELL_KEYS + stats_cols].astype({"ratio": "int64"})
+    ref = reference_df.astype({"ratio": "float64"}).rename(columns={"value": "paper_value"})
+    summ = summary[CELL_KEYS + stats_cols].astype({"ratio": "float64"})
     out = ref.merge(summ, on=CELL_KEYS, how="left", validate="many_to_one")
     out["n"] = out["n"].fillna(0).astype("int64")
     out["delta"] = out["mean"] - out["paper_value"]
@@ -142,6 +142,13 @@ def _paper_value(reference_df: pd.DataFrame | None, table, cell: Mapping, method
     return float(vals.iloc[0]) if len(vals) else math.nan
 
 
+def _constant(x: np.ndarray, scale: float | None = None) -> bool:
+    """No variance beyond floating-point rounding (relative 1e-9 of the values' magnitude): a t-test on
+    such a sample divides rounding noise by rounding noise and reports any p-value."""
+    scale = float(np.abs(x).max()) if scale is None else float(scale)
+    return float(np.ptp(x)) <= 1e-9 * max(1.0, scale)
+
+
 def gains(runs: pd.DataFrame, claims: str | Iterable[Mapping],
           reference_df: pd.DataFrame | None = None) -> pd.DataFrame:
     """Measured vs claimed gain of ``method`` over ``over`` for each claim and cell.
@@ -153,7 +160,8 @@ def gains(runs: pd.DataFrame, claims: str | Iterable[Mapping],
 
     Tests across seeds: Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) when both methods
     have n ≥ 2 runs, and a paired t-test (``scipy.stats.ttest_rel``, pairs by seed) when both have the
-    same seeds and n ≥ 2. Otherwise the p-value is NaN and ``explanation`` says why (it is "" when both
+    same seeds and n ≥ 2. A sample whose spread is floating-point rounding only (see :func:`_constant`)
+    counts as zero variance: the test is undefined. Otherwise the p-value is NaN and ``explanation`` says why (it is "" when both
     tests ran). Columns: claim, table, description, dataset, ratio, backbone, metric, method, over,
     n_method, n_over, mean_method, mean_over, gain (ours), paper_gain, welch_t, welch_p, paired_t,
     paired_p, explanation.
@@ -180,13 +188,16 @@ def gains(runs: pd.DataFrame, claims: str | Iterable[Mapping],
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # zero-variance samples -> NaN, explained below
                 if len(a) >= 2 and len(b) >= 2:
-                    welch_t, welch_p = stats.ttest_ind(a.to_numpy(), b.to_numpy(), equal_var=False)
-                    if math.isnan(welch_p):
+                    if _constant(a.to_numpy()) and _constant(b.to_numpy()):
                         why.append("Welch test undefined: both methods have zero variance")
+                    else:
+                        welch_t, welch_p = stats.ttest_ind(a.to_numpy(), b.to_numpy(), equal_var=False)
                     if list(a.index) == list(b.index):
-                        paired_t, paired_p = stats.ttest_rel(a.to_numpy(), b.loc[a.index].to_numpy())
-                        if math.isnan(paired_p):
+                        diff = a.to_numpy() - b.loc[a.index].to_numpy()
+                        if _constant(diff, scale=np.abs(a.to_numpy()).max()):
                             why.append("paired test undefined: per-seed differences have zero variance")
+                        else:
+                            paired_t, paired_p = stats.ttest_rel(a.to_numpy(), b.loc[a.index].to_numpy())
                     else:
                         why.append("seeds differ between the methods: no paired test")
             pa = _paper_value(reference_df, c["table"], cell, c["method"])
@@ -207,3 +218,189 @@ def gains(runs: pd.DataFrame, claims: str | Iterable[Mapping],
             "n_method", "n_over", "mean_method", "mean_over", "gain", "paper_gain", "welch_t", "welch_p",
             "paired_t", "paired_p", "explanation"]
     return pd.DataFrame(rows, columns=cols)
+
+
+# ---------------------------------------------------------------- experiments of a workflow config
+#
+# An experiment (a named entry of the config's ``experiments``) is a grid: datasets × ratios × methods ×
+# backbones × seeds, optionally naming the paper table it reproduces (``reference: {paper, table}``).
+# The functions below restrict runs and reference entries to one experiment and judge them.
+
+ALPHA = 0.05
+GAIN_VERDICTS = ("supported", "not significant", "contradicted", "untested")
+
+
+def table_label(table) -> str | None:
+    """A table given as 2, "2" or None -> "2" / None (reference tables are compared as strings)."""
+    if table is None or (not isinstance(table, str) and pd.isna(table)):
+        return None
+    return str(int(table)) if isinstance(table, (int, float, np.integer)) else str(table).strip()
+
+
+def reference_table(exp: Mapping) -> pd.DataFrame | None:
+    """Entries of the paper table ``exp["reference"]`` names (every entry of the paper when it names no
+    table), in the reference file's order; None when the experiment has no reference.
+
+    Raises ``KeyError`` for an unknown paper and ``ValueError`` for a table the paper file lacks."""
+    ref = exp.get("reference")
+    if not ref:
+        return None
+    df = entries(ref["paper"])
+    label = table_label(ref.get("table"))
+    if label is not None:
+        tables = df["table"].astype("string")
+        sel = df[(tables == label).fillna(False)]
+        if sel.empty:
+            known = sorted(set(tables.dropna()))
+            raise ValueError(f"reference {ref['paper']!r} has no table {ref.get('table')!r}; its tables: {known}")
+        df = sel
+    return df.reset_index(drop=True)
+
+
+def _ratios(exp: Mapping) -> set[float]:
+    return {float(r) for r in exp["ratios"]}
+
+
+def entries_in_scope(ref: pd.DataFrame | None, exp: Mapping) -> pd.DataFrame:
+    """Reference entries whose dataset, ratio and backbone are among the experiment's (any method)."""
+    if ref is None or ref.empty:
+        return pd.DataFrame(columns=list(ref.columns) if ref is not None else ["table", *CELL_KEYS, "value"])
+    m = (ref["dataset"].isin(exp["datasets"]) & ref["ratio"].astype(float).isin(_ratios(exp))
+         & ref["backbone"].isin(exp["backbones"]))
+    return ref[m].reset_index(drop=True)
+
+
+def experiment_runs(runs: pd.DataFrame, exp: Mapping) -> pd.DataFrame:
+    """The runs (columns :data:`RUN_COLUMNS`) of the experiment's cells and seeds, values not NaN."""
+    if runs.empty:
+        return pd.DataFrame({c: pd.Series(dtype="float64" if c in ("ratio", "value") else "object")
+                             for c in RUN_COLUMNS})
+    r = runs.astype({"ratio": "float64"})
+    m = (r["dataset"].isin(exp["datasets"]) & r["ratio"].isin(_ratios(exp)) & r["method"].isin(exp["methods"])
+         & r["backbone"].isin(exp["backbones"]) & r["seed"].astype(int).isin([int(s) for s in exp["seeds"]]))
+    return _check_runs(r[m].dropna(subset=["value"]))
+
+
+def summarize_any(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """:func:`summarize`, also for an empty runs table (then an empty frame with its columns)."""
+    if runs.empty:
+        return pd.DataFrame(columns=[*CELL_KEYS, "mean", "std", "n", "ci_low", "ci_high", "ci_level", "seeds"])
+    return summarize(runs, level)
+
+
+def compare_experiment(runs: pd.DataFrame, name: str, exp: Mapping, tolerance: float = 1.0,
+                       level: float = 0.95) -> pd.DataFrame:
+    """:func:`compare` for the reference entries in the experiment's scope (see :func:`entries_in_scope`),
+    with our statistics over the experiment's seeds; column ``experiment`` first. Empty without reference."""
+    scope = entries_in_scope(reference_table(exp), exp)
+    cols = ["experiment", *scope.columns.drop("value", errors="ignore"), "paper_value", "mean", "std", "n",
+            "ci_low", "ci_high", "seeds", "delta", "verdict"]
+    if scope.empty:
+        return pd.DataFrame(columns=cols)
+    out = compare(summarize_any(experiment_runs(runs, exp), level), scope, tolerance)
+    out.insert(0, "experiment", name)
+    return out
+
+
+def _expected_sign(claim: Mapping, ref: pd.DataFrame) -> int:
+    """+1 or -1: the sign of the paper's mean gain over the claim's own cells (+1 without numbers)."""
+    metric = claim.get("metric", "top1")
+    diffs = []
+    for cell in claim["cells"]:
+        cell = {**cell, "backbone": claim["backbone"], "metric": metric}
+        diffs.append(_paper_value(ref, claim["table"], cell, claim["method"])
+                     - _paper_value(ref, claim["table"], cell, claim["over"]))
+    diffs = [d for d in diffs if not math.isnan(d)]
+    return -1 if diffs and sum(diffs) < 0 else 1
+
+
+def experiment_claims(exp: Mapping) -> list[dict]:
+    """The paper's claimed gains that this experiment can test, with their cells in the experiment.
+
+    A claim applies when its table is the experiment's (any claim when the experiment names no table)
+    and both of its methods are among the experiment's. Its cells are the claim's own cells inside the
+    experiment; when the experiment has no reference entry in scope at all (e.g. digits-lt instead of
+    CIFAR: our numbers in the paper's layout) every claim is tested on all of the experiment's cells,
+    without a paper gain. Each returned claim carries ``expected_sign`` (the sign of the paper's gain on
+    its own cells; +1 when the paper gives no numbers)."""
+    ref_exp = exp.get("reference")
+    if not ref_exp:
+        return []
+    paper = ref_exp["paper"]
+    data = load(paper)
+    full = entries(paper)
+    label = table_label(ref_exp.get("table"))
+    reference_free = entries_in_scope(reference_table(exp), exp).empty
+    out, seen = [], set()
+    for c in data.get("claims", []):
+        if label is not None and table_label(c["table"]) != label:
+            continue
+        if c["method"] not in exp["methods"] or c["over"] not in exp["methods"]:
+            continue
+        sign = _expected_sign(c, full)
+        if reference_free:
+            targets = [(d, r, b) for d in exp["datasets"] for r in exp["ratios"] for b in exp["backbones"]]
+        else:
+            targets = [(cell["dataset"], cell["ratio"], c["backbone"]) for cell in c["cells"]
+                       if cell["dataset"] in exp["datasets"] and float(cell["ratio"]) in _ratios(exp)
+                       and c["backbone"] in exp["backbones"]]
+        by_backbone: dict[str, list] = {}
+        for d, r, b in targets:
+            key = (c["method"], c["over"], c.get("metric", "top1"), d, float(r), b)
+            if key not in seen:
+                seen.add(key)
+                by_backbone.setdefault(b, []).append({"dataset": d, "ratio": r})
+        for b, cells in by_backbone.items():
+            out.append({**c, "backbone": b, "cells": cells, "expected_sign": sign})
+    return out
+
+
+def gain_verdict(gain: float, p: float, expected_sign: int = 1, alpha: float = ALPHA) -> str:
+    """``untested`` (no p-value), ``supported`` (our gain has the claimed sign and p < alpha),
+    ``contradicted`` (the opposite sign and p < alpha), else ``not significant``."""
+    if p is None or pd.isna(p) or pd.isna(gain):
+        return "untested"
+    if p >= alpha or gain == 0:
+        return "not significant"
+    return "supported" if (gain > 0) == (expected_sign > 0) else "contradicted"
+
+
+def _judge_gains(g: pd.DataFrame, signs: list[int], alpha: float) -> pd.DataFrame:
+    g = g.copy()
+    g["expected_sign"] = signs
+    paired = g["paired_p"].notna()
+    g["test"] = np.where(paired, "paired t", np.where(g["welch_p"].notna(), "Welch t", ""))
+    g["p_value"] = g["paired_p"].where(paired, g["welch_p"])
+    g["gain_verdict"] = [gain_verdict(a, p, s, alpha) for a, p, s in zip(g["gain"], g["p_value"], signs)]
+    return g
+
+
+def experiment_gains(runs: pd.DataFrame, name: str, exp: Mapping, alpha: float = ALPHA) -> pd.DataFrame:
+    """:func:`gains` for :func:`experiment_claims` on the experiment's runs, judged with
+    :func:`gain_verdict` on the paired t-test's p-value (Welch's when no pairing by seed is possible).
+    Extra columns: ``experiment`` (first), ``expected_sign``, ``test``, ``p_value``, ``gain_verdict``."""
+    claims = experiment_claims(exp)
+    if not claims:
+        return pd.DataFrame(columns=["experiment", "claim", "table", "description", "dataset", "ratio", "backbone",
+                                     "metric", "method", "over", "n_method", "n_over", "mean_method", "mean_over",
+                                     "gain", "paper_gain", "welch_t", "welch_p", "paired_t", "paired_p",
+                                     "explanation", "expected_sign", "test", "p_value", "gain_verdict"])
+    full = entries(exp["reference"]["paper"])
+    g = gains(experiment_runs(runs, exp), claims, full)
+    signs = [c["expected_sign"] for c in claims for _ in c["cells"]]
+    g = _judge_gains(g, signs, alpha)
+    g.insert(0, "experiment", name)
+    return g
+
+
+def gains_over(runs: pd.DataFrame, exp: Mapping, over: str, alpha: float = ALPHA) -> pd.DataFrame:
+    """Every other method of the experiment against ``over`` on every cell of the experiment (the
+    ablation heatmap): :func:`gains` columns plus ``test``, ``p_value``, ``gain_verdict`` (expected sign +)."""
+    claims = [{"id": f"{m}-over-{over}", "table": None, "description": f"{m} over {over}", "method": m,
+               "over": over, "backbone": b,
+               "cells": [{"dataset": d, "ratio": r} for d in exp["datasets"] for r in exp["ratios"]]}
+              for b in exp["backbones"] for m in exp["methods"] if m != over]
+    if not claims:
+        return pd.DataFrame()
+    g = gains(experiment_runs(runs, exp), claims, None)
+    return _judge_gains(g, [1] * len(g), alpha)

@@ -1,7 +1,19 @@
-"""The self-contained HTML report: tables and figures from the aggregated results.
+"""The self-contained HTML comparison report of one workflow config.
 
-Figures are written as PNG (and SVG) files, registered with Snakemake's ``report()``, and
-embedded in the HTML as base64 so the single file can be mailed or archived.
+Reads the aggregate directory (``ltbench aggregate``: runs, per_class, summary, cells, comparison,
+gains CSVs), writes each experiment's paper-layout table (:mod:`ltbench.tables`) as HTML, Markdown
+and LaTeX under ``tables_dir`` and its figures (:mod:`ltbench.figures`) as PNG + SVG under
+``figures_dir``, and one HTML file with every figure embedded (base64), in this order:
+
+1. the status of the grid (complete, or partial: how many cells failed or did not run),
+2. the summary of verdicts per experiment (paper numbers reproduced / below / above / missing / …,
+   claimed gains supported / not significant / contradicted / untested),
+3. per experiment: its table in the paper's layout, its claimed gains with t-tests, its figures,
+4. the missing and failed cells (with the error line of each failed cell's log),
+5. every detail the papers leave open with the value the runs used,
+6. provenance: code version, config hash, environment, devices, GPU-hours spent; the config.
+
+The page needs no network and no JavaScript.
 """
 from __future__ import annotations
 
@@ -10,65 +22,263 @@ import html
 import json
 import time
 from pathlib import Path
+from typing import Mapping
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from ltbench import compare, figures, io, tables
+from ltbench.aggregate import KEYS, METRICS  # noqa: F401  (re-exported: older imports)
+from ltbench.config import format_ratio
 
-from ltbench import io  # noqa: E402
-from ltbench.aggregate import KEYS, METRICS  # noqa: E402
+VERDICT_ORDER = ["reproduced", "below", "above", "missing", "not reported", "quoted"]
+GAIN_ORDER = list(compare.GAIN_VERDICTS)
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
-color:#222;line-height:1.45;padding:0 1rem}
-h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
-th,td{border:1px solid #ccc;padding:.25rem .55rem;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}
-.meta td{text-align:left}figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}
-img{max-width:100%}.missing{color:#a00}
+:root{--ok:#1e7b34;--bad:#b3261e;--up:#1a56b3;--warn:#8a6d00;--mut:#666}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem auto;max-width:1200px;
+color:#1d2125;line-height:1.45;padding:0 1.2rem}
+h1{font-size:1.7rem;margin-bottom:.2rem}h2{font-size:1.3rem;margin-top:2.4rem;border-bottom:2px solid #dde1e6;
+padding-bottom:.2rem}h3{font-size:1.05rem;margin-top:1.4rem}
+.sub{color:var(--mut);margin-top:0}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.88rem}
+table.plain th,table.plain td{border:1px solid #d0d4da;padding:.25rem .55rem;text-align:right}
+table.plain th{background:#eef1f5}table.plain td:first-child,table.plain th:first-child{text-align:left}
+table.plain td.l{text-align:left}
+.meta th{text-align:left;background:#f4f6f8;font-weight:600}.meta td{text-align:left}
+figure{margin:1rem 0 1.6rem}figcaption{font-size:.85rem;color:#444;max-width:60rem}
+img{max-width:100%;height:auto;border:1px solid #eee}
+.banner{padding:.7rem 1rem;border-radius:6px;margin:1rem 0;font-weight:500}
+.banner.complete{background:#e3f4e6;border:1px solid #9fd3ab}
+.banner.partial{background:#fff4d6;border:1px solid #e6c35c}
+.banner.empty{background:#fde6e4;border:1px solid #e8a29c}
+.n-reproduced,.g-supported{color:var(--ok);font-weight:600}.n-below,.g-contradicted{color:var(--bad);font-weight:600}
+.n-above{color:var(--up);font-weight:600}.n-missing,.g-untested{color:var(--warn);font-weight:600}
+.n-not-reported,.n-quoted,.g-not-significant{color:var(--mut)}
+td.zero{color:#bbb}
+.gain-supported{background:#e3f4e6}.gain-supported .verdict{color:var(--ok)}
+.gain-contradicted{background:#fde6e4}.gain-contradicted .verdict{color:var(--bad)}
+.gain-untested{background:#f6f6f6;color:#777}.gain-untested .verdict{color:var(--warn)}
+.gain-not-significant .verdict{color:var(--mut)}.tag{font-size:.72rem;border:1px solid #bbb;border-radius:3px;
+padding:0 .25rem;font-weight:500}
+nav.toc{background:#f7f8fa;border:1px solid #e3e6ea;border-radius:6px;padding:.5rem 1rem;font-size:.9rem}
+nav.toc ul{margin:.2rem 0;padding-left:1.2rem}
+details{margin:.4rem 0 1rem}summary{cursor:pointer;color:#1a56b3}
+pre{background:#f7f8fa;border:1px solid #e3e6ea;padding:.6rem;overflow:auto;font-size:.78rem;max-height:28rem}
+.skip{color:var(--mut);font-size:.85rem}.status-failed{color:var(--bad);font-weight:600}
+.status-not-run{color:var(--warn);font-weight:600}code{font-size:.85em}
+.desc{max-width:60rem}
 """
 
 
-def _fmt(mean: float, std: float, n: int) -> str:
-    if pd.isna(mean):
-        return "–"
-    return f"{mean:.2f} ± {std:.2f} (n={n})" if n > 1 and not pd.isna(std) else f"{mean:.2f} (n={n})"
+# ---------------------------------------------------------------- inputs
 
-
-def pivot(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Rows method × backbone, columns dataset / ratio, cells 'mean ± std (n)'."""
-    s = summary[summary["metric"] == metric].copy()
-    if s.empty:
+def _read(path: Path, **kw) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kw)
+    except pd.errors.EmptyDataError:
         return pd.DataFrame()
-    s["cell"] = [_fmt(m, sd, n) for m, sd, n in zip(s["mean"], s["std"], s["n"])]
-    s["column"] = s["dataset"] + " ρ=" + s["ratio"].astype(str)
-    return s.pivot_table(index=["method", "backbone"], columns="column", values="cell", aggfunc="first")
 
 
-def fig_groups(runs: pd.DataFrame, path: Path) -> Path:
-    """Bars: mean over seeds; error bars: standard deviation over seeds."""
-    s = runs[runs["metric"].isin(METRICS)].dropna(subset=["value"]).copy()
-    s["cell"] = s["dataset"] + " ρ=" + s["ratio"].astype(str)
-    g = sns.catplot(data=s, kind="bar", x="metric", y="value", hue="method", col="cell", order=METRICS,
-                    errorbar="sd", capsize=0.1, height=3.2, aspect=1.2, col_wrap=min(3, s["cell"].nunique()))
-    g.set_axis_labels("", "top-1 accuracy (%)")
-    g.figure.suptitle("Accuracy overall and by class group (mean ± std over seeds)", y=1.02)
-    return _save(g.figure, path)
+def load_aggregate(aggregate_dir: Path) -> dict[str, pd.DataFrame]:
+    """The CSVs of ``ltbench aggregate`` (those present; cells/comparison/gains need its --config)."""
+    d = Path(aggregate_dir)
+    if not (d / "runs.csv").exists():
+        raise FileNotFoundError(f"{d / 'runs.csv'} does not exist: run `ltbench aggregate` first")
+    out = {}
+    for name in ("runs", "per_class", "summary", "cells", "comparison", "gains"):
+        p = d / f"{name}.csv"
+        out[name] = _read(p, dtype={"ratio": str}, keep_default_na=True) if p.exists() else pd.DataFrame()
+    return out
 
 
-def fig_per_class(per_class: pd.DataFrame, path: Path) -> Path:
-    d = per_class.groupby(["dataset", "ratio", "method", "class", "train_count"], as_index=False)["acc"].mean()
-    d["cell"] = d["dataset"] + " ρ=" + d["ratio"].astype(str)
-    g = sns.relplot(data=d, x="train_count", y="acc", hue="method", col="cell", kind="line", marker="o",
-                    height=3.2, aspect=1.2, col_wrap=min(3, d["cell"].nunique()))
-    g.set(xscale="log")
-    g.set_axis_labels("training images of the class (log scale)", "test accuracy (%)")
-    g.figure.suptitle("Per-class accuracy vs training count (mean over seeds)", y=1.02)
-    return _save(g.figure, path)
+def experiments_of(cfg: Mapping | None, runs: pd.DataFrame) -> dict[str, dict]:
+    """The config's experiments; without a config, one experiment 'all' spanning the runs."""
+    if cfg is not None:
+        return dict(cfg["experiments"])
+    if runs.empty:
+        return {}
+    return {"all": {"description": "Every run in the aggregate (no config given).",
+                    "datasets": sorted(set(runs["dataset"])), "ratios": sorted({float(r) for r in runs["ratio"]}),
+                    "methods": list(dict.fromkeys(runs["method"])), "backbones": sorted(set(runs["backbone"])),
+                    "seeds": sorted({int(s) for s in runs["seed"]})}}
+
+
+# ---------------------------------------------------------------- small HTML helpers
+
+def esc(v) -> str:
+    return html.escape("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+
+
+def _anchor(name: str) -> str:
+    return "exp-" + tables.safe_name(name)
+
+
+def _img(path: Path, caption: str) -> str:
+    b64 = base64.b64encode(Path(path).read_bytes()).decode()
+    return (f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def _plain_table(df: pd.DataFrame, left: tuple[str, ...] = ()) -> str:
+    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
+    body = []
+    for row in df.itertuples(index=False):
+        body.append("<tr>" + "".join(f"<td class='{'l' if c in left else ''}'>{esc(v)}</td>"
+                                     for c, v in zip(df.columns, row)) + "</tr>")
+    return f"<table class='plain'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _short(text: str, limit: int = 100) -> str:
+    """The first sentence of ``text`` (up to ``limit`` characters, cut at a word)."""
+    first = text.split(". ")[0].split(": ")[0].strip()
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0] + "…"
+
+
+def _fmt_p(p) -> str:
+    if p is None or pd.isna(p):
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# ---------------------------------------------------------------- sections
+
+def _status(cells: pd.DataFrame, runs: pd.DataFrame) -> tuple[str, dict]:
+    n_runs = runs[[*KEYS, "seed"]].drop_duplicates().shape[0] if not runs.empty else 0
+    if cells.empty:
+        return (f"<div class='banner complete'>{n_runs} finished runs (no config given: the expected grid is "
+                f"unknown).</div>", {"finished": n_runs})
+    counts = cells["status"].value_counts().to_dict()
+    total, fin = len(cells), counts.get("finished", 0)
+    failed, notrun = counts.get("failed", 0), counts.get("not run", 0)
+    if fin == total:
+        return (f"<div class='banner complete'>Complete: all {total} cells of the grid finished.</div>", counts)
+    cls = "partial" if fin else "empty"
+    return (f"<div class='banner {cls}'>Partial grid: {fin} of {total} cells finished — {failed} failed, "
+            f"{notrun} not run. Missing cells are marked <em>missing</em> in the tables and listed in "
+            f"<a href='#missing'>Missing and failed cells</a>.</div>", counts)
+
+
+def _summary_table(layouts: dict, gains: pd.DataFrame, exps: dict, cells: pd.DataFrame) -> str:
+    rows = []
+    for name, exp in exps.items():
+        lay = layouts[name]
+        vc = lay.verdict_counts()
+        g = gains[gains["experiment"] == name] if not gains.empty else gains
+        gc = g["gain_verdict"].value_counts().to_dict() if not g.empty else {}
+        if not cells.empty:
+            mine = cells[cells["experiments"].fillna("").str.split().map(lambda xs: name in xs)]
+            done = f"{(mine['status'] == 'finished').sum()} / {len(mine)}"
+        else:
+            done = "–"
+        ref = exp.get("reference")
+        what = (f"{ref['paper']}" + (f" Table {ref['table']}" if ref.get("table") else "")) if ref else "–"
+        if ref and lay.reference_free:
+            what += " (layout only)"
+        fig = exp.get("figure") or "–"
+        tds = "".join(f"<td class='{'zero' if not vc.get(v) else 'n-' + v.replace(' ', '-')}'>{vc.get(v, 0)}</td>"
+                      for v in VERDICT_ORDER)
+        gtds = "".join(f"<td class='{'zero' if not gc.get(v) else 'g-' + v.replace(' ', '-')}'>{gc.get(v, 0)}</td>"
+                       for v in GAIN_ORDER)
+        rows.append(f"<tr><td class='l'><a href='#{_anchor(name)}'>{esc(name)}</a></td><td class='l'>{esc(what)}"
+                    f"</td><td class='l'>{esc(fig)}</td><td>{done}</td>{tds}{gtds}</tr>")
+    head = ("<tr><th rowspan='2'>experiment</th><th rowspan='2'>paper table</th><th rowspan='2'>figure</th>"
+            "<th rowspan='2'>cells finished</th>"
+            f"<th colspan='{len(VERDICT_ORDER)}'>paper numbers</th><th colspan='{len(GAIN_ORDER)}'>claimed gains"
+            "</th></tr><tr>" + "".join(f"<th>{v}</th>" for v in VERDICT_ORDER + GAIN_ORDER) + "</tr>")
+    return f"<table class='plain summary'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _summary_sentence(layouts: dict) -> str:
+    tot: dict[str, int] = {}
+    for lay in layouts.values():
+        for k, v in lay.verdict_counts().items():
+            tot[k] = tot.get(k, 0) + v
+    judged = sum(tot.get(k, 0) for k in ("reproduced", "below", "above"))
+    if not any(tot.values()):
+        return ("<p>No experiment has a paper number in its scope: the tables show our numbers in the papers' "
+                "layout without verdicts.</p>")
+    return (f"<p>Of the paper numbers in scope, <b>{judged}</b> have finished runs: "
+            f"<span class='n-reproduced'>{tot.get('reproduced', 0)} reproduced</span>, "
+            f"<span class='n-below'>{tot.get('below', 0)} below</span>, "
+            f"<span class='n-above'>{tot.get('above', 0)} above</span>; "
+            f"<span class='n-missing'>{tot.get('missing', 0)} missing</span> (not run or failed); "
+            f"{tot.get('quoted', 0)} are quoted by the paper from other publications and "
+            f"{tot.get('not reported', 0)} not reported. Reproduced: |Δ| ≤ 1 point, or the paper's value inside "
+            f"our 95 % confidence interval over seeds.</p>")
+
+
+def _gains_html(g: pd.DataFrame, exp: Mapping) -> str:
+    """Claimed gains as a grid: one row per claim, one column per cell of the experiment."""
+    if g.empty:
+        return ""
+    several_b = len(exp["backbones"]) > 1
+    col_of = lambda r: (f"{tables.dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}"  # noqa: E731
+                        + (f" · {r.backbone}" if several_b else ""))
+    order = [f"{tables.dataset_name(d)} ρ={format_ratio(r)}" + (f" · {b}" if several_b else "")
+             for d in exp["datasets"] for r in exp["ratios"] for b in exp["backbones"]]
+    present = {col_of(r) for r in g.itertuples(index=False)}
+    cols = [c for c in dict.fromkeys(order) if c in present]
+    claims: dict[str, dict] = {}
+    for r in g.itertuples(index=False):
+        key = f"{r.claim}|{r.metric}"
+        claims.setdefault(key, {"row": r, "cells": {}})["cells"][col_of(r)] = r
+    body = []
+    for entry in claims.values():
+        r0 = entry["row"]
+        metric = "" if r0.metric == "top1" else f" <span class='tag'>{esc(tables.metric_name(r0.metric, True))}</span>"
+        head = (f"<th class='method'>{esc(r0.description)}{metric}<br><code>{esc(r0.method)}</code> over "
+                f"<code>{esc(r0.over)}</code></th>")
+        tds = []
+        for c in cols:
+            r = entry["cells"].get(c)
+            if r is None:
+                tds.append("<td class='gain-none'>–</td>")
+                continue
+            v = r.gain_verdict
+            ours = "–" if pd.isna(r.gain) else tables.fmt_delta(r.gain, minus="−")
+            paper = "" if pd.isna(r.paper_gain) else f"<span class='paper'>paper {tables.fmt_delta(r.paper_gain, minus='−')}</span><br>"
+            test = (f"<span class='paper'>p {_fmt_p(r.p_value)}, {esc(r.test.split()[0])}</span><br>" if isinstance(r.test, str)
+                    and r.test else "")
+            tip = f"n = {int(r.n_method)} / {int(r.n_over)}" + (f"; {r.explanation}" if isinstance(r.explanation, str)
+                                                               and r.explanation else "")
+            tds.append(f"<td class='gain-{v.replace(' ', '-')}' title='{esc(tip)}'><span class='ours'>{ours}</span><br>"
+                       f"{paper}{test}<span class='verdict'>{esc(v)}</span></td>")
+        body.append("<tr>" + head + "".join(tds) + "</tr>")
+    headrow = "<tr><th class='method'>claim</th>" + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>"
+    return ("<h3>Claimed gains</h3><p class='desc'>Our gain = mean(method) − mean(over) over seeds, in points, next "
+            f"to the paper's. <b>supported</b>: the paper's sign and p &lt; {compare.ALPHA:g} (paired t-test by seed; "
+            "Welch's when the seeds differ or the pairing is degenerate); <b>contradicted</b>: the opposite sign, "
+            "p &lt; {:g}; <b>untested</b>: fewer than two seeds on a side. Hover for n and why a test is "
+            "missing.</p>".format(compare.ALPHA)
+            + f"<table class='paper-table gains'><thead>{headrow}</thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def _missing_html(cells: pd.DataFrame) -> str:
+    if cells.empty:
+        return ""
+    miss = cells[cells["status"] != "finished"]
+    out = ["<h2 id='missing'>Missing and failed cells</h2>"]
+    if miss.empty:
+        return "".join(out + ["<p>None: every cell of the grid finished.</p>"])
+    rows = []
+    for r in miss.itertuples(index=False):
+        cls = "status-" + r.status.replace(" ", "-")
+        detail = esc(r.detail) if isinstance(r.detail, str) else ""
+        log = f"<br><code>{esc(r.log)}</code>" if isinstance(r.log, str) and r.log else ""
+        rows.append(f"<tr><td class='l'>{esc(r.dataset)}</td><td>{esc(r.ratio)}</td><td class='l'>{esc(r.method)}"
+                    f"</td><td class='l'>{esc(r.backbone)}</td><td>{esc(r.seed)}</td><td class='l'>"
+                    f"{esc(r.experiments)}</td><td class='l {cls}'>{esc(r.status)}</td><td class='l'>{detail}{log}"
+                    "</td></tr>")
+    out.append(f"<p>{len(miss)} of {len(cells)} cells have no metrics.json. <em>failed</em>: the training job ran "
+               "and its log ends with the error below; <em>not run</em>: no job has run yet (e.g. it depends on a "
+               "failed download, or the run was interrupted). Rerun with <code>snakemake --keep-going</code>; "
+               "finished cells are not retrained.</p>")
+    out.append("<table class='plain'><thead><tr><th>dataset</th><th>ratio</th><th>method</th><th>backbone</th>"
+               "<th>seed</th><th>experiments</th><th>status</th><th>detail</th></tr></thead><tbody>"
+               + "".join(rows) + "</tbody></table>")
+    return "".join(out)
 
 
 def open_details(runs: pd.DataFrame) -> pd.DataFrame:
@@ -76,75 +286,168 @@ def open_details(runs: pd.DataFrame) -> pd.DataFrame:
     from ltbench.methods import OPEN_DETAILS
 
     rows = []
+    per_method = runs.drop_duplicates("method")
     for key, what in OPEN_DETAILS.items():
         if key not in runs.columns:
             continue
-        used = runs.drop_duplicates("method").dropna(subset=[key]).groupby(key, sort=True)["method"]
-        values = "; ".join(f"{v}: {', '.join(sorted(ms))}" for v, ms in used)
-        if values:
-            rows.append({"setting": key, "what the papers leave open": what, "value used (methods)": values})
+        sel = per_method.dropna(subset=[key])
+        for prefix, (flag, active) in _RELEVANT_WHEN.items():  # e.g. the pairing only matters with a consistency loss
+            if key.startswith(prefix) and key != flag and flag in sel.columns:
+                sel = sel[sel[flag].map(active)]
+        groups = [(v, sorted(ms)) for v, ms in sel.groupby(key, sort=True)["method"]]
+        if not groups:
+            continue
+        if len(groups) == 1 and len(groups[0][1]) > 3:
+            values = f"{groups[0][0]}: all {len(groups[0][1])} methods"
+        else:
+            big = max(range(len(groups)), key=lambda i: len(groups[i][1]))
+            values = "; ".join(f"{v}: all other methods ({len(ms)})" if i == big and len(ms) > 3 else
+                               f"{v}: {', '.join(ms)}" for i, (v, ms) in enumerate(groups))
+        rows.append({"setting": key, "what the papers leave open": what, "value used (methods)": values})
     return pd.DataFrame(rows)
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    with io.atomic_path(path.with_suffix(".svg")) as tmp:
-        fig.savefig(tmp, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    return path
+def _truthy(v) -> bool:
+    return v is True or str(v).lower() in ("true", "1")
 
 
-def _img(path: Path, caption: str) -> str:
-    b64 = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+# A detail under a prefix only applies to methods whose `flag` column passes `active`.
+_RELEVANT_WHEN = {
+    "recipe.consistency.pairing": ("recipe.consistency.weight", lambda w: pd.notna(w) and float(w) > 0),
+    "recipe.decoupled.": ("recipe.decoupled.enabled", _truthy),
+}
 
 
-def render(runs: pd.DataFrame, per_class: pd.DataFrame, summary: pd.DataFrame, figures_dir: Path,
-           config: dict | None) -> str:
-    name = (config or {}).get("name", "ltbench")
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ltbench report: {html.escape(name)}"
-             f"</title><style>{CSS}</style></head><body>", f"<h1>ltbench report: {html.escape(name)}</h1>"]
-    n_runs = runs[["dataset", "ratio", "method", "backbone", "seed"]].drop_duplicates().shape[0] if len(runs) else 0
-    commits = sorted(set(runs["git_commit"].dropna())) if len(runs) else []
-    devices = sorted(set(runs["device"])) if len(runs) else []
-    hours = runs.drop_duplicates(["dataset", "ratio", "method", "backbone", "seed"])["wall_time_s"].sum() / 3600 \
-        if len(runs) else 0.0
-    meta = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": n_runs,
-            "code (git commits)": ", ".join(c[:12] for c in commits) or "unknown",
-            "devices": ", ".join(devices), "compute spent": f"{hours:.3f} device-hours"}
-    if config is not None:
-        meta["config hash"] = io.config_hash(config)
-    parts.append("<table class='meta'>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                                                  for k, v in meta.items()) + "</table>")
-    if runs.empty:
-        parts.append("<p class='missing'>No finished runs yet.</p></body></html>")
-        return "".join(parts)
-    for metric in METRICS:
-        t = pivot(summary, metric)
-        if not t.empty:
-            parts.append(f"<h2>{metric} accuracy (%), mean ± std over seeds</h2>")
-            parts.append(t.to_html(escape=True, na_rep="–"))
-    figures_dir = Path(figures_dir)
-    parts.append("<h2>Figures</h2>")
-    parts.append(_img(fig_groups(runs, figures_dir / "groups.png"),
-                      "Top-1 overall and by many/medium/few class group for every method."))
-    parts.append(_img(fig_per_class(per_class, figures_dir / "per_class.png"),
-                      "Per-class test accuracy against the class's number of training images."))
-    details = open_details(runs)
-    if not details.empty:
-        parts.append("<h2>Unspecified paper details and the values used</h2>")
-        parts.append(details.to_html(index=False, escape=True))
-    if config is not None:
-        parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2)) + "</pre>")
+def experiment_choices(exps: Mapping) -> pd.DataFrame:
+    """Open details that are experiment choices (CBN open detail 8: Figure 5's M values, Figure 6's data)."""
+    rows = []
+    for name, exp in exps.items():
+        cells = ", ".join(f"{tables.dataset_name(d)} ρ={format_ratio(r)}" for d in exp["datasets"] for r in exp["ratios"])
+        if exp.get("figure") == "components":
+            rows.append({"setting": f"experiments.{name}", "what the papers leave open":
+                         "CBN open detail 8: the M values and the imbalance ratio of Figure 5.",
+                         "value used (methods)": f"{cells}; methods {', '.join(exp['methods'])}"})
+        elif exp.get("figure") == "backbones":
+            rows.append({"setting": f"experiments.{name}", "what the papers leave open":
+                         "CBN open detail 8: the dataset of Figure 6 (and what 'BN' and 'CBN' are).",
+                         "value used (methods)": f"{cells}; {' vs '.join(exp['methods'])}; "
+                                                 f"{', '.join(exp['backbones'])}"})
+    return pd.DataFrame(rows)
+
+
+def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
+    meta: dict[str, str] = {"report generated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    rv = io.code_version()
+    meta["report code"] = f"ltbench {rv['ltbench']}, git {(rv['git_commit'] or 'unknown')[:12]}" + \
+        (" (local changes)" if rv.get("git_dirty") else "")
+    if cfg is not None:
+        meta["config"] = f"{cfg.get('name')} (hash {io.config_hash(cfg)}), results in {cfg.get('results_dir')}"
+    if not runs.empty:
+        r = runs.drop_duplicates([*KEYS, "seed"])
+        commits = []
+        for (c, dirty), n in r.groupby(["git_commit", "git_dirty"], dropna=False).size().items():
+            label = "unknown" if pd.isna(c) else str(c)[:12]
+            commits.append(f"{label}{' (local changes)' if dirty is True or str(dirty) == 'True' else ''}: {n} runs")
+        meta["code of the runs"] = "; ".join(commits)
+        env_cols = [c for c in r.columns if c.startswith("env.") and c not in ("env.host", "env.platform")]
+        envs = r[env_cols].fillna("").astype(str).agg(lambda row: ", ".join(
+            f"{c[4:]} {v}" for c, v in zip(env_cols, row) if v), axis=1).value_counts()
+        meta["environment"] = "; ".join(f"{e} ({n} runs)" for e, n in envs.items())
+        if "env.platform" in r.columns:
+            meta["platform / hosts"] = "; ".join(sorted(set(r["env.platform"].dropna().astype(str)))) + " / " + \
+                ", ".join(sorted(set(r.get("env.host", pd.Series(dtype=str)).dropna().astype(str))))
+        gpu = r.get("env.gpu", pd.Series(index=r.index, dtype=object))
+        dev = [f"{d}{' (' + str(g) + ')' if isinstance(g, str) and g else ''}" for d, g in zip(r["device"], gpu)]
+        meta["devices"] = "; ".join(f"{d}: {n} runs" for d, n in pd.Series(dev).value_counts().items())
+        cuda = r["device"].astype(str).str.startswith("cuda")
+        gpu_h, cpu_h = r.loc[cuda, "wall_time_s"].sum() / 3600, r.loc[~cuda, "wall_time_s"].sum() / 3600
+        meta["compute spent"] = f"{gpu_h:.2f} GPU-hours, {cpu_h:.3f} CPU-hours (wall time of the finished runs)"
+        meta["runs"] = str(len(r))
+    return "<table class='plain meta'>" + "".join(f"<tr><th>{esc(k)}</th><td class='l'>{esc(v)}</td></tr>"
+                                                  for k, v in meta.items()) + "</table>"
+
+
+# ---------------------------------------------------------------- the page
+
+def render(data: Mapping[str, pd.DataFrame], cfg: Mapping | None, figures_dir: Path, tables_dir: Path) -> str:
+    runs, per_class = data["runs"], data["per_class"]
+    cells, gains = data.get("cells", pd.DataFrame()), data.get("gains", pd.DataFrame())
+    name = (cfg or {}).get("name", "ltbench")
+    exps = experiments_of(cfg, runs)
+    layouts = {n: tables.build(n, e, runs) for n, e in exps.items()}
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+             f"<title>ltbench report: {esc(name)}</title><style>{CSS}{tables.TABLE_CSS}</style></head><body>",
+             f"<h1>ltbench report: {esc(name)}</h1>"]
+    papers = sorted({e['reference']['paper'] for e in exps.values() if e.get('reference')})
+    parts.append(f"<p class='sub'>{len(exps)} experiments"
+                 + (f" reproducing {', '.join(papers)}" if papers else "")
+                 + f" · generated {esc(time.strftime('%Y-%m-%d %H:%M'))}</p>")
+    banner, _ = _status(cells, runs)
+    parts.append(banner)
+
+    parts.append("<h2 id='summary'>Summary of verdicts</h2>")
+    if exps:
+        parts.append(_summary_sentence(layouts))
+        parts.append(_summary_table(layouts, gains, exps, cells))
+    toc = [f"<li><a href='#{_anchor(n)}'>{esc(n)}</a>"
+           + (f" — {esc(_short(e['description']))}" if e.get("description") else "") + "</li>" for n, e in exps.items()]
+    toc += ["<li><a href='#missing'>Missing and failed cells</a></li>" if not cells.empty else "",
+            "<li><a href='#details'>Unspecified paper details and the values used</a></li>",
+            "<li><a href='#provenance'>Provenance</a></li>"]
+    parts.append("<nav class='toc'><b>Contents</b><ul>" + "".join(toc) + "</ul></nav>")
+
+    for ename, exp in exps.items():
+        lay = layouts[ename]
+        parts.append(f"<h2 id='{_anchor(ename)}'>{esc(lay.title)}</h2>")
+        if exp.get("description"):
+            parts.append(f"<p class='desc'>{esc(exp['description'])}</p>")
+        n_cells = (len(exp["datasets"]) * len(exp["ratios"]) * len(exp["methods"]) * len(exp["backbones"])
+                   * len(exp["seeds"]))
+        parts.append(f"<p class='sub'>{len(exp['datasets'])} datasets × {len(exp['ratios'])} ratios × "
+                     f"{len(exp['methods'])} methods × {len(exp['backbones'])} backbones × {len(exp['seeds'])} seeds "
+                     f"= {n_cells} cells.</p>")
+        paths = tables.write(lay, tables_dir)
+        parts.append(tables.to_html(lay) + tables.legend_html(lay))
+        parts.append("<details><summary>Markdown and LaTeX of this table</summary>"
+                     f"<p class='skip'>Also written to {esc(paths['md'])}, {esc(paths['tex'])} and "
+                     f"{esc(paths['html'])}.</p><pre>{esc(tables.to_markdown(lay))}</pre>"
+                     f"<pre>{esc(tables.to_latex(lay))}</pre></details>")
+        if not gains.empty:
+            parts.append(_gains_html(gains[gains["experiment"] == ename], exp))
+        drawn, skipped = figures.experiment_figures(ename, exp, runs, per_class, lay, figures_dir)
+        if drawn:
+            parts.append("<h3>Figures</h3>")
+        for kind, path in drawn:
+            parts.append(_img(path, figures.CAPTIONS[kind]))
+        if skipped:
+            parts.append("<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped)
+                         + ".</p>")
+
+    parts.append(_missing_html(cells))
+    details = pd.concat([open_details(runs) if not runs.empty else pd.DataFrame(), experiment_choices(exps)],
+                        ignore_index=True)
+    parts.append("<h2 id='details'>Unspecified paper details and the values used</h2>")
+    if details.empty:
+        parts.append("<p>No finished run yet.</p>")
+    else:
+        parts.append("<p class='desc'>Every detail the papers leave open is a named knob; the values below are "
+                     "what the finished runs used (from their metrics.json), per method.</p>")
+        parts.append(_plain_table(details, left=tuple(details.columns)))
+    parts.append("<h2 id='provenance'>Provenance</h2>" + _provenance(runs, cfg))
+    if cfg is not None:
+        parts.append("<details><summary>Configuration (validated, with defaults)</summary><pre>"
+                     + esc(json.dumps(cfg, indent=2)) + "</pre></details>")
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def main(aggregate_dir: Path, out: Path, cfg: dict | None = None, figures_dir: str | None = None) -> None:
-    read = lambda name: pd.read_csv(Path(aggregate_dir) / name, dtype={"ratio": str})  # noqa: E731
-    runs, per_class, summary = read("runs.csv"), read("per_class.csv"), read("summary.csv")
-    figures = Path(figures_dir) if figures_dir else Path(out).with_suffix("") / "figures"
-    io.write_text(out, render(runs, per_class, summary, figures, cfg))
+def main(aggregate_dir: Path, out: Path, cfg: dict | None = None, figures_dir: str | None = None,
+         tables_dir: str | None = None) -> None:
+    data = load_aggregate(aggregate_dir)
+    stem = Path(out).with_suffix("")
+    figures_d = Path(figures_dir) if figures_dir else stem / "figures"
+    tables_d = Path(tables_dir) if tables_dir else stem / "tables"
+    figures_d.mkdir(parents=True, exist_ok=True)
+    tables_d.mkdir(parents=True, exist_ok=True)
+    io.write_text(out, render(data, cfg, figures_d, tables_d))

@@ -12,14 +12,25 @@ epoch) and ``metrics.json`` (final accuracy overall / many / medium / few and pe
 the resolved spec, seeds, code version, device, wall time, throughput), written atomically, in
 that order, so ``metrics.json`` exists only for a finished cell.
 
-Preemption: ``checkpoint.pt`` (model, optimizers, schedules, RNG states, position in the epoch)
-is written every ``train.checkpoint_every`` epochs and when SIGTERM or SIGUSR1 arrives (what
-SLURM sends before a kill); a run started again in the same ``out_dir`` resumes from it.
+Preemption: ``checkpoint.pt`` (model with every norm-layer buffer, optimizers, schedules, the
+sampler's permutation and position in the epoch, the torch / CUDA / generator / NumPy / Python RNG
+states) is written atomically every ``train.checkpoint_every`` epochs and when SIGTERM or SIGUSR1
+arrives (what SLURM sends before a kill; the run then raises :class:`Preempted`); a run started
+again in the same ``out_dir`` resumes from it, and on CPU ends with bit-identical metrics. A run
+killed outright (SIGKILL) resumes from the last periodic checkpoint. Checkpoints hold tensors and
+plain containers only and load with ``torch.load(weights_only=True)``.
+
+Divergence: a non-finite training loss stops the cell with :class:`FloatingPointError` naming the
+epoch, the first non-finite step and its learning rate, and writes ``diverged.json`` (that
+diagnostic plus the epochs so far); no ``metrics.json`` is written, so the cell is never
+aggregated. A rerun of the same spec, seed and code fails at once with the recorded diagnostic
+(no retraining on every retry); delete ``diverged.json`` to train it again.
 """
 from __future__ import annotations
 
 import json
 import math
+import random
 import signal
 import sys
 import time
@@ -34,7 +45,7 @@ import torch.nn.functional as F
 
 from ltbench import classifier, data, io, losses, models, norm, sampling
 from ltbench.config import format_ratio
-from ltbench.sources import TensorSource
+from ltbench.sources import TensorSource, make_source  # noqa: F401
 
 
 class Preempted(Exception):
@@ -204,12 +215,14 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     if train["threads"]:
         torch.set_num_threads(train["threads"])
     torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
 
     dspec = data.get(spec["dataset"])
-    source = TensorSource(data_file, device, dspec.mean, dspec.std, dspec.padding)
+    source = make_source(data_file, device, dspec, spec["dataset_options"], train)  # .npz or image lists
     counts = source.counts
-    K = dspec.num_classes
+    K = len(counts)  # dspec.num_classes, or an image-list dataset's expected.classes
     opts = spec["dataset_options"]
     groups = data.class_groups(counts, opts["many_threshold"], opts["few_threshold"])
     test_per_class = np.maximum(np.bincount(source.test_y.cpu().numpy(), minlength=K), 1).astype(np.float64)
@@ -251,9 +264,11 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     progress = Progress(epochs, label)
     state = {"epoch": 0, "step": 0, "perm": None, "log": [], "best": None, "images_seen": 0,
              "train_time": 0.0, "loss_sum": torch.zeros((), device=device),
-             "correct": torch.zeros((), device=device)}
+             "correct": torch.zeros((), device=device), "first_bad": torch.full((), -1, device=device)}
     ckpt_path = out_dir / "checkpoint.pt"
     spec_hash = io.config_hash(spec)
+    _remove_stale_temp_files(out_dir)
+    _fail_if_diverged_before(out_dir / "diverged.json", spec_hash, seed)
     head = head_opt = head_sched = None
 
     def enter_classifier_stage():
@@ -276,14 +291,15 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
                    "criterion": criterion.state_dict(),
                    "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                   "numpy_rng": _numpy_rng_state(), "python_rng": random.getstate(),
                    **{k: v for k, v in state.items() if k != "best"},
                    "best_row": json.dumps(state["best"][0]) if state["best"] else None,
                    "best_per_class": torch.from_numpy(state["best"][1]) if state["best"] else None}
         with io.atomic_path(ckpt_path) as tmp:
             torch.save(payload, tmp)
 
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ck = _load_checkpoint(ckpt_path, device, label)
+    if ck is not None:
         if ck["spec_hash"] != spec_hash or ck["seed"] != seed:
             print(f"{label}: {ckpt_path} belongs to another spec or seed; starting afresh", file=sys.stderr)
         else:
@@ -301,8 +317,14 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
             torch.set_rng_state(ck["torch_rng"].cpu())
             if ck["cuda_rng"] is not None:
                 torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
+            if ck.get("numpy_rng") is not None:
+                _set_numpy_rng_state(ck["numpy_rng"])
+            if ck.get("python_rng") is not None:
+                random.setstate(ck["python_rng"])
             for k in ("epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct"):
                 state[k] = ck[k]
+            if "first_bad" in ck:
+                state["first_bad"] = ck["first_bad"]
             if ck["best_row"] is not None:
                 state["best"] = (json.loads(ck["best_row"]), ck["best_per_class"].numpy())
             print(f"{label}: resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}",
@@ -339,6 +361,9 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
                 step_sched.step()
                 state["loss_sum"] += loss.detach() * len(yb)
                 state["correct"] += (logits.argmax(1) == yb).sum()
+                # the first step of the epoch whose loss is not finite, tracked on the device (no sync)
+                state["first_bad"] = torch.where((state["first_bad"] < 0) & ~torch.isfinite(loss.detach()),
+                                                 state["step"], state["first_bad"])
                 state["step"] += 1
                 if signals.caught is not None:
                     state["train_time"] += time.time() - t0
@@ -352,9 +377,11 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
                    "train_loss": state["loss_sum"].item() / seen, "train_acc": 100.0 * state["correct"].item() / seen}
             if not math.isfinite(row["train_loss"]):
                 ckpt_path.unlink(missing_ok=True)
-                raise FloatingPointError(f"{label}: training loss became {row['train_loss']} at epoch "
-                                         f"{epoch + 1} (lr {row['lr']:.4g}); the cell is not usable. Lower "
-                                         "train.lr or check the method's options")
+                bad = int(state["first_bad"])
+                st = head_sched if in_head_stage else sched
+                k = (epoch - rep_epochs if in_head_stage else epoch) * steps_per_epoch + bad
+                raise _diverged(out_dir / "diverged.json", label, row, spec, spec_hash, seed, state["log"],
+                                step=bad + 1, steps=state["step"], lr=st.base_lrs[0] * st.lr_lambdas[0](k))
             state["train_time"] += time.time() - t0
             last = epoch + 1 == epochs
             if last and head is None and dt["enabled"]:  # τ-normalization: post hoc, on the final weights
@@ -370,7 +397,7 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
             row["epoch_time_s"] = time.time() - t0
             state["log"].append(json.dumps(row))
             state.update(epoch=epoch + 1, step=0, perm=None, loss_sum=torch.zeros((), device=device),
-                         correct=torch.zeros((), device=device))
+                         correct=torch.zeros((), device=device), first_bad=torch.full((), -1, device=device))
             progress.update(epoch + 1, f"loss {row['train_loss']:.3f}" +
                             (f" top1 {row['top1']:.2f}" if "top1" in row else ""))
             if train["checkpoint_every"] and (epoch + 1) % train["checkpoint_every"] == 0 and not last:
@@ -397,4 +424,80 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     io.write_text(out_dir / "train.jsonl", "\n".join(state["log"]) + "\n")
     io.write_json(out_dir / "metrics.json", metrics)
     ckpt_path.unlink(missing_ok=True)
+    (out_dir / "diverged.json").unlink(missing_ok=True)  # from an earlier spec, seed or code version
     return metrics
+
+
+# Outputs written through io.atomic_path; a SIGKILL during a write leaves ".<name>.<random>.tmp".
+_OWN_FILES = ("checkpoint.pt", "model.pt", "train.jsonl", "metrics.json", "diverged.json")
+
+
+def _remove_stale_temp_files(out_dir: Path) -> None:
+    """Delete the temporary files of writes that a killed run of this cell left behind."""
+    if not out_dir.is_dir():
+        return
+    for p in out_dir.iterdir():
+        if p.name.endswith(".tmp") and any(p.name.startswith(f".{name}.") for name in _OWN_FILES):
+            p.unlink(missing_ok=True)
+
+
+def _load_checkpoint(path: Path, device: torch.device, label: str) -> dict | None:
+    """The checkpoint at ``path`` (tensors and plain containers only: ``weights_only=True``), or
+    None when there is none or it cannot be read (then the cell starts afresh, with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # writes are atomic; a damaged file means a file-system crash
+        bad = path.with_name(path.name + ".unreadable")
+        path.replace(bad)
+        print(f"{label}: {path} is unreadable ({type(e).__name__}: {e}); moved to {bad.name}, "
+              "starting afresh", file=sys.stderr)
+        return None
+
+
+def _numpy_rng_state() -> dict:
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(s: Mapping[str, Any]) -> None:
+    np.random.set_state(("MT19937", s["key"].cpu().numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["gauss"]))
+
+
+def _fail_if_diverged_before(path: Path, spec_hash: str, seed: int) -> None:
+    """A cell that diverged stays diverged: rerunning the same spec, seed and code (a cluster retry)
+    fails at once with the recorded diagnostic instead of training to the same NaN again."""
+    if not path.exists():
+        return
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if (prev.get("spec_hash"), prev.get("seed"), prev.get("code", {}).get("git_commit")) == \
+            (spec_hash, seed, io.code_version()["git_commit"]):
+        raise FloatingPointError(f"{prev['message']} [recorded by an earlier run of this spec, seed and code in "
+                                 f"{path}; delete it to train the cell again]")
+
+
+def _diverged(path: Path, label: str, row: Mapping[str, Any], spec: Mapping[str, Any], spec_hash: str,
+              seed: int, log: list[str], step: int, steps: int, lr: float) -> FloatingPointError:
+    """Write the divergence diagnostic next to the cell's outputs and return the error to raise."""
+    epochs = [json.loads(x) for x in log]
+    last = epochs[-1] if epochs else None
+    where = f"step {step} of {steps}" if step > 0 else f"one of its {steps} steps"
+    message = (f"{label}: training diverged: the training loss became {row['train_loss']} in epoch {row['epoch']} "
+               f"({row['stage']} stage; first non-finite loss at {where}, lr {lr:.4g}); "
+               + (f"the last finite epoch loss was {last['train_loss']:.4g} (epoch {last['epoch']}). "
+                  if last else "no epoch finished before. ")
+               + f"The cell is not usable and is not aggregated. Lower train.lr (now {spec['train']['lr']:g}), "
+               f"lengthen train.warmup_epochs (now {spec['train']['warmup_epochs']:g}) or check the method's "
+               f"options. Diagnostic: {path}")
+    io.write_json(path, {"message": message, "cell": label, "spec_hash": spec_hash, "seed": seed,
+                         "epoch": row["epoch"], "stage": row["stage"], "first_nonfinite_step": step or None,
+                         "steps_per_epoch": steps, "lr_at_first_nonfinite_step": lr,
+                         "epoch_train_loss": str(row["train_loss"]), "epochs": epochs, "spec": spec,
+                         "code": io.code_version()})
+    return FloatingPointError(message)

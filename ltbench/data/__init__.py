@@ -54,6 +54,11 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 
 def counts_for(name: str, ratio: float, profile: str = "exp") -> list[int]:
     spec = get(name)
+    if getattr(spec, "image_lists", False):
+        from ltbench.config import ConfigError
+
+        raise ConfigError(f"{name}'s per-class counts come from its training list, not from a ratio; "
+                         "`python -m ltbench prepare` checks the list and writes them to its manifest")
     return longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
 
 
@@ -63,6 +68,10 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
 
     options = dict(options or {})
     spec = get(name)
+    if getattr(spec, "image_lists", False):  # ImageNet-LT, Places-LT, iNat: check lists, write a manifest
+        from ltbench.data import imagelists
+
+        return imagelists.prepare(name, ratio, out, options)
     profile = options.get("profile", "exp")
     subset_seed = int(options.get("subset_seed", 0))
     counts = longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
@@ -78,4 +87,4 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
     return info
 
 
-from ltbench.data import cifar, digits  # noqa: E402,F401  (register the datasets)
+from ltbench.data import cifar, digits, imagelists  # noqa: E402,F401  (register the datasets)

@@ -1,16 +1,46 @@
-# Stage 3: every metrics.json → tidy tables (pandas).
+# Stage 3: every metrics.json → tidy tables (pandas), per-cell statistics over seeds, verdicts against the
+# papers and claimed-gain t-tests (ltbench.aggregate, ltbench.compare).
 
 
 rule aggregate:
     input:
         metrics_files(),
     output:
-        runs=f"{R}/aggregate/runs.csv",
+        runs=report(
+            f"{R}/aggregate/runs.csv",
+            caption="../report/runs.rst",
+            category="Tables",
+            subcategory="Aggregated results",
+            labels={"table": "runs"},
+        ),
         per_class=f"{R}/aggregate/per_class.csv",
         summary=report(
             f"{R}/aggregate/summary.csv",
             caption="../report/summary.rst",
             category="Tables",
+            subcategory="Aggregated results",
+            labels={"table": "summary"},
+        ),
+        cells=report(
+            f"{R}/aggregate/cells.csv",
+            caption="../report/cells.rst",
+            category="Tables",
+            subcategory="Aggregated results",
+            labels={"table": "cells"},
+        ),
+        comparison=report(
+            f"{R}/aggregate/comparison.csv",
+            caption="../report/comparison.rst",
+            category="Tables",
+            subcategory="Aggregated results",
+            labels={"table": "comparison"},
+        ),
+        gains=report(
+            f"{R}/aggregate/gains.csv",
+            caption="../report/gains.rst",
+            category="Tables",
+            subcategory="Aggregated results",
+            labels={"table": "gains"},
         ),
     log:
         f"{R}/logs/aggregate.log",
@@ -18,5 +48,6 @@ rule aggregate:
         ENV
     params:
         out_dir=f"{R}/aggregate",
+        cfg=lambda w: json.dumps(config),
     shell:
-        "python -m ltbench aggregate {input:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m ltbench aggregate {input:q} --out-dir {params.out_dir} --config-json {params.cfg:q} > {log} 2>&1"

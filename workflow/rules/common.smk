@@ -7,9 +7,11 @@ sys.path.insert(0, workflow.basedir)  # the ltbench package next to this Snakefi
 
 from ltbench import config as ltconfig
 from ltbench import data as ltdata
+from ltbench import models as ltmodels
 
 try:
     config = ltconfig.validate(config)
+    ltdata.imagelists.check_config(config)  # image-list datasets: lists configured, natural ratio
 except ltconfig.ConfigError as e:
     raise WorkflowError(str(e))
 
@@ -41,6 +43,8 @@ def subset_seed(dataset):
 
 
 def prepared(w):
+    if ltdata.imagelists.is_image_list(w.dataset):  # the checked lists' manifest (rule prepare_lists)
+        return str(ltdata.imagelists.manifest_path(R, w.dataset, w.ratio))
     return f"{R}/data/{w.dataset}_r{w.ratio}_s{subset_seed(w.dataset)}.npz"
 
 
@@ -50,3 +54,32 @@ def metrics_files():
 
 def resource(rule, key, default):
     return config["resources"].get(rule, {}).get(key, config["resources"].get("default", {}).get(key, default))
+
+
+def _check_resource_cells():
+    known = {"datasets": set(ltdata.DATASETS), "backbones": set(ltmodels.BACKBONES)}
+    for i, entry in enumerate(config["resources"].get("cells", [])):
+        for key, names in known.items():
+            for j, name in enumerate(entry.get(key, [])):
+                if name not in names:
+                    raise WorkflowError(f"config key resources.cells[{i}].{key}[{j}]: unknown {key[:-1]} "
+                                        f"{name!r}; known: {', '.join(sorted(names))}")
+
+
+def train_resource(key, default):
+    """A train job's resource (a function of its wildcards, as Snakemake wants): the last
+    resources.cells entry that matches the cell's dataset and backbone and sets ``key``, else
+    resources.train, else resources.default, else ``default`` (None leaves the resource unset)."""
+
+    def get(w):
+        value = resource("train", key, default)
+        for entry in config["resources"].get("cells", []):
+            if key in entry and w.dataset in entry.get("datasets", [w.dataset]) \
+                    and w.backbone in entry.get("backbones", [w.backbone]):
+                value = entry[key]
+        return value
+
+    return get
+
+
+_check_resource_cells()

@@ -1,4 +1,5 @@
-# Stage 1: download the originals (CIFAR), then write each long-tailed subset as .npz.
+# Stage 1: download the originals (CIFAR), then write each long-tailed subset as .npz; image-list
+# datasets (ImageNet-LT, Places-LT, iNat 2018) get their lists checked instead (prepare_lists).
 
 
 def download_marker(w):
@@ -39,3 +40,23 @@ rule prepare:
         "python -m ltbench prepare --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
         "--subset-seed {wildcards.subset} --data-dir {DATA} --config-json {params.cfg:q} "
         "--out {output} > {log} 2>&1"
+
+
+# Image-list datasets (ImageNet-LT, Places-LT, iNaturalist 2018): the user's images and lists are
+# checked (line counts, classes, label range, ratio, missing files) and a small manifest is written;
+# the lists are not inputs, so the DAG builds without them and the check fails this job, before
+# any training, with the problems listed (also shown on the console).
+rule prepare_lists:
+    output:
+        f"{R}/data/{{dataset}}_r{{ratio}}.lists.json",
+    log:
+        f"{R}/logs/prepare/{{dataset}}_r{{ratio}}.log",
+    conda:
+        ENV
+    params:
+        cfg=lambda w: json.dumps(config),
+    resources:
+        mem_mb=4000,
+    shell:
+        "python -m ltbench prepare --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
+        "--config-json {params.cfg:q} --out {output} > {log} 2>&1 || (cat {log} >&2; exit 1)"

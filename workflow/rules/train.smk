@@ -1,4 +1,10 @@
 # Stage 2: one job per cell (dataset × ratio × method × backbone × seed).
+#
+# Fault tolerance: the trainer writes checkpoint.pt next to its outputs every
+# train.checkpoint_every epochs and on SIGTERM/SIGUSR1 (then exits 75), and a rerun in the same
+# directory resumes from it; `exec` makes the trainer the shell's own process, so a signal sent to
+# the job (SLURM's --signal, scancel, a preemption) reaches it directly. Cluster resources come
+# from the config (resources.train, resources.cells per dataset / backbone, resources.default).
 
 
 rule train:
@@ -16,10 +22,12 @@ rule train:
         out=lambda w, output: os.path.dirname(output.metrics),
     threads: 1
     resources:
-        gpu=lambda w: resource("train", "gpu", 0),
-        runtime=lambda w: resource("train", "runtime", 60),
-        mem_mb=lambda w: resource("train", "mem_mb", 4000),
+        gpu=train_resource("gpu", 0),
+        gpu_model=train_resource("gpu_model", None),
+        runtime=train_resource("runtime", 60),
+        mem_mb=train_resource("mem_mb", 4000),
+        cpus_per_task=train_resource("cpus_per_task", 1),
     shell:
-        "python -m ltbench train --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
+        "exec python -m ltbench train --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
         "--method {wildcards.method:q} --backbone {wildcards.backbone} --seed {wildcards.seed} "
         "--spec {params.spec:q} --data {input} --threads {threads} --out {params.out} > {log} 2>&1"

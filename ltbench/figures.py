@@ -1,0 +1,496 @@
+"""The report's figures (matplotlib / seaborn), each saved as PNG and SVG.
+
+Per experiment (``<figures_dir>/<experiment>/<kind>.png`` and ``.svg``):
+
+- ``groups``: top-1 and many / medium / few accuracy per method (bars: mean; error bars: std over seeds).
+- ``per_class``: per-class test accuracy against the class's number of training images.
+- ``components`` (``figure: components``, CBN Figure 5): accuracy vs the number of CBN components M,
+  Total / Many / Medium / Few, mean ± std over seeds (each seed a dot).
+- ``backbones`` (``figure: backbones``, CBN Figure 6): top-1 per backbone depth for each method.
+- ``ablation_vs_baseline`` (``figure: ablation``): heatmap of each method's gain over the
+  experiment's first method, per (dataset, ratio), * = significant (paired t-test across seeds,
+  Welch's when the seeds differ, p < 0.05).
+- ``ablation_vs_paper`` (``figure: ablation``, when the paper reports cells of the experiment):
+  heatmap of Δ = ours − paper.
+- ``bn_norms`` (experiments with an NBN method): distribution over channels of the effective
+  per-channel |weight| and |bias| of the last stage's normalization layers, read from each run's
+  ``model.pt``: BatchNorm's γ and β; NBN's w = α·γ/(‖γ‖₂+1e-6), b = α_b·β/(‖β‖₂+1e-6) (α_b = α unless the
+  layer has its own ``alpha_bias``); CBN's per-component γ_k, β_k (all M × C values).
+
+Every function returns the PNG path, or raises :class:`Skip` with the reason when the data for the
+figure is not there (no finished run, no model file, no M...); the report lists skipped figures.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from ltbench import compare, io  # noqa: E402
+from ltbench.config import format_ratio  # noqa: E402
+from ltbench.tables import Layout, dataset_name, fmt_delta, method_name, metric_name  # noqa: E402
+
+METRICS = ["top1", "many", "medium", "few"]
+M_KNOB = "recipe.norm.options.num_components"
+NORM_KNOB = "recipe.norm.name"
+DPI = 110
+
+
+class Skip(Exception):
+    """A figure that cannot be drawn from the data at hand; the message says why."""
+
+
+def save(fig, path: Path) -> Path:
+    """``path`` (PNG) and the same name with ``.svg``, both written atomically."""
+    path = Path(path)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    with io.atomic_path(path.with_suffix(".svg")) as tmp:
+        fig.savefig(tmp, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def select(df: pd.DataFrame, exp: Mapping, seeds: bool = True) -> pd.DataFrame:
+    """Rows of a runs / per-class frame that belong to the experiment's grid (and seeds)."""
+    if df.empty:
+        return df
+    ratio = df["ratio"].astype(float)
+    m = (df["dataset"].isin(exp["datasets"]) & ratio.isin({float(r) for r in exp["ratios"]})
+         & df["method"].isin(exp["methods"]) & df["backbone"].isin(exp["backbones"]))
+    if seeds and "seed" in df.columns:
+        m &= df["seed"].astype(int).isin([int(s) for s in exp["seeds"]])
+    return df[m].copy()
+
+
+def _cell_label(d: str, r, backbone: str | None = None) -> str:
+    s = f"{dataset_name(d)} ρ={format_ratio(r)}"
+    return f"{s} · {backbone}" if backbone else s
+
+
+def _panel_col(df: pd.DataFrame, exp: Mapping) -> pd.Series:
+    several = len(exp["backbones"]) > 1
+    return pd.Series([_cell_label(d, r, b if several else None)
+                      for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"])], index=df.index)
+
+
+def _panel_order(exp: Mapping, present) -> list[str]:
+    """Panel labels in the config's order (datasets, then ratios, then backbones), those present only."""
+    several = len(exp["backbones"]) > 1
+    labels = [_cell_label(d, r, b if several else None) for d in exp["datasets"] for r in exp["ratios"]
+              for b in exp["backbones"]]
+    present = set(present)
+    return [lb for lb in dict.fromkeys(labels) if lb in present]
+
+
+def _log_x(ax) -> None:
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _method_order(exp: Mapping, present) -> list[str]:
+    return [m for m in exp["methods"] if m in set(present)]
+
+
+def _palette(methods: list[str]) -> dict[str, tuple]:
+    colors = sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))
+    return dict(zip(methods, colors))
+
+
+# ---------------------------------------------------------------- generic figures
+
+def _grid(n_panels: int, width: float, height: float, ncols: int = 3):
+    ncols = min(ncols, n_panels)
+    nrows = -(-n_panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, flat[:n_panels]
+
+
+def _legend_below(fig, axes, title: str | None = None, ncol: int = 4):
+    handles, labels = [], []
+    for ax in axes:
+        for h, lb in zip(*ax.get_legend_handles_labels()):
+            if lb not in labels:
+                handles.append(h)
+                labels.append(lb)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(ncol, len(labels)),
+               frameon=False, title=title, fontsize=8)
+
+
+def fig_groups(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
+    s = select(runs, exp).dropna(subset=["value"])
+    if s.empty:
+        raise Skip("no finished run")
+    s["panel"] = _panel_col(s, exp)
+    order = _method_order(exp, s["method"])
+    pal = _palette(order)
+    panels = _panel_order(exp, s["panel"])
+    stats = s.groupby(["panel", "method", "metric"])["value"].agg(["mean", "std", "count"])
+    fig, axes = _grid(len(panels), 4.4 if len(order) < 8 else 5.6, 3.0)
+    width = 0.8 / len(order)
+    for ax, panel in zip(axes, panels):
+        for k, m in enumerate(order):
+            xs, ys, es = [], [], []
+            for i, metric in enumerate(METRICS):
+                if (panel, m, metric) in stats.index:
+                    st = stats.loc[(panel, m, metric)]
+                    xs.append(i - 0.4 + width * (k + 0.5))
+                    ys.append(st["mean"])
+                    es.append(st["std"] if st["count"] > 1 else 0.0)
+            if xs:
+                ax.bar(xs, ys, width=width * 0.95, color=pal[m], label=method_name(m),
+                       yerr=np.nan_to_num(es), error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#333"})
+        ax.set_xticks(range(len(METRICS)), [metric_name(m, True) for m in METRICS])
+        ax.set_title(panel, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    for ax in axes[:: min(3, len(panels))]:
+        ax.set_ylabel("accuracy (%)")
+    fig.suptitle("Accuracy overall and by class group (mean ± std over seeds)")
+    fig.tight_layout()
+    _legend_below(fig, axes, "method")
+    return save(fig, path)
+
+
+def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
+    s = select(per_class, exp)
+    if s.empty:
+        raise Skip("no finished run")
+    s["panel"] = _panel_col(s, exp)
+    d = s.groupby(["panel", "method", "class"], as_index=False).agg(acc=("acc", "mean"),
+                                                                   train_count=("train_count", "first"))
+    order = _method_order(exp, d["method"])
+    pal = _palette(order)
+    panels = _panel_order(exp, s["panel"])
+    fig, axes = _grid(len(panels), 4.4, 3.1)
+    for ax, panel in zip(axes, panels):
+        for m in order:
+            g = d[(d["panel"] == panel) & (d["method"] == m)].sort_values(["train_count", "class"])
+            if len(g):
+                ax.plot(g["train_count"], g["acc"], marker="o", markersize=2.5, linewidth=1.0, color=pal[m],
+                        label=method_name(m), alpha=0.9)
+        _log_x(ax)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("training images of the class (log scale)")
+        ax.grid(alpha=0.3)
+    for ax in axes[:: min(3, len(panels))]:
+        ax.set_ylabel("test accuracy (%)")
+    fig.suptitle("Per-class accuracy vs training count (mean over seeds)")
+    fig.tight_layout()
+    _legend_below(fig, axes, "method")
+    return save(fig, path)
+
+
+# ---------------------------------------------------------------- CBN Figure 5 and Figure 6
+
+def _errorbars(ax, x, grp: pd.DataFrame, color, label, jitter=0.0):
+    stats = grp.groupby("x")["value"].agg(["mean", "std", "count"]).reset_index().sort_values("x")
+    ax.errorbar(stats["x"] + jitter, stats["mean"], yerr=stats["std"].where(stats["count"] > 1).fillna(0),
+                marker="o", capsize=3, color=color, label=label, linewidth=1.6, markersize=5)
+    ax.scatter(grp["x"] + jitter, grp["value"], s=9, color=color, alpha=0.35, linewidths=0)
+
+
+def fig_components(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
+    s = select(runs, exp).dropna(subset=["value"])
+    if s.empty:
+        raise Skip("no finished run")
+    if M_KNOB not in s.columns:
+        raise Skip(f"the runs have no {M_KNOB} column (no CBN method)")
+    s = s[s.get(NORM_KNOB, "cbn") == "cbn"].dropna(subset=[M_KNOB])
+    if s.empty:
+        raise Skip("no finished CBN run (methods with norm.name: cbn)")
+    s["x"] = s[M_KNOB].astype(float).astype(int)
+    several_b = len(exp["backbones"]) > 1
+    s["series"] = [_cell_label(d, r, b if several_b else None) for d, r, b in zip(s["dataset"], s["ratio"], s["backbone"])]
+    series = _panel_order(exp, s["series"])
+    colors = dict(zip(series, sns.color_palette("tab10", len(series))))
+    fig, axes = plt.subplots(1, 4, figsize=(13.5, 3.3), sharex=True)
+    for ax, metric in zip(axes, METRICS):
+        sub = s[s["metric"] == metric]
+        for k, name in enumerate(series):
+            grp = sub[sub["series"] == name]
+            if len(grp):
+                _errorbars(ax, None, grp, colors[name], name, jitter=0.06 * (k - (len(series) - 1) / 2))
+        ax.set_title(metric_name(metric, True))
+        ax.set_xlabel("components M")
+        ax.set_xticks(sorted(s["x"].unique()))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(series)), bbox_to_anchor=(0.5, -0.12),
+               frameon=False)
+    methods = ", ".join(f"M={m}: {meth}" for m, meth in sorted(set(zip(s["x"], s["method"]))))
+    fig.suptitle("Accuracy vs number of CBN components M (mean ± std over seeds; dots: seeds)", y=1.02)
+    fig.text(0.5, -0.2, methods, ha="center", fontsize=8, color="#555", wrap=True)
+    return save(fig, path)
+
+
+def _depth(backbone: str) -> float:
+    m = re.search(r"(\d+)$", backbone)
+    return float(m.group(1)) if m else math.nan
+
+
+def fig_backbones(runs: pd.DataFrame, exp: Mapping, path: Path, metric: str = "top1") -> Path:
+    s = select(runs, exp).dropna(subset=["value"])
+    s = s[s["metric"] == metric]
+    if s.empty:
+        raise Skip("no finished run")
+    backbones = [b for b in exp["backbones"] if b in set(s["backbone"])]
+    if all(not math.isnan(_depth(b)) for b in backbones):
+        backbones.sort(key=_depth)
+    pos = {b: i for i, b in enumerate(backbones)}
+    s["x"] = s["backbone"].map(pos).astype(float)
+    s["panel"] = [_cell_label(d, r) for d, r in zip(s["dataset"], s["ratio"])]
+    panels = _panel_order({**exp, "backbones": exp["backbones"][:1]}, s["panel"])
+    order = _method_order(exp, s["method"])
+    pal = _palette(order)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        sub = s[s["panel"] == panel]
+        for k, m in enumerate(order):
+            grp = sub[sub["method"] == m]
+            if len(grp):
+                _errorbars(ax, None, grp, pal[m], method_name(m), jitter=0.05 * (k - (len(order) - 1) / 2))
+        ax.set_xticks(range(len(backbones)), backbones)
+        ax.set_title(panel)
+        ax.set_xlabel("backbone")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric_name(metric, False)} accuracy (%)")
+    axes[0][-1].legend(frameon=False, fontsize=8, loc="best")
+    fig.suptitle("Backbone depth: top-1 per method (mean ± std over seeds; dots: seeds)", y=1.03)
+    return save(fig, path)
+
+
+# ---------------------------------------------------------------- ablation heatmaps
+
+def _heatmap(values: pd.DataFrame, annot: pd.DataFrame, title: str, cbar: str, path: Path) -> Path:
+    lim = np.nanmax(np.abs(values.to_numpy(dtype=float))) if values.notna().any().any() else 1.0
+    lim = max(lim, 0.5)
+    fig, ax = plt.subplots(figsize=(1.25 * values.shape[1] + 3.2, 0.48 * values.shape[0] + 1.6))
+    sns.heatmap(values.astype(float), annot=annot.to_numpy(), fmt="", cmap="RdBu", center=0, vmin=-lim, vmax=lim,
+                linewidths=0.5, linecolor="white", cbar_kws={"label": cbar}, ax=ax, annot_kws={"fontsize": 8})
+    ax.set_facecolor("#e6e6e6")  # NaN cells
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_title(title, fontsize=10)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    plt.setp(ax.get_yticklabels(), rotation=0)
+    return save(fig, path)
+
+
+def fig_ablation_baseline(runs: pd.DataFrame, exp: Mapping, path: Path, metric: str = "top1",
+                          alpha: float = compare.ALPHA) -> Path:
+    over = exp["methods"][0]
+    if len(exp["methods"]) < 2:
+        raise Skip("the experiment has a single method")
+    g = compare.gains_over(compare.experiment_runs(runs, exp), exp, over, alpha)
+    g = g[g["metric"] == metric] if not g.empty else g
+    if g.empty or g["gain"].isna().all():
+        raise Skip(f"no method has finished runs next to {over!r}")
+    several_b = len(exp["backbones"]) > 1
+    g["row"] = [method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"])]
+    g["col"] = [_cell_label(d, r) for d, r in zip(g["dataset"], g["ratio"])]
+    rows, cols = list(dict.fromkeys(g["row"])), list(dict.fromkeys(g["col"]))
+    vals = g.pivot(index="row", columns="col", values="gain").reindex(index=rows, columns=cols)
+    star = g.assign(a=[("–" if pd.isna(v) else fmt_delta(v) + ("*" if p is not None and not pd.isna(p) and p < alpha
+                                                                  else ""))
+                       for v, p in zip(g["gain"], g["p_value"])])
+    annot = star.pivot(index="row", columns="col", values="a").reindex(index=rows, columns=cols).fillna("–")
+    return _heatmap(vals, annot, f"Gain over {method_name(over)} ({metric_name(metric, False)}, points; "
+                    f"* p < {alpha:g})", "Δ top-1 vs baseline (points)", path)
+
+
+def fig_ablation_paper(layout: Layout, path: Path) -> Path:
+    rows, vals, ann = [], [], []
+    cols = [_cell_label(d, r) + (f" {metric_name(m, True)}" if len(layout.metrics) > 1 else "")
+            for d, r, m in layout.columns]
+    mark = {"reproduced": "✓", "below": "↓", "above": "↑"}
+    for i, row in enumerate(layout.rows):
+        cells = [layout.cells[(i, j)] for j in range(len(layout.columns))]
+        if not any(c.n and not pd.isna(c.paper) for c in cells):
+            continue
+        rows.append(layout.row_title(row))
+        vals.append([c.delta if c.n and not pd.isna(c.paper) else np.nan for c in cells])
+        ann.append([f"{fmt_delta(c.delta)}{mark.get(c.verdict, '')}" if c.n and not pd.isna(c.paper) else
+                    ("missing" if not c.n and not pd.isna(c.paper) else "–") for c in cells])
+    if not rows:
+        raise Skip("the paper reports none of this experiment's cells that have finished runs "
+                   "(reference-free layout)" if layout.reference_free else
+                   "no finished run of a cell the paper reports")
+    v = pd.DataFrame(vals, index=rows, columns=cols)
+    a = pd.DataFrame(ann, index=rows, columns=cols)
+    return _heatmap(v, a, "Ours − paper (points; ✓ reproduced, ↓ below, ↑ above)", "Δ vs paper (points)", path)
+
+
+# ---------------------------------------------------------------- BN weight / bias norms (NBN's motivation)
+
+def _last_stage_prefixes(keys: list[str]) -> str | None:
+    stages = sorted({int(m.group(1)) for k in keys if (m := re.match(r"layer(\d+)\.", k))})
+    return f"layer{stages[-1]}." if stages else None
+
+
+def norm_layers(state: Mapping) -> list[dict]:
+    """Normalization layers of a ResNet state_dict with their kind and EFFECTIVE per-channel |w|, |b|.
+
+    A layer is a prefix with ``running_mean`` (or ``running_prior``) and ``weight``. ``kind``: ``nbn``
+    (has ``alpha``), ``cbn`` (``running_prior``; weight is M × C), else ``bn``. Layers without affine
+    (NBN's logit rectification) are skipped. Only the last stage (``layer<N>.``) when the model has stages.
+    """
+    import torch
+
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".running_mean", ".running_prior"))})
+    last = _last_stage_prefixes(list(state))
+    out = []
+    for p in prefixes:
+        if f"{p}.weight" not in state or f"{p}.bias" not in state:
+            continue
+        if last and not p.startswith(last):
+            continue
+        w, b = state[f"{p}.weight"].float(), state[f"{p}.bias"].float()
+        if f"{p}.alpha" in state:
+            a = state[f"{p}.alpha"].float()
+            ab = state[f"{p}.alpha_bias"].float() if f"{p}.alpha_bias" in state else a
+            w = a * w / (torch.linalg.vector_norm(w) + 1e-6)
+            b = ab * b / (torch.linalg.vector_norm(b) + 1e-6)
+            kind = "nbn"
+        elif f"{p}.running_prior" in state:
+            kind = "cbn"
+        else:
+            kind = "bn"
+        out.append({"layer": p, "kind": kind, "abs_w": w.abs().flatten().numpy(), "abs_b": b.abs().flatten().numpy()})
+    return out
+
+
+def norms_frame(runs: pd.DataFrame, exp: Mapping) -> pd.DataFrame:
+    """Per run, layer and channel: effective |w| and |b| (long format), from each run's ``model.pt``."""
+    import torch
+
+    s = select(runs, exp)
+    if s.empty or "run_dir" not in s.columns:
+        return pd.DataFrame()
+    rows = []
+    for r in s.drop_duplicates(["dataset", "ratio", "method", "backbone", "seed"]).itertuples(index=False):
+        f = Path(r.run_dir) / "model.pt"
+        if not f.exists():
+            continue
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt file must not take the whole report down
+            raise Skip(f"cannot read {f}: {e}") from None
+        for layer in norm_layers(state):
+            for what in ("abs_w", "abs_b"):
+                for v in layer[what]:
+                    rows.append((r.dataset, r.ratio, r.method, r.backbone, r.seed, layer["layer"], layer["kind"],
+                                 what, float(v)))
+    return pd.DataFrame(rows, columns=["dataset", "ratio", "method", "backbone", "seed", "layer", "kind", "what",
+                                       "value"])
+
+
+def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
+    if "nbn" not in set(select(runs, exp).get(NORM_KNOB, pd.Series(dtype=str))):
+        raise Skip("no finished run of an NBN method in this experiment")
+    d = norms_frame(runs, exp)
+    if d.empty:
+        raise Skip("no model.pt next to the runs' metrics.json")
+    several_b = len(exp["backbones"]) > 1
+    d["panel"] = [_cell_label(a, b, c if several_b else None) for a, b, c in zip(d["dataset"], d["ratio"], d["backbone"])]
+    kinds = d.groupby("method")["kind"].agg(lambda k: "/".join(sorted(set(k))))
+    order = _method_order(exp, d["method"])
+    d["method_label"] = [f"{m} ({kinds[m]})" for m in d["method"]]
+    hue_order = [f"{m} ({kinds[m]})" for m in order]
+    pos = d[d["value"] > 0]
+    panels = _panel_order(exp, d["panel"])
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.1 * len(panels) + 0.4), squeeze=False)
+    layers = list(dict.fromkeys(d["layer"]))
+    pal = dict(zip(hue_order, _palette(order).values()))
+    for i, panel in enumerate(panels):
+        for j, (what, label) in enumerate((("abs_w", "|effective weight| per channel"),
+                                           ("abs_b", "|effective bias| per channel"))):
+            ax = axes[i][j]
+            sub = pos[(pos["panel"] == panel) & (pos["what"] == what)]
+            sns.boxplot(data=sub, x="layer", y="value", hue="method_label", order=layers, hue_order=hue_order,
+                        ax=ax, fliersize=1.5, linewidth=0.8, palette=pal, legend=(i == 0 and j == 1))
+            ax.set_yscale("log")
+            ax.set_title(f"{panel}: {label}", fontsize=9)
+            ax.set_xlabel("")
+            ax.set_ylabel(label if j == 0 else "")
+            ax.grid(axis="y", alpha=0.3, which="both")
+            plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+    leg = axes[0][1].get_legend()
+    if leg is not None:
+        leg.set_title("method (layer kinds)")
+        sns.move_legend(axes[0][1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8)
+    fig.suptitle("Normalization layers of the last stage: effective per-channel |weight| and |bias| "
+                 "(log scale; all seeds pooled)", y=1.0 + 0.04 / len(panels))
+    fig.tight_layout()
+    return save(fig, path)
+
+
+# ---------------------------------------------------------------- per experiment
+
+CAPTIONS = {
+    "groups": "Top-1 (Total) and many / medium / few accuracy per method: bars are the mean over seeds, "
+              "error bars the standard deviation over seeds.",
+    "per_class": "Per-class test accuracy (mean over seeds) against the class's number of training images "
+                 "(log scale): the long tail is on the left.",
+    "components": "CBN Figure 5: accuracy against the number of Gaussian components M, overall and per class "
+                  "group; mean ± std over seeds, each seed a dot. The paper claims M > 1 beats M = 1 and no gain "
+                  "beyond M = 4.",
+    "backbones": "CBN Figure 6: top-1 per backbone depth, mean ± std over seeds (each seed a dot). The paper "
+                 "claims CBN beats BN at every depth.",
+    "ablation_vs_baseline": "The ablation grid: each method's top-1 gain over the experiment's first method per "
+                            "(dataset, ratio), in points; * marks p < 0.05 (paired t-test across seeds, Welch's "
+                            "when the seeds differ). Grey: no finished runs.",
+    "ablation_vs_paper": "The ablation grid against the paper: Δ = ours − paper per cell, in points, with the verdict "
+                         "(✓ reproduced: |Δ| ≤ 1 or the paper's value inside our 95 % CI; ↓ below; ↑ above).",
+    "bn_norms": "NBN's motivation: the distribution over channels of the effective per-channel |weight| and |bias| "
+                "of the last stage's normalization layers (log scale, all seeds pooled), read from each run's "
+                "model.pt. BN: γ, β; NBN: α·γ/‖γ‖₂ and α·β/‖β‖₂; CBN: every component's γ_k, β_k. The legend "
+                "names the layer kinds each method has in this stage.",
+}
+
+
+def experiment_figures(name: str, exp: Mapping, runs: pd.DataFrame, per_class: pd.DataFrame, layout: Layout,
+                       out_dir: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """Draw every figure that applies to the experiment into ``out_dir/<experiment>/``.
+
+    Returns (drawn: [(kind, png path)], skipped: [(kind, reason)]). Kinds are the keys of CAPTIONS."""
+    from ltbench.tables import safe_name
+
+    d = Path(out_dir) / safe_name(name)
+    jobs = [("groups", lambda p: fig_groups(runs, exp, p)), ("per_class", lambda p: fig_per_class(per_class, exp, p))]
+    kind = exp.get("figure")
+    if kind == "components":
+        jobs.insert(0, ("components", lambda p: fig_components(runs, exp, p)))
+    elif kind == "backbones":
+        jobs.insert(0, ("backbones", lambda p: fig_backbones(runs, exp, p)))
+    elif kind == "ablation":
+        jobs[:0] = [("ablation_vs_baseline", lambda p: fig_ablation_baseline(runs, exp, p)),
+                    ("ablation_vs_paper", lambda p: fig_ablation_paper(layout, p))]
+    uses_nbn = NORM_KNOB in runs.columns and "nbn" in set(select(runs, exp).get(NORM_KNOB, []))
+    if uses_nbn:
+        jobs.append(("bn_norms", lambda p: fig_bn_norms(runs, exp, p)))
+    drawn, skipped = [], []
+    for k, fn in jobs:
+        try:
+            drawn.append((k, fn(d / f"{k}.png")))
+        except Skip as e:
+            skipped.append((k, str(e)))
+            plt.close("all")
+    return drawn, skipped

@@ -1,0 +1,267 @@
+"""The plan of a config's grid: cells per experiment, the unique total, projected GPU-hours.
+
+``python -m ltbench plan --configfile config/config.yaml [--throughput FILE ...] [--json]``
+
+Cells: an experiment has datasets × ratios × methods × backbones × seeds cells; the DAG trains the
+union once, so the unique total is what it costs.
+
+Projected hours of a cell = training (epochs × training images / images/s of its backbone and method)
++ evaluation (one pass over the test set every ``train.eval_every`` epochs and at the end). The speed
+of each (backbone, method) comes from the first of:
+
+1. ``plan.images_per_s.<backbone>`` in the config: images/s for one view and one path, divided by the
+   method's forward passes per step (views × paths it computes: 1 for ``baseline``, 4 for CBN's DPL).
+2. Measured runs of the same backbone and method in a ``runs.csv`` (``ltbench aggregate``; the config's
+   own ``<results_dir>/aggregate/runs.csv`` is read when it exists, others with ``--throughput``): the
+   median end-to-end seconds per (epoch × training image) of their ``metrics.json`` wall time, which
+   includes evaluation. GPU runs are preferred; CPU runs are used (and say so) when there are none.
+3. A ``ltbench bench --out FILE`` JSON (``--throughput FILE``) of the same backbone: its images/s × its
+   method's passes per step gives the one-pass speed, scaled by the method's passes; its evaluation
+   images/s for the test passes.
+4. Measured runs of the same backbone with other methods (2.), scaled by passes per step.
+5. :data:`DEFAULT_IMAGES_PER_S`: rough, unmeasured estimates for one current data-centre GPU.
+
+Each speed row says which source it used. Not modelled: data loading, the cheaper classifier stage of
+decoupled methods, CBN's EM overhead beyond its passes (put a measured file in for those).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from statistics import median
+from typing import Iterable, Mapping
+
+import pandas as pd
+
+from ltbench import config as ltconfig
+
+#: Rough training throughput (images/s, one view and one path, batch 128, plain BN, bf16 autocast)
+#: on one current data-centre GPU (A100 / H100 class) for 32×32 inputs. NOT measured: an order of
+#: magnitude for planning, scaled from ResNet-32 by the number of layers; measure with `ltbench bench`.
+DEFAULT_IMAGES_PER_S = {"resnet8": 30000.0, "resnet20": 15000.0, "resnet32": 10000.0, "resnet44": 7500.0,
+                        "resnet56": 6000.0, "resnet110": 3000.0}
+#: An evaluation image (forward only, one view) costs about a third of a one-pass training image.
+EVAL_SPEEDUP = 3.0
+#: Test-set sizes of the built-in datasets (evaluation cost); others: dataset option ``expected.test``.
+TEST_SIZES = {"cifar10": 10000, "cifar100": 10000, "digits-lt": 500}
+
+
+def _depth(backbone: str) -> float:
+    import re
+
+    m = re.search(r"(\d+)$", backbone)
+    return float(m.group(1)) if m else math.inf
+
+
+def _h(hours: float | None) -> str:
+    if hours is None:
+        return "?"
+    return f"{hours:.1f}" if hours >= 10 else f"{hours:.3g}"
+
+
+def passes(recipe: Mapping) -> int:
+    """Forward passes per training step: the path/view pairs it classifies, plus every pair when a
+    consistency loss is on (CBN's DPL: 2 paths × 2 views = 4)."""
+    wanted = set(recipe.get("classify_on") or [])
+    paths, views = recipe.get("paths") or ["compound"], recipe.get("views") or ["weak"]
+    if (recipe.get("consistency") or {}).get("weight", 0) > 0:
+        wanted |= {f"{p}/{v}" for p in paths for v in views}
+    return max(1, len(wanted) or len(paths))
+
+
+def _n_train(dataset: str, ratio: str, spec: Mapping) -> int | None:
+    from ltbench import data
+
+    try:
+        return int(sum(data.counts_for(dataset, float(ratio), spec["dataset_options"].get("profile", "exp"))))
+    except Exception:
+        exp = spec["dataset_options"].get("expected") or {}
+        return int(exp["train"]) if exp.get("train") else None
+
+
+def _n_test(dataset: str, spec: Mapping) -> int | None:
+    exp = spec["dataset_options"].get("expected") or {}
+    return int(exp["test"]) if exp.get("test") else TEST_SIZES.get(dataset)
+
+
+class _Measured:
+    """Speeds read from --throughput files and the config's own runs.csv."""
+
+    def __init__(self, files: Iterable[Path]):
+        self.runs: list[dict] = []     # {backbone, method, s_per_image, gpu, file, passes}
+        self.bench: dict[str, dict] = {}  # backbone -> {one_pass_ips, eval_ips, label}
+        for f in files:
+            self._read(Path(f))
+
+    def _read(self, f: Path) -> None:
+        if not f.exists():
+            raise FileNotFoundError(f"throughput file {f} does not exist")
+        if f.suffix == ".json":
+            try:
+                b = json.loads(f.read_text())
+                ips = float(b["fast"]["images_per_s"])
+                bb, npass = b["backbone"], int(b.get("passes_per_step", 1))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"throughput file {f}: not an `ltbench bench --out` JSON ({e!r} missing or bad)") \
+                    from None
+            self.bench[bb] = {"one_pass_ips": ips * npass, "eval_ips": b.get("eval_images_per_s"),
+                              "label": f"measured: ltbench bench {f.name} ({b.get('method')}, {b.get('device')})"}
+            return
+        df = pd.read_csv(f)
+        need = {"backbone", "method", "device", "wall_time_s", "n_train", "train.epochs", "seed", "dataset", "ratio"}
+        if missing := sorted(need - set(df.columns)):
+            raise ValueError(f"throughput file {f}: not a runs.csv of `ltbench aggregate` (lacks {missing})")
+        df = df.drop_duplicates(["dataset", "ratio", "method", "backbone", "seed"])
+        for r in df.to_dict("records"):
+            work = float(r["train.epochs"]) * float(r["n_train"])
+            if work > 0 and r["wall_time_s"] > 0:
+                self.runs.append({"backbone": r["backbone"], "method": r["method"],
+                                  "s_per_image": r["wall_time_s"] / work, "gpu": str(r["device"]).startswith("cuda"),
+                                  "file": f.name, "device": str(r["device"])})
+
+    def _pick(self, rows: list[dict]) -> tuple[list[dict], bool]:
+        gpu = [r for r in rows if r["gpu"]]
+        return (gpu, True) if gpu else (rows, False)
+
+    def same(self, backbone: str, method: str):
+        rows, gpu = self._pick([r for r in self.runs if r["backbone"] == backbone and r["method"] == method])
+        if not rows:
+            return None
+        where = ", ".join(sorted({r["file"] for r in rows}))
+        dev = "" if gpu else f" on {rows[0]['device']}, not a GPU"
+        return median(r["s_per_image"] for r in rows), f"measured: {len(rows)} runs in {where}{dev}"
+
+    def other(self, backbone: str, passes_of: Mapping[str, int]):
+        rows, gpu = self._pick([r for r in self.runs if r["backbone"] == backbone and r["method"] in passes_of])
+        if not rows:
+            return None
+        per_pass = median(r["s_per_image"] / passes_of[r["method"]] for r in rows)
+        dev = "" if gpu else f" on {rows[0]['device']}, not a GPU"
+        return per_pass, (f"measured: {len(rows)} runs of other methods in "
+                          f"{', '.join(sorted({r['file'] for r in rows}))}, scaled by passes{dev}")
+
+
+def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = ()) -> dict:
+    """The plan as a JSON-able dict (see the module docstring); ``cfg`` is a validated config."""
+    files = [Path(f) for f in throughput_files]
+    own = Path(cfg["results_dir"]) / "aggregate" / "runs.csv"
+    if own.exists() and own not in files:
+        files.append(own)
+    measured = _Measured(files)
+    knob = (cfg.get("plan") or {}).get("images_per_s", {})
+
+    specs, passes_of = {}, {}
+    for c in ltconfig.cells(cfg):
+        if (c.dataset, c.method, c.backbone) not in specs:
+            spec = ltconfig.cell_spec(cfg, c.dataset, c.method, c.backbone)
+            specs[(c.dataset, c.method, c.backbone)] = spec
+            passes_of[c.method] = passes(spec["recipe"])
+
+    speeds: dict[tuple[str, str], dict] = {}
+
+    def speed(backbone: str, method: str) -> dict:
+        key = (backbone, method)
+        if key in speeds:
+            return speeds[key]
+        p = passes_of[method]
+        s = {"backbone": backbone, "method": method, "passes": p, "images_per_s": None, "eval_images_per_s": None,
+             "s_per_image": None, "includes_eval": False, "kind": "unknown",
+             "source": f"no speed for {backbone}: set plan.images_per_s.{backbone} in the config or pass --throughput"}
+        if backbone in knob:
+            one = float(knob[backbone])
+            s.update(images_per_s=one / p, eval_images_per_s=EVAL_SPEEDUP * one, kind="config",
+                     source=f"config plan.images_per_s.{backbone}: {one:g} img/s for one pass")
+        elif (m := measured.same(backbone, method)) is not None:
+            s.update(s_per_image=m[0], images_per_s=1.0 / m[0], includes_eval=True, source=m[1], kind="measured")
+        elif backbone in measured.bench:
+            b = measured.bench[backbone]
+            s.update(images_per_s=b["one_pass_ips"] / p, kind="bench",
+                     eval_images_per_s=b["eval_ips"] or EVAL_SPEEDUP * b["one_pass_ips"],
+                     source=f"{b['label']}: {b['one_pass_ips']:.0f} img/s for one pass")
+        elif (m := measured.other(backbone, passes_of)) is not None:
+            s.update(s_per_image=m[0] * p, images_per_s=1.0 / (m[0] * p), includes_eval=True, source=m[1],
+                     kind="measured, scaled")
+        elif backbone in DEFAULT_IMAGES_PER_S:
+            one = DEFAULT_IMAGES_PER_S[backbone]
+            s.update(images_per_s=one / p, eval_images_per_s=EVAL_SPEEDUP * one, kind="default",
+                     source=f"default estimate (unmeasured) for {backbone}: {one:g} img/s for one pass")
+        speeds[key] = s
+        return s
+
+    def hours(c: ltconfig.Cell) -> float | None:
+        spec = specs[(c.dataset, c.method, c.backbone)]
+        s = speed(c.backbone, c.method)
+        n_train = _n_train(c.dataset, c.ratio, spec)
+        if s["images_per_s"] is None or n_train is None:
+            return None
+        epochs = spec["train"]["epochs"]
+        sec = epochs * n_train / s["images_per_s"]
+        n_test = _n_test(c.dataset, spec)
+        if not s["includes_eval"] and n_test and s["eval_images_per_s"]:
+            evals = math.ceil(epochs / spec["train"].get("eval_every", 1)) + (epochs % spec["train"].get("eval_every", 1) != 0)
+            sec += evals * n_test / s["eval_images_per_s"]
+        return sec / 3600
+
+    per_cell = {c: hours(c) for c in ltconfig.cells(cfg)}
+    exps = []
+    listed = 0
+    for name, exp in cfg["experiments"].items():
+        cells = ltconfig.cells(cfg, name)
+        listed += len(cells)
+        hs = [per_cell[c] for c in cells]
+        exps.append({"name": name, "datasets": len(exp["datasets"]), "ratios": len(exp["ratios"]),
+                     "methods": len(exp["methods"]), "backbones": len(exp["backbones"]), "seeds": len(exp["seeds"]),
+                     "cells": len(cells), "hours": sum(h for h in hs if h is not None),
+                     "cells_without_estimate": sum(h is None for h in hs)})
+    rows = []
+    for (b, m), s in speeds.items():
+        cells = [c for c in per_cell if c.backbone == b and c.method == m]
+        hs = [per_cell[c] for c in cells]
+        rows.append({**{k: v for k, v in s.items() if k != "s_per_image"}, "cells": len(cells),
+                     "hours": sum(h for h in hs if h is not None) if any(h is not None for h in hs) else None})
+    known = [h for h in per_cell.values() if h is not None]
+    methods_order = list(dict.fromkeys(m for e in cfg["experiments"].values() for m in e["methods"]))
+    kinds = sorted({r["kind"] for r in rows})
+    return {"name": cfg.get("name"), "experiments": exps, "listed_cells": listed, "unique_cells": len(per_cell),
+            "hours_total": sum(known), "cells_without_estimate": len(per_cell) - len(known),
+            "gpus": max(1, int((cfg.get("resources", {}).get("train") or {}).get("gpu", 1) or 1)),
+            "speed_sources": kinds, "speeds": sorted(rows, key=lambda r: (_depth(r["backbone"]), r["backbone"],
+                                                                          methods_order.index(r["method"]))),
+            "throughput_files": [str(f) for f in files]}
+
+
+def format_text(p: Mapping, config_path: str | None = None) -> str:
+    """The plan as aligned text tables."""
+    out = [f"Plan of {config_path or 'the config'} (name: {p['name']})", ""]
+    w = max([len("unique total")] + [len(e["name"]) for e in p["experiments"]]) + 2
+    out.append(f"{'experiment':<{w}}{'cells':>7}   {'datasets × ratios × methods × backbones × seeds':<48}"
+               f"{'GPU-hours':>10}")
+    for e in p["experiments"]:
+        grid = f"{e['datasets']} × {e['ratios']} × {e['methods']} × {e['backbones']} × {e['seeds']}"
+        h = _h(e["hours"]) + ("+?" if e["cells_without_estimate"] else "")
+        out.append(f"{e['name']:<{w}}{e['cells']:>7}   {grid:<48}{h:>10}")
+    total = _h(p["hours_total"]) + ("+?" if p["cells_without_estimate"] else "")
+    note = f"({p['listed_cells']} listed; shared cells are trained once)"
+    out.append(f"{'unique total':<{w}}{p['unique_cells']:>7}   {note:<48}{total:>10}")
+    out += ["", "Speed per backbone and method (training images/s on one GPU; passes = forward passes per step):"]
+    wb = max([len("backbone")] + [len(r["backbone"]) for r in p["speeds"]]) + 2
+    wm = max([len("method")] + [len(r["method"]) for r in p["speeds"]]) + 2
+    out.append(f"{'backbone':<{wb}}{'method':<{wm}}{'passes':>6}{'img/s':>9}{'cells':>7}{'GPU-h':>9}  source")
+    for r in p["speeds"]:
+        ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "?"
+        out.append(f"{r['backbone']:<{wb}}{r['method']:<{wm}}{r['passes']:>6}{ips:>9}{r['cells']:>7}"
+                   f"{_h(r['hours']):>9}  {r['kind']}")
+    out += ["", "Sources:"] + [f"  {s}" for s in dict.fromkeys(r["source"] for r in p["speeds"])]
+    line = (f"Projected: {_h(p['hours_total'])} GPU-hours for {p['unique_cells']} cells "
+            f"(speeds: {', '.join(p['speed_sources'])})")
+    if p["gpus"] > 1:
+        line += f"; {_h(p['hours_total'] / p['gpus'])} h wall time on {p['gpus']} GPUs"
+    out += ["", line + "."]
+    if p["cells_without_estimate"]:
+        out.append(f"{p['cells_without_estimate']} cells have no estimate (unknown backbone speed or dataset size): "
+                   "'+?' above.")
+    if "default" in p["speed_sources"]:
+        out.append("Default estimates are unmeasured: measure with `python -m ltbench bench --backbone B --out b.json` "
+                   "on the target GPU and pass --throughput b.json, or set plan.images_per_s in the config.")
+    return "\n".join(out) + "\n"

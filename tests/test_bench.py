@@ -1,0 +1,61 @@
+"""The speed benchmark: both paths feed the model the same tensors and train the same model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import itertools
+
+import yaml
+
+from conftest import ROOT
+from ltbench import augment, bench, methods, train
+
+
+def demo_cells() -> set:
+    """The distinct (dataset, ratio, method, backbone, seed) cells of config/demo.yaml's experiments."""
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    keys = ("datasets", "ratios", "methods", "backbones", "seeds")
+    return {c for e in cfg["experiments"].values() for c in itertools.product(*(e[k] for k in keys))}
+
+
+def test_both_paths_normalize_identically_and_give_the_same_loss():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    ds = bench._PILDataset(x.permute(0, 2, 3, 1).numpy(), y.numpy(), ["none"])
+    common = torch.stack([ds[i][0][0] for i in range(16)])
+    mean, std = torch.tensor(bench.CIFAR_MEAN), torch.tensor(bench.CIFAR_STD)
+    fast = augment.normalize(x, mean, std)
+    assert torch.allclose(common, fast, atol=1e-6)
+    losses = []
+    for batch in (fast, common):
+        torch.manual_seed(0)
+        recipe, model, criterion, _ = bench._setup("baseline+cbn+sbn", "resnet8", 10, torch.device("cpu"), False)
+        losses.append(bench._loss(recipe, model, criterion, {"strong": batch}, y, torch.zeros_like(y), amp=False))
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+
+
+def test_passes_per_step():
+    assert bench.passes(methods.recipe("ce")) == 1
+    assert bench.passes(methods.recipe("baseline+cbn+sbn")) == 2
+    assert bench.passes(methods.recipe("baseline+cbn+sbn+dpl")) == 4
+
+
+def test_bench_command_on_cpu(cli, tmp_path):
+    p = cli("bench", "--method", "baseline+cbn+sbn+dpl", "--backbone", "resnet8", "--steps", 2, "--warmup", 1,
+            "--batch-size", 16, "--workers", 0, "--device", "cpu", "--config", "config/demo.yaml",
+            "--out", tmp_path / "b.json")
+    out = json.loads(p.stdout)
+    assert out == json.loads((tmp_path / "b.json").read_text())
+    assert out["passes_per_step"] == 4 and out["device"].startswith("cpu")
+    for path in ("fast", "common"):
+        assert out[path]["images_per_s"] > 0 and np.isfinite(out[path]["mean_loss"])
+    assert out["speedup"] == pytest.approx(out["fast"]["images_per_s"] / out["common"]["images_per_s"], rel=0.01)
+    proj = out["projected_device_hours"]
+    assert proj["unique_cells"] == len(demo_cells()) and proj["total"] > 0
+    # projection: 400 epochs × 12406 images at the measured speed plus evaluation
+    ips, eval_ips = out["fast"]["images_per_s"], out["eval_images_per_s"]
+    assert out["projected_400_epoch_cifar10_lt_r100_wall_s"] == pytest.approx(
+        400 * (12406 / ips + 10000 / eval_ips), rel=0.01)
