@@ -84,13 +84,16 @@ def tables(metrics: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         for k, (acc, n, g) in enumerate(zip(m["per_class_acc"], m["train_counts"], groups)):
             per_class.append({**{k2: base[k2] for k2 in (*KEYS, "seed")}, "class": k, "train_count": n,
                               "group": g, "acc": acc})
-    runs_df = pd.DataFrame(runs)
+    # with no finished run yet, the tables still have their key columns (a readable, empty CSV)
+    runs_df = pd.DataFrame(runs) if runs else pd.DataFrame(columns=[*KEYS, "seed", "metric", "value"])
+    per_class_df = (pd.DataFrame(per_class) if per_class
+                    else pd.DataFrame(columns=[*KEYS, "seed", "class", "train_count", "group", "acc"]))
     if not runs_df.empty:
         dup = runs_df[runs_df.duplicated([*KEYS, "seed", "metric"], keep=False)]
         if len(dup):
             paths = sorted(set(dup["run_dir"]))
             raise ValueError(f"two metrics files for the same cell and seed: {paths[:4]}")
-    return runs_df, pd.DataFrame(per_class), summarize(runs_df)
+    return runs_df, per_class_df, summarize(runs_df)
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:

@@ -103,7 +103,8 @@ def cmd_train(a) -> int:
     overrides = {k: v for k, v in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr),
                                    ("device", a.device), ("threads", a.threads)) if v is not None}
     m = train.run(spec, a.ratio, a.seed, data_file, a.out, overrides)
-    print(json.dumps({k: m[k] for k in ("top1", "many", "medium", "few", "wall_time_s")}))
+    if m is not None:  # None: a rank > 0 of a multi-GPU run (rank 0 reports)
+        print(json.dumps({k: m[k] for k in ("top1", "many", "medium", "few", "wall_time_s")}))
     return 0
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltbench import classifier, data, io, losses, models, norm, sampling
+from ltbench import classifier, data, distributed, io, losses, models, norm, sampling
 from ltbench.config import format_ratio
 from ltbench.sources import TensorSource, make_source  # noqa: F401
 
@@ -127,6 +127,18 @@ def consistency_loss(logits: Mapping[str, torch.Tensor], pairing: str) -> torch.
     return -0.5 * sum(F.cosine_similarity(a, b.detach(), dim=1).mean() for a, b in pairs)
 
 
+class PathsForward(nn.Module):
+    """Every wanted (path, view) logit of one training step in one call (:func:`forward_paths`), so
+    that DistributedDataParallel sees one forward per backward even for SBN's and DPL's passes."""
+
+    def __init__(self, model: nn.Module, paths, wanted: set[str], amp: bool):
+        super().__init__()
+        self.model, self.paths, self.wanted, self.amp = model, list(paths), set(wanted), amp
+
+    def forward(self, views: Mapping[str, torch.Tensor], groups: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return forward_paths(self.model, views, self.paths, self.wanted, groups, self.amp)
+
+
 def forward_paths(model: nn.Module, views: Mapping[str, torch.Tensor], paths, wanted: set[str],
                   groups: torch.Tensor | None, amp: bool) -> dict[str, torch.Tensor]:
     """Logits keyed ``"path/view"`` for every wanted pair; the split path runs in SBN mode."""
@@ -202,8 +214,27 @@ def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.
 
 
 def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path, out_dir: str | Path,
-        overrides: Mapping[str, Any] | None = None) -> dict:
-    """Train the cell described by ``spec`` (see :func:`ltbench.config.cell_spec`)."""
+        overrides: Mapping[str, Any] | None = None) -> dict | None:
+    """Train the cell described by ``spec`` (see :func:`ltbench.config.cell_spec`).
+
+    Returns the metrics (also written to ``out_dir/metrics.json``); under ``torchrun`` with several
+    processes (:mod:`ltbench.distributed`) rank 0 returns them and the other ranks None."""
+    world = distributed.from_env()
+    try:
+        return _run(spec, ratio, seed, data_file, out_dir, overrides, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _rank_seed(seed: int, world: distributed.World, *position: int) -> int:
+    """Rank 0 draws from ``seed`` (a single-process run's stream); other ranks from their own."""
+    if world.main and not position:
+        return seed
+    return int(np.random.SeedSequence([seed, world.rank, *position]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path, out_dir: str | Path,
+         overrides: Mapping[str, Any] | None, world: distributed.World) -> dict | None:
     spec = json.loads(json.dumps(spec))  # private deep copy
     train = {**spec["train"], **(overrides or {})}
     spec["train"] = train
@@ -211,13 +242,14 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     out_dir = Path(out_dir)
     t_start = time.time()
 
-    device = pick_device(train["device"])
+    device = distributed.setup(world, pick_device(train["device"]))
+    distributed.check_batch(train["batch_size"], world)
     if train["threads"]:
         torch.set_num_threads(train["threads"])
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the same initial weights on every rank
     np.random.seed(seed)
     random.seed(seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(_rank_seed(seed, world))  # sampling, augmentation
 
     dspec = data.get(spec["dataset"])
     source = make_source(data_file, device, dspec, spec["dataset_options"], train)  # .npz or image lists
@@ -233,9 +265,10 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
         model = model.to(memory_format=torch.channels_last)
     criterion = losses.make(recipe["loss"]["name"], counts, **recipe["loss"]["options"]).to(device)
     nopts = recipe["norm"]["options"]
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
     opt = torch.optim.SGD(norm.param_groups(model, train["weight_decay"],
                                             alpha_weight_decay=nopts.get("alpha_weight_decay", True)),
-                          lr=train["lr"], momentum=train["momentum"], nesterov=train["nesterov"])
+                          lr=train["lr"], momentum=train["momentum"], nesterov=train["nesterov"], **fused)
 
     # Stages: representation epochs, then (decoupled cRT / LWS) the classifier alone on frozen
     # features; τ-normalization is post hoc and trains no classifier stage.
@@ -246,8 +279,8 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     stage_criterion = losses.make(dt["loss"], counts).to(device)
     if rep_epochs < 1:
         raise ValueError(f"decoupled.fraction {dt['fraction']} leaves no representation epoch of {epochs}")
-    bs = train["batch_size"]
-    steps_per_epoch = source.steps(len(source), bs)
+    bs = train["batch_size"] // world.size  # per process; train.batch_size is the global batch
+    steps_per_epoch = source.steps(len(distributed.shard(torch.arange(len(source)), world)), bs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps_per_epoch, epochs=rep_epochs))
     amp = device.type == "cuda" and train["amp"] == "bf16"
     views, paths = recipe["views"], recipe["paths"]
@@ -261,7 +294,10 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
         adjust = recipe["posthoc_tau"] * torch.log(counts_t / counts_t.sum())
 
     label = f"{spec['dataset']} r{format_ratio(ratio)} {spec['method']} {spec['backbone']} s{seed}"
-    progress = Progress(epochs, label)
+    if world.active:
+        print(f"{label}: rank {world.rank} of {world.size} on {device}, {bs} of the global batch of "
+              f"{train['batch_size']}", file=sys.stderr, flush=True)
+    progress = Progress(epochs, label) if world.main else None
     state = {"epoch": 0, "step": 0, "perm": None, "log": [], "best": None, "images_seen": 0,
              "train_time": 0.0, "loss_sum": torch.zeros((), device=device),
              "correct": torch.zeros((), device=device), "first_bad": torch.full((), -1, device=device)}
@@ -278,11 +314,13 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
             return
         lr = dt["lr"] if dt["lr"] is not None else train["lr"]
         head_opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=train["momentum"],
-                                   weight_decay=train["weight_decay"])
+                                   weight_decay=train["weight_decay"], **fused)
         head_sched = torch.optim.lr_scheduler.LambdaLR(
             head_opt, lr_lambda(train, steps_per_epoch, epochs=head_epochs, warmup_epochs=0))
 
     def save_checkpoint():
+        if not world.main:
+            return
         payload = {"spec_hash": spec_hash, "seed": seed, "model": model.state_dict(),
                    "opt": opt.state_dict(), "sched": sched.state_dict(),
                    "head": head.state_dict() if head is not None else None,
@@ -325,10 +363,19 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
                 state[k] = ck[k]
             if "first_bad" in ck:
                 state["first_bad"] = ck["first_bad"]
+            if not world.main:  # rank 0 saved the sums of all ranks and its own random streams
+                state.update(loss_sum=torch.zeros((), device=device), correct=torch.zeros((), device=device))
+                gen.manual_seed(_rank_seed(seed, world, state["epoch"], state["step"]))
             if ck["best_row"] is not None:
                 state["best"] = (json.loads(ck["best_row"]), ck["best_per_class"].numpy())
             print(f"{label}: resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}",
                   file=sys.stderr)
+
+    # DistributedDataParallel over all the passes of a step; a single process calls the model directly
+    step_forward = PathsForward(model, paths, wanted, amp)
+    if world.active:
+        step_forward = torch.nn.parallel.DistributedDataParallel(
+            step_forward, device_ids=[device.index] if device.type == "cuda" else None)
 
     with _Signals() as signals:
         while state["epoch"] < epochs:
@@ -339,17 +386,17 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
             criterion.set_epoch(epoch, epochs)
             t0 = time.time()
             if state["perm"] is None:
-                state["perm"] = sampling.SAMPLERS.get(dt["sampler"] if in_head_stage else recipe["sampler"])(
-                    source.labels, gen)
+                state["perm"] = distributed.broadcast(sampling.SAMPLERS.get(
+                    dt["sampler"] if in_head_stage else recipe["sampler"])(source.labels, gen), world)
                 state["step"] = 0
-            perm = state["perm"]
+            perm = distributed.shard(state["perm"], world)  # this rank's share of every global batch
             for xs, yb in source.epoch(perm[state["step"] * bs:], bs, views, gen):
                 if in_head_stage:
                     loss, logits = classifier.stage_loss(model, head, xs[-1], yb, stage_criterion, dt, counts_t)
                     step_opt, step_sched = head_opt, head_sched
                 else:
-                    out = forward_paths(model, dict(zip(views, xs)), paths, wanted,
-                                        group_of_class[yb] if group_of_class is not None else None, amp)
+                    out = step_forward(dict(zip(views, xs)),
+                                       group_of_class[yb] if group_of_class is not None else None)
                     loss = sum(criterion(out[k], yb) for k in recipe["classify_on"]) / len(recipe["classify_on"])
                     if cons["weight"] > 0:
                         loss = loss + cons["weight"] * consistency_loss(out, cons["pairing"])
@@ -357,6 +404,8 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
                     step_opt, step_sched = opt, sched
                 step_opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if in_head_stage:  # the classifier stage trains outside DDP: average its gradients
+                    distributed.average_gradients(head.parameters(), world)
                 step_opt.step()
                 step_sched.step()
                 state["loss_sum"] += loss.detach() * len(yb)
@@ -365,17 +414,26 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
                 state["first_bad"] = torch.where((state["first_bad"] < 0) & ~torch.isfinite(loss.detach()),
                                                  state["step"], state["first_bad"])
                 state["step"] += 1
-                if signals.caught is not None:
+                if distributed.any_rank(signals.caught is not None, world, device):  # every rank stops here
                     state["train_time"] += time.time() - t0
+                    state["loss_sum"] = distributed.all_sum(state["loss_sum"], world)
+                    state["correct"] = distributed.all_sum(state["correct"], world)
                     save_checkpoint()
+                    distributed.barrier(world)
                     raise Preempted(f"{label}: signal {signals.caught} at epoch {epoch + 1}, step "
                                     f"{state['step']}; checkpoint written to {ckpt_path}")
             seen = min(len(perm), state["step"] * bs)
+            if world.active:
+                seen = int(distributed.all_sum(torch.tensor(seen, device=device), world))
             state["images_seen"] += seen
+            loss_sum = distributed.all_sum(state["loss_sum"], world).item()
+            correct = distributed.all_sum(state["correct"], world).item()
             row = {"epoch": epoch + 1, "stage": "classifier" if in_head_stage else "representation",
                    "lr": (head_opt if in_head_stage else opt).param_groups[0]["lr"],
-                   "train_loss": state["loss_sum"].item() / seen, "train_acc": 100.0 * state["correct"].item() / seen}
+                   "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen}
             if not math.isfinite(row["train_loss"]):
+                if not world.main:
+                    raise FloatingPointError(f"{label}: training diverged (rank {world.rank}; rank 0 reports)")
                 ckpt_path.unlink(missing_ok=True)
                 bad = int(state["first_bad"])
                 st = head_sched if in_head_stage else sched
@@ -386,7 +444,7 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
             last = epoch + 1 == epochs
             if last and head is None and dt["enabled"]:  # τ-normalization: post hoc, on the final weights
                 enter_classifier_stage()
-            if (epoch + 1) % train["eval_every"] == 0 or last:
+            if ((epoch + 1) % train["eval_every"] == 0 or last) and world.main:  # rank 0 evaluates
                 net = classifier.eval_model(model, head, dt) if head is not None else model
                 per_class = evaluate(net, source, K, adjust).cpu().numpy() / test_per_class
                 row["top1"] = float(100.0 * per_class.mean())
@@ -398,11 +456,15 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
             state["log"].append(json.dumps(row))
             state.update(epoch=epoch + 1, step=0, perm=None, loss_sum=torch.zeros((), device=device),
                          correct=torch.zeros((), device=device), first_bad=torch.full((), -1, device=device))
-            progress.update(epoch + 1, f"loss {row['train_loss']:.3f}" +
-                            (f" top1 {row['top1']:.2f}" if "top1" in row else ""))
+            if progress is not None:
+                progress.update(epoch + 1, f"loss {row['train_loss']:.3f}" +
+                                (f" top1 {row['top1']:.2f}" if "top1" in row else ""))
             if train["checkpoint_every"] and (epoch + 1) % train["checkpoint_every"] == 0 and not last:
                 save_checkpoint()
 
+    if not world.main:  # rank 0 writes the outputs
+        distributed.barrier(world)
+        return None
     final, per_class = state["best"]
     final_model = classifier.eval_model(model, head, dt) if head is not None else model
     metrics = {
@@ -415,6 +477,7 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
         "seeds": {"train": seed, "subset": opts["subset_seed"]},
         "spec": spec, "spec_hash": spec_hash,
         "code": io.code_version(), "environment": io.environment(), "device": str(device),
+        "world_size": world.size,
         "wall_time_s": time.time() - t_start, "train_time_s": state["train_time"],
         "images_per_s": state["images_seen"] / max(state["train_time"], 1e-9),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -425,6 +488,7 @@ def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
     io.write_json(out_dir / "metrics.json", metrics)
     ckpt_path.unlink(missing_ok=True)
     (out_dir / "diverged.json").unlink(missing_ok=True)  # from an earlier spec, seed or code version
+    distributed.barrier(world)
     return metrics
 
 

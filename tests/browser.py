@@ -51,7 +51,8 @@ class _Pipe:
         r_from_chrome, w_from_chrome = os.pipe()
         args = [binary, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
                 "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
-                "--disable-extensions", "--mute-audio", f"--user-data-dir={profile}", "about:blank"]
+                "--disable-extensions", "--mute-audio", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--disable-quic", f"--user-data-dir={profile}", "about:blank"]
 
         # chromium reads commands on fd 3 and writes replies on fd 4: the shell duplicates our pipe ends there
         cmd = " ".join(shlex.quote(a) for a in args) + f" 3<&{r_to_chrome} 4>&{w_from_chrome}"

@@ -26,9 +26,10 @@ def test_every_env_pins_the_versions_of_pyproject():
         got = pins(pip)
         for name, version in got.items():
             assert project.get(name) == version, f"{env.name}: {name}=={version}, pyproject has {project.get(name)}"
-        # what the rules import: torch stack, pandas, plotting, sklearn (digits), yaml, jsonschema
-        for needed in ("torch", "torchvision", "pandas", "matplotlib", "seaborn", "scikit-learn", "pyyaml",
-                       "jsonschema"):
+        # what the rules import: torch stack, pandas, plotting, sklearn (digits), scipy (t-tests), PIL (image
+        # lists), yaml, jsonschema
+        for needed in ("torch", "torchvision", "pandas", "matplotlib", "seaborn", "scikit-learn", "scipy", "numpy",
+                       "pillow", "pyyaml", "jsonschema"):
             assert needed in got, f"{env.name} lacks {needed}"
 
 
@@ -39,3 +40,26 @@ def test_every_rule_has_log_and_conda():
             name = rule.split(":")[0]
             assert "\n    log:" in rule, f"{smk.name}: {name} has no log:"
             assert "\n    conda:" in rule, f"{smk.name}: {name} has no conda:"
+
+
+def test_every_third_party_import_of_the_package_is_pinned_in_the_envs():
+    """What `python -m ltbench` imports (any module of the package) is in every rule's env."""
+    import ast
+    import sys
+
+    dist = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+    imported = set()
+    for py in (ROOT / "ltbench").rglob("*.py"):
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("ltbench", "__future__")}
+    assert {"torch", "pandas", "scipy"} <= third_party
+    for env in sorted((ROOT / "envs").glob("*.yaml")):
+        deps = yaml.safe_load(env.read_text())["dependencies"]
+        got = pins(next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d))
+        for module in sorted(third_party):
+            assert dist.get(module, module).lower() in got, f"{env.name} lacks {dist.get(module, module)} " \
+                                                            f"(imported as {module} by ltbench)"

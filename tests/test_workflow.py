@@ -82,3 +82,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # nothing left to do: the DAG is complete and a rerun is a no-op
     p = snakemake("-n", "--cores", 1, "--configfile", tmp_path / "demo.yaml", cwd=tmp_path)
     assert "Nothing to be done" in p.stdout + p.stderr
+
+
+def test_lint_is_clean(tmp_path):
+    p = snakemake("--lint", "--configfile", ROOT / "config" / "demo.yaml", cwd=tmp_path, timeout=120)
+    assert p.returncode == 0 and "Congratulations, your workflow is in a good condition" in p.stdout + p.stderr, \
+        p.stdout + p.stderr

@@ -47,7 +47,7 @@ rule aggregate:
     conda:
         ENV
     params:
-        out_dir=f"{R}/aggregate",
+        out_dir=lambda w, output: os.path.dirname(output.runs),
         cfg=lambda w: json.dumps(config),
     shell:
         "python -m ltbench aggregate {input:q} --out-dir {params.out_dir} --config-json {params.cfg:q} > {log} 2>&1"

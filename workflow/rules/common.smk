@@ -1,4 +1,5 @@
-# Config validation (JSON schema + registry names) and the grid of cells, at DAG-build time.
+# Config validation (JSON schema + registry names) and the grid of cells, at DAG-build time; the
+# rules' input and resource functions, and the partial report written when a run fails (report.smk).
 import json
 import re
 import sys
@@ -48,6 +49,11 @@ def prepared(w):
     return f"{R}/data/{w.dataset}_r{w.ratio}_s{subset_seed(w.dataset)}.npz"
 
 
+def download_marker(w):
+    spec = ltdata.get(w.dataset)
+    return f"{DATA}/{w.dataset}.downloaded" if spec.needs_download else []
+
+
 def metrics_files():
     return [f"{R}/runs/{c.path}/metrics.json" for c in CELLS]
 
@@ -82,4 +88,47 @@ def train_resource(key, default):
     return get
 
 
+def launcher(gpus):
+    """How a train job starts: one process, or one per GPU (DDP) when the cell has several."""
+    gpus = int(gpus or 0)
+    return f"torchrun --standalone --nproc_per_node={gpus}" if gpus > 1 else "python"
+
+
 _check_resource_cells()
+
+
+def partial_report(snakemake_log=None):
+    """After a failed run: the report of the finished cells (the others marked missing).
+
+    Runs the same two commands as the rules, with `aggregate --existing`. The outputs are then dated
+    before the oldest finished metrics.json, so the next run regenerates them (they are not a
+    complete aggregate). Never raises: the run has already failed and says why.
+    """
+    import os
+    import subprocess
+
+    log = f"{R}/logs/partial_report.log"
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    cfg = json.dumps(config)
+    env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}:{os.environ.get('PYTHONPATH', '')}"}
+    cmds = [
+        [sys.executable, "-m", "ltbench", "aggregate", "--existing", "--config-json", cfg, "--out-dir", f"{R}/aggregate"],
+        [sys.executable, "-m", "ltbench", "report", "--aggregate-dir", f"{R}/aggregate", "--figures-dir",
+         f"{R}/figures", "--tables-dir", f"{R}/tables", "--config-json", cfg, "--out", REPORT],
+    ]
+    try:
+        with open(log, "w") as fh:
+            for cmd in cmds:
+                if subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode:
+                    print(f"ltbench: could not write the partial report; see {log}", file=sys.stderr)
+                    return
+        done = [p for p in metrics_files() if os.path.exists(p)]
+        stamp = min(os.path.getmtime(p) for p in done) - 1 if done else 0
+        outputs = [*rules.aggregate.output, REPORT, f"{R}/figures", f"{R}/tables"]
+        for p in outputs:
+            if os.path.exists(p):
+                os.utime(p, (stamp, stamp))
+        print(f"ltbench: some jobs failed; partial report of the {len(done)} finished cells of {len(CELLS)}: "
+              f"{REPORT} (missing cells listed there; log: {log})", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the handler must not mask the run's own error
+        print(f"ltbench: could not write the partial report: {e}", file=sys.stderr)

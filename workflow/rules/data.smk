@@ -2,11 +2,6 @@
 # datasets (ImageNet-LT, Places-LT, iNat 2018) get their lists checked instead (prepare_lists).
 
 
-def download_marker(w):
-    spec = ltdata.get(w.dataset)
-    return f"{DATA}/{w.dataset}.downloaded" if spec.needs_download else []
-
-
 rule download:
     output:
         f"{DATA}/{{dataset}}.downloaded",
@@ -16,10 +11,11 @@ rule download:
         ENV
     params:
         cfg=lambda w: json.dumps(config),
+        data_dir=lambda w, output: os.path.dirname(output[0]),
     resources:
         runtime=60,
     shell:
-        "python -m ltbench download --dataset {wildcards.dataset} --data-dir {DATA} "
+        "python -m ltbench download --dataset {wildcards.dataset} --data-dir {params.data_dir:q} "
         "--config-json {params.cfg:q} --done {output} > {log} 2>&1"
 
 
@@ -34,11 +30,12 @@ rule prepare:
         ENV
     params:
         cfg=lambda w: json.dumps(config),
+        data_dir=DATA,
     resources:
         mem_mb=4000,
     shell:
         "python -m ltbench prepare --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
-        "--subset-seed {wildcards.subset} --data-dir {DATA} --config-json {params.cfg:q} "
+        "--subset-seed {wildcards.subset} --data-dir {params.data_dir:q} --config-json {params.cfg:q} "
         "--out {output} > {log} 2>&1"
 
 

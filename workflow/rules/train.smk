@@ -5,6 +5,8 @@
 # directory resumes from it; `exec` makes the trainer the shell's own process, so a signal sent to
 # the job (SLURM's --signal, scancel, a preemption) reaches it directly. Cluster resources come
 # from the config (resources.train, resources.cells per dataset / backbone, resources.default).
+# A cell given more than one GPU trains data-parallel on them: `torchrun --standalone
+# --nproc_per_node=<gpu>` (ltbench.distributed) instead of `python`.
 
 
 rule train:
@@ -20,6 +22,7 @@ rule train:
     params:
         spec=lambda w: json.dumps(ltconfig.cell_spec(config, w.dataset, w.method, w.backbone), sort_keys=True),
         out=lambda w, output: os.path.dirname(output.metrics),
+        launch=lambda w, resources: launcher(resources.gpu),
     threads: 1
     resources:
         gpu=train_resource("gpu", 0),
@@ -28,6 +31,6 @@ rule train:
         mem_mb=train_resource("mem_mb", 4000),
         cpus_per_task=train_resource("cpus_per_task", 1),
     shell:
-        "exec python -m ltbench train --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
+        "exec {params.launch} -m ltbench train --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
         "--method {wildcards.method:q} --backbone {wildcards.backbone} --seed {wildcards.seed} "
         "--spec {params.spec:q} --data {input} --threads {threads} --out {params.out} > {log} 2>&1"
