@@ -133,6 +133,16 @@ def _legend_below(fig, axes, title: str | None = None, ncol: int = 4):
                frameon=False, title=title, fontsize=8)
 
 
+def _finish_panels(fig, axes, n_panels: int, ylabel: str, title: str, path: Path) -> Path:
+    """Y label on the first panel of each row, the title, the method legend below; saved."""
+    for ax in axes[:: min(3, n_panels)]:
+        ax.set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _legend_below(fig, axes, "method")
+    return save(fig, path)
+
+
 def fig_groups(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     s = select(runs, exp).dropna(subset=["value"])
     if s.empty:
@@ -160,12 +170,8 @@ def fig_groups(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
         ax.set_title(panel, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    for ax in axes[:: min(3, len(panels))]:
-        ax.set_ylabel("accuracy (%)")
-    fig.suptitle("Accuracy overall and by class group (mean ± std over seeds)")
-    fig.tight_layout()
-    _legend_below(fig, axes, "method")
-    return save(fig, path)
+    return _finish_panels(fig, axes, len(panels), "accuracy (%)",
+                          "Accuracy overall and by class group (mean ± std over seeds)", path)
 
 
 def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
@@ -189,12 +195,8 @@ def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("training images of the class (log scale)")
         ax.grid(alpha=0.3)
-    for ax in axes[:: min(3, len(panels))]:
-        ax.set_ylabel("test accuracy (%)")
-    fig.suptitle("Per-class accuracy vs training count (mean over seeds)")
-    fig.tight_layout()
-    _legend_below(fig, axes, "method")
-    return save(fig, path)
+    return _finish_panels(fig, axes, len(panels), "test accuracy (%)",
+                          "Per-class accuracy vs training count (mean over seeds)", path)
 
 
 # ---------------------------------------------------------------- CBN Figure 5 and Figure 6

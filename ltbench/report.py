@@ -67,6 +67,8 @@ pre{background:#f7f8fa;border:1px solid #e3e6ea;padding:.6rem;overflow:auto;font
 .skip{color:var(--mut);font-size:.85rem}.status-failed{color:var(--bad);font-weight:600}
 .status-not-run{color:var(--warn);font-weight:600}code{font-size:.85em}
 .desc{max-width:60rem}
+table.summary{font-size:.8rem}table.summary th,table.summary td{padding:.2rem .35rem}
+.scroll{overflow-x:auto;max-width:100%}
 """
 
 
@@ -187,7 +189,8 @@ def _summary_table(layouts: dict, gains: pd.DataFrame, exps: dict, cells: pd.Dat
             "<th rowspan='2'>cells finished</th>"
             f"<th colspan='{len(VERDICT_ORDER)}'>paper numbers</th><th colspan='{len(GAIN_ORDER)}'>claimed gains"
             "</th></tr><tr>" + "".join(f"<th>{v}</th>" for v in VERDICT_ORDER + GAIN_ORDER) + "</tr>")
-    return f"<table class='plain summary'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f"<div class='scroll'><table class='plain summary'><thead>{head}</thead><tbody>{''.join(rows)}</tbody>"
+            "</table></div>")
 
 
 def _summary_sentence(layouts: dict) -> str:

@@ -7,6 +7,7 @@ Chromium binary (Debian: ``apt-get install chromium``).
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shlex
@@ -45,18 +46,29 @@ class PageResult:
         return out
 
 
+def _above(fd: int, low: int = 10) -> int:
+    """``fd`` moved to the lowest free descriptor ≥ ``low``."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD, low)
+    os.close(fd)
+    return high
+
+
 class _Pipe:
     def __init__(self, binary: str, profile: str):
         r_to_chrome, w_to_chrome = os.pipe()
         r_from_chrome, w_from_chrome = os.pipe()
+        # the child's ends above fd 9, so that moving them to 3 and 4 cannot overwrite one with the other
+        # (pipe() may hand out 3 and 4 themselves, e.g. under pytest)
+        r_to_chrome, w_from_chrome = _above(r_to_chrome), _above(w_from_chrome)
         args = [binary, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
                 "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
                 "--disable-extensions", "--mute-audio", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--disable-quic", f"--user-data-dir={profile}", "about:blank"]
 
-        # chromium reads commands on fd 3 and writes replies on fd 4: the shell duplicates our pipe ends there
+        # chromium reads commands on fd 3 and writes replies on fd 4: bash duplicates our pipe ends there
+        # (bash, not sh: dash's redirections take single-digit descriptors only)
         cmd = " ".join(shlex.quote(a) for a in args) + f" 3<&{r_to_chrome} 4>&{w_from_chrome}"
-        self.proc = subprocess.Popen(["/bin/sh", "-c", "exec " + cmd], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(["bash", "-c", "exec " + cmd], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      pass_fds=(r_to_chrome, w_from_chrome))
         os.close(r_to_chrome)
