@@ -41,5 +41,27 @@ class CosineLinear(nn.Module):
 HEADS = {"linear": None, "cosine": CosineLinear}
 
 
-from ltbench.models import cifar_resnet, imagenet_resnet  # noqa: E402,F401  (register the backbones)
-from ltbench.models.imagenet_resnet import load_pretrained  # noqa: E402,F401
+# torchvision's ImageNet ResNets (Bottleneck blocks, groups, width per group); their module is
+# imported on the first build, so that CIFAR-size runs do not pay torchvision's import time.
+IMAGENET_ARCHS = {
+    "resnet50": ([3, 4, 6, 3], 1, 64),
+    "resnet152": ([3, 8, 36, 3], 1, 64),
+    "resnext50_32x4d": ([3, 4, 6, 3], 32, 4),
+}
+
+
+def _register_imagenet(name: str, layers: list[int], groups: int, width: int) -> None:
+    @BACKBONES.register(name)
+    def build(num_classes: int, in_channels: int = 3, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+        from ltbench.models.imagenet_resnet import ImageNetResNet
+
+        return ImageNetResNet(layers, num_classes, in_channels, norm_layer, groups, width)
+
+    build.__doc__ = f"torchvision {name} (Bottleneck blocks {layers}, groups {groups}, width {width})."
+
+
+for _name, _args in IMAGENET_ARCHS.items():
+    _register_imagenet(_name, *_args)
+
+from ltbench.models import cifar_resnet  # noqa: E402,F401  (register the CIFAR backbones)
+from ltbench.models.pretrained import load_pretrained  # noqa: E402,F401
