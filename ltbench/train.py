@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltbench import classifier, data, distributed, io, losses, models, norm, sampling
+from ltbench import classifier, data, distributed, gpus, io, losses, models, norm, sampling
 from ltbench.config import format_ratio
 from ltbench.sources import TensorSource, make_source  # noqa: F401
 
@@ -243,6 +243,9 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
     t_start = time.time()
 
     device = distributed.setup(world, pick_device(train["device"]))
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        device = torch.device("cuda", gpus.claim(torch.cuda.device_count()))  # a local multi-GPU machine
+        torch.cuda.set_device(device)
     distributed.check_batch(train["batch_size"], world)
     if train["threads"]:
         torch.set_num_threads(train["threads"])
