@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -60,12 +61,12 @@ def test_demo_pipeline_end_to_end(tmp_path):
     cfg["train"]["epochs"] = 4
     cfg["experiments"] = {"demo": cfg["experiments"]["demo"]}  # the other experiments: `make demo`
     cfg["experiments"]["demo"]["seeds"] = [0, 1]
-    cfg["experiments"]["demo"]["methods"] = ["ce", "baseline+cbn+sbn+dpl"]
+    cfg["experiments"]["demo"]["methods"] = ["ce", "nbn", "baseline+cbn+sbn+dpl"]  # nbn: the BN-norms figure
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
     p = snakemake("--cores", 2, "--configfile", tmp_path / "demo.yaml", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = sorted((tmp_path / "results" / "runs").rglob("metrics.json"))
-    assert len(runs) == 2 * 2 * 2  # ratios × methods × seeds
+    assert len(runs) == 2 * 3 * 2  # ratios × methods × seeds
     summary = pd.read_csv(tmp_path / "results" / "aggregate" / "summary.csv", dtype={"ratio": str})
     top1 = summary[(summary.metric == "top1") & (summary.method == "ce")].set_index("ratio")
     assert set(top1.index) == {"10", "50"} and (top1["n"] == 2).all()
@@ -82,6 +83,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # nothing left to do: the DAG is complete and a rerun is a no-op
     p = snakemake("-n", "--cores", 1, "--configfile", tmp_path / "demo.yaml", cwd=tmp_path)
     assert "Nothing to be done" in p.stdout + p.stderr
+    # Snakemake's own report of the same results, its captions rendered without errors
+    p = snakemake("--cores", 1, "--configfile", tmp_path / "demo.yaml", "--report", tmp_path / "smk.zip", cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "Report created" in out and "ERROR/" not in out, out[-3000:]
+    with zipfile.ZipFile(tmp_path / "smk.zip") as z:
+        names = z.namelist()
+    assert any(n.endswith("report.html") for n in names) and any(n.endswith("bn_norms.png") for n in names), names
 
 
 def test_lint_is_clean(tmp_path):
