@@ -69,8 +69,10 @@ def teardown(world: World) -> None:
 
 
 def check_batch(batch_size: int, world: World) -> None:
+    from ltbench.config import ConfigError
+
     if batch_size % world.size:
-        raise ValueError(f"train.batch_size {batch_size} (the global batch) is not divisible by the "
+        raise ConfigError(f"train.batch_size {batch_size} (the global batch) is not divisible by the "
                          f"{world.size} GPUs of the run")
 
 

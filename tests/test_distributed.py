@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT
 from ltbench import data, distributed
+from ltbench.config import ConfigError
 
 
 def test_the_ranks_local_batches_are_exactly_each_global_batch():
@@ -26,7 +27,7 @@ def test_the_ranks_local_batches_are_exactly_each_global_batch():
 
 
 def test_global_batch_must_split_evenly():
-    with pytest.raises(ValueError, match="train.batch_size 64 .* not divisible by the 3 GPUs"):
+    with pytest.raises(ConfigError, match="train.batch_size 64 .* not divisible by the 3 GPUs"):
         distributed.check_batch(64, distributed.World(rank=0, size=3))
     distributed.check_batch(64, distributed.World(rank=1, size=2))
 
