@@ -1,23 +1,43 @@
 # The two commands of the README. Both install what they need first (idempotent).
-PYTHON ?= python3
+#
+# Environment: inside an active virtual or conda environment ($VIRTUAL_ENV / $CONDA_PREFIX) the
+# targets install into and run from that environment. Otherwise they create `.venv/` in the
+# project with $(BASE_PYTHON) -m venv and use it, so a distribution's externally managed
+# Python (PEP 668: Debian, Ubuntu) works unchanged. PYTHON=... on the command line overrides both.
+BASE_PYTHON ?= python3
 CORES ?= 2
+VENV ?= .venv
+
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+PYTHON ?= python3
+else
+PYTHON ?= $(VENV)/bin/python
+endif
 
 .PHONY: install demo test dryrun clean-demo
 
-install:
+$(VENV)/bin/python:
+	@$(BASE_PYTHON) -c "import venv, ensurepip" 2>/dev/null || { \
+	  echo "error: $(BASE_PYTHON) cannot create a virtual environment (its venv/ensurepip module is missing)." >&2; \
+	  echo "       On Debian/Ubuntu: sudo apt-get install python3-venv   (then run make again)" >&2; exit 1; }
+	$(BASE_PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+
+install: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 	$(PYTHON) -m pip install --quiet -e ".[test,slurm]"
 
 # The whole pipeline on the embedded digits-lt data: data → train → aggregate → report.
+# bin/ of the environment goes first on PATH, so the rules' `python -m ltbench` is the same Python.
 demo: install
-	$(PYTHON) -m snakemake --cores $(CORES) --configfile config/demo.yaml
+	PATH="$(abspath $(dir $(PYTHON))):$$PATH" $(PYTHON) -m snakemake --cores $(CORES) --configfile config/demo.yaml
 	@echo "report: reports/demo.html"
 
 test: install
-	$(PYTHON) -m pytest -q
+	PATH="$(abspath $(dir $(PYTHON))):$$PATH" $(PYTHON) -m pytest -q
 
 # The paper grid's DAG, without running anything (no data or GPU needed).
 dryrun: install
-	$(PYTHON) -m snakemake -n --cores 1
+	PATH="$(abspath $(dir $(PYTHON))):$$PATH" $(PYTHON) -m snakemake -n --cores 1
 
 clean-demo:
 	rm -rf results/demo reports/demo.html

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ltbench.config import ConfigError
+from ltbench.errors import ConfigError, DownloadError, ListCheckError, Preempted
 
 # `train` stopped by SIGTERM/SIGUSR1 after writing checkpoint.pt (EX_TEMPFAIL: retry to resume).
 EXIT_PREEMPTED = 75
@@ -24,7 +24,7 @@ def _float(s: str) -> float:
 
 def _load_config(a: argparse.Namespace) -> dict:
     """The workflow config from ``--config-json`` (what Snakemake passes) or ``--config FILE``."""
-    from ltbench import config
+    from ltbench.spec import config
 
     if getattr(a, "config_json", None):
         return config.validate(json.loads(a.config_json))
@@ -71,19 +71,10 @@ def cmd_prepare(a) -> int:
     return 0
 
 
-def prepared_path(cfg: dict, dataset: str, ratio: float) -> Path:
-    from ltbench.config import format_ratio
-
-    from ltbench.data import imagelists
-
-    if imagelists.is_image_list(dataset):  # no subset: the checked lists' manifest
-        return imagelists.manifest_path(cfg["results_dir"], dataset, format_ratio(ratio))
-    seed = cfg["datasets"].get(dataset, {}).get("subset_seed", 0)
-    return Path(cfg["results_dir"]) / "data" / f"{dataset}_r{format_ratio(ratio)}_s{seed}.npz"
-
-
 def cmd_train(a) -> int:
-    from ltbench import config, data, train
+    from ltbench import data
+    from ltbench.spec import config
+    from ltbench.training import trainer as train
 
     cfg = _load_config(a)
     if a.spec:
@@ -93,7 +84,8 @@ def cmd_train(a) -> int:
             spec = config.cell_spec(cfg, a.dataset, a.method, a.backbone)
         except KeyError as e:
             raise ConfigError(e.args[0]) from None
-    data_file = Path(a.data) if a.data else prepared_path(cfg, a.dataset, a.ratio)
+    data_file = Path(a.data) if a.data else data.prepared_path(cfg["results_dir"], a.dataset, a.ratio,
+                                                                  cfg["datasets"].get(a.dataset, {}).get("subset_seed", 0))
     if not data_file.exists():
         dspec = data.get(a.dataset)
         opts = cfg["datasets"].get(a.dataset, {})
@@ -121,7 +113,7 @@ def cmd_inat_lists(a) -> int:
 
 
 def cmd_aggregate(a) -> int:
-    from ltbench import aggregate
+    from ltbench.analysis import aggregate
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
     try:
@@ -132,7 +124,8 @@ def cmd_aggregate(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from ltbench import config, plan
+    from ltbench.spec import config
+    from ltbench.tools import plan
 
     path = a.configfile or a.config or "config/config.yaml"  # snakemake's default config file
     cfg = config.load(path)
@@ -142,7 +135,7 @@ def cmd_plan(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from ltbench import report
+    from ltbench.report import page as report
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
     report.main(Path(a.aggregate_dir), Path(a.out), cfg, figures_dir=a.figures_dir, tables_dir=a.tables_dir)
@@ -150,7 +143,8 @@ def cmd_report(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from ltbench import bench, io
+    from ltbench import io
+    from ltbench.tools import bench
 
     result = bench.main(method=a.method, backbone=a.backbone, steps=a.steps, batch_size=a.batch_size,
                         device=a.device, workers=a.workers, common=not a.no_common, config_path=a.config,
@@ -217,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inat_lists)
 
     s = sub.add_parser("aggregate", help="collect metrics.json files into tidy tables (CSV) and compare with the papers")
-    s.add_argument("metrics", nargs="*", help="metrics.json files")
+    s.add_argument("metrics", nargs="*", help="metrics.json files, or directories to search for them (recursively)")
     s.add_argument("--out-dir", required=True)
     s.add_argument("--existing", action="store_true",
                    help="also take every existing metrics.json of the config's cells (a partial grid)")
@@ -264,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ltbench {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
     except Exception as e:
-        from ltbench.data.download import DownloadError
-        from ltbench.data.imagelists import ListCheckError
-
-        if type(e).__name__ == "Preempted":  # ltbench.train.Preempted (not imported: torch is slow to load)
+        if isinstance(e, Preempted):
             print(f"ltbench {args.cmd}: preempted: {e}; run the same command again to resume", file=sys.stderr)
             return EXIT_PREEMPTED
         if isinstance(e, (DownloadError, FloatingPointError, ListCheckError)):

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ltbench import config, data
-from ltbench.reference import entries
+from ltbench import data
+from ltbench.analysis.reference import entries
+from ltbench.spec import config
 
 SIGN = {0: -1.0, 1: 0.0, 2: 1.0}
 

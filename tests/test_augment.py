@@ -8,7 +8,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import autoaugment as tv_aa
 
-from ltbench import augment
+from ltbench.data import augment
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -10,7 +10,10 @@ import itertools
 import yaml
 
 from conftest import ROOT
-from ltbench import augment, bench, methods, train
+from ltbench.data import augment
+from ltbench.spec import methods
+from ltbench.tools import bench
+from ltbench.training import trainer as train
 
 
 def demo_cells() -> set:

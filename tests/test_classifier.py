@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ltbench import classifier, losses, models
-from ltbench.methods import DEFAULT_RECIPE
+from ltbench.nn import backbones as models, classifier, losses
+from ltbench.spec.methods import DEFAULT_RECIPE
 
 K = 10
 COUNTS = torch.tensor([200.0, 120, 80, 50, 30, 20, 12, 8, 5, 3])

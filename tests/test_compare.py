@@ -1,4 +1,4 @@
-"""Statistics across seeds, verdicts and claimed-gain tests (ltbench.compare)."""
+"""Statistics across seeds, verdicts and claimed-gain tests (ltbench.analysis.compare)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ltbench.compare import compare, gains, summarize
+from ltbench.analysis.compare import compare, gains, summarize
 
 T975_DF2 = 4.302652729749462  # Student t 97.5% quantile, 2 degrees of freedom (tables: 4.303)
 T95_DF2 = 2.919985580353724   # Student t 95% quantile, 2 degrees of freedom (tables: 2.920)
@@ -129,7 +129,7 @@ def test_missing_quoted_and_not_reported():
 
 
 def test_compare_against_packaged_reference_keeps_every_entry():
-    from ltbench.reference import entries
+    from ltbench.analysis.reference import entries
 
     ref = entries("cbn2022")
     out = compare(summarize(runs_of({"baseline": {0: 49.0, 1: 50.0}})), ref)

@@ -1,8 +1,10 @@
 import pytest
 import yaml
 
-from ltbench import config
-from ltbench.config import Cell, ConfigError
+from ltbench.spec import config
+from ltbench import data
+from ltbench.errors import ConfigError
+from ltbench.spec.config import Cell
 
 ROOT = config.Path(__file__).resolve().parent.parent
 
@@ -65,7 +67,7 @@ def test_cell_spec_merge_order():
 
 
 def test_format_ratio():
-    assert config.format_ratio(100.0) == "100" and config.format_ratio(12.5) == "12.5"
+    assert data.format_ratio(100.0) == "100" and data.format_ratio(12.5) == "12.5"
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])

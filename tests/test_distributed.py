@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ltbench import data, distributed
-from ltbench.config import ConfigError
+from ltbench import data
+from ltbench.errors import ConfigError
+from ltbench.training import distributed
 
 
 def test_the_ranks_local_batches_are_exactly_each_global_batch():

@@ -4,12 +4,12 @@ import sys
 import time
 
 from conftest import ROOT
-from ltbench import gpus
+from ltbench.training import gpus
 
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from ltbench import gpus
+from ltbench.training import gpus
 print(gpus.claim({n}, {d!r}), flush=True)
 time.sleep(60)
 """

@@ -14,11 +14,13 @@ import torch
 import yaml
 from PIL import Image
 
-from ltbench import config, data, train
-from ltbench.config import ConfigError
+from ltbench import data
 from ltbench.data import imagelists
 from ltbench.data.imagelists import ListCheckError
-from ltbench.sources import ImageListSource, make_source
+from ltbench.data.sources import ImageListSource, make_source
+from ltbench.spec import config
+from ltbench.errors import ConfigError
+from ltbench.training import trainer as train
 
 from conftest import ROOT, run_cli
 from test_workflow import job_counts, snakemake

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltbench import losses
+from ltbench.nn import losses
 
 COUNTS = np.array([500.0, 120.0, 40.0, 9.0, 2.0])
 K, N = len(COUNTS), 32

@@ -1,7 +1,7 @@
 """Method recipes: built-ins resolve, `extends` inherits, and bad recipes are named errors."""
 import pytest
 
-from ltbench import config, methods
+from ltbench.spec import config, methods
 
 
 @pytest.mark.parametrize("name", methods.available())

@@ -1,4 +1,4 @@
-"""Norm layers (ltbench.norm) against independent references.
+"""Norm layers (ltbench.nn.norm) against independent references.
 
 CBN with M = 1 against ``nn.BatchNorm2d``; CBN's EM against scikit-learn's ``GaussianMixture``;
 CBN's forward against a direct per-component implementation of Eq. 7–16; the split path
@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltbench import models, norm
-from ltbench.norm import CompoundBatchNorm2d, NormalizedBatchNorm2d
+from ltbench.nn import backbones as models, norm
+from ltbench.nn.norm import CompoundBatchNorm2d, NormalizedBatchNorm2d
 
 EPS = 1e-5
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from ltbench import reference
-from ltbench.reference import ReferenceFileError, entries, load, papers
+from ltbench.analysis import reference
+from ltbench.analysis.reference import entries, load, papers, ReferenceFileError
 
 CIFAR_COLS = [("cifar10", 100), ("cifar10", 50), ("cifar10", 10), ("cifar100", 100), ("cifar100", 50), ("cifar100", 10)]
 CBN = "baseline+cbn+sbn+dpl"
@@ -173,7 +173,7 @@ def test_claims_and_qualitative_claims():
 
 def test_claimed_gains_reproduce_table2_brackets():
     """The paper prints each Table 2 row's gain over Baseline in brackets; derived gains must match."""
-    from ltbench.compare import gains
+    from ltbench.analysis.compare import gains
 
     empty = pd.DataFrame(columns=["dataset", "ratio", "method", "backbone", "seed", "metric", "value"])
     g = gains(empty, "cbn2022").set_index(["claim", "dataset", "ratio"])["paper_gain"].round(2)

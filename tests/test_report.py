@@ -18,7 +18,9 @@ import pytest
 
 import synthetic
 from conftest import ROOT
-from ltbench import aggregate, config, report
+from ltbench.analysis import aggregate
+from ltbench.report import page as report
+from ltbench.spec import config
 
 S_BASE = synthetic.scale("baseline")    # 0.5
 S = synthetic.scale("baseline+cbn")     # 0.3

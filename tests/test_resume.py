@@ -175,7 +175,7 @@ def test_sigkill_at_random_points_and_preemption_signals_resume_every_time_and_m
 
 
 def _spec(method="ce", **train):
-    from ltbench import config
+    from ltbench.spec import config
 
     c = config.validate({"train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 1, "device": "cpu", **train},
                          "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method],
@@ -184,7 +184,7 @@ def _spec(method="ce", **train):
 
 
 def test_unreadable_checkpoint_and_stale_temp_files(reference, tmp_path):
-    from ltbench import train
+    from ltbench.training import trainer as train
 
     data, _ = reference
     ref = train.run(_spec(), 10, 0, data, tmp_path / "ref")
@@ -201,7 +201,7 @@ def test_unreadable_checkpoint_and_stale_temp_files(reference, tmp_path):
 
 
 def test_divergence_stops_with_a_diagnostic_and_a_retry_does_not_retrain(reference, tmp_path):
-    from ltbench import train
+    from ltbench.training import trainer as train
 
     data, _ = reference
     out = tmp_path / "cell"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltbench import sampling
+from ltbench.nn import sampling
 
 COUNTS = np.array([4000, 2000, 1000, 500, 200, 50])
 EPOCHS = 20  # 155k draws for the frequency tests

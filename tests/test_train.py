@@ -4,7 +4,11 @@ import signal
 import pytest
 import torch
 
-from ltbench import config, data, methods, norm, train
+from ltbench.errors import Preempted
+from ltbench import data
+from ltbench.nn import norm
+from ltbench.spec import config, methods
+from ltbench.training import trainer as train
 
 FAST = {"epochs": 12, "batch_size": 64, "lr": 0.1, "warmup_epochs": 1, "weight_decay": 5e-4, "device": "cpu"}
 
@@ -162,7 +166,7 @@ def test_preempted_run_resumes_bit_identically(prepared, tmp_path, monkeypatch, 
     monkeypatch.setattr(train, "_Signals", _SignalAfter)
     for n in (7, 28):  # 8 steps per epoch: inside epoch 1, then at step 35 (the classifier stage for lws)
         _SignalAfter.n = n
-        with pytest.raises(train.Preempted):
+        with pytest.raises(Preempted):
             train.run(s, 10, 0, prepared, tmp_path / "cut")
         assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "metrics.json").exists()
     monkeypatch.setattr(train, "_Signals", _SignalAfter.__mro__[1])

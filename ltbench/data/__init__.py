@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ltbench.data.longtail import class_groups, longtail_counts, longtail_indices  # noqa: F401
+from ltbench.data.longtail import class_groups, format_ratio, longtail_counts, longtail_indices  # noqa: F401
 from ltbench.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -43,6 +43,19 @@ class DatasetSpec:
     needs_download: bool = False
 
 
+# The prepared file of a CIFAR-style dataset; the prepare rule's output is this pattern too.
+PREPARED_PATTERN = "{results_dir}/data/{dataset}_r{ratio}_s{subset}.npz"
+
+
+def prepared_path(results_dir: str | Path, dataset: str, ratio: float | str, subset_seed: int) -> Path:
+    """The file a training run of (dataset, ratio) reads: the ``.npz`` subset, or for an image-list
+    dataset the manifest of its checked lists (no subset)."""
+    if getattr(get(dataset), "image_lists", False):
+        return imagelists.manifest_path(results_dir, dataset, format_ratio(ratio))
+    return Path(PREPARED_PATTERN.format(results_dir=results_dir, dataset=dataset, ratio=format_ratio(ratio),
+                                        subset=subset_seed))
+
+
 def get(name: str) -> DatasetSpec:
     return DATASETS.get(name)
 
@@ -55,7 +68,7 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 def counts_for(name: str, ratio: float, profile: str = "exp") -> list[int]:
     spec = get(name)
     if getattr(spec, "image_lists", False):
-        from ltbench.config import ConfigError
+        from ltbench.errors import ConfigError
 
         raise ConfigError(f"{name}'s per-class counts come from its training list, not from a ratio; "
                          "`python -m ltbench prepare` checks the list and writes them to its manifest")

@@ -15,8 +15,7 @@ import urllib.request
 from pathlib import Path
 
 
-class DownloadError(RuntimeError):
-    pass
+from ltbench.errors import DownloadError  # noqa: F401  (raised here)
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:

@@ -13,7 +13,7 @@ fixed by them (256 / 996 / 500). A config must use that ratio for these datasets
 (:func:`check_config`, at DAG-build time); ``prepare`` (:func:`prepare`) checks line counts,
 classes, label range, the ratio and that every listed image exists, and writes a small JSON
 manifest (``*.lists.json``) that the training rule takes as input instead of a ``.npz``. The
-manifest pins the lists by sha256; :class:`ltbench.sources.ImageListSource` reads it.
+manifest pins the lists by sha256; :class:`ltbench.data.sources.ImageListSource` reads it.
 
 Known sizes (``expected``; override per dataset with ``datasets.<name>.expected`` for a custom
 or test tree): ImageNet-LT 115,846 train / 20,000 val / 50,000 test, 1000 classes (max 1280,
@@ -34,8 +34,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ltbench.config import ConfigError
 from ltbench.data import DATASETS, DatasetSpec, register
+from ltbench.errors import ConfigError, ListCheckError
 
 MANIFEST_SUFFIX = ".lists.json"
 MANIFEST_FORMAT = "ltbench-image-lists/1"
@@ -46,8 +46,6 @@ SPLITS = ("train", "test", "val")
 MAX_EXAMPLES = 5
 
 
-class ListCheckError(ValueError):
-    """An image list does not match what the config expects (counts, labels, missing files)."""
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,9 @@ def longtail_indices(targets: Sequence[int], counts: Sequence[int], seed: int = 
 def class_groups(counts: Sequence[int], many: int = 100, few: int = 20) -> list[str]:
     """'many' (> ``many`` training images), 'few' (< ``few``) or 'medium' for each class."""
     return ["many" if n > many else "few" if n < few else "medium" for n in counts]
+
+
+def format_ratio(ratio: float) -> str:
+    """Ratios as they appear in paths and tables: 100 not 100.0, 12.5 stays."""
+    r = float(ratio)
+    return str(int(r)) if r.is_integer() else repr(r)

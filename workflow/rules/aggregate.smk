@@ -1,5 +1,5 @@
 # Stage 3: every metrics.json → tidy tables (pandas), per-cell statistics over seeds, verdicts against the
-# papers and claimed-gain t-tests (ltbench.aggregate, ltbench.compare).
+# papers and claimed-gain t-tests (ltbench.analysis.aggregate, ltbench.analysis.compare).
 
 
 rule aggregate:

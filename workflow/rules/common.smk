@@ -6,14 +6,15 @@ import sys
 
 sys.path.insert(0, workflow.basedir)  # the ltbench package next to this Snakefile
 
-from ltbench import config as ltconfig
+from ltbench.errors import ConfigError
+from ltbench.spec import config as ltconfig
 from ltbench import data as ltdata
-from ltbench import models as ltmodels
+from ltbench.spec import catalog
 
 try:
     config = ltconfig.validate(config)
     ltdata.imagelists.check_config(config)  # image-list datasets: lists configured, natural ratio
-except ltconfig.ConfigError as e:
+except ConfigError as e:
     raise WorkflowError(str(e))
 
 # Rules run `python -m ltbench` from the package next to the Snakefile (also inside conda envs).
@@ -44,9 +45,7 @@ def subset_seed(dataset):
 
 
 def prepared(w):
-    if ltdata.imagelists.is_image_list(w.dataset):  # the checked lists' manifest (rule prepare_lists)
-        return str(ltdata.imagelists.manifest_path(R, w.dataset, w.ratio))
-    return f"{R}/data/{w.dataset}_r{w.ratio}_s{subset_seed(w.dataset)}.npz"
+    return str(ltdata.prepared_path(R, w.dataset, w.ratio, subset_seed(w.dataset)))
 
 
 def download_marker(w):
@@ -63,7 +62,7 @@ def resource(rule, key, default):
 
 
 def _check_resource_cells():
-    known = {"datasets": set(ltdata.DATASETS), "backbones": set(ltmodels.BACKBONES)}
+    known = {"datasets": set(ltdata.DATASETS), "backbones": set(catalog.BACKBONES)}
     for i, entry in enumerate(config["resources"].get("cells", [])):
         for key, names in known.items():
             for j, name in enumerate(entry.get(key, [])):

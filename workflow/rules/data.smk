@@ -23,7 +23,7 @@ rule prepare:
     input:
         download_marker,
     output:
-        f"{R}/data/{{dataset}}_r{{ratio}}_s{{subset}}.npz",
+        ltdata.PREPARED_PATTERN.format(results_dir=R, dataset="{dataset}", ratio="{ratio}", subset="{subset}"),
     log:
         f"{R}/logs/prepare/{{dataset}}_r{{ratio}}_s{{subset}}.log",
     conda:

@@ -6,7 +6,7 @@
 # the job (SLURM's --signal, scancel, a preemption) reaches it directly. Cluster resources come
 # from the config (resources.train, resources.cells per dataset / backbone, resources.default).
 # A cell given more than one GPU trains data-parallel on them: `torchrun --standalone
-# --nproc_per_node=<gpu>` (ltbench.distributed) instead of `python`.
+# --nproc_per_node=<gpu>` (ltbench.training.distributed) instead of `python`.
 
 
 rule train:

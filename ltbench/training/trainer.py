@@ -43,13 +43,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltbench import classifier, data, distributed, gpus, io, losses, models, norm, sampling
-from ltbench.config import format_ratio
-from ltbench.sources import TensorSource, make_source  # noqa: F401
+from ltbench import data, io
+from ltbench.nn import backbones as models, classifier, losses, norm, sampling
+from ltbench.errors import Preempted
+from ltbench.data.longtail import format_ratio
+from ltbench.training import distributed, gpus
+from ltbench.data.sources import TensorSource, make_source  # noqa: F401
 
 
-class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was written and the run can be resumed."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -215,10 +216,10 @@ def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.
 
 def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path, out_dir: str | Path,
         overrides: Mapping[str, Any] | None = None) -> dict | None:
-    """Train the cell described by ``spec`` (see :func:`ltbench.config.cell_spec`).
+    """Train the cell described by ``spec`` (see :func:`ltbench.spec.config.cell_spec`).
 
     Returns the metrics (also written to ``out_dir/metrics.json``); under ``torchrun`` with several
-    processes (:mod:`ltbench.distributed`) rank 0 returns them and the other ranks None."""
+    processes (:mod:`ltbench.training.distributed`) rank 0 returns them and the other ranks None."""
     world = distributed.from_env()
     try:
         return _run(spec, ratio, seed, data_file, out_dir, overrides, world)

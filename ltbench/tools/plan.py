@@ -34,7 +34,7 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from ltbench import config as ltconfig
+from ltbench.spec import config as ltconfig
 
 #: Rough training throughput (images/s, one view and one path, batch 128, plain BN, bf16 autocast)
 #: on one current data-centre GPU (A100 / H100 class) for 32×32 inputs. NOT measured: an order of

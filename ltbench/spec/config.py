@@ -16,16 +16,16 @@ from typing import Any, Iterator, Mapping
 import jsonschema
 import yaml
 
-from ltbench import methods
+from ltbench import data
+from ltbench.errors import ConfigError
+from ltbench.spec import catalog, methods
 
 
-class ConfigError(ValueError):
-    pass
 
 
 @lru_cache(maxsize=None)
 def schema() -> dict:
-    return yaml.safe_load(resources.files("ltbench").joinpath("schemas/config.schema.yaml").read_text())
+    return yaml.safe_load(resources.files(__package__).joinpath("schemas/config.schema.yaml").read_text())
 
 
 def _defaults(obj_schema: Mapping) -> dict:
@@ -66,8 +66,6 @@ def validate(config: Mapping[str, Any]) -> dict:
 
 
 def _check_names(cfg: Mapping) -> None:
-    from ltbench import data, models
-
     extra = cfg["methods"]
     for name in cfg["datasets"]:
         if name not in data.DATASETS:
@@ -80,7 +78,7 @@ def _check_names(cfg: Mapping) -> None:
             raise ConfigError(f"config key methods.{m}: {e.args[0]}") from None
     for ename, exp in cfg["experiments"].items():
         for key, known in (("datasets", list(data.DATASETS)), ("methods", methods.available(extra)),
-                           ("backbones", list(models.BACKBONES))):
+                           ("backbones", list(catalog.BACKBONES))):
             for i, v in enumerate(exp[key]):
                 if v not in known:
                     raise ConfigError(f"config key experiments.{ename}.{key}[{i}]: unknown "
@@ -104,12 +102,6 @@ def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict:
         return validate(methods.merge(raw or {}, overrides or {}))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
-def format_ratio(ratio: float) -> str:
-    """Ratios as they appear in paths and tables: 100 not 100.0, 12.5 stays."""
-    r = float(ratio)
-    return str(int(r)) if r.is_integer() else repr(r)
 
 
 @dataclass(frozen=True, order=True)
@@ -137,7 +129,7 @@ def cells(cfg: Mapping, experiment: str | None = None) -> list[Cell]:
                 for m in exp["methods"]:
                     for b in exp["backbones"]:
                         for s in exp["seeds"]:
-                            out.add(Cell(d, format_ratio(r), m, b, int(s)))
+                            out.add(Cell(d, data.format_ratio(r), m, b, int(s)))
     return sorted(out)
 
 
@@ -147,8 +139,6 @@ def cell_spec(cfg: Mapping, dataset: str, method: str, backbone: str) -> dict:
     Training settings merge as: schema defaults < config ``train`` < ``datasets[d].train`` <
     the method recipe's ``train``.
     """
-    from ltbench import data
-
     dopts = {**_defaults(schema()["$defs"]["dataset"]), **cfg["datasets"].get(dataset, {})}
     dspec = data.get(dataset)
     r = methods.recipe(method, cfg["methods"])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from ltbench import augment
+from ltbench.data import augment
 
 
 class TensorSource:

@@ -7,12 +7,13 @@ run records exactly what it used.
 from __future__ import annotations
 
 import copy
-import inspect
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping
 
 import yaml
+
+from ltbench.spec import catalog
 
 # Every recipe key with its default. Keys that encode a detail the papers leave open are
 # documented in OPEN_DETAILS (listed in the report with the values each run used).
@@ -74,7 +75,7 @@ VIEWS_OF_AUGMENT = {"crop_flip": ["weak"], "autoaugment": ["strong"], "none": ["
 
 @lru_cache(maxsize=None)
 def builtin() -> dict[str, dict]:
-    text = resources.files("ltbench").joinpath("methods.yaml").read_text()
+    text = resources.files(__package__).joinpath("methods.yaml").read_text()
     return yaml.safe_load(text) or {}
 
 
@@ -111,49 +112,34 @@ def _raw(name: str, extra: Mapping[str, Mapping], chain: tuple[str, ...] = ()) -
     return merge(base, own)
 
 
-def _with_defaults(factory, options: Mapping[str, Any], skip: int) -> dict:
-    """``options`` plus every keyword default of ``factory`` not given (after ``skip`` positionals)."""
-    params = list(inspect.signature(factory).parameters.values())[skip:]
-    out = {p.name: p.default for p in params
-           if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
-    out.update(options)
-    return out
-
-
 def recipe(name: str, extra: Mapping[str, Mapping] | None = None) -> dict:
     """The full recipe for ``name``: defaults < built-in recipe (and the one it ``extends``) < the
     config's ``methods[name]``; the norm layer's and loss's options are completed with their
     defaults so that a run records every value it used."""
-    from ltbench import losses, norm
-
     extra = extra or {}
     r = merge(DEFAULT_RECIPE, _raw(name, extra))
     if r["views"] is None:
         r["views"] = list(VIEWS_OF_AUGMENT[r["augment"]])
     if r["classify_on"] is None:
         r["classify_on"] = [f"{p}/{r['views'][-1]}" for p in r["paths"]]
-    for part, registry in (("norm", norm.NORMS), ("loss", losses.LOSSES)):
-        if r[part]["name"] in registry:
-            r[part]["options"] = _with_defaults(registry.get(r[part]["name"]), r[part]["options"], skip=1)
+    for part, table in (("norm", catalog.NORMS), ("loss", catalog.LOSSES)):
+        if r[part]["name"] in table:
+            r[part]["options"] = {**table[r[part]["name"]], **r[part]["options"]}
     return r
 
 
 def check(name: str, r: Mapping) -> None:
     """Raise ``KeyError``/``ValueError`` naming the method and the offending part."""
-    from ltbench import losses, norm, sampling
-
-    for what, registry, part in (("norm", norm.NORMS, r["norm"]["name"]),
-                                 ("loss", losses.LOSSES, r["loss"]["name"]),
-                                 ("decoupled.loss", losses.LOSSES, r["decoupled"]["loss"]),
-                                 ("sampler", sampling.SAMPLERS, r["sampler"]),
-                                 ("decoupled.sampler", sampling.SAMPLERS, r["decoupled"]["sampler"])):
-        if part not in registry:
-            raise KeyError(f"method {name!r}: unknown {what} {part!r}; known: {', '.join(registry)}")
-    for what, registry in (("norm", norm.NORMS), ("loss", losses.LOSSES)):
-        params = inspect.signature(registry.get(r[what]["name"])).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            continue
-        known = list(params)[1:]
+    for what, names, part in (("norm", catalog.NORMS, r["norm"]["name"]),
+                              ("loss", catalog.LOSSES, r["loss"]["name"]),
+                              ("decoupled.loss", catalog.LOSSES, r["decoupled"]["loss"]),
+                              ("sampler", catalog.SAMPLERS, r["sampler"]),
+                              ("decoupled.sampler", catalog.SAMPLERS, r["decoupled"]["sampler"]),
+                              ("head", catalog.HEADS, r["head"])):
+        if part not in names:
+            raise KeyError(f"method {name!r}: unknown {what} {part!r}; known: {', '.join(sorted(names))}")
+    for what, table in (("norm", catalog.NORMS), ("loss", catalog.LOSSES)):
+        known = table[r[what]["name"]]
         for opt in r[what]["options"]:
             if opt not in known:
                 raise KeyError(f"method {name!r}: {what} {r[what]['name']!r} has no option {opt!r}; "

@@ -6,7 +6,7 @@
   ``dataset_options.*``) as a column, and (with a config) the experiments the run belongs to.
 - ``per_class.csv``: one row per run and class: training count, group, test accuracy.
 - ``summary.csv``: per cell (dataset, ratio, method, backbone) and metric over all its seeds:
-  mean, std, n, 95 % Student-t interval, seeds (:func:`ltbench.compare.summarize`).
+  mean, std, n, 95 % Student-t interval, seeds (:func:`ltbench.analysis.compare.summarize`).
 
 With the workflow config (``--config-json`` / ``--config``) also:
 
@@ -15,9 +15,9 @@ With the workflow config (``--config-json`` / ``--config``) also:
   last error line) or ``not run``.
 - ``comparison.csv``: per experiment with a ``reference`` and per paper entry in its scope: our
   mean / std / n / CI over the experiment's seeds, the paper's value, Δ and the verdict
-  (:func:`ltbench.compare.compare_experiment`).
+  (:func:`ltbench.analysis.compare.compare_experiment`).
 - ``gains.csv``: per claimed gain the experiment can test: our gain, Welch and paired t-tests across
-  seeds, the paper's gain and a verdict (:func:`ltbench.compare.experiment_gains`).
+  seeds, the paper's gain and a verdict (:func:`ltbench.analysis.compare.experiment_gains`).
 
 A partial grid is fine: ``existing=True`` (``--existing``) aggregates the ``metrics.json`` files of the
 config's cells that exist, and the others are listed in ``cells.csv`` as failed or not run.
@@ -30,15 +30,31 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from ltbench import compare, io
-from ltbench.config import cells as config_cells
-from ltbench.config import format_ratio, iter_knobs
+from ltbench import io
+from ltbench.analysis import compare
+from ltbench.data.longtail import format_ratio
+from ltbench.spec.config import cells as config_cells, iter_knobs
 
 KEYS = ["dataset", "ratio", "method", "backbone"]
 METRICS = ["top1", "many", "medium", "few"]
 OUTPUTS = ("runs.csv", "per_class.csv", "summary.csv", "cells.csv", "comparison.csv", "gains.csv")
 # The train rule's log (workflow/rules/train.smk): where a failed cell's error message is.
 TRAIN_LOG = "logs/train/{path}.log"
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """``metrics.json`` files as given, and every ``metrics.json`` under each directory given
+    (recursively, sorted), so that ``ltbench aggregate results/demo/runs`` needs no shell glob."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob("metrics.json"))
+            if not found:
+                raise ValueError(f"no metrics.json file under the directory {p}")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
 
 
 def load_metrics(paths: Iterable[str | Path]) -> list[dict]:
@@ -188,7 +204,7 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
 
 def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: bool = False) -> dict:
     """Write the tables of the module docstring into ``out_dir``; returns {name: DataFrame}."""
-    paths = [Path(p) for p in paths]
+    paths = expand_paths(paths)
     if existing:
         if cfg is None:
             raise ValueError("--existing needs the workflow config (--config or --config-json)")

@@ -29,20 +29,20 @@ import jsonschema
 import pandas as pd
 import yaml
 
+from ltbench.errors import ReferenceFileError
+
 __all__ = ["ReferenceFileError", "load", "entries", "papers", "validate", "ENTRY_COLUMNS", "CELL_KEYS"]
 
 #: Columns of :func:`entries` (``paper`` first, then the entry keys of the YAML files).
 ENTRY_COLUMNS = ["paper", "table", "row", "dataset", "ratio", "method", "backbone", "metric", "value",
                  "quoted", "note"]
-#: Keys identifying one cell of results (shared with :mod:`ltbench.compare`).
+#: Keys identifying one cell of results (shared with :mod:`ltbench.analysis.compare`).
 CELL_KEYS = ["dataset", "ratio", "method", "backbone", "metric"]
 
 _PACKAGE = __name__
 _SCHEMA_FILE = "schema.yaml"
 
 
-class ReferenceFileError(ValueError):
-    """A reference file is malformed; the message names the file, the entry and the key."""
 
 
 def _files():

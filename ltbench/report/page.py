@@ -1,8 +1,8 @@
 """The self-contained HTML comparison report of one workflow config.
 
 Reads the aggregate directory (``ltbench aggregate``: runs, per_class, summary, cells, comparison,
-gains CSVs), writes each experiment's paper-layout table (:mod:`ltbench.tables`) as HTML, Markdown
-and LaTeX under ``tables_dir`` and its figures (:mod:`ltbench.figures`) as PNG + SVG under
+gains CSVs), writes each experiment's paper-layout table (:mod:`ltbench.report.tables`) as HTML, Markdown
+and LaTeX under ``tables_dir`` and its figures (:mod:`ltbench.report.figures`) as PNG + SVG under
 ``figures_dir``, and one HTML file with every figure embedded (base64), in this order:
 
 1. the status of the grid (complete, or partial: how many cells failed or did not run),
@@ -26,9 +26,11 @@ from typing import Mapping
 
 import pandas as pd
 
-from ltbench import compare, figures, io, tables
-from ltbench.aggregate import KEYS, METRICS  # noqa: F401  (re-exported: older imports)
-from ltbench.config import format_ratio
+from ltbench import io
+from ltbench.analysis import compare
+from ltbench.report import figures, tables
+from ltbench.analysis.aggregate import KEYS, METRICS  # noqa: F401  (re-exported: older imports)
+from ltbench.data.longtail import format_ratio
 
 VERDICT_ORDER = ["reproduced", "below", "above", "missing", "not reported", "quoted"]
 GAIN_ORDER = list(compare.GAIN_VERDICTS)
@@ -286,7 +288,7 @@ def _missing_html(cells: pd.DataFrame) -> str:
 
 def open_details(runs: pd.DataFrame) -> pd.DataFrame:
     """Every paper detail left open (``methods.OPEN_DETAILS``) with the values the runs used, per method."""
-    from ltbench.methods import OPEN_DETAILS
+    from ltbench.spec.methods import OPEN_DETAILS
 
     rows = []
     per_method = runs.drop_duplicates("method")

@@ -5,7 +5,7 @@ After the representation epochs the backbone is frozen and only a classifier hea
 ``decoupled`` dict (keys ``enabled``, ``fraction``, ``classifier``, ``sampler``, ``reweight``,
 ``reinit``, ``lr``, ``tau``; missing keys take the defaults of
 ``methods.DEFAULT_RECIPE["decoupled"]``). The stage's sampler is chosen by the caller
-(``ltbench.sampling``); re-weighting (RW) is applied here, in :func:`stage_loss`.
+(``ltbench.nn.sampling``); re-weighting (RW) is applied here, in :func:`stage_loss`.
 
 The model is a backbone with ``model.features(x) -> (N, D)`` and its classifier ``model.fc``:
 an ``nn.Linear``, or, with NBN logit rectification, ``nn.Sequential(nn.Linear,
@@ -38,9 +38,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ltbench import losses
-from ltbench.methods import DEFAULT_RECIPE
+from ltbench.nn import losses
 from ltbench.registry import Registry
+from ltbench.spec.methods import DEFAULT_RECIPE
 
 STAGES = Registry("decoupled classifier")
 POST_HOC = ("τ-normalization (classifier: tau_norm) is post hoc and has no training step; "

@@ -69,7 +69,7 @@ def teardown(world: World) -> None:
 
 
 def check_batch(batch_size: int, world: World) -> None:
-    from ltbench.config import ConfigError
+    from ltbench.errors import ConfigError
 
     if batch_size % world.size:
         raise ConfigError(f"train.batch_size {batch_size} (the global batch) is not divisible by the "

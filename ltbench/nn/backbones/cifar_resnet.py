@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltbench.models import BACKBONES
+from ltbench.nn.backbones import BACKBONES
 
 NormLayer = Callable[[int], nn.Module]
 

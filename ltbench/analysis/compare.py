@@ -5,7 +5,7 @@ Input is a tidy *runs* table, one row per (run, metric), with columns :data:`RUN
 (dataset, ratio, method, backbone, metric).
 
 - :func:`summarize` — per cell: mean, sample std (ddof=1), n, Student-t confidence interval, seeds.
-- :func:`compare` — per reference entry (from :func:`ltbench.reference.entries`): our mean vs the
+- :func:`compare` — per reference entry (from :func:`ltbench.analysis.reference.entries`): our mean vs the
   paper's value, Δ = ours − paper, and a verdict (rule below).
 - :func:`gains` — per claimed gain (``claims`` of a reference file) and cell: our gain with Welch and
   paired t-tests across seeds, next to the paper's gain.
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ltbench.reference import CELL_KEYS, entries, load
+from ltbench.analysis.reference import CELL_KEYS, entries, load
 
 __all__ = ["RUN_COLUMNS", "CELL_KEYS", "VERDICTS", "summarize", "compare", "gains", "verdict"]
 
@@ -99,7 +99,7 @@ def compare(summary: pd.DataFrame, reference_df: pd.DataFrame, tolerance: float 
     """One row per reference entry: our statistics next to the paper's value, Δ and a verdict.
 
     ``summary`` is the output of :func:`summarize`; ``reference_df`` the output of
-    :func:`ltbench.reference.entries` (or any frame with the cell keys, ``value`` and ``quoted``).
+    :func:`ltbench.analysis.reference.entries` (or any frame with the cell keys, ``value`` and ``quoted``).
     Columns: the reference columns with ``value`` renamed ``paper_value``, then ``mean``, ``std``, ``n``
     (0 when we have no runs), ``ci_low``, ``ci_high``, ``seeds``, ``delta`` (ours − paper) and ``verdict``.
     Cells we ran that the paper does not report are not listed.

@@ -2,8 +2,8 @@
 
 They are torchvision's own ``ResNet`` with our norm layer injected through ``norm_layer`` and a
 ``features`` method (the pooled penultimate features) that the decoupled classifier stage uses.
-Registered by name in :mod:`ltbench.models`, which imports this module (and torchvision, ≈2 s)
-only when one of them is built. Pretrained weights: :mod:`ltbench.models.pretrained`.
+Registered by name in :mod:`ltbench.nn.backbones`, which imports this module (and torchvision, ≈2 s)
+only when one of them is built. Pretrained weights: :mod:`ltbench.nn.backbones.pretrained`.
 """
 from __future__ import annotations
 

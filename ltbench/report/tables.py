@@ -8,7 +8,7 @@ rows we did not run stay (e.g. Table 4's methods quoted from other publications,
 then the experiment's methods the paper does not have.
 
 Each cell holds our mean ± std over the experiment's seeds (and n), the paper's value, Δ = ours −
-paper and the verdict of :func:`ltbench.compare.verdict`. An experiment without a reference, or
+paper and the verdict of :func:`ltbench.analysis.compare.verdict`. An experiment without a reference, or
 whose datasets/backbones the paper does not report (digits-lt in the demo), gets the same layout
 with our numbers only ("reference-free"). The metric set then comes from the paper's table when
 there is one, else top-1 per (dataset, ratio) — or Total/Many/Medium/Few for a single column.
@@ -23,8 +23,9 @@ from typing import Mapping
 
 import pandas as pd
 
-from ltbench import compare, io
-from ltbench.config import format_ratio
+from ltbench import io
+from ltbench.analysis import compare
+from ltbench.data.longtail import format_ratio
 
 METRIC_ORDER = ["top1", "many", "medium", "few"]
 M_KNOB = "recipe.norm.options.num_components"

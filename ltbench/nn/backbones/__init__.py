@@ -53,7 +53,7 @@ IMAGENET_ARCHS = {
 def _register_imagenet(name: str, layers: list[int], groups: int, width: int) -> None:
     @BACKBONES.register(name)
     def build(num_classes: int, in_channels: int = 3, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
-        from ltbench.models.imagenet_resnet import ImageNetResNet
+        from ltbench.nn.backbones.imagenet_resnet import ImageNetResNet
 
         return ImageNetResNet(layers, num_classes, in_channels, norm_layer, groups, width)
 
@@ -63,5 +63,5 @@ def _register_imagenet(name: str, layers: list[int], groups: int, width: int) ->
 for _name, _args in IMAGENET_ARCHS.items():
     _register_imagenet(_name, *_args)
 
-from ltbench.models import cifar_resnet  # noqa: E402,F401  (register the CIFAR backbones)
-from ltbench.models.pretrained import load_pretrained  # noqa: E402,F401
+from ltbench.nn.backbones import cifar_resnet  # noqa: E402,F401  (register the CIFAR backbones)
+from ltbench.nn.backbones.pretrained import load_pretrained  # noqa: E402,F401

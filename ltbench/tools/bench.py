@@ -4,8 +4,8 @@ Both paths train the same model (a CIFAR ResNet with the method's norm layers) o
 synthetic CIFAR-shaped uint8 data for a fixed number of steps:
 
 - ``fast``: ltbench's own loop — images on the training device as uint8, per-sample crop/flip and
-  AutoAugment on the device (:mod:`ltbench.augment`), the method's views × paths forward
-  (:func:`ltbench.train.forward_paths`), bf16 autocast on CUDA, loss accumulated on the device
+  AutoAugment on the device (:mod:`ltbench.data.augment`), the method's views × paths forward
+  (:func:`ltbench.training.trainer.forward_paths`), bf16 autocast on CUDA, loss accumulated on the device
   (one host synchronisation at the end).
 - ``common``: what LDAM-DRW-style code does — a torchvision ``Dataset`` of PIL images,
   ``RandomCrop(32, 4)`` + flip (+ ``AutoAugment(CIFAR10)`` for a strong view) + ``ToTensor`` +
@@ -27,7 +27,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ltbench import augment, config, data, losses, methods, models, norm, train
+from ltbench import data
+from ltbench.data import augment
+from ltbench.nn import backbones as models, losses, norm
+from ltbench.spec import config, methods
+from ltbench.training import trainer as train
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 

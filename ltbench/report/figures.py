@@ -35,9 +35,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from ltbench import compare, io  # noqa: E402
-from ltbench.config import format_ratio  # noqa: E402
-from ltbench.tables import Layout, dataset_name, fmt_delta, method_name, metric_name  # noqa: E402
+from ltbench import io  # noqa: E402
+
+from ltbench.analysis import compare
+from ltbench.data.longtail import format_ratio  # noqa: E402
+from ltbench.report.tables import Layout, dataset_name, fmt_delta, method_name, metric_name  # noqa: E402
 
 METRICS = ["top1", "many", "medium", "few"]
 M_KNOB = "recipe.norm.options.num_components"
@@ -473,7 +475,7 @@ def experiment_figures(name: str, exp: Mapping, runs: pd.DataFrame, per_class: p
     """Draw every figure that applies to the experiment into ``out_dir/<experiment>/``.
 
     Returns (drawn: [(kind, png path)], skipped: [(kind, reason)]). Kinds are the keys of CAPTIONS."""
-    from ltbench.tables import safe_name
+    from ltbench.report.tables import safe_name
 
     d = Path(out_dir) / safe_name(name)
     jobs = [("groups", lambda p: fig_groups(runs, exp, p)), ("per_class", lambda p: fig_per_class(per_class, exp, p))]
