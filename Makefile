@@ -13,6 +13,9 @@ PYTHON ?= python3
 else
 PYTHON ?= $(VENV)/bin/python
 endif
+# Commands run with the environment's bin/ first on PATH (as if activated), so that the rules'
+# `python -m ltbench` and `snakemake` are the ones installed here.
+RUN = $(if $(findstring /,$(PYTHON)),PATH="$(abspath $(dir $(PYTHON))):$$PATH" )$(PYTHON)
 
 .PHONY: install demo test dryrun clean-demo
 
@@ -21,23 +24,21 @@ $(VENV)/bin/python:
 	  echo "error: $(BASE_PYTHON) cannot create a virtual environment (its venv/ensurepip module is missing)." >&2; \
 	  echo "       On Debian/Ubuntu: sudo apt-get install python3-venv   (then run make again)" >&2; exit 1; }
 	$(BASE_PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 
 install: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 	$(PYTHON) -m pip install --quiet -e ".[test,slurm]"
 
 # The whole pipeline on the embedded digits-lt data: data → train → aggregate → report.
-# bin/ of the environment goes first on PATH, so the rules' `python -m ltbench` is the same Python.
 demo: install
-	PATH="$(abspath $(dir $(PYTHON))):$$PATH" $(PYTHON) -m snakemake --cores $(CORES) --configfile config/demo.yaml
+	$(RUN) -m snakemake --cores $(CORES) --configfile config/demo.yaml
 	@echo "report: reports/demo.html"
 
 test: install
-	PATH="$(abspath $(dir $(PYTHON))):$$PATH" $(PYTHON) -m pytest -q
+	$(RUN) -m pytest -q
 
 # The paper grid's DAG, without running anything (no data or GPU needed).
 dryrun: install
-	PATH="$(abspath $(dir $(PYTHON))):$$PATH" $(PYTHON) -m snakemake -n --cores 1
+	$(RUN) -m snakemake -n --cores 1
 
 clean-demo:
 	rm -rf results/demo reports/demo.html
