@@ -21,8 +21,6 @@ from ltbench.errors import ConfigError
 from ltbench.spec import catalog, methods
 
 
-
-
 @lru_cache(maxsize=None)
 def schema() -> dict:
     return yaml.safe_load(resources.files(__package__).joinpath("schemas/config.schema.yaml").read_text())
@@ -46,6 +44,14 @@ def _key(path) -> str:
     return out or "(top level)"
 
 
+def _message(e: jsonschema.ValidationError) -> str:
+    """jsonschema's message, or the schema's own ``x-error`` text (also from an ``anyOf`` branch)."""
+    for err in (e, *e.context):
+        if isinstance(err.schema, Mapping) and "x-error" in err.schema:
+            return f"{e.instance!r} {err.schema['x-error']}"
+    return e.message
+
+
 def validate(config: Mapping[str, Any]) -> dict:
     """Validate ``config`` and return a copy with every default filled in."""
     if not isinstance(config, Mapping):
@@ -53,7 +59,7 @@ def validate(config: Mapping[str, Any]) -> dict:
     errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(config),
                     key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors[:10]]
+        lines = [f"config key {_key(e.absolute_path)}: {_message(e)}" for e in errors[:10]]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     cfg = {**_defaults(schema()), **copy.deepcopy(dict(config))}
     cfg["train"] = {**train_defaults(), **cfg.get("train", {})}

@@ -2,6 +2,7 @@
 # rules' input and resource functions, and the partial report written when a run fails (report.smk).
 import json
 import re
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the ltbench package next to this Snakefile
@@ -18,7 +19,8 @@ except ConfigError as e:
     raise WorkflowError(str(e))
 
 # Rules run `python -m ltbench` from the package next to the Snakefile (also inside conda envs).
-shell.prefix(f"export PYTHONPATH={workflow.basedir}:$PYTHONPATH; ")
+# Every value the rules put into a shell command is quoted (`{output:q}`, ...), this path too.
+shell.prefix(f'export PYTHONPATH={shlex.quote(workflow.basedir)}:"$PYTHONPATH"; ')
 
 R = config["results_dir"]
 DATA = config["data_dir"]
