@@ -2,11 +2,16 @@
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import re
+import stat
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,8 @@ import pytest
 from ltbench import data
 from ltbench.data import cifar
 from ltbench.data.download import DownloadError, fetch, safe_extract
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _py2_str(b: bytes) -> bytes:
@@ -71,22 +78,40 @@ def make_cifar10_tarball(per_class=(30, 20, 12, 8, 6, 5, 4, 3, 3, 2), test_per_c
 
 
 class Server:
-    """Serves fixed bytes per path on 127.0.0.1; ``lie_length`` announces more bytes than sent."""
+    """Serves fixed bytes per path on 127.0.0.1; ``lie_length`` announces more bytes than sent,
+    ``cut`` sends half the body chunked and closes the connection, ``stall`` sends half and hangs."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.lie_length: set[str] = set()
-        files, lie = self.files, self.lie_length
+        self.cut: set[str] = set()
+        self.stall: set[str] = set()
+        self.release = threading.Event()
+        files, lie, cut, stall, release = self.files, self.lie_length, self.cut, self.stall, self.release
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self):
+                self.close_connection = True
                 body = files.get(self.path)
                 if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
+                if self.path in cut:
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    half = body[: len(body) // 2]
+                    self.wfile.write(b"%x\r\n" % len(body) + half)  # a chunk announced whole, sent half
+                    return
                 self.send_header("Content-Length", str(len(body) + (1000 if self.path in lie else 0)))
                 self.end_headers()
+                if self.path in stall:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    release.wait(30)
+                    return
                 self.wfile.write(body)
 
             def log_message(self, *a):
@@ -100,6 +125,7 @@ class Server:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
 
     def close(self):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -243,3 +269,62 @@ def test_a_batch_that_is_not_a_cifar_dict_is_a_clear_error(tmp_path):
     (tmp_path / "b").write_bytes(b"\x80\x02}(U\x04da")  # truncated
     with pytest.raises(DownloadError, match=f"refusing to read {tmp_path / 'b'}"):
         cifar.read_batch(tmp_path / "b")
+
+
+def test_a_chunked_download_cut_midway_is_a_clear_error(server, tmp_path):
+    blob = make_cifar10_tarball()
+    server.files["/c10.tar.gz"] = blob
+    server.cut.add("/c10.tar.gz")
+    with pytest.raises(DownloadError, match="was cut off .*IncompleteRead.*nothing was kept"):
+        fetch(server.url("/c10.tar.gz"), tmp_path / "c10.tar.gz", md5(blob), timeout=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_killed_midway_leaves_no_partial_file_after_the_next_run(server, tmp_path):
+    blob = make_cifar10_tarball()
+    server.files["/c10.tar.gz"] = blob
+    server.files["/slow.tar.gz"] = bytes(3 << 20)  # half of it (more than one read block) comes, then nothing
+    server.stall.add("/slow.tar.gz")
+    code = ("import sys; from ltbench.data.download import fetch; "
+            "fetch(sys.argv[1], sys.argv[2], '0' * 32, timeout=60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, server.url("/slow.tar.gz"), str(tmp_path / "c10.tar.gz")],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        for _ in range(600):  # until the partial file has data
+            parts = list(tmp_path.glob(".c10.tar.gz.*.part"))
+            if parts and parts[0].stat().st_size > 0:
+                break
+            time.sleep(0.05)
+        assert parts, "the download never started"
+    finally:
+        proc.kill()  # SIGKILL: no finally block of the downloader runs
+        proc.wait()
+    assert parts[0].exists()  # what kill -9 leaves
+    other = tmp_path / ".c10.tar.gz.otherhost.123.abcd.part"  # another node's, possibly live: kept
+    other.write_bytes(b"x")
+    fetch(server.url("/c10.tar.gz"), tmp_path / "c10.tar.gz", md5(blob), timeout=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "c10.tar.gz"]
+
+
+def test_wrong_inner_layout_extracts_nothing_and_a_rerun_with_the_right_archive_works(server, tmp_path):
+    wrong = make_cifar10_tarball(inner="cifar-100-python")
+    right = make_cifar10_tarball()
+    server.files["/wrong.tar.gz"], server.files["/right.tar.gz"] = wrong, right
+    with pytest.raises(DownloadError, match="does not contain cifar-10-batches-py/ .*cifar-100-python"):
+        cifar.download("cifar10", tmp_path, {"url": server.url("/wrong.tar.gz"), "md5": md5(wrong)})
+    assert not (tmp_path / "cifar10").exists() and not list(tmp_path.glob(".cifar10*"))
+    cifar.download("cifar10", tmp_path, {"url": server.url("/right.tar.gz"), "md5": md5(right)})
+    assert (tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_downloaded_files_follow_the_umask(server, tmp_path, umask):
+    blob = make_cifar10_tarball()
+    server.files["/c10.tar.gz"] = blob
+    old = os.umask(umask)
+    try:
+        cifar.download("cifar10", tmp_path, {"url": server.url("/c10.tar.gz"), "md5": md5(blob)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "cifar-10-python.tar.gz").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "cifar10").stat().st_mode) == 0o777 & ~umask

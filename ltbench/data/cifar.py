@@ -45,9 +45,7 @@ def download(name: str, data_dir: Path, options: dict) -> Path:
     tar = Path(data_dir) / archive
     if not (tar.exists() and _md5_ok(tar, md5)):
         fetch(url, tar, md5)
-    safe_extract(tar, target)
-    if not (target / inner).is_dir():
-        raise DownloadError(f"{tar} does not contain {inner}/; is it the {name} python archive?")
+    safe_extract(tar, target, expect=inner)  # nothing lands in place unless inner/ is there
     return target
 
 
