@@ -51,6 +51,13 @@ def test_bad_config_fails_at_dag_build_naming_the_key(tmp_path):
     p = snakemake("-n", "--cores", 1, "--configfile", tmp_path / "bad.yaml", cwd=tmp_path)
     assert p.returncode != 0
     assert "experiments.demo.methods[1]: unknown method 'no-such-method'" in p.stdout + p.stderr
+    cfg["experiments"]["demo"]["methods"] = ["ce", "m"]
+    cfg["methods"] = {"m": {"norm": {"name": "cbn", "options": {"num_components": 0}}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake("-n", "--cores", 1, "--configfile", tmp_path / "bad.yaml", cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "method 'm': norm 'cbn' option num_components: 0 is less than the minimum of 1" in out
+    assert f"(config files: {tmp_path / 'bad.yaml'})" in out
 
 
 @pytest.mark.slow
