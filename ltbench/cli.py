@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,14 +13,41 @@ from ltbench.errors import ConfigError, DownloadError, ListCheckError, Preempted
 EXIT_PREEMPTED = 75
 
 
-def _float(s: str) -> float:
+def _number(s: str, kind: type = float) -> float | int:
     try:
-        v = float(s)
+        v = kind(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+    return v
+
+
+def _float(s: str) -> float:
+    """An imbalance ratio: a finite number >= 1 (whether it leaves every class an image depends on
+    the dataset: checked with it, see :func:`ltbench.spec.config.check_ratio`)."""
+    v = _number(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"imbalance ratio must be >= 1, got {s}")
     return v
+
+
+def _schema_type(definition: str, key: str | None = None, kind: type = int):
+    """An argparse type: parse ``kind`` and validate it with the config schema's ``$defs`` entry
+    (``key`` of its properties), as the same value in a config file would be."""
+
+    def parse(s: str):
+        from ltbench.spec import config
+
+        v = _number(s, kind)
+        sub = config.schema()["$defs"][definition]
+        errors = config.schema_errors(v, sub["properties"][key] if key else definition)
+        if errors:
+            raise argparse.ArgumentTypeError(errors[0][1])
+        return v
+
+    parse.__name__ = key or definition  # argparse names the type in its messages
+    return parse
 
 
 def _load_config(a: argparse.Namespace) -> dict:
@@ -38,6 +66,9 @@ def _load_config(a: argparse.Namespace) -> dict:
 def cmd_counts(a) -> int:
     from ltbench import data
 
+    from ltbench.spec import config
+
+    config.check_ratio(a.dataset, a.ratio, a.profile)
     counts = data.counts_for(a.dataset, a.ratio, a.profile)
     print(json.dumps({"dataset": a.dataset, "ratio": a.ratio, "profile": a.profile,
                       "counts": counts, "total": sum(counts)}))
@@ -61,11 +92,13 @@ def cmd_download(a) -> int:
 
 def cmd_prepare(a) -> int:
     from ltbench import data
+    from ltbench.spec import config
 
     cfg = _load_config(a)
     opts = dict(cfg["datasets"].get(a.dataset, {}))
     if a.subset_seed is not None:
         opts["subset_seed"] = a.subset_seed
+    config.check_ratio(a.dataset, a.ratio, opts.get("profile", "exp"))
     info = data.prepare(a.dataset, a.ratio, Path(a.data_dir or cfg["data_dir"]), Path(a.out), opts)
     print(json.dumps({k: v for k, v in info.items() if k != "counts"}), file=sys.stderr)
     return 0
@@ -84,6 +117,10 @@ def cmd_train(a) -> int:
             spec = config.cell_spec(cfg, a.dataset, a.method, a.backbone)
         except KeyError as e:
             raise ConfigError(e.args[0]) from None
+    overrides = {k: v for k, v in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr),
+                                   ("device", a.device), ("threads", a.threads)) if v is not None}
+    config.check_ratio(a.dataset, a.ratio, spec["dataset_options"].get("profile", "exp"))
+    config.check_spec({**spec, "train": {**spec["train"], **overrides}})  # e.g. --epochs vs decoupled.fraction
     data_file = Path(a.data) if a.data else data.prepared_path(cfg["results_dir"], a.dataset, a.ratio,
                                                                   cfg["datasets"].get(a.dataset, {}).get("subset_seed", 0))
     if not data_file.exists():
@@ -92,8 +129,6 @@ def cmd_train(a) -> int:
         if dspec.fetch is not None:
             dspec.fetch(Path(cfg["data_dir"]), opts)
         data.prepare(a.dataset, a.ratio, Path(cfg["data_dir"]), data_file, opts)
-    overrides = {k: v for k, v in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr),
-                                   ("device", a.device), ("threads", a.threads)) if v is not None}
     m = train.run(spec, a.ratio, a.seed, data_file, a.out, overrides)
     if m is not None:  # None: a rank > 0 of a multi-GPU run (rank 0 reports)
         print(json.dumps({k: m[k] for k in ("top1", "many", "medium", "few", "wall_time_s")}))
@@ -183,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ratio", type=_float, required=True)
     _config_args(s)
     s.add_argument("--data-dir")
-    s.add_argument("--subset-seed", type=int, help="override the config's subset seed")
+    s.add_argument("--subset-seed", type=_schema_type("seed"), help="override the config's subset seed")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_prepare)
 
@@ -192,16 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ratio", type=_float, required=True)
     s.add_argument("--method", default="ce")
     s.add_argument("--backbone", default="resnet32")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_schema_type("seed"), default=0)
     s.add_argument("--out", required=True, help="output directory of the cell")
     _config_args(s)
     s.add_argument("--spec", help="resolved cell spec as JSON (what the Snakemake rule passes)")
     s.add_argument("--data", help="prepared .npz (default: prepared on demand under results_dir/data)")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
+    s.add_argument("--epochs", type=_schema_type("train", "epochs"))
+    s.add_argument("--batch-size", type=_schema_type("train", "batch_size"))
+    s.add_argument("--lr", type=_schema_type("train", "lr", float))
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=_schema_type("train", "threads"))
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("inat-lists", help="convert iNaturalist 2018 train/val json to '<path> <label>' lists")

@@ -28,6 +28,17 @@ def grid(**exp):
     ({**grid(), "datasets": {"mnist": {}}}, "datasets.mnist: unknown dataset 'mnist'"),
     ({**grid(), "methods": {"mine": {"loss": {"name": "hinge"}}}}, "methods.mine: method 'mine': unknown loss 'hinge'"),
     ({"experiments": {}}, "experiments: {} should be non-empty"),
+    ({**grid(), "results_dir": "/tmp/x;touch /tmp/PWNED;#"}, "config key results_dir: '/tmp/x;touch /tmp/PWNED;#' "
+                                                            "is not an allowed path"),
+    ({**grid(), "reports_dir": "r$(id)"}, "config key reports_dir: 'r$(id)' is not an allowed path"),
+    ({**grid(), "data_dir": "d\n"}, "config key data_dir: 'd\\n' is not an allowed path"),
+    ({**grid(), "data_dir": "d/{x}"}, "config key data_dir: 'd/{x}' is not an allowed path"),
+    ({**grid(), "datasets": {"imagenet-lt": {"root": "`r`"}}}, "datasets.imagenet-lt.root: '`r`' is not an allowed"),
+    ({**grid(), "train": {"pretrained": "w.pt|sh"}}, "train.pretrained: 'w.pt|sh' is not an allowed path"),
+    (grid(seeds=[2 ** 33]), "experiments.e.seeds[0]: 8589934592 is greater than the maximum of 4294967295"),
+    ({**grid(), "datasets": {"cifar10": {"subset_seed": -2}}}, "datasets.cifar10.subset_seed: -2 is less than"),
+    ({**grid(), "train": {"epochs": 10.0}}, "train.epochs: 10.0 is not of type 'integer'"),
+    ({**grid(), "train": {"lr": float("inf")}}, "train.lr: inf is not a finite number"),
     ({}, "'experiments' is a required property"),
 ])
 def test_bad_config_names_key_and_value(cfg, needle):
@@ -86,3 +97,9 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text(yaml.safe_dump(grid(ratios=[0])))
     with pytest.raises(ConfigError, match=f"{bad}: invalid config"):
         config.load(bad)
+
+
+def test_paths_with_spaces_are_fine():
+    c = config.validate({**grid(), "results_dir": "/tmp/my results", "data_dir": "~/data sets/cifar",
+                         "train": {"pretrained": None}})
+    assert c["results_dir"] == "/tmp/my results"

@@ -51,6 +51,13 @@ def test_bad_config_fails_at_dag_build_naming_the_key(tmp_path):
     p = snakemake("-n", "--cores", 1, "--configfile", tmp_path / "bad.yaml", cwd=tmp_path)
     assert p.returncode != 0
     assert "experiments.demo.methods[1]: unknown method 'no-such-method'" in p.stdout + p.stderr
+    cfg["experiments"]["demo"]["methods"] = ["ce", "m"]
+    cfg["methods"] = {"m": {"norm": {"name": "cbn", "options": {"num_components": 0}}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake("-n", "--cores", 1, "--configfile", tmp_path / "bad.yaml", cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "method 'm': norm 'cbn' option num_components: 0 is less than the minimum of 1" in out
+    assert f"(config files: {tmp_path / 'bad.yaml'})" in out
 
 
 @pytest.mark.slow
@@ -96,3 +103,35 @@ def test_lint_is_clean(tmp_path):
     p = snakemake("--lint", "--configfile", ROOT / "config" / "demo.yaml", cwd=tmp_path, timeout=120)
     assert p.returncode == 0 and "Congratulations, your workflow is in a good condition" in p.stdout + p.stderr, \
         p.stdout + p.stderr
+
+
+def test_shell_metacharacters_in_a_path_are_refused_at_dag_build(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    cfg["results_dir"] = f"/tmp/x;touch {tmp_path}/PWNED;#"
+    (tmp_path / "evil.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake("--cores", 1, "--configfile", tmp_path / "evil.yaml", cwd=tmp_path)
+    assert p.returncode != 0 and not (tmp_path / "PWNED").exists()
+    assert "config key results_dir: '/tmp/x;touch" in p.stdout + p.stderr
+    assert "is not an allowed path" in p.stdout + p.stderr
+
+
+def test_paths_with_spaces_work_quoted(tmp_path):
+    """A repository and a results directory with spaces: the prepare rule really runs."""
+    repo = tmp_path / "my repo"
+    repo.mkdir()
+    (repo / "Snakefile").write_text((ROOT / "Snakefile").read_text())
+    for d in ("workflow", "ltbench", "config", "envs"):
+        (repo / d).symlink_to(ROOT / d)
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    cfg.update(results_dir=str(tmp_path / "res dir"), reports_dir=str(tmp_path / "rep dir"),
+               data_dir=str(tmp_path / "data dir"))
+    (tmp_path / "sp.yaml").write_text(yaml.safe_dump(cfg))
+    target = tmp_path / "res dir" / "data" / "digits-lt_r10_s0.npz"
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}  # ltbench only via the rule's prefix
+    p = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), str(target),
+                        "--cores", "1", "--configfile", str(tmp_path / "sp.yaml")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert target.is_file() and (tmp_path / "res dir" / "logs" / "prepare" / "digits-lt_r10_s0.log").is_file()
+    p = snakemake("-n", "-p", "--cores", 1, "--configfile", tmp_path / "sp.yaml", cwd=tmp_path)
+    assert p.returncode == 0 and f"--out '{tmp_path}/res dir/runs/digits-lt/r10/ce/resnet8/s0'" in p.stdout

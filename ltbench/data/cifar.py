@@ -10,6 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # NumPy >= 2 moved the reconstruct functions to numpy._core
+    from numpy._core import multiarray as _multiarray, numeric as _numeric
+except ImportError:  # pragma: no cover - NumPy 1.x
+    from numpy.core import multiarray as _multiarray, numeric as _numeric
+
 from ltbench.data import DatasetSpec, register
 from ltbench.data.download import DownloadError, fetch, safe_extract
 
@@ -40,9 +45,7 @@ def download(name: str, data_dir: Path, options: dict) -> Path:
     tar = Path(data_dir) / archive
     if not (tar.exists() and _md5_ok(tar, md5)):
         fetch(url, tar, md5)
-    safe_extract(tar, target)
-    if not (target / inner).is_dir():
-        raise DownloadError(f"{tar} does not contain {inner}/; is it the {name} python archive?")
+    safe_extract(tar, target, expect=inner)  # nothing lands in place unless inner/ is there
     return target
 
 
@@ -52,11 +55,49 @@ def _md5_ok(path: Path, md5: str) -> bool:
     return md5sum(path) == md5
 
 
+# The only globals a CIFAR batch may name: NumPy's array reconstruction (the Python 2 module
+# name of the original files and NumPy 2's), ndarray and dtype. Anything else is refused.
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, bytes, numbers and NumPy arrays, and nothing callable else:
+    a pickle naming any other global (os.system, builtins.eval, ...) is refused before it runs."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR batch never "
+                                         "contains") from None
+
+
+def read_batch(path: Path) -> dict:
+    """One CIFAR batch file (a Python 2 protocol-2 pickle) as a dict with ``str`` keys."""
+    try:
+        with open(path, "rb") as f:
+            d = _BatchUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DownloadError(f"refusing to read {path}: {e}; it is not a CIFAR python batch. Delete "
+                            f"{path.parent} (and the archive next to it) and download the original again") from None
+    if not isinstance(d, dict):
+        raise DownloadError(f"{path} holds a {type(d).__name__}, not a CIFAR batch dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
 def _read(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run `python -m ltbench download` for this dataset")
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
+    d = read_batch(path)
+    if "data" not in d or label_key not in d:
+        raise DownloadError(f"{path} has no 'data' or {label_key!r} entry; it is not a CIFAR python batch")
     x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return x, np.asarray(d[label_key], dtype=np.int64)
 

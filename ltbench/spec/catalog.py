@@ -4,6 +4,10 @@ The recipes are resolved and checked from this table when the DAG is built, with
 torch. The parts themselves are registered in :mod:`ltbench.nn` (norm layers, losses, samplers,
 heads, backbones); ``tests/test_catalog.py`` checks that this table equals those registries: the
 same names, and options equal to each factory's keyword defaults.
+
+Next to the defaults, :data:`NORM_OPTIONS` and :data:`LOSS_OPTIONS` give each option's type and
+range as JSON-schema fragments; :func:`ltbench.spec.config.check_recipe` validates every resolved
+recipe against them when the DAG is built and in the CLI, naming the method, the key and the value.
 """
 from __future__ import annotations
 
@@ -22,6 +26,41 @@ LOSSES: dict[str, dict] = {
     "ldam": {"max_m": 0.5, "s": 30.0, "drw": True, "drw_epoch_fraction": 0.8, "weighting": None, "beta": 0.9999},
     "logit_adjust": {"tau": 1.0, "weighting": "none", "beta": 0.9999},
 }
+
+_EPS = {"type": "number", "exclusiveMinimum": 0}
+_MOMENTUM = {"type": "number", "minimum": 0, "maximum": 1}
+_BOOL = {"type": "boolean"}
+MAX_COMPONENTS = 64  # CBN Figure 5 sweeps a handful; 1e9 would try to allocate tens of GB
+
+NORM_OPTIONS: dict[str, dict[str, dict]] = {
+    "bn": {"eps": _EPS, "momentum": {"type": ["number", "null"], "minimum": 0, "maximum": 1}},
+    "cbn": {"num_components": {"type": "integer", "minimum": 1, "maximum": MAX_COMPONENTS}, "eps": _EPS,
+            "prior_momentum": _MOMENTUM, "mean_momentum": _MOMENTUM, "var_momentum": _MOMENTUM,
+            "responsibilities": {"enum": ["pixel", "sample"]}, "train_stats": {"enum": ["batch", "running"]},
+            "init": {"enum": ["first_batch", "random"]}, "init_std": {"type": "number", "minimum": 0},
+            "detach_responsibilities": _BOOL, "em": _BOOL, "unbiased_var": _BOOL},
+    "nbn": {"eps": _EPS, "momentum": _MOMENTUM, "alpha": {"enum": ["shared", "per_layer", "separate"]},
+            "alpha_weight_decay": _BOOL},
+}
+
+_WEIGHTING = {"enum": ["none", "cb", "inverse"]}
+_BETA = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
+LOSS_OPTIONS: dict[str, dict[str, dict]] = {
+    "ce": {"weighting": _WEIGHTING, "beta": _BETA},
+    "balanced_softmax": {"weighting": _WEIGHTING, "beta": _BETA},
+    "focal": {"gamma": {"type": "number", "minimum": 0}, "weighting": _WEIGHTING, "beta": _BETA},
+    "ldam": {"max_m": {"type": "number", "exclusiveMinimum": 0}, "s": {"type": "number", "exclusiveMinimum": 0},
+             "drw": _BOOL, "drw_epoch_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+             "weighting": {"enum": [None, "none", "cb", "inverse"]}, "beta": _BETA},
+    "logit_adjust": {"tau": {"type": "number", "minimum": 0}, "weighting": _WEIGHTING, "beta": _BETA},
+}
+
+
+def options_schema(kind: str, name: str) -> dict:
+    """The JSON schema of the ``options`` of norm/loss ``name`` (``kind`` "norm" or "loss")."""
+    props = (NORM_OPTIONS if kind == "norm" else LOSS_OPTIONS)[name]
+    return {"type": "object", "properties": props, "additionalProperties": False}
+
 
 SAMPLERS: tuple[str, ...] = ("uniform", "class_balanced", "sqrt")
 

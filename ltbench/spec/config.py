@@ -7,6 +7,7 @@ error is a :class:`ConfigError` whose message names the offending key and value.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -21,6 +22,11 @@ from ltbench.errors import ConfigError
 from ltbench.spec import catalog, methods
 
 
+# JSON schema's "integer" admits 4.0; a count or a seed must be a real int (and never a bool).
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool)))
 
 
 @lru_cache(maxsize=None)
@@ -46,14 +52,43 @@ def _key(path) -> str:
     return out or "(top level)"
 
 
+def _message(e: jsonschema.ValidationError) -> str:
+    """jsonschema's message, or the schema's own ``x-error`` text (also from an ``anyOf`` branch)."""
+    for err in (e, *e.context):
+        if isinstance(err.schema, Mapping) and "x-error" in err.schema:
+            return f"{e.instance!r} {err.schema['x-error']}"
+    return e.message
+
+
+def schema_errors(instance: Any, sub: str | Mapping | None = None) -> list[tuple[str, str]]:
+    """(key path, message) of every violation of the config schema, or of its definition
+    ``sub`` (a ``$defs`` name) or of the schema fragment ``sub``; non-finite numbers included."""
+    root = schema()
+    target = root if sub is None else {"$defs": root["$defs"], "$ref": f"#/$defs/{sub}"} \
+        if isinstance(sub, str) else {"$defs": root["$defs"], **sub}
+    errors = sorted(_Validator(target).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+    out = [(_key(e.absolute_path), _message(e)) for e in errors]
+    return out + [(k, f"{v!r} is not a finite number") for k, v in _non_finite(instance)]
+
+
+def _non_finite(obj: Any, path: tuple = ()) -> Iterator[tuple[str, float]]:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        yield _key(path), obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _non_finite(v, (*path, k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _non_finite(v, (*path, i))
+
+
 def validate(config: Mapping[str, Any]) -> dict:
     """Validate ``config`` and return a copy with every default filled in."""
     if not isinstance(config, Mapping):
         raise ConfigError(f"config must be a mapping, got {type(config).__name__}")
-    errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(config),
-                    key=lambda e: list(map(str, e.absolute_path)))
+    errors = schema_errors(config)
     if errors:
-        lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors[:10]]
+        lines = [f"config key {k}: {msg}" for k, msg in errors[:10]]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     cfg = {**_defaults(schema()), **copy.deepcopy(dict(config))}
     cfg["train"] = {**train_defaults(), **cfg.get("train", {})}
@@ -71,9 +106,9 @@ def _check_names(cfg: Mapping) -> None:
         if name not in data.DATASETS:
             raise ConfigError(f"config key datasets.{name}: unknown dataset {name!r}; "
                               f"known: {', '.join(data.DATASETS)}")
-    for m, r in extra.items():
+    for m in extra:
         try:
-            methods.check(m, methods.recipe(m, extra))
+            check_recipe(m, methods.recipe(m, extra))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"config key methods.{m}: {e.args[0]}") from None
     for ename, exp in cfg["experiments"].items():
@@ -83,21 +118,82 @@ def _check_names(cfg: Mapping) -> None:
                 if v not in known:
                     raise ConfigError(f"config key experiments.{ename}.{key}[{i}]: unknown "
                                       f"{key[:-1]} {v!r}; known: {', '.join(known)}")
-        for m in exp["methods"]:
-            try:
-                methods.check(m, methods.recipe(m, extra))
-            except (KeyError, ValueError) as e:
-                raise ConfigError(f"config key experiments.{ename}.methods: {e.args[0]}") from None
+        try:
+            for d in exp["datasets"]:
+                for m in exp["methods"]:
+                    check_spec(cell_spec(cfg, d, m, exp["backbones"][0]))
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"config key experiments.{ename}.methods: {e.args[0]}") from None
+        for d in exp["datasets"]:
+            for i, r in enumerate(exp["ratios"]):
+                try:
+                    check_ratio(d, r, cfg["datasets"].get(d, {}).get("profile", "exp"))
+                except ConfigError as e:
+                    raise ConfigError(f"config key experiments.{ename}.ratios[{i}]: {e}") from None
+
+
+def check_recipe(name: str, r: Mapping) -> None:
+    """Names (``methods.check``), then the type and range of every recipe key and of every
+    norm/loss option (:data:`catalog.NORM_OPTIONS`, :data:`catalog.LOSS_OPTIONS`). Raises
+    ``KeyError``/``ConfigError`` naming the method, the key and the value."""
+    methods.check(name, r)
+    for key, msg in schema_errors(dict(r), "recipe"):
+        raise ConfigError(f"method {name!r}: recipe key {key}: {msg}")
+    for part in ("norm", "loss"):
+        pname = r[part]["name"]
+        for key, msg in schema_errors(r[part]["options"], catalog.options_schema(part, pname)):
+            raise ConfigError(f"method {name!r}: {part} {pname!r} option {key}: {msg}")
+
+
+def check_spec(spec: Mapping) -> None:
+    """A cell's resolved settings: the merged ``train`` block against the schema, and the recipe
+    keys that depend on it (the decoupled stages must both get epochs)."""
+    m, train, dt = spec["method"], spec["train"], spec["recipe"]["decoupled"]
+    check_recipe(m, spec["recipe"])
+    for key, msg in schema_errors(dict(train), "train"):
+        raise ConfigError(f"method {m!r} on {spec['dataset']}: train.{key}: {msg}" if key != "(top level)"
+                          else f"method {m!r} on {spec['dataset']}: train: {msg}")
+    if dt["enabled"] and dt["classifier"] != "tau_norm":
+        head = int(round(dt["fraction"] * train["epochs"]))  # as the trainer splits the epochs
+        for stage, n in (("classifier", head), ("representation", train["epochs"] - head)):
+            if n < 1:
+                raise ConfigError(f"method {m!r}: decoupled.fraction {dt['fraction']} leaves no {stage} "
+                                  f"epoch of train.epochs {train['epochs']}")
+
+
+def check_ratio(dataset: str, ratio: float, profile: str = "exp") -> None:
+    """A finite ratio ≥ 1 that leaves every class of ``dataset`` at least one training image."""
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio < 1:
+        raise ConfigError(f"imbalance ratio must be a finite number >= 1, got {ratio!r}")
+    spec = data.get(dataset)
+    if getattr(spec, "image_lists", False):
+        return  # counts come from the training list (prepare checks its ratio)
+    counts = data.longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
+    empty = [c for c, n in enumerate(counts) if n < 1]
+    if empty:
+        raise ConfigError(f"imbalance ratio {ratio:g} leaves {len(empty)} class(es) of {dataset} without "
+                          f"training images (first: class {empty[0]}; the head class has {spec.n_max}); "
+                          f"use a ratio of at most {spec.n_max}")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """``yaml.safe_load`` of a file; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({what})") from None
 
 
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    raw = read_yaml(path)
     try:
         return validate(methods.merge(raw or {}, overrides or {}))
     except ConfigError as e:

@@ -50,4 +50,4 @@ rule aggregate:
         out_dir=lambda w, output: os.path.dirname(output.runs),
         cfg=lambda w: json.dumps(config),
     shell:
-        "python -m ltbench aggregate {input:q} --out-dir {params.out_dir} --config-json {params.cfg:q} > {log} 2>&1"
+        "python -m ltbench aggregate {input:q} --out-dir {params.out_dir:q} --config-json {params.cfg:q} > {log:q} 2>&1"

@@ -2,6 +2,7 @@
 # rules' input and resource functions, and the partial report written when a run fails (report.smk).
 import json
 import re
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)  # the ltbench package next to this Snakefile
@@ -11,14 +12,19 @@ from ltbench.spec import config as ltconfig
 from ltbench import data as ltdata
 from ltbench.spec import catalog
 
+# A YAML syntax error in a config file never gets here: Snakemake parses --configfile (and the
+# Snakefile's default config) itself and says only "Config file is not valid JSON or YAML";
+# `python -m ltbench plan --configfile FILE` names the file, line and column (README).
 try:
     config = ltconfig.validate(config)
     ltdata.imagelists.check_config(config)  # image-list datasets: lists configured, natural ratio
 except ConfigError as e:
-    raise WorkflowError(str(e))
+    _files = [str(f) for f in (workflow.overwrite_configfiles or workflow.configfiles)]
+    raise WorkflowError(f"{e}\n(config files: {', '.join(_files) or 'none; --config only'})")
 
 # Rules run `python -m ltbench` from the package next to the Snakefile (also inside conda envs).
-shell.prefix(f"export PYTHONPATH={workflow.basedir}:$PYTHONPATH; ")
+# Every value the rules put into a shell command is quoted (`{output:q}`, ...), this path too.
+shell.prefix(f'export PYTHONPATH={shlex.quote(workflow.basedir)}:"$PYTHONPATH"; ')
 
 R = config["results_dir"]
 DATA = config["data_dir"]

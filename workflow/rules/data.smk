@@ -15,8 +15,8 @@ rule download:
     resources:
         runtime=60,
     shell:
-        "python -m ltbench download --dataset {wildcards.dataset} --data-dir {params.data_dir:q} "
-        "--config-json {params.cfg:q} --done {output} > {log} 2>&1"
+        "python -m ltbench download --dataset {wildcards.dataset:q} --data-dir {params.data_dir:q} "
+        "--config-json {params.cfg:q} --done {output:q} > {log:q} 2>&1"
 
 
 rule prepare:
@@ -34,9 +34,9 @@ rule prepare:
     resources:
         mem_mb=4000,
     shell:
-        "python -m ltbench prepare --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
-        "--subset-seed {wildcards.subset} --data-dir {params.data_dir:q} --config-json {params.cfg:q} "
-        "--out {output} > {log} 2>&1"
+        "python -m ltbench prepare --dataset {wildcards.dataset:q} --ratio {wildcards.ratio:q} "
+        "--subset-seed {wildcards.subset:q} --data-dir {params.data_dir:q} --config-json {params.cfg:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 # Image-list datasets (ImageNet-LT, Places-LT, iNaturalist 2018): the user's images and lists are
@@ -55,5 +55,5 @@ rule prepare_lists:
     resources:
         mem_mb=4000,
     shell:
-        "python -m ltbench prepare --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
-        "--config-json {params.cfg:q} --out {output} > {log} 2>&1 || (cat {log} >&2; exit 1)"
+        "python -m ltbench prepare --dataset {wildcards.dataset:q} --ratio {wildcards.ratio:q} "
+        "--config-json {params.cfg:q} --out {output:q} > {log:q} 2>&1 || (cat {log:q} >&2; exit 1)"

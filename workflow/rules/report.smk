@@ -34,8 +34,8 @@ rule report:
         cfg=lambda w: json.dumps(config),
         agg=lambda w, input: os.path.dirname(input[0]),
     shell:
-        "python -m ltbench report --aggregate-dir {params.agg} --figures-dir {output.figures} "
-        "--tables-dir {output.tables} --config-json {params.cfg:q} --out {output.html} > {log} 2>&1"
+        "python -m ltbench report --aggregate-dir {params.agg:q} --figures-dir {output.figures:q} "
+        "--tables-dir {output.tables:q} --config-json {params.cfg:q} --out {output.html:q} > {log:q} 2>&1"
 
 
 onerror:

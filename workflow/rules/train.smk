@@ -31,6 +31,6 @@ rule train:
         mem_mb=train_resource("mem_mb", 4000),
         cpus_per_task=train_resource("cpus_per_task", 1),
     shell:
-        "exec {params.launch} -m ltbench train --dataset {wildcards.dataset} --ratio {wildcards.ratio} "
-        "--method {wildcards.method:q} --backbone {wildcards.backbone} --seed {wildcards.seed} "
-        "--spec {params.spec:q} --data {input} --threads {threads} --out {params.out} > {log} 2>&1"
+        "exec {params.launch} -m ltbench train --dataset {wildcards.dataset:q} --ratio {wildcards.ratio:q} "
+        "--method {wildcards.method:q} --backbone {wildcards.backbone:q} --seed {wildcards.seed:q} "
+        "--spec {params.spec:q} --data {input:q} --threads {threads} --out {params.out:q} > {log:q} 2>&1"
