@@ -76,7 +76,10 @@ def load(path: Path, device: torch.device, label: str) -> dict | None:
         return read(path, device)
     except CheckpointError as e:  # writes are atomic: a file-system crash, a disk error or another version
         bad = path.with_name(path.name + ".unreadable")
-        path.replace(bad)
+        try:
+            path.replace(bad)
+        except FileNotFoundError:  # another rank of a multi-GPU run moved it first
+            pass
         print(f"{label}: warning: {path} {e}; moved to {bad.name}, starting the cell afresh", file=sys.stderr)
         return None
 
