@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from ltbench.errors import ConfigError, DownloadError, ListCheckError, Preempted
+from ltbench.errors import CellBusy, ConfigError, DownloadError, ListCheckError, Preempted
 
 # `train` stopped by SIGTERM/SIGUSR1 after writing checkpoint.pt (EX_TEMPFAIL: retry to resume).
 EXIT_PREEMPTED = 75
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, Preempted):
             print(f"ltbench {args.cmd}: preempted: {e}; run the same command again to resume", file=sys.stderr)
             return EXIT_PREEMPTED
-        if isinstance(e, (DownloadError, FloatingPointError, ListCheckError)):
+        if isinstance(e, (CellBusy, DownloadError, FloatingPointError, ListCheckError)):
             print(f"ltbench {args.cmd}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -25,3 +25,7 @@ class ReferenceFileError(LtbenchError, ValueError):
 
 class Preempted(LtbenchError):
     """SIGTERM/SIGUSR1 arrived; a checkpoint was written and the run can be resumed."""
+
+
+class CellBusy(LtbenchError, RuntimeError):
+    """Another process is training the same cell directory (it holds the cell lock)."""

@@ -10,10 +10,10 @@ import itertools
 import yaml
 
 from conftest import ROOT
+from ltbench import data
 from ltbench.data import augment
-from ltbench.spec import methods
-from ltbench.tools import bench
-from ltbench.training import trainer as train
+from ltbench.spec import config
+from ltbench.tools import bench, plan
 
 
 def demo_cells() -> set:
@@ -29,7 +29,9 @@ def test_both_paths_normalize_identically_and_give_the_same_loss():
     y = torch.randint(0, 10, (16,), generator=g)
     ds = bench._PILDataset(x.permute(0, 2, 3, 1).numpy(), y.numpy(), ["none"])
     common = torch.stack([ds[i][0][0] for i in range(16)])
-    mean, std = torch.tensor(bench.CIFAR_MEAN), torch.tensor(bench.CIFAR_STD)
+    cifar = data.get("cifar10")
+    assert bench.CIFAR is cifar  # the dataset's own statistics, not a copy
+    mean, std = torch.tensor(cifar.mean), torch.tensor(cifar.std)
     fast = augment.normalize(x, mean, std)
     assert torch.allclose(common, fast, atol=1e-6)
     losses = []
@@ -38,12 +40,6 @@ def test_both_paths_normalize_identically_and_give_the_same_loss():
         recipe, model, criterion, _ = bench._setup("baseline+cbn+sbn", "resnet8", 10, torch.device("cpu"), False)
         losses.append(bench._loss(recipe, model, criterion, {"strong": batch}, y, torch.zeros_like(y), amp=False))
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
-
-
-def test_passes_per_step():
-    assert bench.passes(methods.recipe("ce")) == 1
-    assert bench.passes(methods.recipe("baseline+cbn+sbn")) == 2
-    assert bench.passes(methods.recipe("baseline+cbn+sbn+dpl")) == 4
 
 
 def test_bench_command_on_cpu(cli, tmp_path):
@@ -58,6 +54,9 @@ def test_bench_command_on_cpu(cli, tmp_path):
     assert out["speedup"] == pytest.approx(out["fast"]["images_per_s"] / out["common"]["images_per_s"], rel=0.01)
     proj = out["projected_device_hours"]
     assert proj["unique_cells"] == len(demo_cells()) and proj["total"] > 0
+    # the projection is `ltbench plan`'s, with this measurement as resnet8's speed
+    assert "bench" in proj["speed_sources"]
+    assert proj["total"] == round(plan.plan(config.load(ROOT / "config" / "demo.yaml"), bench=out)["hours_total"], 3)
     # projection: 400 epochs × 12406 images at the measured speed plus evaluation
     ips, eval_ips = out["fast"]["images_per_s"], out["eval_images_per_s"]
     assert out["projected_400_epoch_cifar10_lt_r100_wall_s"] == pytest.approx(

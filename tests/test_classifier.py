@@ -1,4 +1,6 @@
 """The decoupled classifier stage (cRT, LWS, τ-norm) on a ResNet-8 and random 8×8 images."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -33,8 +35,12 @@ def data():
     return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, K, (16,), generator=g)
 
 
-def frozen_features(model, x):
-    model.eval()
+def frozen_features(model, x, backbone_mode="eval"):
+    """The stage's features by hand: eval = running statistics; train = the batch's statistics
+    (computed on a copy, so the model's running statistics move only in the stage itself)."""
+    if backbone_mode == "train":
+        model = copy.deepcopy(model)
+    model.train(backbone_mode == "train")
     with torch.no_grad():
         return model.features(x)
 
@@ -54,12 +60,16 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def test_backbone_mode_defaults_to_kangs_train_mode():
+    assert DEFAULT_RECIPE["decoupled"]["backbone_mode"] == "train"
+
+
 @pytest.mark.parametrize("rectified", [False, True])
 @pytest.mark.parametrize("kind", ["crt", "lws"])
 def test_training_step_changes_only_the_head(data, kind, rectified):
     x, y = data
     model = make_model(rectified=rectified)
-    dt = make_dt(kind, reweight="cb")
+    dt = make_dt(kind, reweight="cb", backbone_mode="eval")
     head = classifier.setup_stage(model, dt, K)
     before, head_before = snapshot(model), snapshot(head)
     fc_keys = {k for k in before if k.startswith("fc.") and k.endswith(("weight", "bias"))}
@@ -80,6 +90,42 @@ def test_training_step_changes_only_the_head(data, kind, rectified):
         assert changed == (kind == "crt" and k in fc_keys), k
     assert all(not torch.equal(head_before[k], head_after[k]) for k in head_before)
     assert logits.shape == (16, K)
+    assert not any(m.training for m in model.modules())  # left in eval mode
+
+
+@pytest.mark.parametrize("rectified", [False, True])
+@pytest.mark.parametrize("kind", ["crt", "lws"])
+def test_train_backbone_mode_reestimates_bn_statistics_and_changes_no_weight(data, kind, rectified):
+    """Kang et al.'s classifier stage: the frozen backbone in train mode, so BN normalizes with the
+    batch's statistics and its running statistics move; no backbone weight and no rectification
+    statistic changes."""
+    x, y = data
+    model = make_model(rectified=rectified)
+    dt = make_dt(kind, backbone_mode="train")
+    head = classifier.setup_stage(model, dt, K)
+    before = snapshot(model)
+    model.eval()  # the stage must switch the backbone to train mode itself
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    loss, _ = classifier.stage_loss(model, head, x, y, losses.make("ce", COUNTS), dt, COUNTS)
+    loss.backward()
+    opt.step()
+    after = snapshot(model)
+    bn_stats = [k for k in before if k.endswith(("running_mean", "running_var")) and not k.startswith("fc.")]
+    assert bn_stats and all(not torch.equal(before[k], after[k]) for k in bn_stats)
+    head_keys = {"fc.weight", "fc.bias", "fc.0.weight", "fc.0.bias"} if kind == "crt" else set()
+    for k in before:
+        if k not in bn_stats and not k.endswith("num_batches_tracked"):
+            assert torch.equal(before[k], after[k]) == (k not in head_keys), k
+    assert model.layer1.training and (not rectified or not model.fc[1].training)
+
+
+def test_unknown_backbone_mode_is_an_error(data):
+    x, y = data
+    model = make_model()
+    dt = make_dt("crt", backbone_mode="frozen")
+    head = classifier.setup_stage(model, dt, K)
+    with pytest.raises(ValueError, match="backbone_mode.*'frozen'"):
+        classifier.stage_loss(model, head, x, y, losses.make("ce", COUNTS), dt, COUNTS)
 
 
 def test_crt_reinit_is_nn_linear_default():
@@ -96,30 +142,33 @@ def test_crt_reinit_is_nn_linear_default():
     assert torch.equal(head.weight, old)
 
 
+@pytest.mark.parametrize("backbone_mode", ["eval", "train"])
 @pytest.mark.parametrize("reweight", ["none", "cb", "inverse"])
 @pytest.mark.parametrize("rectified", [False, True])
-def test_crt_stage_loss_closed_form(data, reweight, rectified):
+def test_crt_stage_loss_closed_form(data, reweight, rectified, backbone_mode):
     x, y = data
     model = make_model(rectified=rectified)
-    dt = make_dt("crt", reweight=reweight, reinit=False)
+    dt = make_dt("crt", reweight=reweight, reinit=False, backbone_mode=backbone_mode)
     head = classifier.setup_stage(model, dt, K)
+    f = frozen_features(model, x, backbone_mode)
     loss, logits = classifier.stage_loss(model, head, x, y, losses.make("ce", COUNTS), dt, COUNTS)
-    z = ref_logits(model, frozen_features(model, x)).double().numpy()
+    z = ref_logits(model, f).double().numpy()
     torch.testing.assert_close(logits, torch.tensor(z, dtype=torch.float32), rtol=1e-5, atol=1e-5)
     zn, yn = z - z.max(1, keepdims=True), y.numpy()
     ce = np.log(np.exp(zn).sum(1)) - zn[np.arange(len(yn)), yn]
     n = COUNTS.double().numpy()
     w = {"none": np.ones(K), "cb": (1 - 0.9999) / (1 - 0.9999 ** n), "inverse": 1 / n}[reweight][yn]
     np.testing.assert_allclose(loss.item(), (w * ce).sum() / w.sum(), rtol=1e-5)
-    em = classifier.eval_model(model, head, dt).eval()
-    torch.testing.assert_close(em(x), torch.tensor(z, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    if backbone_mode == "eval":  # in train mode the stage moved the running statistics the test model uses
+        em = classifier.eval_model(model, head, dt).eval()
+        torch.testing.assert_close(em(x), torch.tensor(z, dtype=torch.float32), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rectified", [False, True])
 def test_lws_scales_logits(data, rectified):
     x, y = data
     model = make_model(rectified=rectified)
-    dt = make_dt("lws")
+    dt = make_dt("lws", backbone_mode="eval")
     fc_before = snapshot(model.fc)
     head = classifier.setup_stage(model, dt, K)
     assert torch.equal(head.scale, torch.ones(K))

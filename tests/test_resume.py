@@ -1,17 +1,21 @@
-"""Fault tolerance of `python -m ltbench train`, in real subprocesses.
+"""Fault tolerance of `python -m ltbench train`, mostly in real subprocesses.
 
 Killed outright (SIGKILL, no chance to save) at random points, a cell resumes from its last
 periodic checkpoint every time; stopped by SIGTERM / SIGUSR1 (what SLURM sends before a time
 limit or a preemption) it checkpoints where it is and exits 75. Either way the final metrics are
 bit-identical to an uninterrupted run on CPU, and metrics.json never exists until the cell has
 finished. A diverging cell stops with a diagnostic, writes no metrics.json and is never retrained
-by a retry.
+by a retry. A damaged checkpoint (checksum) or one without every key is moved aside and the cell
+restarts; a second trainer of a locked cell exits naming the holder; an unwritable output directory
+is an error before any training.
 """
+import errno
 import json
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +27,8 @@ import torch
 import yaml
 
 from conftest import ROOT
+from ltbench.errors import CellBusy, ConfigError
+from ltbench.training import celldir, checkpoint
 
 METHOD = "baseline+cbn+sbn+dpl"  # CBN buffers + EM init, split path, two AutoAugment views: the most state
 EPOCHS = 10
@@ -105,7 +111,7 @@ def check_checkpoint(out: Path):
     assert not (out / "metrics.json").exists(), "metrics.json of an unfinished cell"
     ck = out / "checkpoint.pt"
     if ck.exists():
-        state = torch.load(ck, weights_only=True)
+        state = checkpoint.read(ck)  # verified: checksum and every key
         assert {"model", "opt", "sched", "perm", "gen", "torch_rng", "numpy_rng", "python_rng"} <= set(state)
         assert any(k.endswith("running_prior") for k in state["model"])  # CBN buffers are in the model state
         assert any(k.endswith("running_mean") for k in state["model"])
@@ -222,3 +228,98 @@ def test_divergence_stops_with_a_diagnostic_and_a_retry_does_not_retrain(referen
     # another spec (a lower lr) trains, and its success clears the old diagnostic
     train.run(_spec(), 10, 0, data, out)
     assert (out / "metrics.json").exists() and not (out / "diverged.json").exists()
+
+
+# ---- damaged checkpoints, the cell lock, unwritable outputs ----
+
+def test_checkpoint_checksum_and_required_keys(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    payload = {k: torch.arange(3.0) for k in checkpoint.REQUIRED}
+    checkpoint.save(path, payload)
+    assert torch.equal(checkpoint.read(path)["model"], torch.arange(3.0))
+    wrapped = torch.load(path, weights_only=True)
+    wrapped["payload"][len(wrapped["payload"]) // 2] ^= 0x10  # one flipped bit in the payload
+    torch.save(wrapped, path)
+    with pytest.raises(checkpoint.CheckpointError, match="fails its checksum"):
+        checkpoint.read(path)
+    checkpoint.save(path, {k: v for k, v in payload.items() if k != "gen"})
+    with pytest.raises(checkpoint.CheckpointError, match="lacks the keys gen"):
+        checkpoint.read(path)
+    torch.save(payload, path)  # a plain torch.save: no checksum to verify
+    with pytest.raises(checkpoint.CheckpointError, match="not a checksummed"):
+        checkpoint.read(path)
+
+
+def _checkpoint_after_one_epoch(data, out):
+    """A real checkpoint.pt of _spec(checkpoint_every=1), written at the end of epoch 1."""
+    from ltbench.training import trainer as train
+
+    t = train.Trainer(_spec(checkpoint_every=1), 10, 0, data, out)
+    t.signals = train._Signals()
+    t.run_epoch()
+    assert t.epoch == 1 and (out / "checkpoint.pt").exists()
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "missing_key"])
+def test_damaged_checkpoint_is_moved_aside_and_the_cell_restarts(reference, tmp_path, capfd, damage):
+    from ltbench.training import trainer as train
+
+    data, _ = reference
+    ref = train.run(_spec(checkpoint_every=1), 10, 0, data, tmp_path / "ref")
+    out = tmp_path / "cell"
+    ck = _checkpoint_after_one_epoch(data, out)
+    if damage == "flipped_byte":
+        blob = bytearray(ck.read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        ck.write_bytes(bytes(blob))
+    else:
+        payload = checkpoint.read(ck)
+        del payload["gen"]
+        checkpoint.save(ck, payload)
+    capfd.readouterr()
+    got = train.run(_spec(checkpoint_every=1), 10, 0, data, out)
+    err = capfd.readouterr().err
+    assert "moved to checkpoint.pt.unreadable, starting the cell afresh" in err and "resumed" not in err, err
+    assert ("lacks the keys gen" in err) if damage == "missing_key" else ("checksum" in err or "cannot be read" in err)
+    assert (out / "checkpoint.pt.unreadable").exists() and got["per_class_acc"] == ref["per_class_acc"]
+
+
+def test_a_second_trainer_of_a_locked_cell_exits_naming_the_holder(reference, tmp_path):
+    data, _ = reference
+    out = tmp_path / "cell"
+    with celldir.claim(out):  # this test process is the running trainer
+        run = Run(cell_cmd(data, out))
+        assert run.finish() == 1
+        err = run.stderr()
+        assert f"being trained by another process (pid {os.getpid()} on {socket.gethostname()}" in err, err
+        assert "ltbench train: error:" in err and "epoch 1/" not in err
+        from ltbench.training import trainer as train
+
+        with pytest.raises(CellBusy, match=f"pid {os.getpid()}"):
+            train.run(_spec(), 10, 0, data, out)
+    assert sorted(p.name for p in out.iterdir()) == []  # the lock file goes with its holder
+    with celldir.claim(out):  # and the cell can be claimed again
+        assert (out / celldir.LOCK_NAME).exists()
+
+
+def test_unwritable_output_directory_fails_before_training(reference, tmp_path, monkeypatch):
+    data, _ = reference
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cmd = cell_cmd(data, tmp_path / "cell")
+    cmd[cmd.index("--out") + 1] = str(blocker / "cell")
+    run = Run(cmd)
+    assert run.finish() == 2
+    err = run.stderr()
+    assert f"the output directory {blocker / 'cell'} is not writable" in err and "epoch 1/" not in err, err
+    # a read-only file system (simulated: as root, permissions do not stop a write)
+    from ltbench.training import trainer as train
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(celldir.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(train, "Trainer", None)  # never reached
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'ro'} is not writable .Read-only file system"):
+        train.run(_spec(), 10, 0, data, tmp_path / "ro")

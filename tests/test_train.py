@@ -20,9 +20,10 @@ def prepared(tmp_path_factory):
     return d / "digits.npz"
 
 
-def spec(method="ce", **train_overrides):
-    c = config.validate({"train": {**FAST, **train_overrides}, "experiments": {
-        "e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method], "backbones": ["resnet8"]}}})
+def spec(method="ce", recipe=None, **train_overrides):
+    c = config.validate({"train": {**FAST, **train_overrides}, "methods": {method: recipe} if recipe else {},
+                         "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method],
+                                               "backbones": ["resnet8"]}}})
     return config.cell_spec(c, "digits-lt", method, "resnet8")
 
 
@@ -61,20 +62,6 @@ def test_divergence_is_a_clear_error_and_writes_nothing(prepared, tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
-def test_lr_schedule_shapes(schedule):
-    t = {"epochs": 10, "warmup_epochs": 2, "schedule": schedule, "step_milestones": [0.5, 0.8],
-         "step_factors": [0.1, 0.01]}
-    f = train.lr_lambda(t, steps_per_epoch=10)
-    assert f(0) == pytest.approx(0.05) and f(19) == pytest.approx(1.0)  # linear warmup over 20 steps
-    if schedule == "cosine":
-        assert f(20) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(99) < 0.01
-    elif schedule == "step":
-        assert f(49) == 1.0 and f(50) == pytest.approx(0.1) and f(80) == pytest.approx(0.01)
-    else:
-        assert f(99) == 1.0
-
-
 def test_train_command(prepared, tmp_path, cli):
     p = cli("train", "--dataset", "digits-lt", "--ratio", 10, "--backbone", "resnet8", "--epochs", 2,
             "--batch-size", 64, "--data", prepared, "--out", tmp_path / "cell", "--seed", 3)
@@ -109,21 +96,6 @@ def test_every_builtin_method_trains_and_records_its_recipe(prepared, tmp_path, 
         assert any(k.endswith("running_prior") for k in state)
 
 
-def test_consistency_loss_stops_gradients_at_the_weak_view():
-    torch.manual_seed(0)
-    z = {k: torch.randn(6, 4, requires_grad=True) for k in
-         ("compound/weak", "compound/strong", "split/weak", "split/strong")}
-    loss = train.consistency_loss(z, "cross")
-    loss.backward()
-    assert z["compound/weak"].grad is None or not z["compound/weak"].grad.any()
-    assert z["split/weak"].grad is None or not z["split/weak"].grad.any()
-    assert z["compound/strong"].grad.abs().sum() > 0 and z["split/strong"].grad.abs().sum() > 0
-    # closed form: −½[cos(c_s, s_w) + cos(s_s, c_w)]
-    cos = torch.nn.functional.cosine_similarity
-    expect = -0.5 * (cos(z["compound/strong"], z["split/weak"]).mean() + cos(z["split/strong"], z["compound/weak"]).mean())
-    assert loss.item() == pytest.approx(expect.item())
-
-
 def test_split_path_uses_class_groups(prepared, tmp_path, monkeypatch):
     seen = []
     real = norm.split_mode
@@ -136,6 +108,28 @@ def test_split_path_uses_class_groups(prepared, tmp_path, monkeypatch):
     train.run(spec("baseline+cbn+sbn", epochs=1, checkpoint_every=0), 10, 0, prepared, tmp_path)
     assert seen and all(g.max() <= 3 and g.min() >= 0 for g in seen)  # M = 4 groups of the 10 classes
     assert set(torch.cat(seen).tolist()) == {0, 1, 2, 3}
+
+
+def test_classifier_stage_backbone_mode(prepared, tmp_path):
+    """backbone_mode eval: the final backbone is the representation stage's (equal to 4 epochs of ce);
+    train (default): the same weights, BN running statistics re-estimated in the classifier stage."""
+    ce = torch.load(_cell(spec("ce", epochs=4), prepared, tmp_path / "ce") / "model.pt", weights_only=True)
+    got = {}
+    for mode in ("eval", "train"):
+        s = spec("crt", recipe={"decoupled": {"backbone_mode": mode}}, epochs=5, checkpoint_every=0)
+        assert s["recipe"]["decoupled"]["backbone_mode"] == mode
+        got[mode] = torch.load(_cell(s, prepared, tmp_path / mode) / "model.pt", weights_only=True)
+    backbone = [k for k in ce if not k.startswith("fc.")]
+    stats = [k for k in backbone if k.endswith(("running_mean", "running_var"))]
+    assert all(torch.equal(ce[k], got["eval"][f"backbone.{k}"]) for k in backbone)
+    assert all(torch.equal(ce[k], got["train"][f"backbone.{k}"]) for k in backbone if k not in stats
+               and not k.endswith("num_batches_tracked"))
+    assert all(not torch.equal(ce[k], got["train"][f"backbone.{k}"]) for k in stats)
+
+
+def _cell(s, prepared, out):
+    train.run(s, 10, 0, prepared, out)
+    return out
 
 
 class _SignalAfter(train._Signals):

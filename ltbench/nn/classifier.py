@@ -3,7 +3,7 @@
 After the representation epochs the backbone is frozen and only a classifier head is learned
 (or, for τ-normalization, the classifier is rescaled post hoc). ``dt`` is a recipe's
 ``decoupled`` dict (keys ``enabled``, ``fraction``, ``classifier``, ``sampler``, ``reweight``,
-``reinit``, ``lr``, ``tau``; missing keys take the defaults of
+``reinit``, ``lr``, ``tau``, ``backbone_mode``; missing keys take the defaults of
 ``methods.DEFAULT_RECIPE["decoupled"]``). The stage's sampler is chosen by the caller
 (``ltbench.nn.sampling``); re-weighting (RW) is applied here, in :func:`stage_loss`.
 
@@ -15,8 +15,13 @@ folded into the test-time weights.
 
 Choices the papers leave open, made here:
 
-- Frozen features use the backbone in eval mode (BN running statistics, no update), computed
-  under ``torch.no_grad``. :func:`stage_loss` leaves the model in eval mode.
+- Frozen features are computed under ``torch.no_grad`` with the backbone in the mode
+  ``dt["backbone_mode"]`` names: ``train`` (default; Kang et al.'s classifier-balancing code keeps
+  every network in train mode in this stage: BN normalizes with the stage's (class-balanced) batch
+  statistics and its running statistics move towards them, so the test-time backbone changes in
+  this stage although no weight does) or ``eval`` (running statistics, no update). :func:`stage_loss`
+  leaves the model in that mode. The rectification BatchNorm1d stays in eval mode either way (it is
+  part of the frozen classifier).
 - ``crt``: the classifier Linear is the head; with ``reinit`` it is re-initialized as
   ``nn.Linear.reset_parameters`` does (Kaiming-uniform, a = √5; bias U(±1/√D)), from the global
   RNG. The loss is the recipe's criterion.
@@ -43,6 +48,7 @@ from ltbench.registry import Registry
 from ltbench.spec.methods import DEFAULT_RECIPE
 
 STAGES = Registry("decoupled classifier")
+BACKBONE_MODES = ("train", "eval")
 POST_HOC = ("τ-normalization (classifier: tau_norm) is post hoc and has no training step; "
             "skip the classifier-stage epochs and call eval_model")
 
@@ -205,7 +211,8 @@ def stage_loss(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tens
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, logits) of one classifier-stage batch; gradients reach only ``head``.
 
-    Features come from the backbone in eval mode under ``torch.no_grad``; the loss is
+    Features come from the backbone in ``dt["backbone_mode"]`` (train: batch statistics, running
+    statistics updated; eval: running statistics) under ``torch.no_grad``; the loss is
     ``criterion.per_sample`` reduced with class weights of kind ``dt["reweight"]`` ("none" =
     plain mean). Raises ``RuntimeError`` for tau_norm, which is not trained.
     """
@@ -213,7 +220,13 @@ def stage_loss(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tens
     stage = _stage(dt)
     if not stage.trainable:
         raise RuntimeError(POST_HOC)
-    model.eval()
+    if dt["backbone_mode"] not in BACKBONE_MODES:
+        raise ValueError(f"decoupled.backbone_mode must be one of {', '.join(BACKBONE_MODES)}, "
+                         f"not {dt['backbone_mode']!r}")
+    model.train(dt["backbone_mode"] == "train")
+    _, rect = classifier_layers(model)
+    if rect is not None:
+        rect.eval()
     with torch.no_grad():
         features = model.features(x)
     logits = stage.logits(model, head, features).float()

@@ -39,6 +39,7 @@ from ltbench import io  # noqa: E402
 
 from ltbench.analysis import compare
 from ltbench.data.longtail import format_ratio  # noqa: E402
+from ltbench.spec.catalog import backbone_depth  # noqa: E402
 from ltbench.report.tables import Layout, dataset_name, fmt_delta, method_name, metric_name  # noqa: E402
 
 METRICS = ["top1", "many", "medium", "few"]
@@ -245,19 +246,14 @@ def fig_components(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     return save(fig, path)
 
 
-def _depth(backbone: str) -> float:
-    m = re.search(r"(\d+)$", backbone)
-    return float(m.group(1)) if m else math.nan
-
-
 def fig_backbones(runs: pd.DataFrame, exp: Mapping, path: Path, metric: str = "top1") -> Path:
     s = select(runs, exp).dropna(subset=["value"])
     s = s[s["metric"] == metric]
     if s.empty:
         raise Skip("no finished run")
     backbones = [b for b in exp["backbones"] if b in set(s["backbone"])]
-    if all(not math.isnan(_depth(b)) for b in backbones):
-        backbones.sort(key=_depth)
+    if all(math.isfinite(backbone_depth(b)) for b in backbones):
+        backbones.sort(key=backbone_depth)
     pos = {b: i for i, b in enumerate(backbones)}
     s["x"] = s["backbone"].map(pos).astype(float)
     s["panel"] = [_cell_label(d, r) for d, r in zip(s["dataset"], s["ratio"])]

@@ -11,6 +11,9 @@ recipe against them when the DAG is built and in the CLI, naming the method, the
 """
 from __future__ import annotations
 
+import math
+import re
+
 NORMS: dict[str, dict] = {
     "bn": {"eps": 1e-05, "momentum": 0.1},
     "cbn": {"num_components": 4, "eps": 1e-05, "prior_momentum": 0.1, "mean_momentum": 0.1,
@@ -68,6 +71,15 @@ HEADS: tuple[str, ...] = ("linear", "cosine")
 
 BACKBONES: tuple[str, ...] = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                               "resnet50", "resnet152", "resnext50_32x4d")
+
+
+
+def backbone_depth(backbone: str) -> float:
+    """The depth of a ResNet-family backbone from its name (``resnet32`` → 32, ``resnext50_32x4d`` → 50),
+    ``inf`` for a name without one (sorts after every known depth)."""
+    m = re.match(r"res(?:net|next)(\d+)", backbone)
+    return float(m.group(1)) if m else math.inf
+
 
 # kind of part → its names (and options), as methods.check and the error messages use them
 PARTS: dict[str, object] = {"norm": NORMS, "loss": LOSSES, "sampler": SAMPLERS, "head": HEADS,

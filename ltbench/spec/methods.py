@@ -29,7 +29,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "classify_on": None,  # None: the last view of every path, e.g. ["compound/strong", "split/strong"]
     "consistency": {"weight": 0.0, "pairing": "cross"},
     "decoupled": {"enabled": False, "fraction": 0.2, "classifier": "crt", "loss": "ce", "sampler": "uniform",
-                  "reweight": "none", "reinit": True, "lr": None, "tau": 1.0},
+                  "reweight": "none", "reinit": True, "lr": None, "tau": 1.0, "backbone_mode": "train"},
     "posthoc_tau": None,
     "logit_rectification": False,
     "train": {},
@@ -47,6 +47,11 @@ OPEN_DETAILS: dict[str, str] = {
     "recipe.decoupled.loss": "Loss of the classifier stage (not stated by CBN Table 3; default cross-entropy as in cRT: "
                              "the representation's Balanced Softmax on top of RS/RW would correct the imbalance twice).",
     "recipe.head": "Classifier layer: linear, or cosine (LDAM-DRW's NormedLinear, which LDAM's s = 30 assumes).",
+    "recipe.decoupled.backbone_mode": "Mode of the frozen backbone in the classifier stage: 'train' (Kang et al.'s "
+                                      "classifier-balancing code keeps every network in train mode: BN normalizes with "
+                                      "the stage's class-balanced batch statistics and re-estimates its running "
+                                      "statistics; default) or 'eval' (running statistics of the representation stage, "
+                                      "unchanged). Not stated by CBN Table 3 or Kang et al.'s paper.",
     "recipe.decoupled.lr": "Classifier-stage learning rate (null = the representation stage's lr), cosine over the stage.",
     "recipe.norm.options.train_stats": "CBN open detail 1: normalize with batch statistics (as BN does in training) or "
                                        "the running statistics during training (default batch).",
@@ -68,6 +73,8 @@ OPEN_DETAILS: dict[str, str] = {
     "train.weight_decay": "CBN: weight decay not stated (default 2e-4, the LDAM-DRW value).",
     "train.momentum": "CBN: SGD momentum not stated (default 0.9).",
     "train.warmup_epochs": "CBN: warmup not stated (default 5 epochs, the LDAM-DRW convention).",
+    "train.warmup_per": "Whether the linear warmup ramps every optimizer step ('step', default) or once per epoch "
+                        "('epoch': lr × (e+1)/warmup_epochs in epoch e, as LDAM-DRW's adjust_learning_rate).",
 }
 
 VIEWS_OF_AUGMENT = {"crop_flip": ["weak"], "autoaugment": ["strong"], "none": ["none"]}
@@ -126,6 +133,21 @@ def recipe(name: str, extra: Mapping[str, Mapping] | None = None) -> dict:
         if r[part]["name"] in table:
             r[part]["options"] = {**table[r[part]["name"]], **r[part]["options"]}
     return r
+
+
+def step_logits(recipe: Mapping) -> list[str]:
+    """The ``"path/view"`` logits one training step computes, in forward order (paths, then views):
+    the pairs that get the classification loss (``classify_on``), and every path × view pair when a
+    consistency loss is on (CBN's DPL, Eq. 19: 2 paths × 2 views). ``recipe`` is resolved (:func:`recipe`)."""
+    wanted = set(recipe["classify_on"])
+    if recipe["consistency"]["weight"] > 0:
+        wanted |= {f"{p}/{v}" for p in recipe["paths"] for v in recipe["views"]}
+    return [f"{p}/{v}" for p in recipe["paths"] for v in recipe["views"] if f"{p}/{v}" in wanted]
+
+
+def passes(recipe: Mapping) -> int:
+    """Forward passes per training step (1 for a plain recipe, 4 for CBN's DPL)."""
+    return len(step_logits(recipe))
 
 
 def check(name: str, r: Mapping) -> None:

@@ -5,17 +5,18 @@ synthetic CIFAR-shaped uint8 data for a fixed number of steps:
 
 - ``fast``: ltbench's own loop — images on the training device as uint8, per-sample crop/flip and
   AutoAugment on the device (:mod:`ltbench.data.augment`), the method's views × paths forward
-  (:func:`ltbench.training.trainer.forward_paths`), bf16 autocast on CUDA, loss accumulated on the device
+  and loss (:mod:`ltbench.training.step`), bf16 autocast on CUDA, loss accumulated on the device
   (one host synchronisation at the end).
 - ``common``: what LDAM-DRW-style code does — a torchvision ``Dataset`` of PIL images,
   ``RandomCrop(32, 4)`` + flip (+ ``AutoAugment(CIFAR10)`` for a strong view) + ``ToTensor`` +
-  ``Normalize`` in DataLoader workers, the fp32 eager model, the same views × paths forward, and
+  ``Normalize`` (CIFAR-10's mean and std, as the fast path) in DataLoader workers, the fp32 eager
+  model, the same views × paths forward and loss, and
   ``loss.item()`` every step.
 
 The result (JSON) gives images/s and step time of each path, the speed-up, the projected wall
 time of a 400-epoch CIFAR-10-LT (ρ = 100) cell including per-epoch evaluation on 10k test images,
-and, with ``--config``, the projected device-hours of that config's whole grid (each cell scaled
-by its training-set size, epochs and forward passes per step relative to the benchmarked method).
+and, with ``--config``, the projected device-hours of that config's whole grid: ``ltbench plan``'s
+projection (:func:`ltbench.tools.plan.plan`) with this measurement as the speed of its backbone.
 """
 from __future__ import annotations
 
@@ -29,24 +30,18 @@ import torch.nn as nn
 
 from ltbench import data
 from ltbench.data import augment
-from ltbench.nn import backbones as models, losses, norm
+from ltbench.nn import losses, norm
 from ltbench.spec import config, methods
-from ltbench.training import trainer as train
+from ltbench.tools import plan
+from ltbench.training import step, trainer as train
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+#: The benchmark's images are CIFAR-shaped and normalized with CIFAR-10's statistics.
+CIFAR = data.get("cifar10")
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def passes(recipe: dict) -> int:
-    """Forward passes per training step (views × paths that are computed)."""
-    wanted = set(recipe["classify_on"])
-    if recipe["consistency"]["weight"] > 0:
-        wanted |= {f"{p}/{v}" for p in recipe["paths"] for v in recipe["views"]}
-    return len(wanted)
 
 
 def _setup(method: str, backbone: str, num_classes: int, device: torch.device, channels_last: bool):
@@ -62,15 +57,9 @@ def _setup(method: str, backbone: str, num_classes: int, device: torch.device, c
 
 
 def _loss(recipe, model, criterion, views: dict, y, groups, amp: bool) -> torch.Tensor:
-    wanted = set(recipe["classify_on"])
-    cons = recipe["consistency"]
-    if cons["weight"] > 0:
-        wanted |= {f"{p}/{v}" for p in recipe["paths"] for v in recipe["views"]}
-    out = train.forward_paths(model, views, recipe["paths"], wanted, groups, amp)
-    loss = sum(criterion(out[k], y) for k in recipe["classify_on"]) / len(recipe["classify_on"])
-    if cons["weight"] > 0:
-        loss = loss + cons["weight"] * train.consistency_loss(out, cons["pairing"])
-    return loss
+    """The trainer's step loss (:func:`ltbench.training.step.step_loss`) of one batch."""
+    logits = step.forward_paths(model, views, recipe["paths"], set(step.step_logits(recipe)), groups, amp)
+    return step.step_loss(recipe, criterion, logits, y)[0]
 
 
 def _step(opt, loss) -> None:
@@ -84,7 +73,7 @@ def run_fast(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, st
     num_classes = int(y.max()) + 1
     recipe, model, criterion, opt = _setup(method, backbone, num_classes, device, channels_last)
     x_u8, y = x_u8.to(device), y.to(device)
-    mean, std = torch.tensor(CIFAR_MEAN, device=device), torch.tensor(CIFAR_STD, device=device)
+    mean, std = torch.tensor(CIFAR.mean, device=device), torch.tensor(CIFAR.std, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     group_of_class = norm.class_groups(num_classes, recipe["norm"]["options"].get("num_components", 1)).to(device)
 
@@ -122,7 +111,7 @@ class _PILDataset(torch.utils.data.Dataset):
 
         self.images, self.labels = images, labels
         weak = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
-        tail = [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+        tail = [T.ToTensor(), T.Normalize(CIFAR.mean, CIFAR.std)]
         self.transforms = {"weak": T.Compose(weak + tail),
                            "strong": T.Compose(weak + [T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)] + tail),
                            "none": T.Compose(tail)}
@@ -184,28 +173,6 @@ def eval_images_per_s(model: nn.Module, mean, std, device: torch.device, amp: bo
     return reps * len(x) / (time.perf_counter() - t0)
 
 
-def project_grid(cfg: dict, images_per_s: float, bench_passes: int) -> dict:
-    """Device-hours of every cell of ``cfg`` at the measured speed (scaled by passes per step)."""
-    per_exp: dict[str, float] = {}
-    total = 0.0
-    seen = set()
-    for ename in cfg["experiments"]:
-        hours = 0.0
-        for c in config.cells(cfg, ename):
-            spec = config.cell_spec(cfg, c.dataset, c.method, c.backbone)
-            try:
-                n_train = sum(data.counts_for(c.dataset, float(c.ratio), spec["dataset_options"]["profile"]))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue  # datasets whose size comes from user lists: not projected here
-            h = spec["train"]["epochs"] * n_train * passes(spec["recipe"]) / bench_passes / images_per_s / 3600
-            hours += h
-            if c not in seen:
-                seen.add(c)
-                total += h
-        per_exp[ename] = round(hours, 3)
-    return {"per_experiment": per_exp, "unique_cells": len(seen), "total": round(total, 3)}
-
-
 def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, batch_size: int = 128,
          device: str = "auto", workers: int = 4, common: bool = True, config_path: str | None = None,
          n_images: int = 2048, warmup: int = 3, epochs: int = 400) -> dict[str, Any]:
@@ -222,7 +189,7 @@ def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, 
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "method": method, "backbone": backbone, "batch_size": batch_size, "steps": steps,
-        "passes_per_step": passes(recipe), "amp": "bf16" if amp else "none",
+        "passes_per_step": methods.passes(recipe), "amp": "bf16" if amp else "none",
         "fast": {k: round(v, 3) for k, v in fast.items()},
         "eval_images_per_s": round(eval_ips, 1),
         f"projected_{epochs}_epoch_cifar10_lt_r100_wall_s": round(epochs * epoch_s, 1),
@@ -233,10 +200,17 @@ def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, 
         out["common"] = {k: round(v, 3) for k, v in c.items()}
         out["speedup"] = round(fast["images_per_s"] / c["images_per_s"], 2)
     if config_path:
-        out["projected_device_hours"] = {"config": config_path,
-                                         **project_grid(config.load(config_path), fast["images_per_s"],
-                                                        passes(recipe))}
+        out["projected_device_hours"] = project(config.load(config_path), out, config_path)
     return out
+
+
+def project(cfg: dict, result: dict, config_path: str) -> dict:
+    """GPU-hours of every cell of ``cfg`` by :func:`ltbench.tools.plan.plan`, with this benchmark
+    ``result`` as the speed of its backbone (training and evaluation)."""
+    p = plan.plan(cfg, bench=result)
+    return {"config": config_path, "per_experiment": {e["name"]: round(e["hours"], 3) for e in p["experiments"]},
+            "unique_cells": p["unique_cells"], "total": round(p["hours_total"], 3),
+            "cells_without_estimate": p["cells_without_estimate"], "speed_sources": p["speed_sources"]}
 
 
 def format_json(result: dict) -> str:

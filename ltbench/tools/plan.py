@@ -35,6 +35,8 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ltbench.spec import config as ltconfig
+from ltbench.spec.catalog import backbone_depth
+from ltbench.spec.methods import passes
 
 #: Rough training throughput (images/s, one view and one path, batch 128, plain BN, bf16 autocast)
 #: on one current data-centre GPU (A100 / H100 class) for 32×32 inputs. NOT measured: an order of
@@ -47,27 +49,10 @@ EVAL_SPEEDUP = 3.0
 TEST_SIZES = {"cifar10": 10000, "cifar100": 10000, "digits-lt": 500}
 
 
-def _depth(backbone: str) -> float:
-    import re
-
-    m = re.search(r"(\d+)$", backbone)
-    return float(m.group(1)) if m else math.inf
-
-
 def _h(hours: float | None) -> str:
     if hours is None:
         return "?"
     return f"{hours:.1f}" if hours >= 10 else f"{hours:.3g}"
-
-
-def passes(recipe: Mapping) -> int:
-    """Forward passes per training step: the path/view pairs it classifies, plus every pair when a
-    consistency loss is on (CBN's DPL: 2 paths × 2 views = 4)."""
-    wanted = set(recipe.get("classify_on") or [])
-    paths, views = recipe.get("paths") or ["compound"], recipe.get("views") or ["weak"]
-    if (recipe.get("consistency") or {}).get("weight", 0) > 0:
-        wanted |= {f"{p}/{v}" for p in paths for v in views}
-    return max(1, len(wanted) or len(paths))
 
 
 def _n_train(dataset: str, ratio: str, spec: Mapping) -> int | None:
@@ -99,14 +84,10 @@ class _Measured:
             raise FileNotFoundError(f"throughput file {f} does not exist")
         if f.suffix == ".json":
             try:
-                b = json.loads(f.read_text())
-                ips = float(b["fast"]["images_per_s"])
-                bb, npass = b["backbone"], int(b.get("passes_per_step", 1))
+                self.add_bench(json.loads(f.read_text()), f.name)
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"throughput file {f}: not an `ltbench bench --out` JSON ({e!r} missing or bad)") \
                     from None
-            self.bench[bb] = {"one_pass_ips": ips * npass, "eval_ips": b.get("eval_images_per_s"),
-                              "label": f"measured: ltbench bench {f.name} ({b.get('method')}, {b.get('device')})"}
             return
         df = pd.read_csv(f)
         need = {"backbone", "method", "device", "wall_time_s", "n_train", "train.epochs", "seed", "dataset", "ratio"}
@@ -119,6 +100,13 @@ class _Measured:
                 self.runs.append({"backbone": r["backbone"], "method": r["method"],
                                   "s_per_image": r["wall_time_s"] / work, "gpu": str(r["device"]).startswith("cuda"),
                                   "file": f.name, "device": str(r["device"])})
+
+    def add_bench(self, b: Mapping, where: str) -> str:
+        """Add an ``ltbench bench`` result (read from ``where``); returns its backbone."""
+        ips, bb, npass = float(b["fast"]["images_per_s"]), b["backbone"], int(b.get("passes_per_step", 1))
+        self.bench[bb] = {"one_pass_ips": ips * npass, "eval_ips": b.get("eval_images_per_s"),
+                          "label": f"measured: ltbench bench {where} ({b.get('method')}, {b.get('device')})"}
+        return bb
 
     def _pick(self, rows: list[dict]) -> tuple[list[dict], bool]:
         gpu = [r for r in rows if r["gpu"]]
@@ -142,70 +130,77 @@ class _Measured:
                           f"{', '.join(sorted({r['file'] for r in rows}))}, scaled by passes{dev}")
 
 
-def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = ()) -> dict:
-    """The plan as a JSON-able dict (see the module docstring); ``cfg`` is a validated config."""
+def _speed(backbone: str, method: str, p: int, knob: Mapping, measured: _Measured, passes_of: Mapping[str, int],
+           pinned: str | None = None) -> dict:
+    """The speed of (backbone, method) from the first source that has one (module docstring); a
+    ``pinned`` backbone (``ltbench bench --config``) takes its bench measurement first."""
+    s = {"backbone": backbone, "method": method, "passes": p, "images_per_s": None, "eval_images_per_s": None,
+         "s_per_image": None, "includes_eval": False, "kind": "unknown",
+         "source": f"no speed for {backbone}: set plan.images_per_s.{backbone} in the config or pass --throughput"}
+    if backbone in knob and backbone != pinned:
+        one = float(knob[backbone])
+        s.update(images_per_s=one / p, eval_images_per_s=EVAL_SPEEDUP * one, kind="config",
+                 source=f"config plan.images_per_s.{backbone}: {one:g} img/s for one pass")
+    elif backbone != pinned and (m := measured.same(backbone, method)) is not None:
+        s.update(s_per_image=m[0], images_per_s=1.0 / m[0], includes_eval=True, source=m[1], kind="measured")
+    elif backbone in measured.bench:
+        b = measured.bench[backbone]
+        s.update(images_per_s=b["one_pass_ips"] / p, kind="bench",
+                 eval_images_per_s=b["eval_ips"] or EVAL_SPEEDUP * b["one_pass_ips"],
+                 source=f"{b['label']}: {b['one_pass_ips']:.0f} img/s for one pass")
+    elif (m := measured.other(backbone, passes_of)) is not None:
+        s.update(s_per_image=m[0] * p, images_per_s=1.0 / (m[0] * p), includes_eval=True, source=m[1],
+                 kind="measured, scaled")
+    elif backbone in DEFAULT_IMAGES_PER_S:
+        one = DEFAULT_IMAGES_PER_S[backbone]
+        s.update(images_per_s=one / p, eval_images_per_s=EVAL_SPEEDUP * one, kind="default",
+                 source=f"default estimate (unmeasured) for {backbone}: {one:g} img/s for one pass")
+    return s
+
+
+def _hours(c: ltconfig.Cell, spec: Mapping, s: Mapping) -> float | None:
+    """Projected hours of one cell at speed ``s``: training, plus evaluation unless ``s`` includes it."""
+    n_train = _n_train(c.dataset, c.ratio, spec)
+    if s["images_per_s"] is None or n_train is None:
+        return None
+    t = spec["train"]
+    sec = t["epochs"] * n_train / s["images_per_s"]
+    n_test = _n_test(c.dataset, spec)
+    if not s["includes_eval"] and n_test and s["eval_images_per_s"]:
+        every = t.get("eval_every", 1)
+        evals = math.ceil(t["epochs"] / every) + (t["epochs"] % every != 0)
+        sec += evals * n_test / s["eval_images_per_s"]
+    return sec / 3600
+
+
+def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = (), bench: Mapping | None = None) -> dict:
+    """The plan as a JSON-able dict (see the module docstring); ``cfg`` is a validated config.
+
+    ``bench``: an ``ltbench bench`` result, the speed of its backbone ahead of every other source
+    (what ``ltbench bench --config`` projects)."""
     files = [Path(f) for f in throughput_files]
     own = Path(cfg["results_dir"]) / "aggregate" / "runs.csv"
     if own.exists() and own not in files:
         files.append(own)
     measured = _Measured(files)
+    pinned = measured.add_bench(bench, "(this run)") if bench is not None else None
     knob = (cfg.get("plan") or {}).get("images_per_s", {})
-
     specs, passes_of = {}, {}
     for c in ltconfig.cells(cfg):
         if (c.dataset, c.method, c.backbone) not in specs:
             spec = ltconfig.cell_spec(cfg, c.dataset, c.method, c.backbone)
             specs[(c.dataset, c.method, c.backbone)] = spec
             passes_of[c.method] = passes(spec["recipe"])
+    speeds = {(c.backbone, c.method): None for c in ltconfig.cells(cfg)}
+    for b, m in speeds:
+        speeds[(b, m)] = _speed(b, m, passes_of[m], knob, measured, passes_of, pinned)
+    per_cell = {c: _hours(c, specs[(c.dataset, c.method, c.backbone)], speeds[(c.backbone, c.method)])
+                for c in ltconfig.cells(cfg)}
+    return _summary(cfg, per_cell, speeds, files)
 
-    speeds: dict[tuple[str, str], dict] = {}
 
-    def speed(backbone: str, method: str) -> dict:
-        key = (backbone, method)
-        if key in speeds:
-            return speeds[key]
-        p = passes_of[method]
-        s = {"backbone": backbone, "method": method, "passes": p, "images_per_s": None, "eval_images_per_s": None,
-             "s_per_image": None, "includes_eval": False, "kind": "unknown",
-             "source": f"no speed for {backbone}: set plan.images_per_s.{backbone} in the config or pass --throughput"}
-        if backbone in knob:
-            one = float(knob[backbone])
-            s.update(images_per_s=one / p, eval_images_per_s=EVAL_SPEEDUP * one, kind="config",
-                     source=f"config plan.images_per_s.{backbone}: {one:g} img/s for one pass")
-        elif (m := measured.same(backbone, method)) is not None:
-            s.update(s_per_image=m[0], images_per_s=1.0 / m[0], includes_eval=True, source=m[1], kind="measured")
-        elif backbone in measured.bench:
-            b = measured.bench[backbone]
-            s.update(images_per_s=b["one_pass_ips"] / p, kind="bench",
-                     eval_images_per_s=b["eval_ips"] or EVAL_SPEEDUP * b["one_pass_ips"],
-                     source=f"{b['label']}: {b['one_pass_ips']:.0f} img/s for one pass")
-        elif (m := measured.other(backbone, passes_of)) is not None:
-            s.update(s_per_image=m[0] * p, images_per_s=1.0 / (m[0] * p), includes_eval=True, source=m[1],
-                     kind="measured, scaled")
-        elif backbone in DEFAULT_IMAGES_PER_S:
-            one = DEFAULT_IMAGES_PER_S[backbone]
-            s.update(images_per_s=one / p, eval_images_per_s=EVAL_SPEEDUP * one, kind="default",
-                     source=f"default estimate (unmeasured) for {backbone}: {one:g} img/s for one pass")
-        speeds[key] = s
-        return s
-
-    def hours(c: ltconfig.Cell) -> float | None:
-        spec = specs[(c.dataset, c.method, c.backbone)]
-        s = speed(c.backbone, c.method)
-        n_train = _n_train(c.dataset, c.ratio, spec)
-        if s["images_per_s"] is None or n_train is None:
-            return None
-        epochs = spec["train"]["epochs"]
-        sec = epochs * n_train / s["images_per_s"]
-        n_test = _n_test(c.dataset, spec)
-        if not s["includes_eval"] and n_test and s["eval_images_per_s"]:
-            evals = math.ceil(epochs / spec["train"].get("eval_every", 1)) + (epochs % spec["train"].get("eval_every", 1) != 0)
-            sec += evals * n_test / s["eval_images_per_s"]
-        return sec / 3600
-
-    per_cell = {c: hours(c) for c in ltconfig.cells(cfg)}
-    exps = []
-    listed = 0
+def _summary(cfg: Mapping, per_cell: Mapping, speeds: Mapping, files: list[Path]) -> dict:
+    exps, listed = [], 0
     for name, exp in cfg["experiments"].items():
         cells = ltconfig.cells(cfg, name)
         listed += len(cells)
@@ -216,18 +211,16 @@ def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = ()) -> dict:
                      "cells_without_estimate": sum(h is None for h in hs)})
     rows = []
     for (b, m), s in speeds.items():
-        cells = [c for c in per_cell if c.backbone == b and c.method == m]
-        hs = [per_cell[c] for c in cells]
-        rows.append({**{k: v for k, v in s.items() if k != "s_per_image"}, "cells": len(cells),
+        hs = [h for c, h in per_cell.items() if c.backbone == b and c.method == m]
+        rows.append({**{k: v for k, v in s.items() if k != "s_per_image"}, "cells": len(hs),
                      "hours": sum(h for h in hs if h is not None) if any(h is not None for h in hs) else None})
     known = [h for h in per_cell.values() if h is not None]
     methods_order = list(dict.fromkeys(m for e in cfg["experiments"].values() for m in e["methods"]))
-    kinds = sorted({r["kind"] for r in rows})
+    order = lambda r: (backbone_depth(r["backbone"]), r["backbone"], methods_order.index(r["method"]))  # noqa: E731
     return {"name": cfg.get("name"), "experiments": exps, "listed_cells": listed, "unique_cells": len(per_cell),
             "hours_total": sum(known), "cells_without_estimate": len(per_cell) - len(known),
             "gpus": max(1, int((cfg.get("resources", {}).get("train") or {}).get("gpu", 1) or 1)),
-            "speed_sources": kinds, "speeds": sorted(rows, key=lambda r: (_depth(r["backbone"]), r["backbone"],
-                                                                          methods_order.index(r["method"]))),
+            "speed_sources": sorted({r["kind"] for r in rows}), "speeds": sorted(rows, key=order),
             "throughput_files": [str(f) for f in files]}
 
 

@@ -1,24 +1,26 @@
 """Train one cell (dataset × ratio × method × backbone × seed) and write its metrics.
 
-The whole loop is in :func:`run`. The prepared uint8 images live on the training device, each
-batch is augmented there with per-sample random ops, and per-step statistics accumulate on the
-device, so there is no host synchronisation inside an epoch. A method recipe (``methods.yaml``)
-decides the views per image (weak / strong), the forward paths (compound / split = SBN), which
-logits get the classification loss, the stop-gradient consistency of dual-path learning, and an
-optional decoupled classifier stage.
+:func:`run` builds a :class:`Trainer` and calls :meth:`Trainer.fit`. The prepared uint8 images
+live on the training device, each batch is augmented there with per-sample random ops, and
+per-step statistics accumulate on the device, so there is no host synchronisation inside an epoch.
+A method recipe (``methods.yaml``) decides the views per image, the forward paths and the loss of a
+step (:mod:`ltbench.training.step`) and an optional decoupled classifier stage
+(:mod:`ltbench.nn.classifier`): the stage plan is representation epochs, then classifier epochs.
 
 Outputs in ``out_dir``: ``model.pt`` (the final state_dict), ``train.jsonl`` (one line per
 epoch) and ``metrics.json`` (final accuracy overall / many / medium / few and per class, counts,
 the resolved spec, seeds, code version, device, wall time, throughput), written atomically, in
-that order, so ``metrics.json`` exists only for a finished cell.
+that order, so ``metrics.json`` exists only for a finished cell. Before anything is trained the
+directory is checked writable and locked against a second trainer (:mod:`ltbench.training.celldir`).
 
 Preemption: ``checkpoint.pt`` (model with every norm-layer buffer, optimizers, schedules, the
 sampler's permutation and position in the epoch, the torch / CUDA / generator / NumPy / Python RNG
-states) is written atomically every ``train.checkpoint_every`` epochs and when SIGTERM or SIGUSR1
-arrives (what SLURM sends before a kill; the run then raises :class:`Preempted`); a run started
-again in the same ``out_dir`` resumes from it, and on CPU ends with bit-identical metrics. A run
-killed outright (SIGKILL) resumes from the last periodic checkpoint. Checkpoints hold tensors and
-plain containers only and load with ``torch.load(weights_only=True)``.
+states; with a checksum, :mod:`ltbench.training.checkpoint`) is written atomically every
+``train.checkpoint_every`` epochs and when SIGTERM or SIGUSR1 arrives (what SLURM sends before a
+kill; the run then raises :class:`Preempted`); a run started again in the same ``out_dir`` resumes
+from it, and on CPU ends with bit-identical metrics. A run killed outright (SIGKILL) resumes from the
+last periodic checkpoint. Checkpoints hold tensors and plain containers only and load with
+``torch.load(weights_only=True)``.
 
 Divergence: a non-finite training loss stops the cell with :class:`FloatingPointError` naming the
 epoch, the first non-finite step and its learning rate, and writes ``diverged.json`` (that
@@ -34,23 +36,24 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ltbench import data, io
-from ltbench.nn import backbones as models, classifier, losses, norm, sampling
-from ltbench.errors import Preempted
 from ltbench.data.longtail import format_ratio
-from ltbench.training import distributed, gpus
-from ltbench.data.sources import TensorSource, make_source  # noqa: F401
+from ltbench.data.sources import make_source
+from ltbench.errors import Preempted
+from ltbench.nn import backbones as models, classifier, losses, norm, sampling
+from ltbench.training import celldir, checkpoint, distributed, gpus, step
+from ltbench.training.evaluation import evaluate, group_accuracy
+from ltbench.training.schedule import lr_lambda
 
-
+#: The trainer's progress through the cell, saved in (and restored from) a checkpoint.
+COUNTERS = ("epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct", "first_bad")
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,96 +64,388 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_lambda(train: Mapping[str, Any], steps_per_epoch: int, epochs: int | None = None,
-              warmup_epochs: float | None = None):
-    """LR multiplier per optimizer step: linear warmup, then cosine / step / constant."""
-    epochs = train["epochs"] if epochs is None else epochs
-    total = epochs * steps_per_epoch
-    warm = int(round((train["warmup_epochs"] if warmup_epochs is None else warmup_epochs) * steps_per_epoch))
-    milestones = [int(round(f * total)) for f in train["step_milestones"]]
-    factors = train["step_factors"]
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if train["schedule"] == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-        if train["schedule"] == "step":
-            passed = sum(step >= m for m in milestones)
-            return factors[passed - 1] if passed else 1.0
-        return 1.0
-
-    return f
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, source, num_classes: int, adjust: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-class count of correct test predictions (int64 tensor on the device).
-
-    ``adjust`` is subtracted from the logits first (post-hoc logit adjustment, τ log π).
-    """
-    was_training = model.training
-    model.eval()
-    correct = None
-    for x, y in source.test():
-        if correct is None:
-            correct = torch.zeros(num_classes, dtype=torch.long, device=y.device)
-        logits = model(x).float()
-        if adjust is not None:
-            logits = logits - adjust
-        correct.index_add_(0, y, (logits.argmax(1) == y).long())
-    model.train(was_training)
-    return correct
-
-
-def group_accuracy(per_class: np.ndarray, groups: list[str]) -> dict[str, float | None]:
-    """Mean accuracy (%) over the classes of each group; None for an empty group."""
-    out: dict[str, float | None] = {}
-    for g in ("many", "medium", "few"):
-        sel = [i for i, gg in enumerate(groups) if gg == g]
-        out[g] = float(100.0 * per_class[sel].mean()) if sel else None
-    return out
-
-
-def consistency_loss(logits: Mapping[str, torch.Tensor], pairing: str) -> torch.Tensor:
-    """Stop-gradient cosine consistency between the compound and split paths (CBN Eq. 19).
-
-    cross:     −½[cos(z^c_s, sg(z^s_w)) + cos(z^s_s, sg(z^c_w))]  (weak-view predictions are targets)
-    same_view: −½[cos(z^c_s, sg(z^s_s)) + cos(z^s_w, sg(z^c_w))]
-    """
-    c_w, c_s, s_w, s_s = (logits[k] for k in ("compound/weak", "compound/strong", "split/weak", "split/strong"))
-    if pairing == "cross":
-        pairs = ((c_s, s_w), (s_s, c_w))
-    elif pairing == "same_view":
-        pairs = ((c_s, s_s), (s_w, c_w))
+def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.Module:
+    """The backbone with the recipe's norm layers (in scope) and optional logit rectification."""
+    recipe = spec["recipe"]
+    n = recipe["norm"]
+    scope = n.get("scope", "all")
+    # A norm layer is injected through the backbone's norm_layer; restricted scopes and NBN's
+    # shared α (one Parameter across layers) need model-level surgery instead (norm.apply).
+    if scope == "all" and n["options"].get("alpha") != "shared":
+        model = models.build(spec["backbone"], num_classes, channels, norm.factory(n["name"], n["options"]))
     else:
-        raise ValueError(f"unknown consistency pairing {pairing!r}; known: cross, same_view")
-    return -0.5 * sum(F.cosine_similarity(a, b.detach(), dim=1).mean() for a, b in pairs)
+        model = norm.apply(models.build(spec["backbone"], num_classes, channels), n["name"], scope=scope,
+                           **n["options"])
+    if spec["train"].get("pretrained"):
+        models.load_pretrained(model, spec["train"]["pretrained"])
+    if models.HEADS[recipe["head"]] is not None:
+        model.fc = models.HEADS[recipe["head"]](model.fc.in_features, num_classes)
+    if recipe["logit_rectification"]:
+        norm.rectify_logits(model)
+    return model
 
 
-class PathsForward(nn.Module):
-    """Every wanted (path, view) logit of one training step in one call (:func:`forward_paths`), so
-    that DistributedDataParallel sees one forward per backward even for SBN's and DPL's passes."""
+def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path, out_dir: str | Path,
+        overrides: Mapping[str, Any] | None = None) -> dict | None:
+    """Train the cell described by ``spec`` (see :func:`ltbench.spec.config.cell_spec`).
 
-    def __init__(self, model: nn.Module, paths, wanted: set[str], amp: bool):
-        super().__init__()
-        self.model, self.paths, self.wanted, self.amp = model, list(paths), set(wanted), amp
+    Returns the metrics (also written to ``out_dir/metrics.json``); under ``torchrun`` with several
+    processes (:mod:`ltbench.training.distributed`) rank 0 returns them and the other ranks None.
+    Rank 0 checks that ``out_dir`` is writable and holds the cell lock while it trains."""
+    world = distributed.from_env()
+    try:
+        with celldir.claim(Path(out_dir), lock=world.main):
+            return Trainer(spec, ratio, seed, data_file, out_dir, overrides, world).fit()
+    finally:
+        distributed.teardown(world)
 
-    def forward(self, views: Mapping[str, torch.Tensor], groups: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return forward_paths(self.model, views, self.paths, self.wanted, groups, self.amp)
+
+def _rank_seed(seed: int, world: distributed.World, *position: int) -> int:
+    """Rank 0 draws from ``seed`` (a single-process run's stream); other ranks from their own."""
+    if world.main and not position:
+        return seed
+    return int(np.random.SeedSequence([seed, world.rank, *position]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def forward_paths(model: nn.Module, views: Mapping[str, torch.Tensor], paths, wanted: set[str],
-                  groups: torch.Tensor | None, amp: bool) -> dict[str, torch.Tensor]:
-    """Logits keyed ``"path/view"`` for every wanted pair; the split path runs in SBN mode."""
-    out = {}
-    for p in paths:
-        ctx = norm.split_mode(model, groups) if p == "split" else nullcontext()
-        with ctx, torch.autocast(next(iter(views.values())).device.type, dtype=torch.bfloat16, enabled=amp):
-            for v, x in views.items():
-                if f"{p}/{v}" in wanted:
-                    out[f"{p}/{v}"] = model(x).float()
-    return out
+class Trainer:
+    """One cell's training: the setup in ``__init__``, then :meth:`fit` runs the epochs and writes the outputs.
+
+    The setup runs in a fixed order (device, seeds, data source, model, criterion, optimizer, stage
+    plan), which fixes what each random stream draws; then the outputs are prepared and a checkpoint
+    of the same spec and seed is resumed. Progress is in the attributes named by :data:`COUNTERS`.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
+                 out_dir: str | Path, overrides: Mapping[str, Any] | None = None,
+                 world: distributed.World | None = None):
+        self.spec = json.loads(json.dumps(spec))  # private deep copy
+        self.train = {**self.spec["train"], **(overrides or {})}
+        self.spec["train"] = self.train
+        self.recipe, self.dt = self.spec["recipe"], self.spec["recipe"]["decoupled"]
+        self.ratio, self.seed, self.out_dir = ratio, seed, Path(out_dir)
+        self.world = world or distributed.World()
+        self.t_start = time.time()
+        self._setup_device()
+        self._seed()
+        self._setup_data(data_file)
+        self._setup_model()
+        self._plan_stages()
+        self._setup_outputs()
+        self._reset_counters()
+        self.resume()
+        self.step_forward = self._step_forward()
+
+    # ---- setup ----
+
+    def _setup_device(self) -> None:
+        world, t = self.world, self.train
+        device = distributed.setup(world, pick_device(t["device"]))
+        if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+            device = torch.device("cuda", gpus.claim(torch.cuda.device_count()))  # a local multi-GPU machine
+            torch.cuda.set_device(device)
+        distributed.check_batch(t["batch_size"], world)
+        if t["threads"]:
+            torch.set_num_threads(t["threads"])
+        self.device = device
+        self.amp = device.type == "cuda" and t["amp"] == "bf16"
+        self.bs = t["batch_size"] // world.size  # per process; train.batch_size is the global batch
+
+    def _seed(self) -> None:
+        torch.manual_seed(self.seed)  # the same initial weights on every rank
+        np.random.seed(self.seed)
+        random.seed(self.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(_rank_seed(self.seed, self.world))
+
+    def _setup_data(self, data_file: str | Path) -> None:
+        self.dspec = data.get(self.spec["dataset"])
+        opts = self.spec["dataset_options"]
+        self.source = make_source(data_file, self.device, self.dspec, opts, self.train)  # .npz or image lists
+        self.counts = self.source.counts
+        self.K = K = len(self.counts)  # dspec.num_classes, or an image-list dataset's expected.classes
+        self.groups = data.class_groups(self.counts, opts["many_threshold"], opts["few_threshold"])
+        test_y = self.source.test_y.cpu().numpy()
+        self.test_per_class = np.maximum(np.bincount(test_y, minlength=K), 1).astype(np.float64)
+        self.counts_t = torch.tensor(self.counts, dtype=torch.float32, device=self.device)
+        shard = distributed.shard(torch.arange(len(self.source)), self.world)
+        self.steps_per_epoch = self.source.steps(len(shard), self.bs)
+
+    def _setup_model(self) -> None:
+        t, r, device = self.train, self.recipe, self.device
+        self.model = build_model(self.spec, self.K, self.dspec.channels).to(device)
+        if t["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = losses.make(r["loss"]["name"], self.counts, **r["loss"]["options"]).to(device)
+        nopts = r["norm"]["options"]
+        self.fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
+        self.opt = torch.optim.SGD(norm.param_groups(self.model, t["weight_decay"],
+                                                     alpha_weight_decay=nopts.get("alpha_weight_decay", True)),
+                                   lr=t["lr"], momentum=t["momentum"], nesterov=t["nesterov"], **self.fused)
+        self.views = r["views"]
+        split = "split" in r["paths"]
+        self.group_of_class = norm.class_groups(self.K, nopts["num_components"]).to(device) if split else None
+        self.adjust = None  # post-hoc logit adjustment τ log π at evaluation
+        if r["posthoc_tau"] is not None:
+            self.adjust = r["posthoc_tau"] * torch.log(self.counts_t / self.counts_t.sum())
+
+    def _plan_stages(self) -> None:
+        """Representation epochs, then (decoupled cRT / LWS) the classifier alone on the frozen
+        backbone; τ-normalization is post hoc and trains no classifier stage."""
+        dt, epochs = self.dt, self.train["epochs"]
+        self.epochs = epochs
+        trained_head = dt["enabled"] and dt["classifier"] != "tau_norm"
+        self.head_epochs = int(round(dt["fraction"] * epochs)) if trained_head else 0
+        self.rep_epochs = epochs - self.head_epochs
+        self.stage_criterion = losses.make(dt["loss"], self.counts).to(self.device)
+        if self.rep_epochs < 1:
+            raise ValueError(f"decoupled.fraction {dt['fraction']} leaves no representation epoch of {epochs}")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.train, self.steps_per_epoch, epochs=self.rep_epochs))
+        self.head = self.head_opt = self.head_sched = None
+
+    def enter_classifier_stage(self) -> None:
+        """Freeze the model and set up the classifier head (with its optimizer, unless post hoc)."""
+        self.head = classifier.setup_stage(self.model, self.dt, self.K).to(self.device)
+        if self.dt["classifier"] == "tau_norm":
+            return
+        t = self.train
+        lr = self.dt["lr"] if self.dt["lr"] is not None else t["lr"]
+        self.head_opt = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=t["momentum"],
+                                        weight_decay=t["weight_decay"], **self.fused)
+        self.head_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.head_opt, lr_lambda(t, self.steps_per_epoch, epochs=self.head_epochs, warmup_epochs=0))
+
+    def _setup_outputs(self) -> None:
+        s = self.spec
+        self.label = f"{s['dataset']} r{format_ratio(self.ratio)} {s['method']} {s['backbone']} s{self.seed}"
+        if self.world.active:
+            print(f"{self.label}: rank {self.world.rank} of {self.world.size} on {self.device}, {self.bs} of the "
+                  f"global batch of {self.train['batch_size']}", file=sys.stderr, flush=True)
+        self.progress = Progress(self.epochs, self.label) if self.world.main else None
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.spec_hash = io.config_hash(s)
+        if self.world.main:
+            checkpoint.remove_stale_temp_files(self.out_dir)
+        _fail_if_diverged_before(self.out_dir / "diverged.json", self.spec_hash, self.seed)
+
+    def _reset_counters(self) -> None:
+        self.epoch = self.step = self.images_seen = 0
+        self.perm, self.log, self.best, self.train_time = None, [], None, 0.0
+        self._reset_sums()
+
+    def _reset_sums(self) -> None:
+        """The epoch's running sums, on the device (no host synchronisation inside an epoch)."""
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device)
+        self.first_bad = torch.full((), -1, device=self.device)  # first step with a non-finite loss
+
+    def _step_forward(self) -> nn.Module:
+        """DistributedDataParallel over all the passes of a step; a single process calls the model directly."""
+        forward = step.PathsForward(self.model, self.recipe, self.amp)
+        if self.world.active:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=ids)
+        return forward
+
+    # ---- checkpoints ----
+
+    def payload(self) -> dict:
+        """Everything a resumed run needs (:data:`ltbench.training.checkpoint.REQUIRED`)."""
+        best = self.best
+        return {"spec_hash": self.spec_hash, "seed": self.seed, "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "head": self.head.state_dict() if self.head is not None else None,
+                "head_opt": self.head_opt.state_dict() if self.head_opt else None,
+                "head_sched": self.head_sched.state_dict() if self.head_sched else None,
+                "criterion": self.criterion.state_dict(), **checkpoint.rng_state(self.gen, self.device),
+                **{k: getattr(self, k) for k in COUNTERS},
+                "best_row": json.dumps(best[0]) if best else None,
+                "best_per_class": torch.from_numpy(best[1]) if best else None}
+
+    def save_checkpoint(self) -> None:
+        if self.world.main:
+            checkpoint.save(self.ckpt_path, self.payload())
+
+    def resume(self) -> None:
+        """Continue from ``checkpoint.pt`` when it holds this spec and seed."""
+        ck = checkpoint.load(self.ckpt_path, self.device, self.label)
+        if ck is None:
+            return
+        if ck["spec_hash"] != self.spec_hash or ck["seed"] != self.seed:
+            print(f"{self.label}: {self.ckpt_path} belongs to another spec or seed; starting afresh", file=sys.stderr)
+            return
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["opt"])
+        self.sched.load_state_dict(ck["sched"])
+        self.criterion.load_state_dict(ck["criterion"])
+        if ck["head"] is not None:
+            self.enter_classifier_stage()
+            self.head.load_state_dict(ck["head"])
+            if self.head_opt is not None:
+                self.head_opt.load_state_dict(ck["head_opt"])
+                self.head_sched.load_state_dict(ck["head_sched"])
+        checkpoint.set_rng_state(ck, self.gen)
+        for k in COUNTERS:
+            setattr(self, k, ck[k])
+        if not self.world.main:  # rank 0 saved the sums of all ranks and its own random streams
+            self.loss_sum = torch.zeros((), device=self.device)
+            self.correct = torch.zeros((), device=self.device)
+            self.gen.manual_seed(_rank_seed(self.seed, self.world, self.epoch, self.step))
+        if ck["best_row"] is not None:
+            self.best = (json.loads(ck["best_row"]), ck["best_per_class"].cpu().numpy())
+        print(f"{self.label}: resumed from {self.ckpt_path} at epoch {self.epoch} step {self.step}", file=sys.stderr)
+
+    # ---- training ----
+
+    def fit(self) -> dict | None:
+        """Train the remaining epochs, then write the outputs; rank 0 returns the metrics."""
+        with _Signals() as self.signals:
+            while self.epoch < self.epochs:
+                self.run_epoch()
+        return self.write_outputs()
+
+    def run_epoch(self) -> None:
+        in_head = self.epoch >= self.rep_epochs
+        if in_head and self.head is None:
+            self.enter_classifier_stage()
+        self.criterion.set_epoch(self.epoch, self.epochs)
+        t0 = time.time()
+        perm = self._permutation(in_head)
+        for xs, yb in self.source.epoch(perm[self.step * self.bs:], self.bs, self.views, self.gen):
+            self.train_step(xs, yb, in_head)
+            if distributed.any_rank(self.signals.caught is not None, self.world, self.device):  # every rank stops
+                self.preempt(t0)
+        row = self._epoch_row(len(perm), in_head)
+        if not math.isfinite(row["train_loss"]):
+            raise self.diverged(row, in_head)
+        self.train_time += time.time() - t0
+        last = self.epoch + 1 == self.epochs
+        if last and self.head is None and self.dt["enabled"]:  # τ-normalization: post hoc, on the final weights
+            self.enter_classifier_stage()
+        if ((self.epoch + 1) % self.train["eval_every"] == 0 or last) and self.world.main:  # rank 0 evaluates
+            self.evaluate(row)
+        row["epoch_time_s"] = time.time() - t0
+        self.end_epoch(row)
+
+    def _permutation(self, in_head: bool) -> torch.Tensor:
+        """This rank's share of the epoch's sample order (drawn at the epoch's start, kept on resume)."""
+        if self.perm is None:
+            sampler = sampling.SAMPLERS.get(self.dt["sampler"] if in_head else self.recipe["sampler"])
+            self.perm = distributed.broadcast(sampler(self.source.labels, self.gen), self.world)
+            self.step = 0
+        return distributed.shard(self.perm, self.world)
+
+    def train_step(self, xs: list[torch.Tensor], yb: torch.Tensor, in_head: bool) -> None:
+        if in_head:
+            loss, logits = classifier.stage_loss(self.model, self.head, xs[-1], yb, self.stage_criterion, self.dt,
+                                                 self.counts_t)
+            opt, sched = self.head_opt, self.head_sched
+        else:
+            groups = self.group_of_class[yb] if self.group_of_class is not None else None
+            loss, logits = step.step_loss(self.recipe, self.criterion,
+                                          self.step_forward(dict(zip(self.views, xs)), groups), yb)
+            opt, sched = self.opt, self.sched
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if in_head:  # the classifier stage trains outside DDP: average its gradients
+            distributed.average_gradients(self.head.parameters(), self.world)
+        opt.step()
+        sched.step()
+        self.loss_sum += loss.detach() * len(yb)
+        self.correct += (logits.argmax(1) == yb).sum()
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), self.step, self.first_bad)
+        self.step += 1
+
+    def _epoch_row(self, n_perm: int, in_head: bool) -> dict:
+        """The epoch's line of train.jsonl (training loss and accuracy over every rank)."""
+        seen = min(n_perm, self.step * self.bs)
+        if self.world.active:
+            seen = int(distributed.all_sum(torch.tensor(seen, device=self.device), self.world))
+        self.images_seen += seen
+        loss_sum = distributed.all_sum(self.loss_sum, self.world).item()
+        correct = distributed.all_sum(self.correct, self.world).item()
+        return {"epoch": self.epoch + 1, "stage": "classifier" if in_head else "representation",
+                "lr": (self.head_opt if in_head else self.opt).param_groups[0]["lr"],
+                "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen}
+
+    def end_epoch(self, row: dict) -> None:
+        self.log.append(json.dumps(row))
+        self.epoch += 1
+        self.step, self.perm = 0, None
+        self._reset_sums()
+        if self.progress is not None:
+            self.progress.update(self.epoch, f"loss {row['train_loss']:.3f}" +
+                                 (f" top1 {row['top1']:.2f}" if "top1" in row else ""))
+        every = self.train["checkpoint_every"]
+        if every and self.epoch % every == 0 and self.epoch < self.epochs:
+            self.save_checkpoint()
+
+    def evaluate(self, row: dict) -> None:
+        """Test accuracy into ``row``; it becomes the reported one (``train.report_epoch``)."""
+        net = classifier.eval_model(self.model, self.head, self.dt) if self.head is not None else self.model
+        per_class = evaluate(net, self.source, self.K, self.adjust).cpu().numpy() / self.test_per_class
+        row["top1"] = float(100.0 * per_class.mean())
+        row.update(group_accuracy(per_class, self.groups))
+        if self.best is None or self.train["report_epoch"] == "last" or row["top1"] > self.best[0]["top1"]:
+            self.best = (row, per_class)
+
+    # ---- the ways a run ends ----
+
+    def preempt(self, t0: float) -> None:
+        """Checkpoint where the run is (every rank's sums) and raise :class:`Preempted`."""
+        self.train_time += time.time() - t0
+        self.loss_sum = distributed.all_sum(self.loss_sum, self.world)
+        self.correct = distributed.all_sum(self.correct, self.world)
+        self.save_checkpoint()
+        distributed.barrier(self.world)
+        raise Preempted(f"{self.label}: signal {self.signals.caught} at epoch {self.epoch + 1}, step "
+                        f"{self.step}; checkpoint written to {self.ckpt_path}")
+
+    def diverged(self, row: Mapping[str, Any], in_head: bool) -> FloatingPointError:
+        """Drop the checkpoint, write ``diverged.json`` (rank 0) and return the error to raise."""
+        if not self.world.main:
+            return FloatingPointError(f"{self.label}: training diverged (rank {self.world.rank}; rank 0 reports)")
+        self.ckpt_path.unlink(missing_ok=True)
+        bad = int(self.first_bad)
+        sched = self.head_sched if in_head else self.sched
+        k = (self.epoch - self.rep_epochs if in_head else self.epoch) * self.steps_per_epoch + bad
+        return _diverged(self.out_dir / "diverged.json", self.label, row, self.spec, self.spec_hash, self.seed,
+                         self.log, step=bad + 1, steps=self.step, lr=sched.base_lrs[0] * sched.lr_lambdas[0](k))
+
+    def metrics(self) -> dict:
+        """The content of ``metrics.json``."""
+        final, per_class = self.best
+        s, opts = self.spec, self.spec["dataset_options"]
+        return {
+            "cell": {"dataset": s["dataset"], "ratio": self.ratio, "method": s["method"],
+                     "backbone": s["backbone"], "seed": self.seed},
+            "top1": final["top1"], "many": final["many"], "medium": final["medium"], "few": final["few"],
+            "reported_epoch": final["epoch"],
+            "per_class_acc": [float(100.0 * a) for a in per_class],
+            "train_counts": self.counts, "class_groups": self.groups,
+            "seeds": {"train": self.seed, "subset": opts["subset_seed"]},
+            "spec": s, "spec_hash": self.spec_hash,
+            "code": io.code_version(), "environment": io.environment(), "device": str(self.device),
+            "world_size": self.world.size,
+            "wall_time_s": time.time() - self.t_start, "train_time_s": self.train_time,
+            "images_per_s": self.images_seen / max(self.train_time, 1e-9),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def write_outputs(self) -> dict | None:
+        """model.pt, train.jsonl, metrics.json (in that order, atomically) on rank 0; the others wait."""
+        if not self.world.main:
+            distributed.barrier(self.world)
+            return None
+        metrics = self.metrics()
+        final = classifier.eval_model(self.model, self.head, self.dt) if self.head is not None else self.model
+        with io.atomic_path(self.out_dir / "model.pt") as tmp:
+            torch.save(final.state_dict(), tmp)
+        io.write_text(self.out_dir / "train.jsonl", "\n".join(self.log) + "\n")
+        io.write_json(self.out_dir / "metrics.json", metrics)
+        self.ckpt_path.unlink(missing_ok=True)
+        (self.out_dir / "diverged.json").unlink(missing_ok=True)  # from an earlier spec, seed or code version
+        distributed.barrier(self.world)
+        return metrics
 
 
 class Progress:
@@ -191,348 +486,6 @@ class _Signals:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.Module:
-    """The backbone with the recipe's norm layers (in scope) and optional logit rectification."""
-    recipe = spec["recipe"]
-    n = recipe["norm"]
-    scope = n.get("scope", "all")
-    # A norm layer is injected through the backbone's norm_layer; restricted scopes and NBN's
-    # shared α (one Parameter across layers) need model-level surgery instead (norm.apply).
-    if scope == "all" and n["options"].get("alpha") != "shared":
-        model = models.build(spec["backbone"], num_classes, channels, norm.factory(n["name"], n["options"]))
-    else:
-        model = norm.apply(models.build(spec["backbone"], num_classes, channels), n["name"], scope=scope,
-                           **n["options"])
-    if spec["train"].get("pretrained"):
-        models.load_pretrained(model, spec["train"]["pretrained"])
-    if models.HEADS[recipe["head"]] is not None:
-        model.fc = models.HEADS[recipe["head"]](model.fc.in_features, num_classes)
-    if recipe["logit_rectification"]:
-        norm.rectify_logits(model)
-    return model
-
-
-def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path, out_dir: str | Path,
-        overrides: Mapping[str, Any] | None = None) -> dict | None:
-    """Train the cell described by ``spec`` (see :func:`ltbench.spec.config.cell_spec`).
-
-    Returns the metrics (also written to ``out_dir/metrics.json``); under ``torchrun`` with several
-    processes (:mod:`ltbench.training.distributed`) rank 0 returns them and the other ranks None."""
-    world = distributed.from_env()
-    try:
-        return _run(spec, ratio, seed, data_file, out_dir, overrides, world)
-    finally:
-        distributed.teardown(world)
-
-
-def _rank_seed(seed: int, world: distributed.World, *position: int) -> int:
-    """Rank 0 draws from ``seed`` (a single-process run's stream); other ranks from their own."""
-    if world.main and not position:
-        return seed
-    return int(np.random.SeedSequence([seed, world.rank, *position]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path, out_dir: str | Path,
-         overrides: Mapping[str, Any] | None, world: distributed.World) -> dict | None:
-    spec = json.loads(json.dumps(spec))  # private deep copy
-    train = {**spec["train"], **(overrides or {})}
-    spec["train"] = train
-    recipe = spec["recipe"]
-    out_dir = Path(out_dir)
-    t_start = time.time()
-
-    device = distributed.setup(world, pick_device(train["device"]))
-    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
-        device = torch.device("cuda", gpus.claim(torch.cuda.device_count()))  # a local multi-GPU machine
-        torch.cuda.set_device(device)
-    distributed.check_batch(train["batch_size"], world)
-    if train["threads"]:
-        torch.set_num_threads(train["threads"])
-    torch.manual_seed(seed)  # the same initial weights on every rank
-    np.random.seed(seed)
-    random.seed(seed)
-    gen = torch.Generator(device=device).manual_seed(_rank_seed(seed, world))  # sampling, augmentation
-
-    dspec = data.get(spec["dataset"])
-    source = make_source(data_file, device, dspec, spec["dataset_options"], train)  # .npz or image lists
-    counts = source.counts
-    K = len(counts)  # dspec.num_classes, or an image-list dataset's expected.classes
-    opts = spec["dataset_options"]
-    groups = data.class_groups(counts, opts["many_threshold"], opts["few_threshold"])
-    test_per_class = np.maximum(np.bincount(source.test_y.cpu().numpy(), minlength=K), 1).astype(np.float64)
-    counts_t = torch.tensor(counts, dtype=torch.float32, device=device)
-
-    model = build_model(spec, K, dspec.channels).to(device)
-    if train["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    criterion = losses.make(recipe["loss"]["name"], counts, **recipe["loss"]["options"]).to(device)
-    nopts = recipe["norm"]["options"]
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
-    opt = torch.optim.SGD(norm.param_groups(model, train["weight_decay"],
-                                            alpha_weight_decay=nopts.get("alpha_weight_decay", True)),
-                          lr=train["lr"], momentum=train["momentum"], nesterov=train["nesterov"], **fused)
-
-    # Stages: representation epochs, then (decoupled cRT / LWS) the classifier alone on frozen
-    # features; τ-normalization is post hoc and trains no classifier stage.
-    dt = recipe["decoupled"]
-    epochs = train["epochs"]
-    head_epochs = int(round(dt["fraction"] * epochs)) if dt["enabled"] and dt["classifier"] != "tau_norm" else 0
-    rep_epochs = epochs - head_epochs
-    stage_criterion = losses.make(dt["loss"], counts).to(device)
-    if rep_epochs < 1:
-        raise ValueError(f"decoupled.fraction {dt['fraction']} leaves no representation epoch of {epochs}")
-    bs = train["batch_size"] // world.size  # per process; train.batch_size is the global batch
-    steps_per_epoch = source.steps(len(distributed.shard(torch.arange(len(source)), world)), bs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps_per_epoch, epochs=rep_epochs))
-    amp = device.type == "cuda" and train["amp"] == "bf16"
-    views, paths = recipe["views"], recipe["paths"]
-    wanted = set(recipe["classify_on"])
-    cons = recipe["consistency"]
-    if cons["weight"] > 0:
-        wanted |= {f"{p}/{v}" for p in ("compound", "split") for v in ("weak", "strong")}
-    group_of_class = norm.class_groups(K, nopts["num_components"]).to(device) if "split" in paths else None
-    adjust = None
-    if recipe["posthoc_tau"] is not None:
-        adjust = recipe["posthoc_tau"] * torch.log(counts_t / counts_t.sum())
-
-    label = f"{spec['dataset']} r{format_ratio(ratio)} {spec['method']} {spec['backbone']} s{seed}"
-    if world.active:
-        print(f"{label}: rank {world.rank} of {world.size} on {device}, {bs} of the global batch of "
-              f"{train['batch_size']}", file=sys.stderr, flush=True)
-    progress = Progress(epochs, label) if world.main else None
-    state = {"epoch": 0, "step": 0, "perm": None, "log": [], "best": None, "images_seen": 0,
-             "train_time": 0.0, "loss_sum": torch.zeros((), device=device),
-             "correct": torch.zeros((), device=device), "first_bad": torch.full((), -1, device=device)}
-    ckpt_path = out_dir / "checkpoint.pt"
-    spec_hash = io.config_hash(spec)
-    _remove_stale_temp_files(out_dir)
-    _fail_if_diverged_before(out_dir / "diverged.json", spec_hash, seed)
-    head = head_opt = head_sched = None
-
-    def enter_classifier_stage():
-        nonlocal head, head_opt, head_sched
-        head = classifier.setup_stage(model, dt, K).to(device)
-        if dt["classifier"] == "tau_norm":
-            return
-        lr = dt["lr"] if dt["lr"] is not None else train["lr"]
-        head_opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=train["momentum"],
-                                   weight_decay=train["weight_decay"], **fused)
-        head_sched = torch.optim.lr_scheduler.LambdaLR(
-            head_opt, lr_lambda(train, steps_per_epoch, epochs=head_epochs, warmup_epochs=0))
-
-    def save_checkpoint():
-        if not world.main:
-            return
-        payload = {"spec_hash": spec_hash, "seed": seed, "model": model.state_dict(),
-                   "opt": opt.state_dict(), "sched": sched.state_dict(),
-                   "head": head.state_dict() if head is not None else None,
-                   "head_opt": head_opt.state_dict() if head_opt else None,
-                   "head_sched": head_sched.state_dict() if head_sched else None,
-                   "criterion": criterion.state_dict(),
-                   "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                   "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                   "numpy_rng": _numpy_rng_state(), "python_rng": random.getstate(),
-                   **{k: v for k, v in state.items() if k != "best"},
-                   "best_row": json.dumps(state["best"][0]) if state["best"] else None,
-                   "best_per_class": torch.from_numpy(state["best"][1]) if state["best"] else None}
-        with io.atomic_path(ckpt_path) as tmp:
-            torch.save(payload, tmp)
-
-    ck = _load_checkpoint(ckpt_path, device, label)
-    if ck is not None:
-        if ck["spec_hash"] != spec_hash or ck["seed"] != seed:
-            print(f"{label}: {ckpt_path} belongs to another spec or seed; starting afresh", file=sys.stderr)
-        else:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            sched.load_state_dict(ck["sched"])
-            criterion.load_state_dict(ck["criterion"])
-            if ck["head"] is not None:
-                enter_classifier_stage()
-                head.load_state_dict(ck["head"])
-                if head_opt is not None:
-                    head_opt.load_state_dict(ck["head_opt"])
-                    head_sched.load_state_dict(ck["head_sched"])
-            gen.set_state(ck["gen"].cpu() if device.type == "cpu" else ck["gen"])
-            torch.set_rng_state(ck["torch_rng"].cpu())
-            if ck["cuda_rng"] is not None:
-                torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
-            if ck.get("numpy_rng") is not None:
-                _set_numpy_rng_state(ck["numpy_rng"])
-            if ck.get("python_rng") is not None:
-                random.setstate(ck["python_rng"])
-            for k in ("epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct"):
-                state[k] = ck[k]
-            if "first_bad" in ck:
-                state["first_bad"] = ck["first_bad"]
-            if not world.main:  # rank 0 saved the sums of all ranks and its own random streams
-                state.update(loss_sum=torch.zeros((), device=device), correct=torch.zeros((), device=device))
-                gen.manual_seed(_rank_seed(seed, world, state["epoch"], state["step"]))
-            if ck["best_row"] is not None:
-                state["best"] = (json.loads(ck["best_row"]), ck["best_per_class"].numpy())
-            print(f"{label}: resumed from {ckpt_path} at epoch {state['epoch']} step {state['step']}",
-                  file=sys.stderr)
-
-    # DistributedDataParallel over all the passes of a step; a single process calls the model directly
-    step_forward = PathsForward(model, paths, wanted, amp)
-    if world.active:
-        step_forward = torch.nn.parallel.DistributedDataParallel(
-            step_forward, device_ids=[device.index] if device.type == "cuda" else None)
-
-    with _Signals() as signals:
-        while state["epoch"] < epochs:
-            epoch = state["epoch"]
-            in_head_stage = epoch >= rep_epochs
-            if in_head_stage and head is None:
-                enter_classifier_stage()
-            criterion.set_epoch(epoch, epochs)
-            t0 = time.time()
-            if state["perm"] is None:
-                state["perm"] = distributed.broadcast(sampling.SAMPLERS.get(
-                    dt["sampler"] if in_head_stage else recipe["sampler"])(source.labels, gen), world)
-                state["step"] = 0
-            perm = distributed.shard(state["perm"], world)  # this rank's share of every global batch
-            for xs, yb in source.epoch(perm[state["step"] * bs:], bs, views, gen):
-                if in_head_stage:
-                    loss, logits = classifier.stage_loss(model, head, xs[-1], yb, stage_criterion, dt, counts_t)
-                    step_opt, step_sched = head_opt, head_sched
-                else:
-                    out = step_forward(dict(zip(views, xs)),
-                                       group_of_class[yb] if group_of_class is not None else None)
-                    loss = sum(criterion(out[k], yb) for k in recipe["classify_on"]) / len(recipe["classify_on"])
-                    if cons["weight"] > 0:
-                        loss = loss + cons["weight"] * consistency_loss(out, cons["pairing"])
-                    logits = out[recipe["classify_on"][0]]
-                    step_opt, step_sched = opt, sched
-                step_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if in_head_stage:  # the classifier stage trains outside DDP: average its gradients
-                    distributed.average_gradients(head.parameters(), world)
-                step_opt.step()
-                step_sched.step()
-                state["loss_sum"] += loss.detach() * len(yb)
-                state["correct"] += (logits.argmax(1) == yb).sum()
-                # the first step of the epoch whose loss is not finite, tracked on the device (no sync)
-                state["first_bad"] = torch.where((state["first_bad"] < 0) & ~torch.isfinite(loss.detach()),
-                                                 state["step"], state["first_bad"])
-                state["step"] += 1
-                if distributed.any_rank(signals.caught is not None, world, device):  # every rank stops here
-                    state["train_time"] += time.time() - t0
-                    state["loss_sum"] = distributed.all_sum(state["loss_sum"], world)
-                    state["correct"] = distributed.all_sum(state["correct"], world)
-                    save_checkpoint()
-                    distributed.barrier(world)
-                    raise Preempted(f"{label}: signal {signals.caught} at epoch {epoch + 1}, step "
-                                    f"{state['step']}; checkpoint written to {ckpt_path}")
-            seen = min(len(perm), state["step"] * bs)
-            if world.active:
-                seen = int(distributed.all_sum(torch.tensor(seen, device=device), world))
-            state["images_seen"] += seen
-            loss_sum = distributed.all_sum(state["loss_sum"], world).item()
-            correct = distributed.all_sum(state["correct"], world).item()
-            row = {"epoch": epoch + 1, "stage": "classifier" if in_head_stage else "representation",
-                   "lr": (head_opt if in_head_stage else opt).param_groups[0]["lr"],
-                   "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen}
-            if not math.isfinite(row["train_loss"]):
-                if not world.main:
-                    raise FloatingPointError(f"{label}: training diverged (rank {world.rank}; rank 0 reports)")
-                ckpt_path.unlink(missing_ok=True)
-                bad = int(state["first_bad"])
-                st = head_sched if in_head_stage else sched
-                k = (epoch - rep_epochs if in_head_stage else epoch) * steps_per_epoch + bad
-                raise _diverged(out_dir / "diverged.json", label, row, spec, spec_hash, seed, state["log"],
-                                step=bad + 1, steps=state["step"], lr=st.base_lrs[0] * st.lr_lambdas[0](k))
-            state["train_time"] += time.time() - t0
-            last = epoch + 1 == epochs
-            if last and head is None and dt["enabled"]:  # τ-normalization: post hoc, on the final weights
-                enter_classifier_stage()
-            if ((epoch + 1) % train["eval_every"] == 0 or last) and world.main:  # rank 0 evaluates
-                net = classifier.eval_model(model, head, dt) if head is not None else model
-                per_class = evaluate(net, source, K, adjust).cpu().numpy() / test_per_class
-                row["top1"] = float(100.0 * per_class.mean())
-                row.update(group_accuracy(per_class, groups))
-                best = state["best"]
-                if best is None or train["report_epoch"] == "last" or row["top1"] > best[0]["top1"]:
-                    state["best"] = (row, per_class)
-            row["epoch_time_s"] = time.time() - t0
-            state["log"].append(json.dumps(row))
-            state.update(epoch=epoch + 1, step=0, perm=None, loss_sum=torch.zeros((), device=device),
-                         correct=torch.zeros((), device=device), first_bad=torch.full((), -1, device=device))
-            if progress is not None:
-                progress.update(epoch + 1, f"loss {row['train_loss']:.3f}" +
-                                (f" top1 {row['top1']:.2f}" if "top1" in row else ""))
-            if train["checkpoint_every"] and (epoch + 1) % train["checkpoint_every"] == 0 and not last:
-                save_checkpoint()
-
-    if not world.main:  # rank 0 writes the outputs
-        distributed.barrier(world)
-        return None
-    final, per_class = state["best"]
-    final_model = classifier.eval_model(model, head, dt) if head is not None else model
-    metrics = {
-        "cell": {"dataset": spec["dataset"], "ratio": ratio, "method": spec["method"],
-                 "backbone": spec["backbone"], "seed": seed},
-        "top1": final["top1"], "many": final["many"], "medium": final["medium"], "few": final["few"],
-        "reported_epoch": final["epoch"],
-        "per_class_acc": [float(100.0 * a) for a in per_class],
-        "train_counts": counts, "class_groups": groups,
-        "seeds": {"train": seed, "subset": opts["subset_seed"]},
-        "spec": spec, "spec_hash": spec_hash,
-        "code": io.code_version(), "environment": io.environment(), "device": str(device),
-        "world_size": world.size,
-        "wall_time_s": time.time() - t_start, "train_time_s": state["train_time"],
-        "images_per_s": state["images_seen"] / max(state["train_time"], 1e-9),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    with io.atomic_path(out_dir / "model.pt") as tmp:
-        torch.save(final_model.state_dict(), tmp)
-    io.write_text(out_dir / "train.jsonl", "\n".join(state["log"]) + "\n")
-    io.write_json(out_dir / "metrics.json", metrics)
-    ckpt_path.unlink(missing_ok=True)
-    (out_dir / "diverged.json").unlink(missing_ok=True)  # from an earlier spec, seed or code version
-    distributed.barrier(world)
-    return metrics
-
-
-# Outputs written through io.atomic_path; a SIGKILL during a write leaves ".<name>.<random>.tmp".
-_OWN_FILES = ("checkpoint.pt", "model.pt", "train.jsonl", "metrics.json", "diverged.json")
-
-
-def _remove_stale_temp_files(out_dir: Path) -> None:
-    """Delete the temporary files of writes that a killed run of this cell left behind."""
-    if not out_dir.is_dir():
-        return
-    for p in out_dir.iterdir():
-        if p.name.endswith(".tmp") and any(p.name.startswith(f".{name}.") for name in _OWN_FILES):
-            p.unlink(missing_ok=True)
-
-
-def _load_checkpoint(path: Path, device: torch.device, label: str) -> dict | None:
-    """The checkpoint at ``path`` (tensors and plain containers only: ``weights_only=True``), or
-    None when there is none or it cannot be read (then the cell starts afresh, with a warning)."""
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # writes are atomic; a damaged file means a file-system crash
-        bad = path.with_name(path.name + ".unreadable")
-        path.replace(bad)
-        print(f"{label}: {path} is unreadable ({type(e).__name__}: {e}); moved to {bad.name}, "
-              "starting afresh", file=sys.stderr)
-        return None
-
-
-def _numpy_rng_state() -> dict:
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "gauss": float(gauss)}
-
-
-def _set_numpy_rng_state(s: Mapping[str, Any]) -> None:
-    np.random.set_state(("MT19937", s["key"].cpu().numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                         s["gauss"]))
 
 
 def _fail_if_diverged_before(path: Path, spec_hash: str, seed: int) -> None:
