@@ -472,6 +472,7 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
     final, per_class = state["best"]
     final_model = classifier.eval_model(model, head, dt) if head is not None else model
     metrics = {
+        "schema_version": 1,  # ltbench.analysis.aggregate.SCHEMA_VERSION: bump both when the keys change
         "cell": {"dataset": spec["dataset"], "ratio": ratio, "method": spec["method"],
                  "backbone": spec["backbone"], "seed": seed},
         "top1": final["top1"], "many": final["many"], "medium": final["medium"], "few": final["few"],
