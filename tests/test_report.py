@@ -95,7 +95,12 @@ def test_comparison_numbers_and_verdicts(grid):
     t2 = comp[comp.experiment == "cbn_table2"]
     r = row(t2, dataset="cifar10", ratio="100", method="baseline")
     assert r["mean"] == pytest.approx(81.87 + 0.5) and r["std"] == pytest.approx(S_BASE) and r["n"] == 3
-    assert r.delta == pytest.approx(0.5) and r.verdict == "reproduced"
+    # the 90 % interval of Δ, 0.5 ± t(0.95, 2)·0.5/√3 = [-0.34, 1.34], pokes out of ± 1: not shown equivalent
+    half90 = 2.919985580353724 * S_BASE / math.sqrt(3)
+    assert r.tost_low == pytest.approx(0.5 - half90) and r.tost_high == pytest.approx(0.5 + half90)
+    assert r.delta == pytest.approx(0.5) and r.verdict == "inconclusive" and r.margin == 1.0
+    assert r.seeds_test == "TOST" and r.seeds_needed > 3
+    assert row(t2, dataset="cifar10", ratio="100", method="baseline+cbn").verdict == "reproduced"  # Δ 0, std 0.3
     r = row(t2, dataset="cifar100", ratio="100", method="baseline+cbn")
     half = 4.302652729749462 * S / math.sqrt(3)   # 95 % Student t, 2 degrees of freedom
     assert r.delta == pytest.approx(-2.5) and r.verdict == "below"
@@ -104,8 +109,9 @@ def test_comparison_numbers_and_verdicts(grid):
     r = row(t2, dataset="cifar100", ratio="50", method="baseline+sbn")
     assert r.verdict == "missing" and r["n"] == 0 and math.isnan(r["mean"])
     r = row(t2, dataset="cifar10", ratio="50", method="baseline+cbn+sbn")
-    assert r["n"] == 2 and r.seeds == "0 1" and r.verdict == "reproduced"
-    assert t2.verdict.value_counts().to_dict() == {"reproduced": 27, "below": 1, "above": 1, "missing": 1}
+    assert r["n"] == 2 and r.seeds == "0 1" and r.verdict == "inconclusive" and r.seeds_needed == 3
+    assert t2.verdict.value_counts().to_dict() == {"reproduced": 25, "inconclusive": 2, "below": 1, "above": 1,
+                                                   "missing": 1}
     # Table 3: the Few column of row III lies 1.2 above the paper, inside our CI (half width 0.745 + 1 tolerance)
     r = row(comp[comp.experiment == "cbn_table3"], method="baseline+dt+rw", metric="few")
     assert r.paper_value == 35.21 and r.delta == pytest.approx(1.2) and r.verdict == "above"
@@ -130,13 +136,27 @@ def test_gains_with_t_tests(grid):
     b = [82.37 - S_BASE, 82.37, 82.37 + S_BASE]
     assert r.gain == pytest.approx(84.12 - 82.37) and r.paper_gain == pytest.approx(84.12 - 81.87)
     assert r.paired_p == pytest.approx(stats.ttest_rel(a, b).pvalue) and r.test == "paired t"
-    assert r.gain_verdict == "supported"
+    # Holm across the experiment's tested claims: sorted p, (m - rank) * p, running maximum
+    t2 = g[(g.experiment == "cbn_table2") & (g.kind == "claim")].dropna(subset=["p_value"]).sort_values("p_value")
+    m = len(t2)
+    holm = (pd.Series([(m - k) * p for k, p in enumerate(t2.p_value)]).clip(upper=1).cummax()).tolist()
+    assert t2.p_holm.tolist() == pytest.approx(holm) and m == 29
+    assert r.p_value < 0.05 < r.p_holm and r.gain_verdict == "not significant"   # significant only before Holm
+    assert r.seeds_test == "t-test" and r.seeds_needed > 3                       # at α / 29
+    r = row(g, claim="t2-cbn", dataset="cifar100", ratio="100")   # baseline+cbn 2.5 below the paper: gain 0
+    assert r.gain == pytest.approx(0.0, abs=1e-9) and r.gain_verdict == "no gain"
+    assert -1 < r.equiv_low < 0 < r.equiv_high < 1 and r.equiv_p < 0.05
+    assert row(g, claim="t2-cbn", dataset="cifar100", ratio="50").gain_verdict == "supported"
     r = row(g, claim="t2-sbn", dataset="cifar100", ratio="50")   # baseline+sbn never ran there
     assert r.gain_verdict == "untested" and "no runs of 'baseline+sbn'" in r.explanation
     r = row(g, claim="t3-rw-many")          # the paper's gain is negative: a negative gain supports it
     assert r.paper_gain < 0 and r.gain < 0 and r.expected_sign == -1 and r.gain_verdict == "supported"
     assert set(g.experiment) == {"cbn_table2", "cbn_table3", "nbn_cifar"}
-    assert len(g[g.experiment == "cbn_table2"]) == 5 * 6 and len(g[g.experiment == "nbn_cifar"]) == 6
+    claims = g[g.kind == "claim"]
+    assert len(claims[claims.experiment == "cbn_table2"]) == 5 * 6 and len(claims[claims.experiment == "nbn_cifar"]) == 6
+    # the ablation heatmap's numbers: every method over the first one on every cell (top-1), its own Holm family
+    abl = g[g.kind == "ablation"]
+    assert set(abl.experiment) == {"cbn_table2"} and len(abl) == 4 * 6 and set(abl.over) == {"baseline"}
 
 
 # ---------------------------------------------------------------- tables in the paper's layout
@@ -192,13 +212,16 @@ def test_table2_html_layout_numbers_and_verdicts(grid):
     base = rows[0][1]
     assert len(base) == 6   # CIFAR-10-LT ρ=100, 50, 10 | CIFAR-100-LT ρ=100, 50, 10
     cls, text = base[0]
-    assert cls == "v-reproduced" and text == "82.37 ± 0.50 | paper 81.87 · Δ +0.50 | reproduced"
+    assert cls == "v-inconclusive" and text.startswith("82.37 ± 0.50 | paper 81.87 · Δ +0.50 | inconclusive · "
+                                                       "needs ")
+    assert text.endswith(" seeds (TOST)")
+    assert base[1] == ("v-reproduced", "84.65 ± 0.50 | paper 84.65 · Δ 0.00 | reproduced")
     cls, text = rows[2][1][3]   # Baseline + CBN, CIFAR-100-LT ρ=100
     assert cls == "v-below" and text == "49.66 ± 0.30 | paper 52.16 · Δ −2.50 | below"
     cls, text = rows[1][1][4]   # Baseline + SBN, CIFAR-100-LT ρ=50: no run
     assert cls == "v-missing" and text == "missing | paper 52.44 | missing"
     cls, text = rows[3][1][1]   # Baseline + CBN + SBN, CIFAR-10-LT ρ=50: seed 2 missing, seeds 0-1 = paper −0.3, +0
-    assert text == "87.06 ± 0.21 n=2/3 | paper 87.21 · Δ −0.15 | reproduced"
+    assert text == "87.06 ± 0.21 n=2/3 | paper 87.21 · Δ −0.15 | inconclusive · needs 3 seeds (TOST)"
     assert rows[4][1][2][0] == "v-above" and "Δ +1.80" in rows[4][1][2][1]
 
 
@@ -226,12 +249,13 @@ def test_markdown_and_latex_carry_the_same_numbers(grid):
     md = (grid["tables"] / "cbn_table2.md").read_text()
     assert "| Baseline | paper | 81.87 | 84.65 | 88.34 | 49.66 | 52.18 | 62.49 |" in md
     assert "|  | ours (3 seeds) | 82.37 ± 0.50 |" in md
-    assert "|  | Δ | +0.50 ✓ |" in md
+    assert re.search(r"\|  \| Δ \| \+0\.50 \? \(needs \d+ seeds \(TOST\)\) \| 0\.00 ✓ \|", md)
     assert "| 49.66 ± 0.30 |" in md and "-2.50 ↓" in md and "+1.80 ↑" in md and "| missing |" in md
     assert "87.06 ± 0.21 (n=2)" in md
     tex = (grid["tables"] / "cbn_table2.tex").read_text()
     assert r"\begin{tabular}{llrrrrrr}" in tex and r"\multicolumn{3}{c}{CIFAR-10-LT}" in tex
-    assert r"$82.37 \pm 0.50$" in tex and r"$+0.50$ $\checkmark$" in tex and r"$-2.50$ $\downarrow$" in tex
+    assert r"$82.37 \pm 0.50$" in tex and r"$0.00$ $\checkmark$" in tex and r"$-2.50$ $\downarrow$" in tex
+    assert r"$+0.50$ ? {\scriptsize (needs" in tex
     assert r"\textit{missing}" in tex and r"{\scriptsize (n=2)}" in tex
     md3 = (grid["tables"] / "cbn_table3.md").read_text()
     assert "CIFAR-100-LT ρ=100 Few" in md3 and "| III. Baseline + DT + RW | paper | 50.56 | 62.49 | 52.08 | 35.21 |" in md3
@@ -260,10 +284,15 @@ def test_report_page_summary_first_then_sections(grid):
     assert order == sorted(order)
     summary = h[h.index("Summary of verdicts"):h.index("<nav")]
     t2 = re.search(r"exp-cbn_table2'>cbn_table2</a>.*?</tr>", summary).group(0)
-    # reproduced, below, above, missing, not reported, quoted | supported, not significant, contradicted, untested
+    # reproduced, inconclusive, below, above, single run, missing, not reported, quoted |
+    # supported, no gain, not significant, contradicted, untested
     counts = re.findall(r">(\d+)</td>", t2)
-    assert counts[:6] == ["27", "1", "1", "1", "0", "0"] and "86 / 90" in t2
-    assert int(counts[9]) == 1 and sum(map(int, counts[6:10])) == 30
+    assert counts[:8] == ["25", "2", "1", "1", "0", "1", "0", "0"] and "86 / 90" in t2
+    assert int(counts[12]) == 1 and sum(map(int, counts[8:13])) == 30
+    assert re.search(r"2 of 67 cells inconclusive; 1 more seed would decide 1 of them, \d+ more all 2", summary)
+    t2_section = h[h.index("id='exp-cbn_table2'"):h.index("id='exp-cbn_table3'")]
+    assert re.search(r"2 of 29 cells inconclusive; .*; 10 of 29 claimed gains not significant; \d+ more seeds "
+                     r"would decide", t2_section)
     missing = h[h.index("id='missing'"):h.index("id='details'")]
     assert "training loss became nan at epoch 3" in missing and missing.count("<tr><td") == 4
     assert "status-failed" in missing and "status-not-run" in missing

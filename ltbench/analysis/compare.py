@@ -183,8 +183,11 @@ def decision_line(df: pd.DataFrame, undecided: str = "inconclusive", verdict_col
     "12 of 18 cells inconclusive; 3 more seeds would decide 6 of them, 25 more all 12".
 
     Rows are those whose verdict is in ``judged``; extra seeds = ``seeds_needed`` − the smallest of
-    ``n_cols`` (per method for a gain). The first figure is the median extra, the second the largest."""
+    ``n_cols`` (per method for a gain). The first figure is the median extra, the second the largest.
+    "" when no row is judged."""
     rows = df[df[verdict_col].isin(judged)]
+    if rows.empty:
+        return ""
     und = rows[rows[verdict_col] == undecided]
     text = f"{len(und)} of {len(rows)} {noun} {undecided}"
     if und.empty:
@@ -195,7 +198,7 @@ def decision_line(df: pd.DataFrame, undecided: str = "inconclusive", verdict_col
     parts = []
     if extra:
         k = max(extra[(len(extra) - 1) // 2], 0)
-        parts.append(f"{k} more seeds would decide {sum(e <= k for e in extra)} of them")
+        parts.append(f"{k} more seed{'s' * (k != 1)} would decide {sum(e <= k for e in extra)} of them")
         if extra[-1] > k:
             parts[-1] += f", {extra[-1]} more all {len(extra)}"
     if beyond:

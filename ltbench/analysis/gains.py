@@ -11,7 +11,9 @@ For each claim (``claims`` of a reference file, e.g. "+CBN over Baseline") and c
   estimate and standard error show |gain| < margin (``equiv_low`` / ``equiv_high``: the 90 % interval
   of the gain; ``equiv_p``);
 - for a gain that is not significant, the seeds per method that would decide it at 80 % power
-  (:func:`ltbench.analysis.power.seeds_to_decide`, the same test at α = 0.05 before Holm's correction).
+  (:func:`ltbench.analysis.power.seeds_to_decide` with the observed gain and spread: the same t-test at
+  α/m, the strictest level of Holm's correction over the m tested claims, when |gain| ≥ margin; the
+  "no gain" TOST at α when |gain| < margin).
 
 Verdicts (``gain_verdict``): ``supported`` (the paper's sign, Holm-adjusted p < α), ``contradicted``
 (the opposite sign, adjusted p < α), ``no gain`` (not significant and equivalent within ± margin),
@@ -149,7 +151,7 @@ def _se_df(r) -> tuple[float, float, float, float]:
     return math.sqrt(v1 + v2), df, scale, df_per
 
 
-def _judge_row(r, sign: int, p_holm: float, margin: float, alpha: float) -> dict:
+def _judge_row(r, sign: int, p_holm: float, margin: float, alpha: float, family: int) -> dict:
     out = dict(expected_sign=sign, test="", p_value=math.nan, p_holm=p_holm, margin=margin, equiv_low=math.nan,
                equiv_high=math.nan, equiv_p=math.nan, gain_verdict="untested", seeds_needed=None, seeds_test="")
     if pd.isna(r.paired_p) and pd.isna(r.welch_p):
@@ -159,7 +161,8 @@ def _judge_row(r, sign: int, p_holm: float, margin: float, alpha: float) -> dict
     out["equiv_low"], out["equiv_high"], out["equiv_p"] = compare.equivalence(r.gain, se, df, margin, alpha)
     out["gain_verdict"] = gain_verdict(r.gain, p_holm, out["equiv_p"] < alpha, sign, alpha)
     if out["gain_verdict"] == "not significant":
-        out["seeds_needed"], out["seeds_test"] = power.seeds_to_decide(r.gain, scale, margin, df_per, alpha)
+        out["seeds_needed"], out["seeds_test"] = power.seeds_to_decide(r.gain, scale, margin, df_per, alpha,
+                                                                       alpha / max(family, 1))
     return out
 
 
@@ -168,7 +171,8 @@ def judge_gains(g: pd.DataFrame, signs: list[int], margin: float = compare.MARGI
     """:func:`gains` rows with :data:`JUDGED_COLUMNS`; the rows are one Holm family."""
     p = [r.paired_p if not pd.isna(r.paired_p) else r.welch_p for r in g.itertuples(index=False)]
     adjusted = power.holm(p)
-    judged = pd.DataFrame([_judge_row(r, s, ph, margin, alpha) for r, s, ph in
+    family = sum(not pd.isna(x) for x in p)
+    judged = pd.DataFrame([_judge_row(r, s, ph, margin, alpha, family) for r, s, ph in
                            zip(g.itertuples(index=False), signs, adjusted)], columns=JUDGED_COLUMNS, index=g.index)
     judged["seeds_needed"] = judged["seeds_needed"].astype("Int64")
     return pd.concat([g, judged], axis=1)

@@ -66,18 +66,20 @@ def seeds_needed(power_at: Callable[[int], float], target: float = TARGET_POWER,
     return hi
 
 
-def seeds_to_decide(d: float, scale: float, margin: float, df_per: float = 1.0,
-                    alpha: float = ALPHA) -> tuple[int | None, str]:
+def seeds_to_decide(d: float, scale: float, margin: float, df_per: float = 1.0, alpha: float = ALPHA,
+                    alpha_difference: float | None = None) -> tuple[int | None, str]:
     """Seeds that decide an undecided estimate at 80 % power, and which test decides it.
 
-    When |d| < margin the question is equivalence: the TOST at ``margin``; otherwise it is a
-    difference: the two-sided t-test. Returns (None, test) when more than MAX_SEEDS are needed or
-    the estimate cannot decide anything (d == 0 with zero margin, or no spread measured)."""
+    When |d| < margin the question is equivalence: the TOST at ``margin`` (level ``alpha``); otherwise
+    it is a difference: the two-sided t-test at ``alpha_difference`` (default ``alpha``; a claimed gain
+    passes α/m, the strictest level of Holm's correction over m claims). Returns (None, test) when more
+    than MAX_SEEDS are needed, ``(None, "")`` when nothing can be computed (no spread measured)."""
     if not (scale > 0) or math.isnan(d):
         return None, ""
     if abs(d) < margin:
         return seeds_needed(lambda n: equivalence_power(d, scale, margin, n, df_per, alpha)), "TOST"
-    return seeds_needed(lambda n: difference_power(d, scale, n, df_per, alpha)), "t-test"
+    level = alpha if alpha_difference is None else alpha_difference
+    return seeds_needed(lambda n: difference_power(d, scale, n, df_per, level)), "t-test"
 
 
 def welch_scale(s1: float, s2: float) -> tuple[float, float]:

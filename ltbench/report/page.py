@@ -264,8 +264,10 @@ def decision_lines(comparison: pd.DataFrame, gains: pd.DataFrame) -> str:
     if not gains.empty:
         lines.append(compare.decision_line(gains, "not significant", "gain_verdict", gains_mod.GAIN_VERDICTS[:-1],
                                            ("n_method", "n_over"), "claimed gains"))
-    return ("<p class='decide'>" + "; ".join(esc(x) for x in lines) + " (80 % power at α = 0.05, assuming the "
-            "observed difference and spread).</p>") if lines else ""
+    lines = [x for x in lines if x]
+    return ("<p class='decide'>" + "; ".join(esc(x) for x in lines) + " (more seeds per cell for 80 % power, "
+            "assuming the observed difference and spread; claimed gains at Holm's strictest level).</p>") \
+        if lines else ""
 
 
 def _gain_td(r) -> str:
