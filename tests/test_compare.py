@@ -288,3 +288,23 @@ def test_gains_from_paper_id_cover_every_claim_cell():
     assert len(g) == 5 * 6 + 6 and g.paper_gain.notna().all()
     t3 = g[g.claim == "t3-cbn-dt-rw-rs"].iloc[0]
     assert t3["paper_gain"] == pytest.approx(52.86 - 50.66)
+
+
+def test_judged_gains_holm_no_gain_and_seeds():
+    claims = [dict(id=f"c{k}", table=2, description="", method=m, over="baseline", backbone="resnet32",
+                   cells=[dict(dataset="cifar100", ratio=100)]) for k, m in enumerate(("big", "zero", "small"))]
+    runs = pd.concat([runs_of({"baseline": B}),
+                      runs_of({"big": {s: v + 3.0 + 0.1 * s for s, v in B.items()}}),     # +3, tight pairs
+                      runs_of({"zero": {s: v + 0.05 * (s - 1) for s, v in B.items()}}),   # ~0, tight pairs
+                      runs_of({"small": {s: v + 0.6 + 0.4 * (s - 1) for s, v in B.items()}})])
+    g = judge_gains(gains(runs, claims), [1, 1, 1], margin=1.0).set_index("method")
+    p = g["paired_p"]
+    assert g["p_holm"].tolist() == pytest.approx(power.holm(p.tolist()))
+    assert g.loc["big", "p_holm"] == pytest.approx(3 * p["big"]) and g.loc["big", "gain_verdict"] == "supported"
+    assert g.loc["zero", "gain_verdict"] == "no gain" and g.loc["zero", "equiv_p"] < 0.05
+    assert -1 < g.loc["zero", "equiv_low"] < g.loc["zero", "equiv_high"] < 1
+    small = g.loc["small"]   # gain 0.6 ± 0.4: neither significant nor inside ± 1 at 90 %
+    assert small["gain_verdict"] == "not significant" and small["seeds_test"] == "TOST"
+    n = small["seeds_needed"]
+    assert power.equivalence_power(0.6, 0.4, 1.0, n) >= 0.8 > power.equivalence_power(0.6, 0.4, 1.0, n - 1)
+    assert g.loc["big", "test"] == "paired t" and pd.isna(g.loc["big", "seeds_needed"])

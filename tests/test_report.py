@@ -7,6 +7,7 @@ the tests check the rendered numbers, Δs and verdicts in every output format.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -342,3 +343,97 @@ def test_browser_check_catches_console_errors(chromium, tmp_path):
     assert any("console.error: boom" in e for e in errors)
     assert any("undefinedFunction" in e for e in errors)
     assert any("missing.png" in e for e in errors)
+
+
+# ---------------------------------------------------------------- one source: the report renders the aggregate's files
+
+def _small(tmp_path):
+    """The demo's table2 experiment with synthetic metrics for 3 seeds, aggregated."""
+    cfg = config.load(ROOT / "config" / "demo.yaml", {"results_dir": str(tmp_path / "results"),
+                                                      "reports_dir": str(tmp_path / "reports")})
+    cfg["experiments"] = {"table2": {**cfg["experiments"]["table2"], "seeds": [0, 1, 2], "ratios": [10]}}
+    paths = synthetic.write_grid(cfg)
+    return cfg, paths, tmp_path / "results" / "aggregate"
+
+
+def _render(cfg, agg, tmp_path):
+    out = tmp_path / "reports" / "x.html"
+    report.main(agg, out, cfg, figures_dir=str(tmp_path / "fig"), tables_dir=str(tmp_path / "tab"))
+    return out.read_text(), html_rows((tmp_path / "tab" / "table2.html").read_text())
+
+
+def test_report_table_cells_are_the_summary_csv_values(tmp_path):
+    cfg, _, agg = _small(tmp_path)
+    aggregate.main([], agg, cfg, existing=True)
+    summary = pd.read_csv(agg / "summary.csv", dtype={"ratio": str})
+    # edit one mean in summary.csv: the report must show the edited number (it recomputes nothing from runs.csv)
+    i = summary.index[(summary.method == "baseline+cbn") & (summary.metric == "top1")][0]
+    summary.loc[i, "mean"] = 12.345
+    summary.to_csv(agg / "summary.csv", index=False)
+    _, rows = _render(cfg, agg, tmp_path)
+    shown = {r[0].split(" | ")[0]: r[1][0][1].split(" | ")[0] for r in rows}
+    s = summary[(summary.experiment == "table2") & (summary.metric == "top1")].set_index("method")
+    from ltbench.report.tables import method_name
+
+    assert shown == {method_name(m): f"{s.loc[m, 'mean']:.2f} ± {s.loc[m, 'std']:.2f}" for m in s.index}
+    assert shown["Baseline + CBN"].startswith("12.35 ± ")
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda m: m.update(top1=float("nan")), "top1 is NaN"),
+    (lambda m: m.update(top1=None), "top1 is null"),
+    (lambda m: m.update(per_class_acc=m["per_class_acc"][:-1]), "per_class_acc has 9 classes but train_counts 10"),
+    (lambda m: m.update(schema_version=2), "schema_version is 2; this ltbench reads version 1"),
+    (lambda m: m.pop("schema_version"), "schema_version is None"),
+    (lambda m: m["cell"].pop("backbone"), "'cell' lacks ['backbone']"),
+    (lambda m: m.pop("few"), "no 'few' entry"),
+    (None, "unreadable"),
+])
+def test_an_invalid_metrics_json_is_a_failed_cell_with_its_reason(tmp_path, mutate, reason):
+    cfg, paths, agg = _small(tmp_path)
+    bad = next(p for p in paths if "/baseline+cbn/" in str(p) and p.parent.name == "s1")
+    if mutate is None:
+        bad.write_text('{"schema_version": 1, "top1": 5')   # a write cut short
+    else:
+        m = json.loads(bad.read_text())
+        mutate(m)
+        bad.write_text(json.dumps(m))
+    out = aggregate.main([], agg, cfg, existing=True)
+    cells = out["cells.csv"]
+    failed = row(cells, status="failed")
+    assert (failed.method, failed.seed) == ("baseline+cbn", 1) and reason in failed.detail
+    assert failed.log == str(bad)
+    runs = out["runs.csv"]
+    assert len(runs[(runs.method == "baseline+cbn")]) == 2 * 4   # seeds 0 and 2 only, never a NaN row
+    s = out["summary.csv"]
+    assert set(s[s.method == "baseline+cbn"]["n"]) == {2}
+    page, _ = _render(cfg, agg, tmp_path)
+    missing = page[page.index("id='missing'"):page.index("id='details'")]
+    assert "invalid metrics.json" in missing and html.escape(reason) in missing
+
+
+def test_an_invalid_metrics_json_without_config_is_listed(tmp_path):
+    cfg, paths, agg = _small(tmp_path)
+    paths[0].write_text("{}")
+    out = aggregate.main([str(tmp_path / "results" / "runs")], agg)
+    assert out["cells.csv"].status.value_counts().to_dict() == {"finished": len(paths) - 1, "failed": 1}
+    report.main(agg, tmp_path / "r.html", None, figures_dir=str(tmp_path / "f"), tables_dir=str(tmp_path / "t"))
+    assert "1 failed" in (tmp_path / "r.html").read_text()
+
+
+@pytest.mark.parametrize("cut", ["empty", "mid_line", "a_run", "header_only_summary_kept"])
+def test_a_truncated_runs_csv_is_an_error_with_nonzero_exit(tmp_path, cut, capsys):
+    from ltbench import cli
+
+    cfg, _, agg = _small(tmp_path)
+    aggregate.main([], agg, cfg, existing=True)
+    text = (agg / "runs.csv").read_text()
+    lines = text.splitlines(keepends=True)
+    cutted = {"empty": "", "mid_line": text[: len(text) // 2], "a_run": "".join(lines[:-4]),
+              "header_only_summary_kept": lines[0]}[cut]
+    (agg / "runs.csv").write_text(cutted)
+    rc = cli.main(["report", "--aggregate-dir", str(agg), "--out", str(tmp_path / "r.html"),
+                   "--config-json", json.dumps(cfg)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "runs.csv" in err and "rerun `ltbench aggregate`" in err, err
+    assert not (tmp_path / "r.html").exists()
