@@ -437,3 +437,23 @@ def test_a_truncated_runs_csv_is_an_error_with_nonzero_exit(tmp_path, cut, capsy
     err = capsys.readouterr().err
     assert rc != 0 and "runs.csv" in err and "rerun `ltbench aggregate`" in err, err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_bn_norms_use_the_nbn_layers_own_effective_affine():
+    import torch
+
+    from ltbench.nn.norm import NormalizedBatchNorm2d
+    from ltbench.report.figures import norm_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.layer3 = torch.nn.Sequential(NormalizedBatchNorm2d(4, alpha="separate"), torch.nn.BatchNorm2d(4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    layers = {d["layer"]: d for d in norm_layers(model.state_dict())}
+    w, b = model.layer3[0].effective_affine()
+    assert layers["layer3.0"]["kind"] == "nbn" and layers["layer3.1"]["kind"] == "bn"
+    assert layers["layer3.0"]["abs_w"] == pytest.approx(w.detach().abs().numpy())
+    assert layers["layer3.0"]["abs_b"] == pytest.approx(b.detach().abs().numpy())
+    assert layers["layer3.1"]["abs_w"] == pytest.approx(model.layer3[1].weight.detach().abs().numpy())
