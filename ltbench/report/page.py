@@ -2,7 +2,8 @@
 
 Reads the aggregate directory (``ltbench aggregate``: runs, per_class, summary, cells, comparison,
 gains CSVs) and renders those numbers, recomputing none (a truncated or inconsistent ``runs.csv`` is
-an error, never an empty report), writes each experiment's paper-layout table (:mod:`ltbench.report.tables`) as HTML, Markdown
+an error, never an empty report); writes each experiment's paper-layout table
+(:mod:`ltbench.report.tables`) as HTML, Markdown
 and LaTeX under ``tables_dir`` and its figures (:mod:`ltbench.report.figures`) as PNG + SVG under
 ``figures_dir``, and one HTML file with every figure embedded (base64), in this order:
 
@@ -29,7 +30,7 @@ from typing import Mapping
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare, gains as gains_mod
+from ltbench.analysis import compare, gains as gains_mod, power
 from ltbench.analysis.aggregate import KEYS, METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
@@ -262,8 +263,9 @@ def decision_lines(comparison: pd.DataFrame, gains: pd.DataFrame) -> str:
     if not comparison.empty:
         lines.append(compare.decision_line(comparison))
     if not gains.empty:
-        lines.append(compare.decision_line(gains, "not significant", "gain_verdict", gains_mod.GAIN_VERDICTS[:-1],
-                                           ("n_method", "n_over"), "claimed gains"))
+        tested = tuple(v for v in GAIN_ORDER if v != "untested")
+        lines.append(compare.decision_line(gains, "not significant", "gain_verdict", tested, ("n_method", "n_over"),
+                                           "claimed gains"))
     lines = [x for x in lines if x]
     return ("<p class='decide'>" + "; ".join(esc(x) for x in lines) + " (more seeds per cell for 80 % power, "
             "assuming the observed difference and spread; claimed gains at Holm's strictest level).</p>") \
@@ -273,13 +275,15 @@ def decision_lines(comparison: pd.DataFrame, gains: pd.DataFrame) -> str:
 def _gain_td(r) -> str:
     v = r.gain_verdict
     ours = "–" if pd.isna(r.gain) else tables.fmt_delta(r.gain, minus="−")
-    paper = "" if pd.isna(r.paper_gain) else f"<span class='paper'>paper {tables.fmt_delta(r.paper_gain, minus='−')}</span><br>"
+    paper = ("" if pd.isna(r.paper_gain) else
+             f"<span class='paper'>paper {tables.fmt_delta(r.paper_gain, minus='−')}</span><br>")
     test = ""
     if isinstance(r.test, str) and r.test:
-        test = f"<span class='paper'>p {_fmt_p(r.p_value)}, Holm {_fmt_p(r.p_holm)} ({esc(r.test.split()[0])})</span><br>"
+        test = (f"<span class='paper'>p {_fmt_p(r.p_value)}, Holm {_fmt_p(r.p_holm)} "
+                f"({esc(r.test.split()[0])})</span><br>")
     need = ""
     if v == "not significant" and isinstance(r.seeds_test, str) and r.seeds_test:
-        n = f"> {gains_mod.power.MAX_SEEDS}" if pd.isna(r.seeds_needed) else int(r.seeds_needed)
+        n = f"> {power.MAX_SEEDS}" if pd.isna(r.seeds_needed) else int(r.seeds_needed)
         need = f"<span class='need'> · needs {n} seeds ({esc(r.seeds_test)})</span>"
     tip = f"n = {int(r.n_method)} / {int(r.n_over)}"
     if not pd.isna(r.equiv_low):
