@@ -308,3 +308,19 @@ def test_judged_gains_holm_no_gain_and_seeds():
     n = small["seeds_needed"]
     assert power.equivalence_power(0.6, 0.4, 1.0, n) >= 0.8 > power.equivalence_power(0.6, 0.4, 1.0, n - 1)
     assert g.loc["big", "test"] == "paired t" and pd.isna(g.loc["big", "seeds_needed"])
+
+
+def test_margin_from_config_and_per_experiment():
+    from ltbench.analysis.compare import margin_of
+    from ltbench.spec import config
+    from conftest import ROOT
+
+    cfg = config.load(ROOT / "config" / "demo.yaml")
+    assert cfg["margin"] == 1.0 and margin_of(cfg["experiments"]["table2"], cfg) == 1.0
+    raw = {"margin": 0.5, "experiments": {"a": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"],
+                                                "backbones": ["resnet8"], "margin": 2.0}, "b": {
+        "datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"], "backbones": ["resnet8"]}}}
+    cfg = config.validate(raw)
+    assert margin_of(cfg["experiments"]["a"], cfg) == 2.0 and margin_of(cfg["experiments"]["b"], cfg) == 0.5
+    with pytest.raises(Exception, match="margin"):
+        config.validate({**raw, "margin": 0})
