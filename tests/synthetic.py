@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ltbench import data
+from ltbench.analysis.aggregate import METRICS, SCHEMA_VERSION
 from ltbench.analysis.reference import entries
 from ltbench.spec import config
 
@@ -22,7 +23,6 @@ SIGN = {0: -1.0, 1: 0.0, 2: 1.0}
 def scale(method: str) -> float:
     """The std over seeds 0-2 of every synthetic cell of ``method``."""
     return 0.5 if method == "baseline" else 0.3
-METRICS = ("top1", "many", "medium", "few")
 
 
 def paper_base() -> dict:
@@ -43,6 +43,7 @@ def metrics_for(cfg: dict, cell: config.Cell, values: dict[str, float], wall_tim
     slope = [(k - 1) / 2 - i for i in range(k)]  # centred: the per-class mean is top1
     per_class = [values["top1"] + 0.1 * s for s in slope]
     return {
+        "schema_version": SCHEMA_VERSION,
         "cell": {"dataset": cell.dataset, "ratio": float(cell.ratio), "method": cell.method,
                  "backbone": cell.backbone, "seed": cell.seed},
         **{m: values[m] for m in METRICS}, "reported_epoch": spec["train"]["epochs"],

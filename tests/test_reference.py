@@ -173,7 +173,7 @@ def test_claims_and_qualitative_claims():
 
 def test_claimed_gains_reproduce_table2_brackets():
     """The paper prints each Table 2 row's gain over Baseline in brackets; derived gains must match."""
-    from ltbench.analysis.compare import gains
+    from ltbench.analysis.gains import gains
 
     empty = pd.DataFrame(columns=["dataset", "ratio", "method", "backbone", "seed", "metric", "value"])
     g = gains(empty, "cbn2022").set_index(["claim", "dataset", "ratio"])["paper_gain"].round(2)

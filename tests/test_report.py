@@ -7,11 +7,11 @@ the tests check the rendered numbers, Δs and verdicts in every output format.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -95,7 +95,12 @@ def test_comparison_numbers_and_verdicts(grid):
     t2 = comp[comp.experiment == "cbn_table2"]
     r = row(t2, dataset="cifar10", ratio="100", method="baseline")
     assert r["mean"] == pytest.approx(81.87 + 0.5) and r["std"] == pytest.approx(S_BASE) and r["n"] == 3
-    assert r.delta == pytest.approx(0.5) and r.verdict == "reproduced"
+    # the 90 % interval of Δ, 0.5 ± t(0.95, 2)·0.5/√3 = [-0.34, 1.34], pokes out of ± 1: not shown equivalent
+    half90 = 2.919985580353724 * S_BASE / math.sqrt(3)
+    assert r.tost_low == pytest.approx(0.5 - half90) and r.tost_high == pytest.approx(0.5 + half90)
+    assert r.delta == pytest.approx(0.5) and r.verdict == "inconclusive" and r.margin == 1.0
+    assert r.seeds_test == "TOST" and r.seeds_needed > 3
+    assert row(t2, dataset="cifar10", ratio="100", method="baseline+cbn").verdict == "reproduced"  # Δ 0, std 0.3
     r = row(t2, dataset="cifar100", ratio="100", method="baseline+cbn")
     half = 4.302652729749462 * S / math.sqrt(3)   # 95 % Student t, 2 degrees of freedom
     assert r.delta == pytest.approx(-2.5) and r.verdict == "below"
@@ -104,9 +109,10 @@ def test_comparison_numbers_and_verdicts(grid):
     r = row(t2, dataset="cifar100", ratio="50", method="baseline+sbn")
     assert r.verdict == "missing" and r["n"] == 0 and math.isnan(r["mean"])
     r = row(t2, dataset="cifar10", ratio="50", method="baseline+cbn+sbn")
-    assert r["n"] == 2 and r.seeds == "0 1" and r.verdict == "reproduced"
-    assert t2.verdict.value_counts().to_dict() == {"reproduced": 27, "below": 1, "above": 1, "missing": 1}
-    # Table 3: the Few column of row III lies 1.2 above the paper, inside our CI (half width 0.745 + 1 tolerance)
+    assert r["n"] == 2 and r.seeds == "0 1" and r.verdict == "inconclusive" and r.seeds_needed == 3
+    assert t2.verdict.value_counts().to_dict() == {"reproduced": 25, "inconclusive": 2, "below": 1, "above": 1,
+                                                   "missing": 1}
+    # Table 3: the Few column of row III lies 1.2 above the paper, outside our 95 % interval [0.455, 1.945]
     r = row(comp[comp.experiment == "cbn_table3"], method="baseline+dt+rw", metric="few")
     assert r.paper_value == 35.21 and r.delta == pytest.approx(1.2) and r.verdict == "above"
     # Table 4: quoted rows never rerun; CBN judged against Table 4's own numbers (60.0 where Table 2 says 58.13)
@@ -130,13 +136,27 @@ def test_gains_with_t_tests(grid):
     b = [82.37 - S_BASE, 82.37, 82.37 + S_BASE]
     assert r.gain == pytest.approx(84.12 - 82.37) and r.paper_gain == pytest.approx(84.12 - 81.87)
     assert r.paired_p == pytest.approx(stats.ttest_rel(a, b).pvalue) and r.test == "paired t"
-    assert r.gain_verdict == "supported"
+    # Holm across the experiment's tested claims: sorted p, (m - rank) * p, running maximum
+    t2 = g[(g.experiment == "cbn_table2") & (g.kind == "claim")].dropna(subset=["p_value"]).sort_values("p_value")
+    m = len(t2)
+    holm = (pd.Series([(m - k) * p for k, p in enumerate(t2.p_value)]).clip(upper=1).cummax()).tolist()
+    assert t2.p_holm.tolist() == pytest.approx(holm) and m == 29
+    assert r.p_value < 0.05 < r.p_holm and r.gain_verdict == "not significant"   # significant only before Holm
+    assert r.seeds_test == "t-test" and r.seeds_needed > 3                       # at α / 29
+    r = row(g, claim="t2-cbn", dataset="cifar100", ratio="100")   # baseline+cbn 2.5 below the paper: gain 0
+    assert r.gain == pytest.approx(0.0, abs=1e-9) and r.gain_verdict == "no gain"
+    assert -1 < r.equiv_low < 0 < r.equiv_high < 1 and r.equiv_p < 0.05
+    assert row(g, claim="t2-cbn", dataset="cifar100", ratio="50").gain_verdict == "supported"
     r = row(g, claim="t2-sbn", dataset="cifar100", ratio="50")   # baseline+sbn never ran there
     assert r.gain_verdict == "untested" and "no runs of 'baseline+sbn'" in r.explanation
     r = row(g, claim="t3-rw-many")          # the paper's gain is negative: a negative gain supports it
     assert r.paper_gain < 0 and r.gain < 0 and r.expected_sign == -1 and r.gain_verdict == "supported"
     assert set(g.experiment) == {"cbn_table2", "cbn_table3", "nbn_cifar"}
-    assert len(g[g.experiment == "cbn_table2"]) == 5 * 6 and len(g[g.experiment == "nbn_cifar"]) == 6
+    claims = g[g.kind == "claim"]
+    assert len(claims[claims.experiment == "cbn_table2"]) == 5 * 6 and len(claims[claims.experiment == "nbn_cifar"]) == 6
+    # the ablation heatmap's numbers: every method over the first one on every cell (top-1), its own Holm family
+    abl = g[g.kind == "ablation"]
+    assert set(abl.experiment) == {"cbn_table2"} and len(abl) == 4 * 6 and set(abl.over) == {"baseline"}
 
 
 # ---------------------------------------------------------------- tables in the paper's layout
@@ -192,13 +212,16 @@ def test_table2_html_layout_numbers_and_verdicts(grid):
     base = rows[0][1]
     assert len(base) == 6   # CIFAR-10-LT ρ=100, 50, 10 | CIFAR-100-LT ρ=100, 50, 10
     cls, text = base[0]
-    assert cls == "v-reproduced" and text == "82.37 ± 0.50 | paper 81.87 · Δ +0.50 | reproduced"
+    assert cls == "v-inconclusive" and text.startswith("82.37 ± 0.50 | paper 81.87 · Δ +0.50 | inconclusive · "
+                                                       "needs ")
+    assert text.endswith(" seeds (TOST)")
+    assert base[1] == ("v-reproduced", "84.65 ± 0.50 | paper 84.65 · Δ 0.00 | reproduced")
     cls, text = rows[2][1][3]   # Baseline + CBN, CIFAR-100-LT ρ=100
     assert cls == "v-below" and text == "49.66 ± 0.30 | paper 52.16 · Δ −2.50 | below"
     cls, text = rows[1][1][4]   # Baseline + SBN, CIFAR-100-LT ρ=50: no run
     assert cls == "v-missing" and text == "missing | paper 52.44 | missing"
     cls, text = rows[3][1][1]   # Baseline + CBN + SBN, CIFAR-10-LT ρ=50: seed 2 missing, seeds 0-1 = paper −0.3, +0
-    assert text == "87.06 ± 0.21 n=2/3 | paper 87.21 · Δ −0.15 | reproduced"
+    assert text == "87.06 ± 0.21 n=2/3 | paper 87.21 · Δ −0.15 | inconclusive · needs 3 seeds (TOST)"
     assert rows[4][1][2][0] == "v-above" and "Δ +1.80" in rows[4][1][2][1]
 
 
@@ -226,12 +249,13 @@ def test_markdown_and_latex_carry_the_same_numbers(grid):
     md = (grid["tables"] / "cbn_table2.md").read_text()
     assert "| Baseline | paper | 81.87 | 84.65 | 88.34 | 49.66 | 52.18 | 62.49 |" in md
     assert "|  | ours (3 seeds) | 82.37 ± 0.50 |" in md
-    assert "|  | Δ | +0.50 ✓ |" in md
+    assert re.search(r"\|  \| Δ \| \+0\.50 \? \(needs \d+ seeds \(TOST\)\) \| 0\.00 ✓ \|", md)
     assert "| 49.66 ± 0.30 |" in md and "-2.50 ↓" in md and "+1.80 ↑" in md and "| missing |" in md
     assert "87.06 ± 0.21 (n=2)" in md
     tex = (grid["tables"] / "cbn_table2.tex").read_text()
     assert r"\begin{tabular}{llrrrrrr}" in tex and r"\multicolumn{3}{c}{CIFAR-10-LT}" in tex
-    assert r"$82.37 \pm 0.50$" in tex and r"$+0.50$ $\checkmark$" in tex and r"$-2.50$ $\downarrow$" in tex
+    assert r"$82.37 \pm 0.50$" in tex and r"$0.00$ $\checkmark$" in tex and r"$-2.50$ $\downarrow$" in tex
+    assert r"$+0.50$ ? {\scriptsize (needs" in tex
     assert r"\textit{missing}" in tex and r"{\scriptsize (n=2)}" in tex
     md3 = (grid["tables"] / "cbn_table3.md").read_text()
     assert "CIFAR-100-LT ρ=100 Few" in md3 and "| III. Baseline + DT + RW | paper | 50.56 | 62.49 | 52.08 | 35.21 |" in md3
@@ -260,10 +284,15 @@ def test_report_page_summary_first_then_sections(grid):
     assert order == sorted(order)
     summary = h[h.index("Summary of verdicts"):h.index("<nav")]
     t2 = re.search(r"exp-cbn_table2'>cbn_table2</a>.*?</tr>", summary).group(0)
-    # reproduced, below, above, missing, not reported, quoted | supported, not significant, contradicted, untested
+    # reproduced, inconclusive, below, above, single run, missing, not reported, quoted |
+    # supported, no gain, not significant, contradicted, untested
     counts = re.findall(r">(\d+)</td>", t2)
-    assert counts[:6] == ["27", "1", "1", "1", "0", "0"] and "86 / 90" in t2
-    assert int(counts[9]) == 1 and sum(map(int, counts[6:10])) == 30
+    assert counts[:8] == ["25", "2", "1", "1", "0", "1", "0", "0"] and "86 / 90" in t2
+    assert int(counts[12]) == 1 and sum(map(int, counts[8:13])) == 30
+    assert re.search(r"2 of 67 cells inconclusive; 1 more seed would decide 1 of them, \d+ more all 2", summary)
+    t2_section = h[h.index("id='exp-cbn_table2'"):h.index("id='exp-cbn_table3'")]
+    assert re.search(r"2 of 29 cells inconclusive; .*; 10 of 29 claimed gains not significant; \d+ more seeds "
+                     r"would decide", t2_section)
     missing = h[h.index("id='missing'"):h.index("id='details'")]
     assert "training loss became nan at epoch 3" in missing and missing.count("<tr><td") == 4
     assert "status-failed" in missing and "status-not-run" in missing
@@ -313,3 +342,117 @@ def test_browser_check_catches_console_errors(chromium, tmp_path):
     assert any("console.error: boom" in e for e in errors)
     assert any("undefinedFunction" in e for e in errors)
     assert any("missing.png" in e for e in errors)
+
+
+# ---------------------------------------------------------------- one source: the report renders the aggregate's files
+
+def _small(tmp_path):
+    """The demo's table2 experiment with synthetic metrics for 3 seeds, aggregated."""
+    cfg = config.load(ROOT / "config" / "demo.yaml", {"results_dir": str(tmp_path / "results"),
+                                                      "reports_dir": str(tmp_path / "reports")})
+    cfg["experiments"] = {"table2": {**cfg["experiments"]["table2"], "seeds": [0, 1, 2], "ratios": [10]}}
+    paths = synthetic.write_grid(cfg)
+    return cfg, paths, tmp_path / "results" / "aggregate"
+
+
+def _render(cfg, agg, tmp_path):
+    out = tmp_path / "reports" / "x.html"
+    report.main(agg, out, cfg, figures_dir=str(tmp_path / "fig"), tables_dir=str(tmp_path / "tab"))
+    return out.read_text(), html_rows((tmp_path / "tab" / "table2.html").read_text())
+
+
+def test_report_table_cells_are_the_summary_csv_values(tmp_path):
+    cfg, _, agg = _small(tmp_path)
+    aggregate.main([], agg, cfg, existing=True)
+    summary = pd.read_csv(agg / "summary.csv", dtype={"ratio": str})
+    # edit one mean in summary.csv: the report must show the edited number (it recomputes nothing from runs.csv)
+    i = summary.index[(summary.method == "baseline+cbn") & (summary.metric == "top1")][0]
+    summary.loc[i, "mean"] = 12.345
+    summary.to_csv(agg / "summary.csv", index=False)
+    _, rows = _render(cfg, agg, tmp_path)
+    shown = {r[0].split(" | ")[0]: r[1][0][1].split(" | ")[0] for r in rows}
+    s = summary[(summary.experiment == "table2") & (summary.metric == "top1")].set_index("method")
+    from ltbench.report.tables import method_name
+
+    assert shown == {method_name(m): f"{s.loc[m, 'mean']:.2f} ± {s.loc[m, 'std']:.2f}" for m in s.index}
+    assert shown["Baseline + CBN"].startswith("12.35 ± ")
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda m: m.update(top1=float("nan")), "top1 is NaN"),
+    (lambda m: m.update(top1=None), "top1 is null"),
+    (lambda m: m.update(per_class_acc=m["per_class_acc"][:-1]), "per_class_acc has 9 classes but train_counts 10"),
+    (lambda m: m.update(schema_version=2), "schema_version is 2; this ltbench reads version 1"),
+    (lambda m: m.pop("schema_version"), "schema_version is None"),
+    (lambda m: m["cell"].pop("backbone"), "'cell' lacks ['backbone']"),
+    (lambda m: m.pop("few"), "no 'few' entry"),
+    (None, "unreadable"),
+])
+def test_an_invalid_metrics_json_is_a_failed_cell_with_its_reason(tmp_path, mutate, reason):
+    cfg, paths, agg = _small(tmp_path)
+    bad = next(p for p in paths if "/baseline+cbn/" in str(p) and p.parent.name == "s1")
+    if mutate is None:
+        bad.write_text('{"schema_version": 1, "top1": 5')   # a write cut short
+    else:
+        m = json.loads(bad.read_text())
+        mutate(m)
+        bad.write_text(json.dumps(m))
+    out = aggregate.main([], agg, cfg, existing=True)
+    cells = out["cells.csv"]
+    failed = row(cells, status="failed")
+    assert (failed.method, failed.seed) == ("baseline+cbn", 1) and reason in failed.detail
+    assert failed.log == str(bad)
+    runs = out["runs.csv"]
+    assert len(runs[(runs.method == "baseline+cbn")]) == 2 * 4   # seeds 0 and 2 only, never a NaN row
+    s = out["summary.csv"]
+    assert set(s[s.method == "baseline+cbn"]["n"]) == {2}
+    page, _ = _render(cfg, agg, tmp_path)
+    missing = page[page.index("id='missing'"):page.index("id='details'")]
+    assert "invalid metrics.json" in missing and html.escape(reason) in missing
+
+
+def test_an_invalid_metrics_json_without_config_is_listed(tmp_path):
+    cfg, paths, agg = _small(tmp_path)
+    paths[0].write_text("{}")
+    out = aggregate.main([str(tmp_path / "results" / "runs")], agg)
+    assert out["cells.csv"].status.value_counts().to_dict() == {"finished": len(paths) - 1, "failed": 1}
+    report.main(agg, tmp_path / "r.html", None, figures_dir=str(tmp_path / "f"), tables_dir=str(tmp_path / "t"))
+    assert "1 failed" in (tmp_path / "r.html").read_text()
+
+
+@pytest.mark.parametrize("cut", ["empty", "mid_line", "a_run", "header_only_summary_kept"])
+def test_a_truncated_runs_csv_is_an_error_with_nonzero_exit(tmp_path, cut, capsys):
+    from ltbench import cli
+
+    cfg, _, agg = _small(tmp_path)
+    aggregate.main([], agg, cfg, existing=True)
+    text = (agg / "runs.csv").read_text()
+    lines = text.splitlines(keepends=True)
+    cutted = {"empty": "", "mid_line": text[: len(text) // 2], "a_run": "".join(lines[:-4]),
+              "header_only_summary_kept": lines[0]}[cut]
+    (agg / "runs.csv").write_text(cutted)
+    rc = cli.main(["report", "--aggregate-dir", str(agg), "--out", str(tmp_path / "r.html"),
+                   "--config-json", json.dumps(cfg)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "runs.csv" in err and "rerun `ltbench aggregate`" in err, err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_bn_norms_use_the_nbn_layers_own_effective_affine():
+    import torch
+
+    from ltbench.nn.norm import NormalizedBatchNorm2d
+    from ltbench.report.figures import norm_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.layer3 = torch.nn.Sequential(NormalizedBatchNorm2d(4, alpha="separate"), torch.nn.BatchNorm2d(4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    layers = {d["layer"]: d for d in norm_layers(model.state_dict())}
+    w, b = model.layer3[0].effective_affine()
+    assert layers["layer3.0"]["kind"] == "nbn" and layers["layer3.1"]["kind"] == "bn"
+    assert layers["layer3.0"]["abs_w"] == pytest.approx(w.detach().abs().numpy())
+    assert layers["layer3.0"]["abs_b"] == pytest.approx(b.detach().abs().numpy())
+    assert layers["layer3.1"]["abs_w"] == pytest.approx(model.layer3[1].weight.detach().abs().numpy())

@@ -1,43 +1,57 @@
-"""Collect every cell's ``metrics.json`` into tidy pandas tables (CSV).
+"""Collect every cell's ``metrics.json`` into tidy pandas tables (CSV): the one source of every number
+the report shows (:mod:`ltbench.report` renders these files and recomputes nothing).
 
 - ``runs.csv``: one row per run and metric (top1, many, medium, few) with the cell keys, seeds,
   the run directory, provenance (git commit, dirty flag, environment, device, wall time, images/s),
   the training-set size, every resolved config knob (``recipe.*``, ``train.*``,
   ``dataset_options.*``) as a column, and (with a config) the experiments the run belongs to.
 - ``per_class.csv``: one row per run and class: training count, group, test accuracy.
-- ``summary.csv``: per cell (dataset, ratio, method, backbone) and metric over all its seeds:
-  mean, std, n, 95 % Student-t interval, seeds (:func:`ltbench.analysis.compare.summarize`).
+- ``summary.csv``: per experiment, cell (dataset, ratio, method, backbone) and metric over the
+  experiment's seeds: mean, std, n, 95 % Student-t interval, seeds
+  (:func:`ltbench.analysis.compare.summarize`). Without a config one experiment ``all`` spans every run.
+- ``cells.csv``: every cell once with its experiments and status: ``finished``, ``failed`` (its
+  training log exists but no ``metrics.json``, ``detail`` is the log's last error line; or its
+  ``metrics.json`` is invalid, ``detail`` says why: see :func:`check_metrics`) or ``not run``.
+  Without a config: the finished runs and the invalid metrics files.
 
 With the workflow config (``--config-json`` / ``--config``) also:
 
-- ``cells.csv``: every cell the config asks for (each once) with its experiments and status:
-  ``finished``, ``failed`` (its training log exists but no ``metrics.json``; ``detail`` is the log's
-  last error line) or ``not run``.
 - ``comparison.csv``: per experiment with a ``reference`` and per paper entry in its scope: our
-  mean / std / n / CI over the experiment's seeds, the paper's value, Δ and the verdict
-  (:func:`ltbench.analysis.compare.compare_experiment`).
-- ``gains.csv``: per claimed gain the experiment can test: our gain, Welch and paired t-tests across
-  seeds, the paper's gain and a verdict (:func:`ltbench.analysis.compare.experiment_gains`).
+  mean / std / n / CI over the experiment's seeds, the paper's value, Δ, the equivalence test, the
+  verdict and the seeds an inconclusive cell needs (:func:`ltbench.analysis.compare.compare_experiment`).
+- ``gains.csv``: per claimed gain the experiment can test (``kind`` = ``claim``) and, for an
+  experiment with ``figure: ablation``, per method over the first one (``kind`` = ``ablation``): our
+  gain, Welch and paired t-tests, Holm-adjusted p, the "no gain" equivalence test, the paper's gain,
+  a verdict and the seeds a non-significant gain needs (:mod:`ltbench.analysis.gains`).
 
 A partial grid is fine: ``existing=True`` (``--existing``) aggregates the ``metrics.json`` files of the
 config's cells that exist, and the others are listed in ``cells.csv`` as failed or not run.
+
+A ``metrics.json`` carries ``schema_version`` (:data:`SCHEMA_VERSION`, written by
+:mod:`ltbench.training.trainer`); one that is unreadable, of another version, lacks a key, has a
+null / NaN / out-of-range accuracy or per-class lists of the wrong length is never aggregated: its
+cell is listed as failed with the reason.
 """
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare
+from ltbench.analysis import compare, gains
 from ltbench.data.longtail import format_ratio
 from ltbench.spec.config import cells as config_cells, iter_knobs
 
 KEYS = ["dataset", "ratio", "method", "backbone"]
 METRICS = ["top1", "many", "medium", "few"]
+SCHEMA_VERSION = 1  # of metrics.json; ltbench.training.trainer writes it
 OUTPUTS = ("runs.csv", "per_class.csv", "summary.csv", "cells.csv", "comparison.csv", "gains.csv")
+CELL_COLUMNS = [*KEYS, "seed", "experiments", "status", "detail", "log"]
 # The train rule's log (workflow/rules/train.smk): where a failed cell's error message is.
 TRAIN_LOG = "logs/train/{path}.log"
 
@@ -57,47 +71,104 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def load_metrics(paths: Iterable[str | Path]) -> list[dict]:
-    out = []
-    for p in paths:
+def _number_problem(key: str, v) -> str | None:
+    if v is None:
+        return f"{key} is null"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"{key} is not a number: {v!r}"
+    if math.isnan(v):
+        return f"{key} is NaN"
+    if not 0 <= v <= 100:
+        return f"{key} = {v} is outside [0, 100]"
+    return None
+
+
+def _lists_problem(m: Mapping) -> str | None:
+    acc, counts, groups = m["per_class_acc"], m["train_counts"], m.get("class_groups")
+    if not isinstance(acc, list) or not isinstance(counts, list):
+        return "per_class_acc and train_counts must be lists"
+    if len(acc) != len(counts) or not counts:
+        return f"per_class_acc has {len(acc)} classes but train_counts {len(counts)}"
+    if groups is not None and (not isinstance(groups, list) or len(groups) != len(counts)):
+        return f"class_groups does not have one entry per class ({len(counts)})"
+    bad = next((k for k, a in enumerate(acc) if _number_problem("a", a)), None)
+    if bad is not None:
+        return f"per_class_acc[{bad}] is {acc[bad]!r}"
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
+        return "train_counts must be non-negative integers"
+    return None
+
+
+def check_metrics(m) -> str | None:
+    """Why a loaded ``metrics.json`` cannot be aggregated, or None when it can: another
+    ``schema_version`` than :data:`SCHEMA_VERSION` (or none), a missing key, a cell without its keys,
+    an accuracy that is null / NaN / not a number / outside [0, 100], per-class lists of different lengths."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    version = m.get("schema_version")
+    if version != SCHEMA_VERSION:
+        return (f"schema_version is {version!r}; this ltbench reads version {SCHEMA_VERSION}"
+                + (" (written by an older ltbench or another program?)" if version is None else ""))
+    for key in ("cell", *METRICS, "per_class_acc", "train_counts"):
+        if key not in m:
+            return f"no {key!r} entry"
+    cell = m["cell"]
+    if not isinstance(cell, dict) or (miss := [k for k in (*KEYS, "seed") if k not in cell]):
+        return f"'cell' lacks {miss if isinstance(cell, dict) else 'every key'}"
+    for key in METRICS:
+        if why := _number_problem(key, m[key]):
+            return why
+    return _lists_problem(m)
+
+
+def load_metrics(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
+    """(valid, invalid): the metrics files that pass :func:`check_metrics` (with ``_path``), and one
+    ``{path, cell, reason}`` per file that does not (``cell``: the file's own cell mapping, if it has one)."""
+    good, bad = [], []
+    for p in map(str, paths):
         try:
             m = json.loads(Path(p).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read metrics file {p}: {e}") from None
-        for key in ("cell", *METRICS, "per_class_acc", "train_counts"):
-            if key not in m:
-                raise ValueError(f"metrics file {p} has no {key!r} entry; is it from `ltbench train`?")
-        m["_path"] = str(p)
-        out.append(m)
-    return out
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            bad.append({"path": p, "cell": None, "reason": f"unreadable: {e}"})
+            continue
+        if why := check_metrics(m):
+            cell = m.get("cell") if isinstance(m, dict) else None
+            ok = isinstance(cell, dict) and all(k in cell for k in (*KEYS, "seed"))
+            bad.append({"path": p, "cell": cell if ok else None, "reason": why})
+            continue
+        good.append({**m, "_path": p})
+    return good, bad
 
 
 def _flat(v):
     return json.dumps(v) if isinstance(v, (list, dict)) else v
 
 
-def tables(metrics: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(runs, per_class, summary) of a list of loaded metrics (see the module docstring)."""
+def _run_base(m: Mapping) -> dict:
+    c, code = m["cell"], m.get("code", {})
+    base = {"dataset": c["dataset"], "ratio": format_ratio(c["ratio"]), "method": c["method"],
+            "backbone": c["backbone"], "seed": c["seed"], "subset_seed": m.get("seeds", {}).get("subset"),
+            "spec_hash": m.get("spec_hash"), "git_commit": code.get("git_commit"),
+            "git_dirty": code.get("git_dirty"), "ltbench_version": code.get("ltbench"),
+            "device": m.get("device"), "wall_time_s": m.get("wall_time_s"),
+            "train_time_s": m.get("train_time_s"), "images_per_s": m.get("images_per_s"),
+            "n_train": int(sum(m["train_counts"])), "reported_epoch": m.get("reported_epoch"),
+            "finished_at": m.get("finished_at"), "run_dir": str(Path(m["_path"]).parent)}
+    base.update({f"env.{k}": v for k, v in sorted(m.get("environment", {}).items())})
+    return base
+
+
+def tables(metrics: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, per_class) of a list of valid loaded metrics (see the module docstring)."""
     runs, per_class = [], []
     for m in metrics:
-        c = m["cell"]
-        code = m.get("code", {})
-        base = {"dataset": c["dataset"], "ratio": format_ratio(c["ratio"]), "method": c["method"],
-                "backbone": c["backbone"], "seed": c["seed"], "subset_seed": m.get("seeds", {}).get("subset"),
-                "spec_hash": m.get("spec_hash"), "git_commit": code.get("git_commit"),
-                "git_dirty": code.get("git_dirty"), "ltbench_version": code.get("ltbench"),
-                "device": m.get("device"), "wall_time_s": m.get("wall_time_s"),
-                "train_time_s": m.get("train_time_s"), "images_per_s": m.get("images_per_s"),
-                "n_train": int(sum(m["train_counts"])), "reported_epoch": m.get("reported_epoch"),
-                "finished_at": m.get("finished_at"), "run_dir": str(Path(m["_path"]).parent)}
-        base.update({f"env.{k}": v for k, v in sorted(m.get("environment", {}).items())})
+        base = _run_base(m)
         spec = m.get("spec", {})
         knobs = {k: _flat(v) for k, v in iter_knobs({"recipe": spec.get("recipe", {}), "train": spec.get("train", {}),
                                                      "dataset_options": spec.get("dataset_options", {})})}
-        for metric in METRICS:
-            runs.append({**base, "metric": metric, "value": m[metric], **knobs})
+        runs += [{**base, "metric": metric, "value": m[metric], **knobs} for metric in METRICS]
         groups = m.get("class_groups") or [""] * len(m["train_counts"])
-        for k, (acc, n, g) in enumerate(zip(m["per_class_acc"], m["train_counts"], groups)):
+        for k, (acc, n, g) in enumerate(zip(m["per_class_acc"], m["train_counts"], groups, strict=True)):
             per_class.append({**{k2: base[k2] for k2 in (*KEYS, "seed")}, "class": k, "train_count": n,
                               "group": g, "acc": acc})
     # with no finished run yet, the tables still have their key columns (a readable, empty CSV)
@@ -109,18 +180,24 @@ def tables(metrics: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         if len(dup):
             paths = sorted(set(dup["run_dir"]))
             raise ValueError(f"two metrics files for the same cell and seed: {paths[:4]}")
-    return runs_df, per_class_df, summarize(runs_df)
+    return runs_df, per_class_df
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per cell and metric over all of its seeds: mean, std (ddof=1), n, 95 % CI, seeds ("0 1 2")."""
-    cols = [*KEYS, "metric", "mean", "std", "n", "ci_low", "ci_high", "ci_level", "seeds"]
-    if runs.empty:
-        return pd.DataFrame(columns=cols)
-    s = compare.summarize(runs[compare.RUN_COLUMNS].dropna(subset=["value"]))
-    s["ratio"] = s["ratio"].map(format_ratio)
-    s["seeds"] = s["seeds"].map(lambda v: " ".join(map(str, v)))
-    return s[cols]
+def summary_table(runs: pd.DataFrame, cfg: Mapping | None = None) -> pd.DataFrame:
+    """Per experiment, cell and metric over the experiment's seeds (one experiment ``all`` over every
+    run without a config): ``experiment``, the cell keys, mean, std (ddof=1), n, 95 % CI, seeds ("0 1 2")."""
+    exps = dict(cfg["experiments"]) if cfg is not None else {"all": None}
+    frames = []
+    for name, exp in exps.items():
+        r = runs if exp is None else compare.experiment_runs(runs, exp)
+        s = compare.summarize_any(r[compare.RUN_COLUMNS] if not r.empty else r)
+        s.insert(0, "experiment", name)
+        frames.append(s)
+    out = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) \
+        else pd.DataFrame(columns=["experiment", *compare.SUMMARY_COLUMNS])
+    out["ratio"] = out["ratio"].map(format_ratio)
+    out["seeds"] = out["seeds"].map(lambda v: " ".join(map(str, v)))
+    return out[["experiment", *KEYS, "metric", "mean", "std", "n", "ci_low", "ci_high", "ci_level", "seeds"]]
 
 
 def _log_detail(path: Path) -> str:
@@ -144,30 +221,52 @@ def membership(cfg: Mapping) -> dict[tuple, list[str]]:
     return out
 
 
-def cell_status(cfg: Mapping, runs: pd.DataFrame) -> pd.DataFrame:
-    """Every cell of the config once, with its experiments and status (see the module docstring)."""
-    done = set()
-    if not runs.empty:
-        done = set(zip(runs["dataset"], runs["ratio"].map(format_ratio), runs["method"], runs["backbone"],
-                       runs["seed"].astype(int)))
-    results = Path(cfg["results_dir"])
-    rows = []
-    for c in config_cells(cfg):
-        key = (c.dataset, c.ratio, c.method, c.backbone, c.seed)
-        log = results / TRAIN_LOG.format(path=c.path)
+def _key(dataset, ratio, method, backbone, seed) -> tuple:
+    return (str(dataset), format_ratio(float(ratio)), str(method), str(backbone), int(seed))
+
+
+def _invalid_row(bad: Mapping, key: tuple | None, experiments: str = "") -> dict:
+    key = key or ("", "", "", "", "")
+    return dict(zip([*KEYS, "seed"], key), experiments=experiments, status="failed",
+                detail=f"invalid metrics.json: {bad['reason']}", log=bad["path"])
+
+
+def _finished_keys(runs: pd.DataFrame) -> list[tuple]:
+    if runs.empty:
+        return []
+    return list(dict.fromkeys(_key(*k) for k in zip(runs["dataset"], runs["ratio"], runs["method"],
+                                                     runs["backbone"], runs["seed"])))
+
+
+def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = ()) -> pd.DataFrame:
+    """Every cell of the config once (without a config: every finished run) with its experiments and
+    status, then any invalid metrics file that is no cell of the config (see the module docstring)."""
+    done = set(_finished_keys(runs))
+    bad_by_path = {str(Path(b["path"])): b for b in invalid}
+    bad_by_key = {_key(*(b["cell"][k] for k in (*KEYS, "seed"))): b for b in invalid if b["cell"]}
+    rows, used = [], set()
+    cells = config_cells(cfg) if cfg is not None else []
+    member = membership(cfg) if cfg is not None else {}
+    for c in cells:
+        key = _key(c.dataset, c.ratio, c.method, c.backbone, c.seed)
+        exps = " ".join(member[(c.dataset, c.ratio, c.method, c.backbone, c.seed)])
+        log = Path(cfg["results_dir"]) / TRAIN_LOG.format(path=c.path)
+        bad = bad_by_path.get(str(Path(cfg["results_dir"]) / "runs" / c.path / "metrics.json")) or bad_by_key.get(key)
         if key in done:
-            status, detail = "finished", ""
-        elif log.exists():
-            status, detail = "failed", _log_detail(log)
+            rows.append(dict(zip([*KEYS, "seed"], key), experiments=exps, status="finished", detail="", log=""))
+        elif bad is not None:
+            used.add(bad["path"])
+            rows.append(_invalid_row(bad, key, exps))
         else:
-            status, detail = "not run", ""
-        rows.append({"dataset": c.dataset, "ratio": c.ratio, "method": c.method, "backbone": c.backbone,
-                     "seed": c.seed, "status": status, "detail": detail, "log": str(log) if status == "failed" else ""})
-    df = pd.DataFrame(rows, columns=["dataset", "ratio", "method", "backbone", "seed", "status", "detail", "log"])
-    member = membership(cfg)
-    df.insert(5, "experiments", [" ".join(member[k]) for k in zip(df["dataset"], df["ratio"], df["method"],
-                                                                   df["backbone"], df["seed"])])
-    return df
+            failed = log.exists()
+            rows.append(dict(zip([*KEYS, "seed"], key), experiments=exps, status="failed" if failed else "not run",
+                             detail=_log_detail(log) if failed else "", log=str(log) if failed else ""))
+    if cfg is None:
+        rows += [dict(zip([*KEYS, "seed"], k), experiments="", status="finished", detail="", log="")
+                 for k in sorted(done)]
+    rows += [_invalid_row(b, _key(*(b["cell"][k] for k in (*KEYS, "seed"))) if b["cell"] else None)
+             for b in invalid if b["path"] not in used]
+    return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
 def existing_metrics(cfg: Mapping) -> list[Path]:
@@ -176,24 +275,26 @@ def existing_metrics(cfg: Mapping) -> list[Path]:
     return [p for c in config_cells(cfg) if (p := runs_dir / c.path / "metrics.json").exists()]
 
 
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
 def comparisons(runs: pd.DataFrame, cfg: Mapping) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(comparison, gains) over every experiment with a ``reference`` (concatenated, experiment first)."""
+    """(comparison, gains) over every experiment (experiment first; see the module docstring)."""
     comp, gain = [], []
     for name, exp in cfg["experiments"].items():
+        margin = compare.margin_of(exp, cfg)
         if exp.get("reference"):
-            comp.append(compare.compare_experiment(runs, name, exp))
-            gain.append(compare.experiment_gains(runs, name, exp))
-    nonempty = lambda frames: [f for f in frames if not f.empty]  # noqa: E731
-    c = pd.concat(nonempty(comp), ignore_index=True) if nonempty(comp) else compare.compare_experiment(
-        pd.DataFrame(), "", {"datasets": [], "ratios": [], "methods": [], "backbones": [], "seeds": []})
-    g = pd.concat(nonempty(gain), ignore_index=True) if nonempty(gain) else compare.experiment_gains(
-        pd.DataFrame(), "", {})
-    if "seeds" in c.columns:
-        c["seeds"] = c["seeds"].map(lambda v: " ".join(map(str, v)) if isinstance(v, list) else "")
-    if "ratio" in c.columns:
-        c["ratio"] = c["ratio"].map(format_ratio)
-    if "ratio" in g.columns:
-        g["ratio"] = g["ratio"].map(format_ratio)
+            comp.append(compare.compare_experiment(runs, name, exp, margin))
+            gain.append(gains.experiment_gains(runs, name, exp, margin))
+        if exp.get("figure") == "ablation" and len(exp["methods"]) > 1:
+            gain.append(gains.gains_over(runs, name, exp, margin))
+    c = _concat(comp, ["experiment", "table", "row", *compare.CELL_KEYS, "quoted", "note", *compare.COMPARISON_STATS])
+    g = _concat(gain, gains.EXPERIMENT_COLUMNS)
+    c["seeds"] = c["seeds"].map(lambda v: " ".join(map(str, v)) if isinstance(v, list) else "")
+    for df in (c, g):
+        df["ratio"] = df["ratio"].map(lambda r: format_ratio(float(r)))
     return c, g
 
 
@@ -211,14 +312,17 @@ def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: 
         paths = sorted(set(paths) | set(existing_metrics(cfg)))
     if not paths and cfg is None:
         raise ValueError("no metrics.json files given (pass them, or --existing with the config)")
-    runs, per_class, summary = tables(load_metrics(paths))
+    good, invalid = load_metrics(paths)
+    for b in invalid:
+        print(f"ltbench aggregate: {b['path']}: invalid, listed as a failed cell: {b['reason']}", file=sys.stderr)
+    runs, per_class = tables(good)
     if cfg is not None and not runs.empty:
         member = membership(cfg)
         runs.insert(5, "experiments", [" ".join(member.get(k, [])) for k in zip(
             runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"].astype(int))])
-    out = {"runs.csv": runs, "per_class.csv": per_class, "summary.csv": summary}
+    out = {"runs.csv": runs, "per_class.csv": per_class, "summary.csv": summary_table(runs, cfg),
+           "cells.csv": cell_status(cfg, runs, invalid)}
     if cfg is not None:
-        out["cells.csv"] = cell_status(cfg, runs)
         out["comparison.csv"], out["gains.csv"] = comparisons(runs, cfg)
     for name, df in out.items():
         write_csv(df, Path(out_dir) / name)

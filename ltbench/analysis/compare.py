@@ -6,39 +6,49 @@ Input is a tidy *runs* table, one row per (run, metric), with columns :data:`RUN
 
 - :func:`summarize` — per cell: mean, sample std (ddof=1), n, Student-t confidence interval, seeds.
 - :func:`compare` — per reference entry (from :func:`ltbench.analysis.reference.entries`): our mean vs the
-  paper's value, Δ = ours − paper, and a verdict (rule below).
-- :func:`gains` — per claimed gain (``claims`` of a reference file) and cell: our gain with Welch and
-  paired t-tests across seeds, next to the paper's gain.
+  paper's value, Δ = ours − paper, the equivalence test and a verdict (rule below).
+- :mod:`ltbench.analysis.gains` — claimed gains (t-tests, Holm's correction, "no gain").
 
-Verdict rule (:func:`compare`), checked in this order:
+Verdict rule (:func:`judge`), checked in this order, with a ``margin`` (default 1.0 point, the
+config key ``margin``, per experiment overridable) and α = 0.05:
 
 1. ``"not reported"`` — the paper's value is null/NaN (nothing to compare with, whether or not we ran it).
 2. ``"quoted"`` — no runs for the cell and the paper only quotes the number from another publication.
 3. ``"missing"`` — no runs for the cell (and the paper's own number).
-4. ``"reproduced"`` — |Δ| ≤ ``tolerance`` (default 1.0 point; a 1e-9 slack absorbs floating-point error,
-   so Δ = 64.01 − 63.01 (1.000000000000007 in floating point) counts as 1.0), **or** the paper's value lies inside our confidence
-   interval [ci_low, ci_high] (bounds included; the interval exists only for n ≥ 2 seeds).
-5. ``"above"`` if Δ > 0, else ``"below"``.
+4. ``"single run"`` — one seed: no interval exists, so nothing is decided (Δ is shown).
+5. ``"reproduced"`` — equivalence shown by the two one-sided tests (TOST) at α: the 90 % Student-t
+   interval of Δ, Δ ± t₀.₉₅,ₙ₋₁ · std/√n, lies inside [−margin, +margin] (a 1e-9 slack absorbs
+   floating-point error, so Δ = 64.01 − 63.01 (1.000000000000007) counts as 1.0).
+6. ``"inconclusive"`` — equivalence is not shown, but the paper's value lies inside our 95 % interval
+   [ci_low, ci_high] (bounds included): too few seeds or too much variance to tell.
+7. ``"above"`` if Δ > 0, else ``"below"`` — our 95 % interval excludes the paper's value.
 
-Quoted entries that we did run get verdicts 4–5 like any other.
+An inconclusive cell also gets the seeds that would decide it at 80 % power
+(:func:`ltbench.analysis.power.seeds_to_decide` with the observed Δ and std: the TOST when |Δ| < margin,
+else the one-sample t-test against the paper's value). Quoted entries that we did run are judged like
+any other.
 """
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ltbench.analysis.reference import CELL_KEYS, entries, load
+from ltbench.analysis import power
+from ltbench.analysis.reference import CELL_KEYS, entries
 
-__all__ = ["RUN_COLUMNS", "CELL_KEYS", "VERDICTS", "summarize", "compare", "gains", "verdict"]
+__all__ = ["RUN_COLUMNS", "CELL_KEYS", "VERDICTS", "summarize", "compare", "judge", "decision_line"]
 
 RUN_COLUMNS = ["dataset", "ratio", "method", "backbone", "seed", "metric", "value"]
-VERDICTS = ("reproduced", "below", "above", "missing", "not reported", "quoted")
-_EPS = 1e-9  # slack on the tolerance comparison for floating-point error
+VERDICTS = ("reproduced", "inconclusive", "below", "above", "single run", "missing", "not reported", "quoted")
+JUDGED = ("reproduced", "inconclusive", "below", "above", "single run")  # cells with runs and a paper value
+ALPHA = power.ALPHA
+MARGIN = 1.0  # default equivalence margin in points (the config key `margin`)
+_EPS = 1e-9  # slack on margin comparisons for floating-point error
+SUMMARY_COLUMNS = [*CELL_KEYS, "mean", "std", "n", "ci_low", "ci_high", "ci_level", "seeds"]
 
 
 def _check_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -80,29 +90,73 @@ def summarize(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     return out.reset_index()
 
 
-def verdict(paper_value: float, mean: float, n: int, ci_low: float = math.nan, ci_high: float = math.nan,
-            quoted: bool = False, tolerance: float = 1.0) -> str:
-    """Verdict for one cell; the rule is in this module's docstring."""
+def constant(x: np.ndarray, scale: float | None = None) -> bool:
+    """No variance beyond floating-point rounding (relative 1e-9 of the values' magnitude): a t-test on
+    such a sample divides rounding noise by rounding noise and reports any p-value."""
+    scale = float(np.abs(x).max()) if scale is None else float(scale)
+    return float(np.ptp(x)) <= 1e-9 * max(1.0, scale)
+
+
+def equivalence(d: float, se: float, df: float, margin: float, alpha: float = ALPHA) -> tuple[float, float, float]:
+    """TOST of |true d| < margin from an estimate ``d`` with standard error ``se`` and ``df`` degrees of
+    freedom: (low, high, p), the (1 − 2α) interval d ± t₁₋α · se and p = max of the two one-sided p-values.
+    ``se == 0`` (no spread): the interval is the point d and p is 0 inside the margin, else 1."""
+    if se == 0:
+        return d, d, (0.0 if abs(d) <= margin + _EPS else 1.0)
+    half = stats.t.ppf(1 - alpha, df) * se
+    p = max(stats.t.sf((d + margin) / se, df), stats.t.cdf((d - margin) / se, df))
+    return d - half, d + half, float(p)
+
+
+def _no_decision(verdict: str) -> dict:
+    return {"verdict": verdict, "tost_low": math.nan, "tost_high": math.nan, "tost_p": math.nan,
+            "seeds_needed": None, "seeds_test": ""}
+
+
+def judge(paper_value: float, mean: float, std: float, n: int, ci_low: float = math.nan,
+          ci_high: float = math.nan, quoted: bool = False, margin: float = MARGIN, alpha: float = ALPHA) -> dict:
+    """Verdict of one cell (the rule is in this module's docstring) with its numbers: ``verdict``,
+    ``tost_low`` / ``tost_high`` (the 90 % interval of Δ), ``tost_p``, and for an inconclusive cell
+    ``seeds_needed`` (None when more than :data:`power.MAX_SEEDS`) and ``seeds_test``."""
     if paper_value is None or pd.isna(paper_value):
-        return "not reported"
+        return _no_decision("not reported")
     if not n or pd.isna(mean):
-        return "quoted" if quoted else "missing"
+        return _no_decision("quoted" if quoted else "missing")
+    if n < 2:
+        return _no_decision("single run")
     delta = mean - paper_value
-    if abs(delta) <= tolerance + _EPS:
-        return "reproduced"
-    if not (pd.isna(ci_low) or pd.isna(ci_high)) and ci_low <= paper_value <= ci_high:
-        return "reproduced"
-    return "above" if delta > 0 else "below"
+    flat = std <= 1e-9 * max(1.0, abs(mean))
+    se = 0.0 if flat else std / math.sqrt(n)
+    low, high, p = equivalence(delta, se, n - 1, margin, alpha)
+    out = {**_no_decision(""), "tost_low": low, "tost_high": high, "tost_p": p}
+    if low >= -margin - _EPS and high <= margin + _EPS:
+        out["verdict"] = "reproduced"
+    elif not flat and not (pd.isna(ci_low) or pd.isna(ci_high)) and ci_low <= paper_value <= ci_high:
+        out["verdict"] = "inconclusive"
+        out["seeds_needed"], out["seeds_test"] = power.seeds_to_decide(delta, std, margin, alpha=alpha)
+    else:
+        out["verdict"] = "above" if delta > 0 else "below"
+    return out
 
 
-def compare(summary: pd.DataFrame, reference_df: pd.DataFrame, tolerance: float = 1.0) -> pd.DataFrame:
+def verdict(paper_value: float, mean: float, std: float, n: int, ci_low: float = math.nan,
+            ci_high: float = math.nan, quoted: bool = False, margin: float = MARGIN) -> str:
+    """The verdict alone (see :func:`judge`)."""
+    return judge(paper_value, mean, std, n, ci_low, ci_high, quoted, margin)["verdict"]
+
+
+def compare(summary: pd.DataFrame, reference_df: pd.DataFrame, margin: float = MARGIN,
+            alpha: float = ALPHA) -> pd.DataFrame:
     """One row per reference entry: our statistics next to the paper's value, Δ and a verdict.
 
     ``summary`` is the output of :func:`summarize`; ``reference_df`` the output of
     :func:`ltbench.analysis.reference.entries` (or any frame with the cell keys, ``value`` and ``quoted``).
     Columns: the reference columns with ``value`` renamed ``paper_value``, then ``mean``, ``std``, ``n``
-    (0 when we have no runs), ``ci_low``, ``ci_high``, ``seeds``, ``delta`` (ours − paper) and ``verdict``.
-    Cells we ran that the paper does not report are not listed.
+    (0 when we have no runs), ``ci_low``, ``ci_high``, ``seeds``, ``delta`` (ours − paper), ``margin``,
+    ``tost_low``, ``tost_high``, ``tost_p``, ``verdict``, ``seeds_needed`` (nullable integer: the seeds
+    that decide an inconclusive cell at 80 % power; empty with a ``seeds_test`` means more than
+    :data:`power.MAX_SEEDS`) and ``seeds_test`` (``TOST`` or ``t-test``). Cells we ran that the paper
+    does not report are not listed.
     """
     if "seed" in summary.columns and "mean" not in summary.columns:
         raise ValueError("compare() takes summarize(runs), not the runs table itself")
@@ -115,109 +169,41 @@ def compare(summary: pd.DataFrame, reference_df: pd.DataFrame, tolerance: float 
     out = ref.merge(summ, on=CELL_KEYS, how="left", validate="many_to_one")
     out["n"] = out["n"].fillna(0).astype("int64")
     out["delta"] = out["mean"] - out["paper_value"]
-    out["verdict"] = [verdict(r.paper_value, r.mean, r.n, r.ci_low, r.ci_high, bool(r.quoted), tolerance)
-                      for r in out.itertuples(index=False)]
-    return out
+    out["margin"] = float(margin)
+    judged = pd.DataFrame([judge(r.paper_value, r.mean, r.std, r.n, r.ci_low, r.ci_high, bool(r.quoted), margin,
+                                 alpha) for r in out.itertuples(index=False)],
+                          columns=list(_no_decision("")), index=out.index)
+    judged["seeds_needed"] = judged["seeds_needed"].astype("Int64")
+    return pd.concat([out, judged], axis=1)
 
 
-def _cell_values(runs: pd.DataFrame, cell: Mapping, method: str) -> pd.Series:
-    sel = runs[(runs["dataset"] == cell["dataset"]) & (runs["ratio"] == cell["ratio"])
-               & (runs["method"] == method) & (runs["backbone"] == cell["backbone"])
-               & (runs["metric"] == cell["metric"])]
-    return sel.set_index("seed")["value"].sort_index()
+def decision_line(df: pd.DataFrame, undecided: str = "inconclusive", verdict_col: str = "verdict",
+                  judged: tuple = JUDGED, n_cols: tuple = ("n",), noun: str = "cells") -> str:
+    """One sentence on how many rows are undecided and how many more seeds would decide them, e.g.
+    "12 of 18 cells inconclusive; 3 more seeds would decide 6 of them, 25 more all 12".
 
-
-def _paper_value(reference_df: pd.DataFrame | None, table, cell: Mapping, method: str) -> float:
-    if reference_df is None:
-        return math.nan
-    r = reference_df
-    sel = ((r["dataset"] == cell["dataset"]) & (r["ratio"] == cell["ratio"]) & (r["method"] == method)
-           & (r["backbone"] == cell["backbone"]) & (r["metric"] == cell["metric"]))
-    if table is not None and "table" in r.columns:
-        sel &= (r["table"] == table).fillna(False)
-    vals = r.loc[sel, "value"]
-    if len(vals) > 1:
-        raise ValueError(f"reference has {len(vals)} entries for {method!r} at {dict(cell)} in table {table!r};"
-                         " give the claim a table number")
-    return float(vals.iloc[0]) if len(vals) else math.nan
-
-
-def _constant(x: np.ndarray, scale: float | None = None) -> bool:
-    """No variance beyond floating-point rounding (relative 1e-9 of the values' magnitude): a t-test on
-    such a sample divides rounding noise by rounding noise and reports any p-value."""
-    scale = float(np.abs(x).max()) if scale is None else float(scale)
-    return float(np.ptp(x)) <= 1e-9 * max(1.0, scale)
-
-
-def gains(runs: pd.DataFrame, claims: str | Iterable[Mapping],
-          reference_df: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Measured vs claimed gain of ``method`` over ``over`` for each claim and cell.
-
-    ``claims`` is a paper id (its ``claims`` and, unless ``reference_df`` is given, its entries are
-    loaded) or a list of claim mappings as in the reference files. The paper's gain is the difference of
-    the two methods' reference values in the claim's table (any table when the claim's table is null; NaN
-    without ``reference_df`` or when either value is null). Metric: the claim's ``metric`` (default ``top1``).
-
-    Tests across seeds: Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) when both methods
-    have n ≥ 2 runs, and a paired t-test (``scipy.stats.ttest_rel``, pairs by seed) when both have the
-    same seeds and n ≥ 2. A sample whose spread is floating-point rounding only (see :func:`_constant`)
-    counts as zero variance: the test is undefined. Otherwise the p-value is NaN and ``explanation`` says why (it is "" when both
-    tests ran). Columns: claim, table, description, dataset, ratio, backbone, metric, method, over,
-    n_method, n_over, mean_method, mean_over, gain (ours), paper_gain, welch_t, welch_p, paired_t,
-    paired_p, explanation.
-    """
-    if isinstance(claims, str):
-        paper = claims
-        claims = load(paper).get("claims", [])
-        if reference_df is None:
-            reference_df = entries(paper)
-    runs = _check_runs(runs)
-    rows = []
-    for c in claims:
-        metric = c.get("metric", "top1")
-        for cell in c["cells"]:
-            cell = {**cell, "backbone": c["backbone"], "metric": metric}
-            a, b = _cell_values(runs, cell, c["method"]), _cell_values(runs, cell, c["over"])
-            why = []
-            for name, v in ((c["method"], a), (c["over"], b)):
-                if len(v) == 0:
-                    why.append(f"no runs of {name!r}")
-                elif len(v) < 2:
-                    why.append(f"only {len(v)} run of {name!r}: t-tests need n >= 2")
-            welch_t = welch_p = paired_t = paired_p = math.nan
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # zero-variance samples -> NaN, explained below
-                if len(a) >= 2 and len(b) >= 2:
-                    if _constant(a.to_numpy()) and _constant(b.to_numpy()):
-                        why.append("Welch test undefined: both methods have zero variance")
-                    else:
-                        welch_t, welch_p = stats.ttest_ind(a.to_numpy(), b.to_numpy(), equal_var=False)
-                    if list(a.index) == list(b.index):
-                        diff = a.to_numpy() - b.loc[a.index].to_numpy()
-                        if _constant(diff, scale=np.abs(a.to_numpy()).max()):
-                            why.append("paired test undefined: per-seed differences have zero variance")
-                        else:
-                            paired_t, paired_p = stats.ttest_rel(a.to_numpy(), b.loc[a.index].to_numpy())
-                    else:
-                        why.append("seeds differ between the methods: no paired test")
-            pa = _paper_value(reference_df, c["table"], cell, c["method"])
-            pb = _paper_value(reference_df, c["table"], cell, c["over"])
-            rows.append({
-                "claim": c["id"], "table": c["table"], "description": c.get("description", ""),
-                "dataset": cell["dataset"], "ratio": cell["ratio"], "backbone": cell["backbone"],
-                "metric": metric, "method": c["method"], "over": c["over"],
-                "n_method": len(a), "n_over": len(b),
-                "mean_method": a.mean() if len(a) else math.nan, "mean_over": b.mean() if len(b) else math.nan,
-                "gain": (a.mean() - b.mean()) if len(a) and len(b) else math.nan,
-                "paper_gain": pa - pb,
-                "welch_t": float(welch_t), "welch_p": float(welch_p),
-                "paired_t": float(paired_t), "paired_p": float(paired_p),
-                "explanation": "; ".join(why),
-            })
-    cols = ["claim", "table", "description", "dataset", "ratio", "backbone", "metric", "method", "over",
-            "n_method", "n_over", "mean_method", "mean_over", "gain", "paper_gain", "welch_t", "welch_p",
-            "paired_t", "paired_p", "explanation"]
-    return pd.DataFrame(rows, columns=cols)
+    Rows are those whose verdict is in ``judged``; extra seeds = ``seeds_needed`` − the smallest of
+    ``n_cols`` (per method for a gain). The first figure is the median extra, the second the largest.
+    "" when no row is judged."""
+    rows = df[df[verdict_col].isin(judged)]
+    if rows.empty:
+        return ""
+    und = rows[rows[verdict_col] == undecided]
+    text = f"{len(und)} of {len(rows)} {noun} {undecided}"
+    if und.empty:
+        return text
+    have = und[list(n_cols)].min(axis=1)
+    extra = sorted(int(s - h) for s, h in zip(und["seeds_needed"], have) if not pd.isna(s))
+    beyond = len(und) - len(extra)
+    parts = []
+    if extra:
+        k = max(extra[(len(extra) - 1) // 2], 0)
+        parts.append(f"{k} more seed{'s' * (k != 1)} would decide {sum(e <= k for e in extra)} of them")
+        if extra[-1] > k:
+            parts[-1] += f", {extra[-1]} more all {len(extra)}"
+    if beyond:
+        parts.append(f"{beyond} would need more than {power.MAX_SEEDS} seeds")
+    return text + "; " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------- experiments of a workflow config
@@ -226,8 +212,11 @@ def gains(runs: pd.DataFrame, claims: str | Iterable[Mapping],
 # backbones × seeds, optionally naming the paper table it reproduces (``reference: {paper, table}``).
 # The functions below restrict runs and reference entries to one experiment and judge them.
 
-ALPHA = 0.05
-GAIN_VERDICTS = ("supported", "not significant", "contradicted", "untested")
+def margin_of(exp: Mapping, cfg: Mapping | None = None) -> float:
+    """The experiment's equivalence margin: its own ``margin``, else the config's, else :data:`MARGIN`."""
+    if exp.get("margin") is not None:
+        return float(exp["margin"])
+    return float((cfg or {}).get("margin", MARGIN))
 
 
 def table_label(table) -> str | None:
@@ -284,123 +273,21 @@ def experiment_runs(runs: pd.DataFrame, exp: Mapping) -> pd.DataFrame:
 def summarize_any(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """:func:`summarize`, also for an empty runs table (then an empty frame with its columns)."""
     if runs.empty:
-        return pd.DataFrame(columns=[*CELL_KEYS, "mean", "std", "n", "ci_low", "ci_high", "ci_level", "seeds"])
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
     return summarize(runs, level)
 
 
-def compare_experiment(runs: pd.DataFrame, name: str, exp: Mapping, tolerance: float = 1.0,
+COMPARISON_STATS = ["paper_value", "mean", "std", "n", "ci_low", "ci_high", "seeds", "delta", "margin", "tost_low",
+                    "tost_high", "tost_p", "verdict", "seeds_needed", "seeds_test"]
+
+
+def compare_experiment(runs: pd.DataFrame, name: str, exp: Mapping, margin: float = MARGIN,
                        level: float = 0.95) -> pd.DataFrame:
     """:func:`compare` for the reference entries in the experiment's scope (see :func:`entries_in_scope`),
     with our statistics over the experiment's seeds; column ``experiment`` first. Empty without reference."""
     scope = entries_in_scope(reference_table(exp), exp)
-    cols = ["experiment", *scope.columns.drop("value", errors="ignore"), "paper_value", "mean", "std", "n",
-            "ci_low", "ci_high", "seeds", "delta", "verdict"]
     if scope.empty:
-        return pd.DataFrame(columns=cols)
-    out = compare(summarize_any(experiment_runs(runs, exp), level), scope, tolerance)
+        return pd.DataFrame(columns=["experiment", *scope.columns.drop("value", errors="ignore"), *COMPARISON_STATS])
+    out = compare(summarize_any(experiment_runs(runs, exp), level), scope, margin)
     out.insert(0, "experiment", name)
     return out
-
-
-def _expected_sign(claim: Mapping, ref: pd.DataFrame) -> int:
-    """+1 or -1: the sign of the paper's mean gain over the claim's own cells (+1 without numbers)."""
-    metric = claim.get("metric", "top1")
-    diffs = []
-    for cell in claim["cells"]:
-        cell = {**cell, "backbone": claim["backbone"], "metric": metric}
-        diffs.append(_paper_value(ref, claim["table"], cell, claim["method"])
-                     - _paper_value(ref, claim["table"], cell, claim["over"]))
-    diffs = [d for d in diffs if not math.isnan(d)]
-    return -1 if diffs and sum(diffs) < 0 else 1
-
-
-def experiment_claims(exp: Mapping) -> list[dict]:
-    """The paper's claimed gains that this experiment can test, with their cells in the experiment.
-
-    A claim applies when its table is the experiment's (any claim when the experiment names no table)
-    and both of its methods are among the experiment's. Its cells are the claim's own cells inside the
-    experiment; when the experiment has no reference entry in scope at all (e.g. digits-lt instead of
-    CIFAR: our numbers in the paper's layout) every claim is tested on all of the experiment's cells,
-    without a paper gain. Each returned claim carries ``expected_sign`` (the sign of the paper's gain on
-    its own cells; +1 when the paper gives no numbers)."""
-    ref_exp = exp.get("reference")
-    if not ref_exp:
-        return []
-    paper = ref_exp["paper"]
-    data = load(paper)
-    full = entries(paper)
-    label = table_label(ref_exp.get("table"))
-    reference_free = entries_in_scope(reference_table(exp), exp).empty
-    out, seen = [], set()
-    for c in data.get("claims", []):
-        if label is not None and table_label(c["table"]) != label:
-            continue
-        if c["method"] not in exp["methods"] or c["over"] not in exp["methods"]:
-            continue
-        sign = _expected_sign(c, full)
-        if reference_free:
-            targets = [(d, r, b) for d in exp["datasets"] for r in exp["ratios"] for b in exp["backbones"]]
-        else:
-            targets = [(cell["dataset"], cell["ratio"], c["backbone"]) for cell in c["cells"]
-                       if cell["dataset"] in exp["datasets"] and float(cell["ratio"]) in _ratios(exp)
-                       and c["backbone"] in exp["backbones"]]
-        by_backbone: dict[str, list] = {}
-        for d, r, b in targets:
-            key = (c["method"], c["over"], c.get("metric", "top1"), d, float(r), b)
-            if key not in seen:
-                seen.add(key)
-                by_backbone.setdefault(b, []).append({"dataset": d, "ratio": r})
-        for b, cells in by_backbone.items():
-            out.append({**c, "backbone": b, "cells": cells, "expected_sign": sign})
-    return out
-
-
-def gain_verdict(gain: float, p: float, expected_sign: int = 1, alpha: float = ALPHA) -> str:
-    """``untested`` (no p-value), ``supported`` (our gain has the claimed sign and p < alpha),
-    ``contradicted`` (the opposite sign and p < alpha), else ``not significant``."""
-    if p is None or pd.isna(p) or pd.isna(gain):
-        return "untested"
-    if p >= alpha or gain == 0:
-        return "not significant"
-    return "supported" if (gain > 0) == (expected_sign > 0) else "contradicted"
-
-
-def _judge_gains(g: pd.DataFrame, signs: list[int], alpha: float) -> pd.DataFrame:
-    g = g.copy()
-    g["expected_sign"] = signs
-    paired = g["paired_p"].notna()
-    g["test"] = np.where(paired, "paired t", np.where(g["welch_p"].notna(), "Welch t", ""))
-    g["p_value"] = g["paired_p"].where(paired, g["welch_p"])
-    g["gain_verdict"] = [gain_verdict(a, p, s, alpha) for a, p, s in zip(g["gain"], g["p_value"], signs)]
-    return g
-
-
-def experiment_gains(runs: pd.DataFrame, name: str, exp: Mapping, alpha: float = ALPHA) -> pd.DataFrame:
-    """:func:`gains` for :func:`experiment_claims` on the experiment's runs, judged with
-    :func:`gain_verdict` on the paired t-test's p-value (Welch's when no pairing by seed is possible).
-    Extra columns: ``experiment`` (first), ``expected_sign``, ``test``, ``p_value``, ``gain_verdict``."""
-    claims = experiment_claims(exp)
-    if not claims:
-        return pd.DataFrame(columns=["experiment", "claim", "table", "description", "dataset", "ratio", "backbone",
-                                     "metric", "method", "over", "n_method", "n_over", "mean_method", "mean_over",
-                                     "gain", "paper_gain", "welch_t", "welch_p", "paired_t", "paired_p",
-                                     "explanation", "expected_sign", "test", "p_value", "gain_verdict"])
-    full = entries(exp["reference"]["paper"])
-    g = gains(experiment_runs(runs, exp), claims, full)
-    signs = [c["expected_sign"] for c in claims for _ in c["cells"]]
-    g = _judge_gains(g, signs, alpha)
-    g.insert(0, "experiment", name)
-    return g
-
-
-def gains_over(runs: pd.DataFrame, exp: Mapping, over: str, alpha: float = ALPHA) -> pd.DataFrame:
-    """Every other method of the experiment against ``over`` on every cell of the experiment (the
-    ablation heatmap): :func:`gains` columns plus ``test``, ``p_value``, ``gain_verdict`` (expected sign +)."""
-    claims = [{"id": f"{m}-over-{over}", "table": None, "description": f"{m} over {over}", "method": m,
-               "over": over, "backbone": b,
-               "cells": [{"dataset": d, "ratio": r} for d in exp["datasets"] for r in exp["ratios"]]}
-              for b in exp["backbones"] for m in exp["methods"] if m != over]
-    if not claims:
-        return pd.DataFrame()
-    g = gains(experiment_runs(runs, exp), claims, None)
-    return _judge_gains(g, [1] * len(g), alpha)

@@ -9,13 +9,17 @@ Per experiment (``<figures_dir>/<experiment>/<kind>.png`` and ``.svg``):
 - ``backbones`` (``figure: backbones``, CBN Figure 6): top-1 per backbone depth for each method.
 - ``ablation_vs_baseline`` (``figure: ablation``): heatmap of each method's gain over the
   experiment's first method, per (dataset, ratio), * = significant (paired t-test across seeds,
-  Welch's when the seeds differ, p < 0.05).
+  Welch's when the seeds differ, Holm-adjusted p < 0.05), = = no gain (equivalent within ± margin).
 - ``ablation_vs_paper`` (``figure: ablation``, when the paper reports cells of the experiment):
   heatmap of Δ = ours − paper.
 - ``bn_norms`` (experiments with an NBN method): distribution over channels of the effective
   per-channel |weight| and |bias| of the last stage's normalization layers, read from each run's
-  ``model.pt``: BatchNorm's γ and β; NBN's w = α·γ/(‖γ‖₂+1e-6), b = α_b·β/(‖β‖₂+1e-6) (α_b = α unless the
-  layer has its own ``alpha_bias``); CBN's per-component γ_k, β_k (all M × C values).
+  ``model.pt``: BatchNorm's γ and β; NBN's effective affine as the layer computes it
+  (:meth:`ltbench.nn.norm.NormalizedBatchNorm2d.effective_affine`); CBN's per-component γ_k, β_k (all M × C values).
+
+The numbers come from the aggregate stage's files: bars and error bars from ``summary.csv``, the
+gains of the ablation heatmap from ``gains.csv`` (``kind`` = ``ablation``), Δ vs the paper from the
+table layout (``comparison.csv``); ``runs.csv`` gives the per-seed dots and the resolved recipe (M).
 
 Every function returns the PNG path, or raises :class:`Skip` with the reason when the data for the
 figure is not there (no finished run, no model file, no M...); the report lists skipped figures.
@@ -36,15 +40,13 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ltbench import io  # noqa: E402
-
-from ltbench.analysis import compare
+from ltbench.analysis import compare  # noqa: E402
+from ltbench.analysis.aggregate import METRICS  # noqa: E402
 from ltbench.data.longtail import format_ratio  # noqa: E402
+from ltbench.report.tables import (M_KNOB, NORM_KNOB, Layout, dataset_name, fmt_delta, method_name,  # noqa: E402
+                                   metric_name, of_experiment, safe_name)
 from ltbench.spec.catalog import backbone_depth  # noqa: E402
-from ltbench.report.tables import Layout, dataset_name, fmt_delta, method_name, metric_name  # noqa: E402
 
-METRICS = ["top1", "many", "medium", "few"]
-M_KNOB = "recipe.norm.options.num_components"
-NORM_KNOB = "recipe.norm.name"
 DPI = 110
 
 
@@ -146,29 +148,38 @@ def _finish_panels(fig, axes, n_panels: int, ylabel: str, title: str, path: Path
     return save(fig, path)
 
 
-def fig_groups(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
-    s = select(runs, exp).dropna(subset=["value"])
+def _summary(summary: pd.DataFrame, name: str, exp: Mapping, metric: str | None = None) -> pd.DataFrame:
+    """The experiment's rows of summary.csv (of one metric), ratio as float, std 0 where n = 1."""
+    s = of_experiment(summary, name)
+    if s.empty:
+        return s
+    s = s[s["method"].isin(exp["methods"])].copy()
+    if metric is not None:
+        s = s[s["metric"] == metric]
+    s["ratio"] = s["ratio"].astype(float)
+    s["err"] = s["std"].where(s["n"] > 1).fillna(0.0)
+    return s
+
+
+def fig_groups(summary: pd.DataFrame, name: str, exp: Mapping, path: Path) -> Path:
+    s = _summary(summary, name, exp)
     if s.empty:
         raise Skip("no finished run")
     s["panel"] = _panel_col(s, exp)
     order = _method_order(exp, s["method"])
     pal = _palette(order)
     panels = _panel_order(exp, s["panel"])
-    stats = s.groupby(["panel", "method", "metric"])["value"].agg(["mean", "std", "count"])
+    stats = s.set_index(["panel", "method", "metric"])
     fig, axes = _grid(len(panels), 4.4 if len(order) < 8 else 5.6, 3.0)
     width = 0.8 / len(order)
     for ax, panel in zip(axes, panels):
         for k, m in enumerate(order):
-            xs, ys, es = [], [], []
-            for i, metric in enumerate(METRICS):
-                if (panel, m, metric) in stats.index:
-                    st = stats.loc[(panel, m, metric)]
-                    xs.append(i - 0.4 + width * (k + 0.5))
-                    ys.append(st["mean"])
-                    es.append(st["std"] if st["count"] > 1 else 0.0)
-            if xs:
-                ax.bar(xs, ys, width=width * 0.95, color=pal[m], label=method_name(m),
-                       yerr=np.nan_to_num(es), error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#333"})
+            pts = [(i - 0.4 + width * (k + 0.5), stats.loc[(panel, m, metric)]) for i, metric in enumerate(METRICS)
+                   if (panel, m, metric) in stats.index]
+            if pts:
+                ax.bar([x for x, _ in pts], [st["mean"] for _, st in pts], width=width * 0.95, color=pal[m],
+                       label=method_name(m), yerr=[st["err"] for _, st in pts],
+                       error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#333"})
         ax.set_xticks(range(len(METRICS)), [metric_name(m, True) for m in METRICS])
         ax.set_title(panel, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -204,34 +215,49 @@ def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
 
 # ---------------------------------------------------------------- CBN Figure 5 and Figure 6
 
-def _errorbars(ax, x, grp: pd.DataFrame, color, label, jitter=0.0):
-    stats = grp.groupby("x")["value"].agg(["mean", "std", "count"]).reset_index().sort_values("x")
-    ax.errorbar(stats["x"] + jitter, stats["mean"], yerr=stats["std"].where(stats["count"] > 1).fillna(0),
-                marker="o", capsize=3, color=color, label=label, linewidth=1.6, markersize=5)
-    ax.scatter(grp["x"] + jitter, grp["value"], s=9, color=color, alpha=0.35, linewidths=0)
+def _errorbars(ax, stats: pd.DataFrame, dots: pd.DataFrame, color, label, jitter=0.0):
+    """Mean ± std at ``stats["x"]`` (summary rows), each seed's value at ``dots["x"]`` (runs rows)."""
+    stats = stats.sort_values("x")
+    ax.errorbar(stats["x"] + jitter, stats["mean"], yerr=stats["err"], marker="o", capsize=3, color=color,
+                label=label, linewidth=1.6, markersize=5)
+    ax.scatter(dots["x"] + jitter, dots["value"], s=9, color=color, alpha=0.35, linewidths=0)
 
 
-def fig_components(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
-    s = select(runs, exp).dropna(subset=["value"])
-    if s.empty:
-        raise Skip("no finished run")
-    if M_KNOB not in s.columns:
-        raise Skip(f"the runs have no {M_KNOB} column (no CBN method)")
+def _components_of(runs: pd.DataFrame, exp: Mapping) -> pd.Series:
+    """method -> number of CBN components M (the resolved recipe column of runs.csv), CBN methods only."""
+    s = select(runs, exp)
+    if s.empty or M_KNOB not in s.columns:
+        raise Skip(f"no finished run with a {M_KNOB} column (no CBN method)")
     s = s[s.get(NORM_KNOB, "cbn") == "cbn"].dropna(subset=[M_KNOB])
     if s.empty:
         raise Skip("no finished CBN run (methods with norm.name: cbn)")
-    s["x"] = s[M_KNOB].astype(float).astype(int)
+    return s.drop_duplicates("method").set_index("method")[M_KNOB].astype(float).astype(int)
+
+
+def _series(df: pd.DataFrame, exp: Mapping) -> list[str]:
     several_b = len(exp["backbones"]) > 1
-    s["series"] = [_cell_label(d, r, b if several_b else None) for d, r, b in zip(s["dataset"], s["ratio"], s["backbone"])]
+    return [_cell_label(d, r, b if several_b else None) for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"])]
+
+
+def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path) -> Path:
+    m_of = _components_of(runs, exp)
+    s = _summary(summary, name, exp)
+    s = s[s["method"].isin(m_of.index)] if not s.empty else s
+    if s.empty:
+        raise Skip("no finished CBN run")
+    dots = select(runs, exp).dropna(subset=["value"])
+    dots = dots[dots["method"].isin(m_of.index)].assign(ratio=lambda d: d["ratio"].astype(float))
+    for df in (s, dots):
+        df["x"], df["series"] = df["method"].map(m_of), _series(df, exp)
     series = _panel_order(exp, s["series"])
     colors = dict(zip(series, sns.color_palette("tab10", len(series))))
     fig, axes = plt.subplots(1, 4, figsize=(13.5, 3.3), sharex=True)
     for ax, metric in zip(axes, METRICS):
-        sub = s[s["metric"] == metric]
-        for k, name in enumerate(series):
-            grp = sub[sub["series"] == name]
-            if len(grp):
-                _errorbars(ax, None, grp, colors[name], name, jitter=0.06 * (k - (len(series) - 1) / 2))
+        for k, sname in enumerate(series):
+            sel, dsel = s[(s["metric"] == metric) & (s["series"] == sname)], dots[(dots["metric"] == metric)
+                                                                                 & (dots["series"] == sname)]
+            if len(sel):
+                _errorbars(ax, sel, dsel, colors[sname], sname, jitter=0.06 * (k - (len(series) - 1) / 2))
         ax.set_title(metric_name(metric, True))
         ax.set_xlabel("components M")
         ax.set_xticks(sorted(s["x"].unique()))
@@ -246,27 +272,30 @@ def fig_components(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     return save(fig, path)
 
 
-def fig_backbones(runs: pd.DataFrame, exp: Mapping, path: Path, metric: str = "top1") -> Path:
-    s = select(runs, exp).dropna(subset=["value"])
-    s = s[s["metric"] == metric]
+def fig_backbones(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path,
+                  metric: str = "top1") -> Path:
+    s = _summary(summary, name, exp, metric)
     if s.empty:
         raise Skip("no finished run")
+    dots = select(runs, exp).dropna(subset=["value"])
+    dots = dots[dots["metric"] == metric].assign(ratio=lambda d: d["ratio"].astype(float))
     backbones = [b for b in exp["backbones"] if b in set(s["backbone"])]
     if all(math.isfinite(backbone_depth(b)) for b in backbones):
         backbones.sort(key=backbone_depth)
     pos = {b: i for i, b in enumerate(backbones)}
-    s["x"] = s["backbone"].map(pos).astype(float)
-    s["panel"] = [_cell_label(d, r) for d, r in zip(s["dataset"], s["ratio"])]
+    for df in (s, dots):
+        df["x"] = df["backbone"].map(pos).astype(float)
+        df["panel"] = [_cell_label(d, r) for d, r in zip(df["dataset"], df["ratio"])]
     panels = _panel_order({**exp, "backbones": exp["backbones"][:1]}, s["panel"])
     order = _method_order(exp, s["method"])
     pal = _palette(order)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        sub = s[s["panel"] == panel]
         for k, m in enumerate(order):
-            grp = sub[sub["method"] == m]
-            if len(grp):
-                _errorbars(ax, None, grp, pal[m], method_name(m), jitter=0.05 * (k - (len(order) - 1) / 2))
+            sel = s[(s["panel"] == panel) & (s["method"] == m)]
+            if len(sel):
+                _errorbars(ax, sel, dots[(dots["panel"] == panel) & (dots["method"] == m)], pal[m], method_name(m),
+                           jitter=0.05 * (k - (len(order) - 1) / 2))
         ax.set_xticks(range(len(backbones)), backbones)
         ax.set_title(panel)
         ax.set_xlabel("backbone")
@@ -294,33 +323,37 @@ def _heatmap(values: pd.DataFrame, annot: pd.DataFrame, title: str, cbar: str, p
     return save(fig, path)
 
 
-def fig_ablation_baseline(runs: pd.DataFrame, exp: Mapping, path: Path, metric: str = "top1",
-                          alpha: float = compare.ALPHA) -> Path:
+def _gain_mark(r) -> str:
+    if pd.isna(r.gain):
+        return "–"
+    return fmt_delta(r.gain) + {"supported": "*", "contradicted": "*", "no gain": "="}.get(r.gain_verdict, "")
+
+
+def fig_ablation_baseline(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1") -> Path:
+    """Each method's gain over the experiment's first method (gains.csv rows of kind ``ablation``)."""
     over = exp["methods"][0]
     if len(exp["methods"]) < 2:
         raise Skip("the experiment has a single method")
-    g = compare.gains_over(compare.experiment_runs(runs, exp), exp, over, alpha)
-    g = g[g["metric"] == metric] if not g.empty else g
+    g = of_experiment(gains, name)
+    g = g[(g["kind"] == "ablation") & (g["metric"] == metric)] if not g.empty else g
     if g.empty or g["gain"].isna().all():
         raise Skip(f"no method has finished runs next to {over!r}")
     several_b = len(exp["backbones"]) > 1
-    g["row"] = [method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"])]
-    g["col"] = [_cell_label(d, r) for d, r in zip(g["dataset"], g["ratio"])]
+    g = g.assign(row=[method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"])],
+                 col=[_cell_label(d, float(r)) for d, r in zip(g["dataset"], g["ratio"])],
+                 a=[_gain_mark(r) for r in g.itertuples(index=False)])
     rows, cols = list(dict.fromkeys(g["row"])), list(dict.fromkeys(g["col"]))
     vals = g.pivot(index="row", columns="col", values="gain").reindex(index=rows, columns=cols)
-    star = g.assign(a=[("–" if pd.isna(v) else fmt_delta(v) + ("*" if p is not None and not pd.isna(p) and p < alpha
-                                                                  else ""))
-                       for v, p in zip(g["gain"], g["p_value"])])
-    annot = star.pivot(index="row", columns="col", values="a").reindex(index=rows, columns=cols).fillna("–")
+    annot = g.pivot(index="row", columns="col", values="a").reindex(index=rows, columns=cols).fillna("–")
     return _heatmap(vals, annot, f"Gain over {method_name(over)} ({metric_name(metric, False)}, points; "
-                    f"* p < {alpha:g})", "Δ top-1 vs baseline (points)", path)
+                    f"* Holm-adjusted p < {compare.ALPHA:g}, = no gain)", "Δ top-1 vs baseline (points)", path)
 
 
 def fig_ablation_paper(layout: Layout, path: Path) -> Path:
     rows, vals, ann = [], [], []
     cols = [_cell_label(d, r) + (f" {metric_name(m, True)}" if len(layout.metrics) > 1 else "")
             for d, r, m in layout.columns]
-    mark = {"reproduced": "✓", "below": "↓", "above": "↑"}
+    mark = {"reproduced": "✓", "inconclusive": "?", "below": "↓", "above": "↑"}
     for i, row in enumerate(layout.rows):
         cells = [layout.cells[(i, j)] for j in range(len(layout.columns))]
         if not any(c.n and not pd.isna(c.paper) for c in cells):
@@ -335,7 +368,8 @@ def fig_ablation_paper(layout: Layout, path: Path) -> Path:
                    "no finished run of a cell the paper reports")
     v = pd.DataFrame(vals, index=rows, columns=cols)
     a = pd.DataFrame(ann, index=rows, columns=cols)
-    return _heatmap(v, a, "Ours − paper (points; ✓ reproduced, ↓ below, ↑ above)", "Δ vs paper (points)", path)
+    return _heatmap(v, a, "Ours − paper (points; ✓ reproduced, ? inconclusive, ↓ below, ↑ above)",
+                    "Δ vs paper (points)", path)
 
 
 # ---------------------------------------------------------------- BN weight / bias norms (NBN's motivation)
@@ -345,41 +379,43 @@ def _last_stage_prefixes(keys: list[str]) -> str | None:
     return f"layer{stages[-1]}." if stages else None
 
 
+def _nbn_affine(state: Mapping, p: str):
+    """NBN's effective (w, b) of the layer ``p``, computed by the layer itself from its saved state."""
+    from ltbench.nn.norm import NormalizedBatchNorm2d  # torch: only when a model.pt is read
+
+    own = {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".") and "." not in k[len(p) + 1:]}
+    layer = NormalizedBatchNorm2d(own["weight"].numel(), alpha="separate" if "alpha_bias" in own else "per_layer")
+    layer.load_state_dict(own)
+    return layer.effective_affine()
+
+
 def norm_layers(state: Mapping) -> list[dict]:
     """Normalization layers of a ResNet state_dict with their kind and EFFECTIVE per-channel |w|, |b|.
 
     A layer is a prefix with ``running_mean`` (or ``running_prior``) and ``weight``. ``kind``: ``nbn``
-    (has ``alpha``), ``cbn`` (``running_prior``; weight is M × C), else ``bn``. Layers without affine
-    (NBN's logit rectification) are skipped. Only the last stage (``layer<N>.``) when the model has stages.
+    (has ``alpha``: :meth:`~ltbench.nn.norm.NormalizedBatchNorm2d.effective_affine`), ``cbn``
+    (``running_prior``; weight is M × C), else ``bn``. Layers without affine (NBN's logit
+    rectification) are skipped. Only the last stage (``layer<N>.``) when the model has stages.
     """
-    import torch
+    import torch  # torch: only when a model.pt is read
 
     prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".running_mean", ".running_prior"))})
     last = _last_stage_prefixes(list(state))
     out = []
     for p in prefixes:
-        if f"{p}.weight" not in state or f"{p}.bias" not in state:
+        if f"{p}.weight" not in state or f"{p}.bias" not in state or (last and not p.startswith(last)):
             continue
-        if last and not p.startswith(last):
-            continue
-        w, b = state[f"{p}.weight"].float(), state[f"{p}.bias"].float()
-        if f"{p}.alpha" in state:
-            a = state[f"{p}.alpha"].float()
-            ab = state[f"{p}.alpha_bias"].float() if f"{p}.alpha_bias" in state else a
-            w = a * w / (torch.linalg.vector_norm(w) + 1e-6)
-            b = ab * b / (torch.linalg.vector_norm(b) + 1e-6)
-            kind = "nbn"
-        elif f"{p}.running_prior" in state:
-            kind = "cbn"
-        else:
-            kind = "bn"
-        out.append({"layer": p, "kind": kind, "abs_w": w.abs().flatten().numpy(), "abs_b": b.abs().flatten().numpy()})
+        kind = "nbn" if f"{p}.alpha" in state else "cbn" if f"{p}.running_prior" in state else "bn"
+        with torch.no_grad():
+            w, b = _nbn_affine(state, p) if kind == "nbn" else (state[f"{p}.weight"], state[f"{p}.bias"])
+        out.append({"layer": p, "kind": kind, "abs_w": w.float().abs().flatten().numpy(),
+                    "abs_b": b.float().abs().flatten().numpy()})
     return out
 
 
 def norms_frame(runs: pd.DataFrame, exp: Mapping) -> pd.DataFrame:
     """Per run, layer and channel: effective |w| and |b| (long format), from each run's ``model.pt``."""
-    import torch
+    import torch  # torch: only when a model.pt is read
 
     s = select(runs, exp)
     if s.empty or "run_dir" not in s.columns:
@@ -455,36 +491,38 @@ CAPTIONS = {
     "backbones": "CBN Figure 6: top-1 per backbone depth, mean ± std over seeds (each seed a dot). The paper "
                  "claims CBN beats BN at every depth.",
     "ablation_vs_baseline": "The ablation grid: each method's top-1 gain over the experiment's first method per "
-                            "(dataset, ratio), in points; * marks p < 0.05 (paired t-test across seeds, Welch's "
-                            "when the seeds differ). Grey: no finished runs.",
+                            "(dataset, ratio), in points; * marks a significant gain (paired t-test across seeds, "
+                            "Welch's when the seeds differ; Holm-adjusted p < 0.05 over the grid), = a gain shown "
+                            "to be within ± the margin (no gain). Grey: no finished runs.",
     "ablation_vs_paper": "The ablation grid against the paper: Δ = ours − paper per cell, in points, with the verdict "
-                         "(✓ reproduced: |Δ| ≤ 1 or the paper's value inside our 95 % CI; ↓ below; ↑ above).",
+                         "(✓ reproduced: the 90 % interval of Δ inside ± the margin; ? inconclusive; ↓ below; "
+                         "↑ above).",
     "bn_norms": "NBN's motivation: the distribution over channels of the effective per-channel |weight| and |bias| "
                 "of the last stage's normalization layers (log scale, all seeds pooled), read from each run's "
-                "model.pt. BN: γ, β; NBN: α·γ/‖γ‖₂ and α·β/‖β‖₂; CBN: every component's γ_k, β_k. The legend "
+                "model.pt. BN: γ, β; NBN: its effective α·γ/‖γ‖₂ and α·β/‖β‖₂; CBN: every component's γ_k, β_k. The legend "
                 "names the layer kinds each method has in this stage.",
 }
 
 
-def experiment_figures(name: str, exp: Mapping, runs: pd.DataFrame, per_class: pd.DataFrame, layout: Layout,
+def experiment_figures(name: str, exp: Mapping, data: Mapping[str, pd.DataFrame], layout: Layout,
                        out_dir: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
-    """Draw every figure that applies to the experiment into ``out_dir/<experiment>/``.
+    """Draw every figure that applies to the experiment into ``out_dir/<experiment>/`` from the aggregate
+    tables ``data`` (runs, per_class, summary, gains: :func:`ltbench.report.page.load_aggregate`).
 
     Returns (drawn: [(kind, png path)], skipped: [(kind, reason)]). Kinds are the keys of CAPTIONS."""
-    from ltbench.report.tables import safe_name
-
+    runs, summary, gains = data["runs"], data["summary"], data.get("gains", pd.DataFrame())
     d = Path(out_dir) / safe_name(name)
-    jobs = [("groups", lambda p: fig_groups(runs, exp, p)), ("per_class", lambda p: fig_per_class(per_class, exp, p))]
+    jobs = [("groups", lambda p: fig_groups(summary, name, exp, p)),
+            ("per_class", lambda p: fig_per_class(data["per_class"], exp, p))]
     kind = exp.get("figure")
     if kind == "components":
-        jobs.insert(0, ("components", lambda p: fig_components(runs, exp, p)))
+        jobs.insert(0, ("components", lambda p: fig_components(summary, runs, name, exp, p)))
     elif kind == "backbones":
-        jobs.insert(0, ("backbones", lambda p: fig_backbones(runs, exp, p)))
+        jobs.insert(0, ("backbones", lambda p: fig_backbones(summary, runs, name, exp, p)))
     elif kind == "ablation":
-        jobs[:0] = [("ablation_vs_baseline", lambda p: fig_ablation_baseline(runs, exp, p)),
+        jobs[:0] = [("ablation_vs_baseline", lambda p: fig_ablation_baseline(gains, name, exp, p)),
                     ("ablation_vs_paper", lambda p: fig_ablation_paper(layout, p))]
-    uses_nbn = NORM_KNOB in runs.columns and "nbn" in set(select(runs, exp).get(NORM_KNOB, []))
-    if uses_nbn:
+    if NORM_KNOB in runs.columns and "nbn" in set(select(runs, exp).get(NORM_KNOB, [])):
         jobs.append(("bn_norms", lambda p: fig_bn_norms(runs, exp, p)))
     drawn, skipped = [], []
     for k, fn in jobs:

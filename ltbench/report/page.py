@@ -1,13 +1,16 @@
 """The self-contained HTML comparison report of one workflow config.
 
 Reads the aggregate directory (``ltbench aggregate``: runs, per_class, summary, cells, comparison,
-gains CSVs), writes each experiment's paper-layout table (:mod:`ltbench.report.tables`) as HTML, Markdown
+gains CSVs) and renders those numbers, recomputing none (a truncated or inconsistent ``runs.csv`` is
+an error, never an empty report); writes each experiment's paper-layout table
+(:mod:`ltbench.report.tables`) as HTML, Markdown
 and LaTeX under ``tables_dir`` and its figures (:mod:`ltbench.report.figures`) as PNG + SVG under
 ``figures_dir``, and one HTML file with every figure embedded (base64), in this order:
 
 1. the status of the grid (complete, or partial: how many cells failed or did not run),
-2. the summary of verdicts per experiment (paper numbers reproduced / below / above / missing / …,
-   claimed gains supported / not significant / contradicted / untested),
+2. the summary of verdicts per experiment (paper numbers reproduced / inconclusive / below / above /
+   single run / missing / …, claimed gains supported / no gain / not significant / contradicted /
+   untested) with one line per experiment on what more seeds would decide,
 3. per experiment: its table in the paper's layout, its claimed gains with t-tests, its figures,
 4. the missing and failed cells (with the error line of each failed cell's log),
 5. every detail the papers leave open with the value the runs used,
@@ -27,13 +30,14 @@ from typing import Mapping
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare
-from ltbench.report import figures, tables
-from ltbench.analysis.aggregate import KEYS, METRICS  # noqa: F401  (re-exported: older imports)
+from ltbench.analysis import compare, gains as gains_mod, power
+from ltbench.analysis.aggregate import KEYS, METRICS
 from ltbench.data.longtail import format_ratio
+from ltbench.errors import ConfigError
+from ltbench.report import figures, tables
 
-VERDICT_ORDER = ["reproduced", "below", "above", "missing", "not reported", "quoted"]
-GAIN_ORDER = list(compare.GAIN_VERDICTS)
+VERDICT_ORDER = list(compare.VERDICTS)
+GAIN_ORDER = list(gains_mod.GAIN_VERDICTS)
 
 CSS = """
 :root{--ok:#1e7b34;--bad:#b3261e;--up:#1a56b3;--warn:#8a6d00;--mut:#666}
@@ -53,9 +57,11 @@ img{max-width:100%;height:auto;border:1px solid #eee}
 .banner.complete{background:#e3f4e6;border:1px solid #9fd3ab}
 .banner.partial{background:#fff4d6;border:1px solid #e6c35c}
 .banner.empty{background:#fde6e4;border:1px solid #e8a29c}
-.n-reproduced,.g-supported{color:var(--ok);font-weight:600}.n-below,.g-contradicted{color:var(--bad);font-weight:600}
-.n-above{color:var(--up);font-weight:600}.n-missing,.g-untested{color:var(--warn);font-weight:600}
-.n-not-reported,.n-quoted,.g-not-significant{color:var(--mut)}
+.n-reproduced,.g-supported,.g-no-gain{color:var(--ok);font-weight:600}
+.n-below,.g-contradicted{color:var(--bad);font-weight:600}.n-above{color:var(--up);font-weight:600}
+.n-missing,.g-untested,.n-inconclusive{color:var(--warn);font-weight:600}
+.n-not-reported,.n-quoted,.n-single-run,.g-not-significant{color:var(--mut)}
+.gain-no-gain{background:#eef6ef}.gain-no-gain .verdict{color:var(--ok)}.decide{font-size:.85rem;color:#444}
 td.zero{color:#bbb}
 .gain-supported{background:#e3f4e6}.gain-supported .verdict{color:var(--ok)}
 .gain-contradicted{background:#fde6e4}.gain-contradicted .verdict{color:var(--bad)}
@@ -76,22 +82,57 @@ table.summary{font-size:.8rem}table.summary th,table.summary td{padding:.2rem .3
 
 # ---------------------------------------------------------------- inputs
 
-def _read(path: Path, **kw) -> pd.DataFrame:
+REQUIRED = {"runs": [*KEYS, "seed", "metric", "value"], "summary": ["experiment", *KEYS, "metric", "mean", "std", "n",
+                                                                   "seeds"]}
+
+
+def _read(path: Path, required: list[str] | None = None) -> pd.DataFrame:
+    """One aggregate CSV; a file that cannot be parsed or lacks a required column is a ConfigError."""
     try:
-        return pd.read_csv(path, **kw)
+        df = pd.read_csv(path, dtype={"ratio": str}, keep_default_na=True)
     except pd.errors.EmptyDataError:
-        return pd.DataFrame()
+        df = pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); rerun `ltbench aggregate`") from None
+    if required and (missing := [c for c in required if c not in df.columns]):
+        raise ConfigError(f"{path} lacks the column(s) {missing} (empty, truncated or not written by "
+                          "`ltbench aggregate`); rerun `ltbench aggregate`")
+    return df
+
+
+def check_aggregate(data: Mapping[str, pd.DataFrame], d: Path) -> None:
+    """runs.csv and summary.csv agree: no run row is cut short, every run has all METRICS, and every
+    seed summary.csv counts has its run (a truncated runs.csv fails here instead of showing fewer runs)."""
+    runs, summary = data["runs"], data["summary"]
+    cut = runs[runs[[*KEYS, "seed", "metric", "value"]].isna().any(axis=1)]
+    if len(cut):
+        raise ConfigError(f"{d / 'runs.csv'}: {len(cut)} row(s) lack a key or value (truncated?), first at line "
+                          f"{cut.index[0] + 2}; rerun `ltbench aggregate`")
+    per_run = runs.groupby([*KEYS, "seed"], dropna=False)["metric"].nunique()
+    if (per_run != len(METRICS)).any():
+        bad = per_run[per_run != len(METRICS)].index[0]
+        raise ConfigError(f"{d / 'runs.csv'}: the run {bad} has {per_run[bad]} of the {len(METRICS)} metrics "
+                          "(truncated?); rerun `ltbench aggregate`")
+    have = set(zip(runs["dataset"], runs["ratio"].map(lambda r: format_ratio(float(r))), runs["method"],
+                   runs["backbone"], runs["metric"], runs["seed"].astype(int)))
+    for r in summary.itertuples(index=False):
+        for seed in str(r.seeds).split():
+            if (r.dataset, format_ratio(float(r.ratio)), r.method, r.backbone, r.metric, int(seed)) not in have:
+                raise ConfigError(f"{d / 'summary.csv'} counts seed {seed} of {r.method} {r.dataset} ρ={r.ratio} "
+                                  f"{r.backbone} that {d / 'runs.csv'} lacks (truncated?); rerun `ltbench aggregate`")
 
 
 def load_aggregate(aggregate_dir: Path) -> dict[str, pd.DataFrame]:
-    """The CSVs of ``ltbench aggregate`` (those present; cells/comparison/gains need its --config)."""
+    """The CSVs of ``ltbench aggregate`` (those present; comparison/gains need its --config), checked
+    with :func:`check_aggregate`."""
     d = Path(aggregate_dir)
     if not (d / "runs.csv").exists():
         raise FileNotFoundError(f"{d / 'runs.csv'} does not exist: run `ltbench aggregate` first")
     out = {}
     for name in ("runs", "per_class", "summary", "cells", "comparison", "gains"):
         p = d / f"{name}.csv"
-        out[name] = _read(p, dtype={"ratio": str}, keep_default_na=True) if p.exists() else pd.DataFrame()
+        out[name] = _read(p, REQUIRED.get(name)) if p.exists() or name in REQUIRED else pd.DataFrame()
+    check_aggregate(out, d)
     return out
 
 
@@ -148,45 +189,46 @@ def _fmt_p(p) -> str:
 
 # ---------------------------------------------------------------- sections
 
-def _status(cells: pd.DataFrame, runs: pd.DataFrame) -> tuple[str, dict]:
-    n_runs = runs[[*KEYS, "seed"]].drop_duplicates().shape[0] if not runs.empty else 0
-    if cells.empty:
-        return (f"<div class='banner complete'>{n_runs} finished runs (no config given: the expected grid is "
-                f"unknown).</div>", {"finished": n_runs})
-    counts = cells["status"].value_counts().to_dict()
-    total, fin = len(cells), counts.get("finished", 0)
+def _status(cells: pd.DataFrame, runs: pd.DataFrame, cfg: Mapping | None) -> str:
+    counts = cells["status"].value_counts().to_dict() if not cells.empty else {}
     failed, notrun = counts.get("failed", 0), counts.get("not run", 0)
+    if cfg is None:
+        n_runs = runs[[*KEYS, "seed"]].drop_duplicates().shape[0] if not runs.empty else 0
+        bad = f", {failed} failed (<a href='#missing'>listed below</a>)" if failed else ""
+        return (f"<div class='banner {'partial' if failed else 'complete'}'>{n_runs} finished runs{bad} (no config "
+                "given: the expected grid is unknown).</div>")
+    total, fin = len(cells), counts.get("finished", 0)
     if fin == total:
-        return (f"<div class='banner complete'>Complete: all {total} cells of the grid finished.</div>", counts)
+        return f"<div class='banner complete'>Complete: all {total} cells of the grid finished.</div>"
     cls = "partial" if fin else "empty"
     return (f"<div class='banner {cls}'>Partial grid: {fin} of {total} cells finished — {failed} failed, "
             f"{notrun} not run. Missing cells are marked <em>missing</em> in the tables and listed in "
-            f"<a href='#missing'>Missing and failed cells</a>.</div>", counts)
+            f"<a href='#missing'>Missing and failed cells</a>.</div>")
+
+
+def _counts_tds(counts: Mapping[str, int], order: list[str], prefix: str) -> str:
+    return "".join(f"<td class='{'zero' if not counts.get(v) else prefix + v.replace(' ', '-')}'>{counts.get(v, 0)}"
+                   "</td>" for v in order)
+
+
+def _summary_row(name: str, exp: Mapping, lay: tables.Layout, g: pd.DataFrame, cells: pd.DataFrame) -> str:
+    gc = g["gain_verdict"].value_counts().to_dict() if not g.empty else {}
+    done = "–"
+    if not cells.empty:
+        mine = cells[cells["experiments"].fillna("").astype(str).str.split().map(lambda xs: name in xs)]
+        done = f"{(mine['status'] == 'finished').sum()} / {len(mine)}"
+    ref = exp.get("reference")
+    what = (f"{ref['paper']}" + (f" Table {ref['table']}" if ref.get("table") else "")) if ref else "–"
+    if ref and lay.reference_free:
+        what += " (layout only)"
+    return (f"<tr><td class='l'><a href='#{_anchor(name)}'>{esc(name)}</a></td><td class='l'>{esc(what)}</td>"
+            f"<td class='l'>{esc(exp.get('figure') or '–')}</td><td>{done}</td>"
+            f"{_counts_tds(lay.verdict_counts(), VERDICT_ORDER, 'n-')}{_counts_tds(gc, GAIN_ORDER, 'g-')}</tr>")
 
 
 def _summary_table(layouts: dict, gains: pd.DataFrame, exps: dict, cells: pd.DataFrame) -> str:
-    rows = []
-    for name, exp in exps.items():
-        lay = layouts[name]
-        vc = lay.verdict_counts()
-        g = gains[gains["experiment"] == name] if not gains.empty else gains
-        gc = g["gain_verdict"].value_counts().to_dict() if not g.empty else {}
-        if not cells.empty:
-            mine = cells[cells["experiments"].fillna("").str.split().map(lambda xs: name in xs)]
-            done = f"{(mine['status'] == 'finished').sum()} / {len(mine)}"
-        else:
-            done = "–"
-        ref = exp.get("reference")
-        what = (f"{ref['paper']}" + (f" Table {ref['table']}" if ref.get("table") else "")) if ref else "–"
-        if ref and lay.reference_free:
-            what += " (layout only)"
-        fig = exp.get("figure") or "–"
-        tds = "".join(f"<td class='{'zero' if not vc.get(v) else 'n-' + v.replace(' ', '-')}'>{vc.get(v, 0)}</td>"
-                      for v in VERDICT_ORDER)
-        gtds = "".join(f"<td class='{'zero' if not gc.get(v) else 'g-' + v.replace(' ', '-')}'>{gc.get(v, 0)}</td>"
-                       for v in GAIN_ORDER)
-        rows.append(f"<tr><td class='l'><a href='#{_anchor(name)}'>{esc(name)}</a></td><td class='l'>{esc(what)}"
-                    f"</td><td class='l'>{esc(fig)}</td><td>{done}</td>{tds}{gtds}</tr>")
+    rows = [_summary_row(name, exp, layouts[name], tables.of_experiment(gains, name), cells)
+            for name, exp in exps.items()]
     head = ("<tr><th rowspan='2'>experiment</th><th rowspan='2'>paper table</th><th rowspan='2'>figure</th>"
             "<th rowspan='2'>cells finished</th>"
             f"<th colspan='{len(VERDICT_ORDER)}'>paper numbers</th><th colspan='{len(GAIN_ORDER)}'>claimed gains"
@@ -200,18 +242,56 @@ def _summary_sentence(layouts: dict) -> str:
     for lay in layouts.values():
         for k, v in lay.verdict_counts().items():
             tot[k] = tot.get(k, 0) + v
-    judged = sum(tot.get(k, 0) for k in ("reproduced", "below", "above"))
+    judged = sum(tot.get(k, 0) for k in compare.JUDGED)
     if not any(tot.values()):
         return ("<p>No experiment has a paper number in its scope: the tables show our numbers in the papers' "
                 "layout without verdicts.</p>")
-    return (f"<p>Of the paper numbers in scope, <b>{judged}</b> have finished runs: "
-            f"<span class='n-reproduced'>{tot.get('reproduced', 0)} reproduced</span>, "
-            f"<span class='n-below'>{tot.get('below', 0)} below</span>, "
-            f"<span class='n-above'>{tot.get('above', 0)} above</span>; "
+    shown = ", ".join(f"<span class='n-{v.replace(' ', '-')}'>{tot.get(v, 0)} {v}</span>" for v in compare.JUDGED)
+    return (f"<p>Of the paper numbers in scope, <b>{judged}</b> have finished runs: {shown}; "
             f"<span class='n-missing'>{tot.get('missing', 0)} missing</span> (not run or failed); "
             f"{tot.get('quoted', 0)} are quoted by the paper from other publications and "
-            f"{tot.get('not reported', 0)} not reported. Reproduced: |Δ| ≤ 1 point, or the paper's value inside "
-            f"our 95 % confidence interval over seeds.</p>")
+            f"{tot.get('not reported', 0)} not reported. <b>Reproduced</b> means equivalence was shown: the 90 % "
+            "interval of ours − paper lies inside ± the margin (two one-sided tests, α = 0.05); "
+            "<b>inconclusive</b>: the paper's value is inside our 95 % interval but the seeds do not show "
+            "equivalence; <b>below</b> / <b>above</b>: our 95 % interval excludes it; <b>single run</b>: one "
+            "seed, no interval.</p>")
+
+
+def decision_lines(comparison: pd.DataFrame, gains: pd.DataFrame) -> str:
+    """'12 of 18 cells inconclusive; …' and the same for claimed gains (from the aggregate's numbers)."""
+    lines = []
+    if not comparison.empty:
+        lines.append(compare.decision_line(comparison))
+    if not gains.empty:
+        tested = tuple(v for v in GAIN_ORDER if v != "untested")
+        lines.append(compare.decision_line(gains, "not significant", "gain_verdict", tested, ("n_method", "n_over"),
+                                           "claimed gains"))
+    lines = [x for x in lines if x]
+    return ("<p class='decide'>" + "; ".join(esc(x) for x in lines) + " (more seeds per cell for 80 % power, "
+            "assuming the observed difference and spread; claimed gains at Holm's strictest level).</p>") \
+        if lines else ""
+
+
+def _gain_td(r) -> str:
+    v = r.gain_verdict
+    ours = "–" if pd.isna(r.gain) else tables.fmt_delta(r.gain, minus="−")
+    paper = ("" if pd.isna(r.paper_gain) else
+             f"<span class='paper'>paper {tables.fmt_delta(r.paper_gain, minus='−')}</span><br>")
+    test = ""
+    if isinstance(r.test, str) and r.test:
+        test = (f"<span class='paper'>p {_fmt_p(r.p_value)}, Holm {_fmt_p(r.p_holm)} "
+                f"({esc(r.test.split()[0])})</span><br>")
+    need = ""
+    if v == "not significant" and isinstance(r.seeds_test, str) and r.seeds_test:
+        n = f"> {power.MAX_SEEDS}" if pd.isna(r.seeds_needed) else int(r.seeds_needed)
+        need = f"<span class='need'> · needs {n} seeds ({esc(r.seeds_test)})</span>"
+    tip = f"n = {int(r.n_method)} / {int(r.n_over)}"
+    if not pd.isna(r.equiv_low):
+        tip += f"; 90% interval of the gain [{r.equiv_low:.2f}, {r.equiv_high:.2f}] vs margin ± {r.margin:g}"
+    if isinstance(r.explanation, str) and r.explanation:
+        tip += f"; {r.explanation}"
+    return (f"<td class='gain-{v.replace(' ', '-')}' title='{esc(tip)}'><span class='ours'>{ours}</span><br>"
+            f"{paper}{test}<span class='verdict'>{esc(v)}</span>{need}</td>")
 
 
 def _gains_html(g: pd.DataFrame, exp: Mapping) -> str:
@@ -227,36 +307,25 @@ def _gains_html(g: pd.DataFrame, exp: Mapping) -> str:
     cols = [c for c in dict.fromkeys(order) if c in present]
     claims: dict[str, dict] = {}
     for r in g.itertuples(index=False):
-        key = f"{r.claim}|{r.metric}"
-        claims.setdefault(key, {"row": r, "cells": {}})["cells"][col_of(r)] = r
+        claims.setdefault(f"{r.claim}|{r.metric}", {"row": r, "cells": {}})["cells"][col_of(r)] = r
     body = []
     for entry in claims.values():
         r0 = entry["row"]
         metric = "" if r0.metric == "top1" else f" <span class='tag'>{esc(tables.metric_name(r0.metric, True))}</span>"
         head = (f"<th class='method'>{esc(r0.description)}{metric}<br><code>{esc(r0.method)}</code> over "
                 f"<code>{esc(r0.over)}</code></th>")
-        tds = []
-        for c in cols:
-            r = entry["cells"].get(c)
-            if r is None:
-                tds.append("<td class='gain-none'>–</td>")
-                continue
-            v = r.gain_verdict
-            ours = "–" if pd.isna(r.gain) else tables.fmt_delta(r.gain, minus="−")
-            paper = "" if pd.isna(r.paper_gain) else f"<span class='paper'>paper {tables.fmt_delta(r.paper_gain, minus='−')}</span><br>"
-            test = (f"<span class='paper'>p {_fmt_p(r.p_value)}, {esc(r.test.split()[0])}</span><br>" if isinstance(r.test, str)
-                    and r.test else "")
-            tip = f"n = {int(r.n_method)} / {int(r.n_over)}" + (f"; {r.explanation}" if isinstance(r.explanation, str)
-                                                               and r.explanation else "")
-            tds.append(f"<td class='gain-{v.replace(' ', '-')}' title='{esc(tip)}'><span class='ours'>{ours}</span><br>"
-                       f"{paper}{test}<span class='verdict'>{esc(v)}</span></td>")
-        body.append("<tr>" + head + "".join(tds) + "</tr>")
+        body.append("<tr>" + head + "".join(_gain_td(entry["cells"][c]) if c in entry["cells"]
+                                            else "<td class='gain-none'>–</td>" for c in cols) + "</tr>")
     headrow = "<tr><th class='method'>claim</th>" + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>"
+    a = f"{compare.ALPHA:g}"
     return ("<h3>Claimed gains</h3><p class='desc'>Our gain = mean(method) − mean(over) over seeds, in points, next "
-            f"to the paper's. <b>supported</b>: the paper's sign and p &lt; {compare.ALPHA:g} (paired t-test by seed; "
-            "Welch's when the seeds differ or the pairing is degenerate); <b>contradicted</b>: the opposite sign, "
-            "p &lt; {:g}; <b>untested</b>: fewer than two seeds on a side. Hover for n and why a test is "
-            "missing.</p>".format(compare.ALPHA)
+            "to the paper's; p from the paired t-test by seed (Welch's when the seeds differ or the pairing is "
+            "degenerate) and Holm's correction across this experiment's claims. <b>supported</b>: the paper's sign "
+            f"and Holm-adjusted p &lt; {a}; <b>contradicted</b>: the opposite sign, adjusted p &lt; {a}; <b>no "
+            "gain</b>: not significant and the 90 % interval of the gain lies inside ± the margin (two one-sided "
+            "tests); <b>not significant</b>: neither, with the seeds per method that would decide it at 80 % "
+            "power; <b>untested</b>: fewer than two seeds on a side. Hover for n, the interval and why a test is "
+            "missing.</p>"
             + f"<table class='paper-table gains'><thead>{headrow}</thead><tbody>{''.join(body)}</tbody></table>")
 
 
@@ -276,8 +345,9 @@ def _missing_html(cells: pd.DataFrame) -> str:
                     f"</td><td class='l'>{esc(r.backbone)}</td><td>{esc(r.seed)}</td><td class='l'>"
                     f"{esc(r.experiments)}</td><td class='l {cls}'>{esc(r.status)}</td><td class='l'>{detail}{log}"
                     "</td></tr>")
-    out.append(f"<p>{len(miss)} of {len(cells)} cells have no metrics.json. <em>failed</em>: the training job ran "
-               "and its log ends with the error below; <em>not run</em>: no job has run yet (e.g. it depends on a "
+    out.append(f"<p>{len(miss)} of {len(cells)} cells have no usable metrics.json. <em>failed</em>: the training "
+               "job ran and its log ends with the error below, or its metrics.json is invalid (the reason and the "
+               "file are given; it is not aggregated); <em>not run</em>: no job has run yet (e.g. it depends on a "
                "failed download, or the run was interrupted). Rerun with <code>snakemake --keep-going</code>; "
                "finished cells are not retrained.</p>")
     out.append("<table class='plain'><thead><tr><th>dataset</th><th>ratio</th><th>method</th><th>backbone</th>"
@@ -374,62 +444,57 @@ def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
 
 # ---------------------------------------------------------------- the page
 
-def render(data: Mapping[str, pd.DataFrame], cfg: Mapping | None, figures_dir: Path, tables_dir: Path) -> str:
-    runs, per_class = data["runs"], data["per_class"]
-    cells, gains = data.get("cells", pd.DataFrame()), data.get("gains", pd.DataFrame())
-    name = (cfg or {}).get("name", "ltbench")
-    exps = experiments_of(cfg, runs)
-    layouts = {n: tables.build(n, e, runs) for n, e in exps.items()}
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-             f"<title>ltbench report: {esc(name)}</title><style>{CSS}{tables.TABLE_CSS}</style></head><body>",
-             f"<h1>ltbench report: {esc(name)}</h1>"]
+def _head(name: str, exps: Mapping, cells: pd.DataFrame, runs: pd.DataFrame, cfg: Mapping | None) -> list[str]:
     papers = sorted({e['reference']['paper'] for e in exps.values() if e.get('reference')})
-    parts.append(f"<p class='sub'>{len(exps)} experiments"
-                 + (f" reproducing {', '.join(papers)}" if papers else "")
-                 + f" · generated {esc(time.strftime('%Y-%m-%d %H:%M'))}</p>")
-    banner, _ = _status(cells, runs)
-    parts.append(banner)
+    return [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>ltbench report: {esc(name)}</title><style>{CSS}{tables.TABLE_CSS}</style></head><body>",
+            f"<h1>ltbench report: {esc(name)}</h1>",
+            f"<p class='sub'>{len(exps)} experiments" + (f" reproducing {', '.join(papers)}" if papers else "")
+            + f" · generated {esc(time.strftime('%Y-%m-%d %H:%M'))}</p>", _status(cells, runs, cfg)]
 
-    parts.append("<h2 id='summary'>Summary of verdicts</h2>")
-    if exps:
-        parts.append(_summary_sentence(layouts))
-        parts.append(_summary_table(layouts, gains, exps, cells))
+
+def _toc(exps: Mapping, cells: pd.DataFrame) -> str:
     toc = [f"<li><a href='#{_anchor(n)}'>{esc(n)}</a>"
            + (f" — {esc(_short(e['description']))}" if e.get("description") else "") + "</li>" for n, e in exps.items()]
     toc += ["<li><a href='#missing'>Missing and failed cells</a></li>" if not cells.empty else "",
             "<li><a href='#details'>Unspecified paper details and the values used</a></li>",
             "<li><a href='#provenance'>Provenance</a></li>"]
-    parts.append("<nav class='toc'><b>Contents</b><ul>" + "".join(toc) + "</ul></nav>")
+    return "<nav class='toc'><b>Contents</b><ul>" + "".join(toc) + "</ul></nav>"
 
-    for ename, exp in exps.items():
-        lay = layouts[ename]
-        parts.append(f"<h2 id='{_anchor(ename)}'>{esc(lay.title)}</h2>")
-        if exp.get("description"):
-            parts.append(f"<p class='desc'>{esc(exp['description'])}</p>")
-        n_cells = (len(exp["datasets"]) * len(exp["ratios"]) * len(exp["methods"]) * len(exp["backbones"])
-                   * len(exp["seeds"]))
-        parts.append(f"<p class='sub'>{len(exp['datasets'])} datasets × {len(exp['ratios'])} ratios × "
-                     f"{len(exp['methods'])} methods × {len(exp['backbones'])} backbones × {len(exp['seeds'])} seeds "
-                     f"= {n_cells} cells.</p>")
-        paths = tables.write(lay, tables_dir)
-        parts.append(tables.to_html(lay) + tables.legend_html(lay))
-        parts.append("<details><summary>Markdown and LaTeX of this table</summary>"
-                     f"<p class='skip'>Also written to {esc(paths['md'])}, {esc(paths['tex'])} and "
-                     f"{esc(paths['html'])}.</p><pre>{esc(tables.to_markdown(lay))}</pre>"
-                     f"<pre>{esc(tables.to_latex(lay))}</pre></details>")
-        if not gains.empty:
-            parts.append(_gains_html(gains[gains["experiment"] == ename], exp))
-        drawn, skipped = figures.experiment_figures(ename, exp, runs, per_class, lay, figures_dir)
-        if drawn:
-            parts.append("<h3>Figures</h3>")
-        for kind, path in drawn:
-            parts.append(_img(path, figures.CAPTIONS[kind]))
-        if skipped:
-            parts.append("<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped)
-                         + ".</p>")
 
-    parts.append(_missing_html(cells))
+def _experiment_section(ename: str, exp: Mapping, lay: tables.Layout, data: Mapping[str, pd.DataFrame],
+                        figures_dir: Path, tables_dir: Path) -> list[str]:
+    claims = tables.of_experiment(data.get("gains"), ename)
+    claims = claims[claims["kind"] == "claim"] if not claims.empty else claims
+    parts = [f"<h2 id='{_anchor(ename)}'>{esc(lay.title)}</h2>"]
+    if exp.get("description"):
+        parts.append(f"<p class='desc'>{esc(exp['description'])}</p>")
+    n_cells = (len(exp["datasets"]) * len(exp["ratios"]) * len(exp["methods"]) * len(exp["backbones"])
+               * len(exp["seeds"]))
+    parts.append(f"<p class='sub'>{len(exp['datasets'])} datasets × {len(exp['ratios'])} ratios × "
+                 f"{len(exp['methods'])} methods × {len(exp['backbones'])} backbones × {len(exp['seeds'])} seeds "
+                 f"= {n_cells} cells.</p>")
+    parts.append(decision_lines(tables.of_experiment(data.get("comparison"), ename), claims))
+    paths = tables.write(lay, tables_dir)
+    parts.append(tables.to_html(lay) + tables.legend_html(lay))
+    parts.append("<details><summary>Markdown and LaTeX of this table</summary>"
+                 f"<p class='skip'>Also written to {esc(paths['md'])}, {esc(paths['tex'])} and "
+                 f"{esc(paths['html'])}.</p><pre>{esc(tables.to_markdown(lay))}</pre>"
+                 f"<pre>{esc(tables.to_latex(lay))}</pre></details>")
+    parts.append(_gains_html(claims, exp))
+    drawn, skipped = figures.experiment_figures(ename, exp, data, lay, figures_dir)
+    if drawn:
+        parts.append("<h3>Figures</h3>")
+    parts += [_img(path, figures.CAPTIONS[kind]) for kind, path in drawn]
+    if skipped:
+        parts.append("<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped)
+                     + ".</p>")
+    return parts
+
+
+def _tail(runs: pd.DataFrame, cells: pd.DataFrame, exps: Mapping, cfg: Mapping | None) -> list[str]:
+    parts = [_missing_html(cells)]
     details = pd.concat([open_details(runs) if not runs.empty else pd.DataFrame(), experiment_choices(exps)],
                         ignore_index=True)
     parts.append("<h2 id='details'>Unspecified paper details and the values used</h2>")
@@ -443,8 +508,25 @@ def render(data: Mapping[str, pd.DataFrame], cfg: Mapping | None, figures_dir: P
     if cfg is not None:
         parts.append("<details><summary>Configuration (validated, with defaults)</summary><pre>"
                      + esc(json.dumps(cfg, indent=2)) + "</pre></details>")
-    parts.append("</body></html>")
-    return "".join(parts)
+    return parts + ["</body></html>"]
+
+
+def render(data: Mapping[str, pd.DataFrame], cfg: Mapping | None, figures_dir: Path, tables_dir: Path) -> str:
+    """The page from the aggregate tables (:func:`load_aggregate`); every number is read from them."""
+    runs, cells = data["runs"], data.get("cells", pd.DataFrame())
+    gains = data.get("gains", pd.DataFrame())
+    claims = gains[gains["kind"] == "claim"] if not gains.empty else gains
+    exps = experiments_of(cfg, runs)
+    layouts = {n: tables.build(n, e, data["summary"], data.get("comparison"), runs) for n, e in exps.items()}
+    parts = _head((cfg or {}).get("name", "ltbench"), exps, cells, runs, cfg)
+    parts.append("<h2 id='summary'>Summary of verdicts</h2>")
+    if exps:
+        parts += [_summary_sentence(layouts), decision_lines(data.get("comparison", pd.DataFrame()), claims),
+                  _summary_table(layouts, claims, exps, cells)]
+    parts.append(_toc(exps, cells))
+    for ename, exp in exps.items():
+        parts += _experiment_section(ename, exp, layouts[ename], data, figures_dir, tables_dir)
+    return "".join(parts + _tail(runs, cells, exps, cfg))
 
 
 def main(aggregate_dir: Path, out: Path, cfg: dict | None = None, figures_dir: str | None = None,

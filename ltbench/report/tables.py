@@ -7,16 +7,20 @@ order (the reference file's entry order, with its row labels such as Table 3's I
 rows we did not run stay (e.g. Table 4's methods quoted from other publications, marked *quoted*),
 then the experiment's methods the paper does not have.
 
-Each cell holds our mean ± std over the experiment's seeds (and n), the paper's value, Δ = ours −
-paper and the verdict of :func:`ltbench.analysis.compare.verdict`. An experiment without a reference, or
-whose datasets/backbones the paper does not report (digits-lt in the demo), gets the same layout
-with our numbers only ("reference-free"). The metric set then comes from the paper's table when
-there is one, else top-1 per (dataset, ratio) — or Total/Many/Medium/Few for a single column.
+Every number comes from the aggregate stage's files, nothing is recomputed here: a cell holds our
+mean ± std over the experiment's seeds (and n) from ``summary.csv``, and the paper's value, Δ = ours −
+paper, the verdict (:func:`ltbench.analysis.compare.judge`) and the seeds an inconclusive cell needs
+from ``comparison.csv``. An experiment without a reference, or whose datasets/backbones the paper does
+not report (digits-lt in the demo), gets the same layout with our numbers only ("reference-free"). The
+metric set then comes from the paper's table when there is one, else top-1 per (dataset, ratio) — or
+Total/Many/Medium/Few for a single column. Figure 5's rows are named by their number of CBN components
+M, read from the resolved recipe column of ``runs.csv``.
 """
 from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -24,11 +28,12 @@ from typing import Mapping
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare
+from ltbench.analysis import compare, power
+from ltbench.analysis.aggregate import METRICS
 from ltbench.data.longtail import format_ratio
 
-METRIC_ORDER = ["top1", "many", "medium", "few"]
 M_KNOB = "recipe.norm.options.num_components"
+NORM_KNOB = "recipe.norm.name"
 DATASET_NAMES = {"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT", "digits-lt": "digits-LT",
                  "imagenet-lt": "ImageNet-LT", "places-lt": "Places-LT", "inat2018": "iNaturalist 2018"}
 # Display names of the methods the reference files name in lowercase (the papers' spelling).
@@ -40,18 +45,21 @@ METHOD_NAMES = {"mislas": "MiSLAS", "lade": "LADE", "ace": "ACE", "dro-lt": "DRO
                 "tau-norm": "τ-norm", "lws": "LWS", "nbn": "NBN"}
 _TOKENS = {"baseline": "Baseline", "cbn": "CBN", "sbn": "SBN", "dpl": "DPL", "dt": "DT", "rw": "RW", "rs": "RS",
            "bn": "BN", "nbn": "NBN", "ce": "CE"}
-VERDICT_MARK = {"reproduced": "✓", "below": "↓", "above": "↑", "missing": "missing", "not reported": "n/r",
-                "quoted": "quoted"}
-VERDICT_TEX = {"reproduced": r"$\checkmark$", "below": r"$\downarrow$", "above": r"$\uparrow$",
-               "missing": r"\textit{missing}", "not reported": r"\textit{n/r}", "quoted": r"\textit{quoted}"}
+VERDICT_MARK = {"reproduced": "✓", "inconclusive": "?", "below": "↓", "above": "↑", "single run": "(1 run)",
+                "missing": "missing", "not reported": "n/r", "quoted": "quoted"}
+VERDICT_TEX = {"reproduced": r"$\checkmark$", "inconclusive": "?", "below": r"$\downarrow$", "above": r"$\uparrow$",
+               "single run": r"\textit{(1 run)}", "missing": r"\textit{missing}", "not reported": r"\textit{n/r}",
+               "quoted": r"\textit{quoted}"}
+RULE = ("✓ reproduced: the 90 % interval of Δ lies inside ± the margin (equivalence shown, TOST α = 0.05); "
+        "? inconclusive: the paper's value is inside our 95 % interval but equivalence is not shown (the seeds "
+        "that would decide it at 80 % power are given); ↓ below / ↑ above: our 95 % interval excludes the "
+        "paper's value; (1 run): a single seed, no interval")
 
 
 def method_name(method: str) -> str:
-    """'baseline+cbn+sbn' -> 'Baseline + CBN + SBN'; 'cbn-m3' -> 'CBN (M = 3)'; known names as in papers."""
+    """'baseline+cbn+sbn' -> 'Baseline + CBN + SBN'; known names as in papers; others as given."""
     if method in METHOD_NAMES:
         return METHOD_NAMES[method]
-    if method.startswith("cbn-m") and method[5:].isdigit():
-        return f"CBN (M = {method[5:]})"
     parts = method.split("+")
     if all(p in _TOKENS for p in parts):
         return " + ".join(_TOKENS[p] for p in parts)
@@ -99,8 +107,20 @@ class Cell:
     in_reference: bool = False   # the paper's table has an entry for this cell (its value may be null)
     quoted: bool = False
     delta: float = math.nan
-    verdict: str | None = None   # compare.verdict for entries of the paper, None for cells it lacks
+    verdict: str | None = None   # compare.judge's verdict for entries of the paper, None for cells it lacks
     note: str | None = None      # the reference entry's note (footnote)
+    margin: float = math.nan
+    tost_low: float = math.nan   # 90 % interval of Δ (the equivalence test)
+    tost_high: float = math.nan
+    seeds_needed: float = math.nan  # seeds that decide an inconclusive cell (NaN + seeds_test: > MAX_SEEDS)
+    seeds_test: str = ""
+
+    def seeds_text(self) -> str:
+        """'needs 7 seeds (TOST)' for an inconclusive cell, '' otherwise."""
+        if self.verdict != "inconclusive" or not self.seeds_test:
+            return ""
+        n = f"> {power.MAX_SEEDS}" if pd.isna(self.seeds_needed) else str(int(self.seeds_needed))
+        return f"needs {n} seeds ({self.seeds_test})"
 
 
 @dataclass
@@ -173,22 +193,21 @@ def _metrics_for(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) ->
     elif ref is not None and not ref.empty:
         ms = set(ref["metric"])
     elif len(exp["datasets"]) * len(exp["ratios"]) == 1:
-        ms = set(METRIC_ORDER)
+        ms = set(METRICS)
     else:
         ms = {"top1"}
-    return [m for m in METRIC_ORDER if m in ms]
+    return [m for m in METRICS if m in ms]
 
 
-def build(name: str, exp: Mapping, runs: pd.DataFrame, tolerance: float = 1.0, level: float = 0.95) -> Layout:
-    """The layout of one experiment from the tidy runs (see the module docstring)."""
-    ref = compare.reference_table(exp)
-    scope = compare.entries_in_scope(ref, exp)
-    metrics = _metrics_for(exp, ref, scope)
-    columns = [(d, float(r), m) for d in exp["datasets"] for r in exp["ratios"] for m in metrics]
-    summ = compare.summarize_any(compare.experiment_runs(runs, exp), level)
-    comp = compare.compare(summ, scope, tolerance) if not scope.empty else pd.DataFrame()
-    several = len(exp["backbones"]) > 1
+def of_experiment(df: pd.DataFrame | None, name: str) -> pd.DataFrame:
+    """The rows of an aggregate table (summary, comparison, gains) that belong to one experiment."""
+    if df is None or df.empty or "experiment" not in df.columns:
+        return pd.DataFrame()
+    return df[df["experiment"].astype(str) == name].reset_index(drop=True)
 
+
+def _layout_rows(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) -> list[Row]:
+    """The paper's rows in its order (scope: the comparison rows), then the experiment's other methods."""
     rows: list[Row] = []
     seen: set[tuple[str, str]] = set()
     if not scope.empty:
@@ -196,7 +215,7 @@ def build(name: str, exp: Mapping, runs: pd.DataFrame, tolerance: float = 1.0, l
             sub = scope[(scope["method"] == method) & (scope["backbone"] == backbone)]
             labels = [lb for lb in sub["row"] if _label(lb)]
             rows.append(Row(method, backbone, labels[0] if labels else None, method in exp["methods"],
-                            bool(sub["quoted"].all())))
+                            bool(sub["quoted"].astype(str).str.lower().eq("true").all())))
             seen.add((method, backbone))
     elif ref is not None:  # reference-free: the experiment's methods in the paper table's order
         order = {m: i for i, m in enumerate(dict.fromkeys(ref["method"]))}
@@ -205,51 +224,77 @@ def build(name: str, exp: Mapping, runs: pd.DataFrame, tolerance: float = 1.0, l
             for b in exp["backbones"]:
                 rows.append(Row(m, b, labels.get(m), True, False))
                 seen.add((m, b))
-    for m in exp["methods"]:
-        for b in exp["backbones"]:
-            if (m, b) not in seen:
-                rows.append(Row(m, b, None, True, False))
-                seen.add((m, b))
+    rows += [Row(m, b, None, True, False) for m in exp["methods"] for b in exp["backbones"] if (m, b) not in seen]
+    return rows
 
-    stats = {}
-    for r in summ.itertuples(index=False):
-        stats[(r.method, r.backbone, r.dataset, float(r.ratio), r.metric)] = r
-    paper = {}
-    for r in comp.itertuples(index=False) if not comp.empty else []:
-        paper[(r.method, r.backbone, r.dataset, float(r.ratio), r.metric)] = r
-    cells: dict[tuple[int, int], Cell] = {}
+
+def _by_cell(df: pd.DataFrame) -> dict[tuple, object]:
+    """(method, backbone, dataset, ratio, metric) -> the row (a namedtuple) of an aggregate table."""
+    if df.empty:
+        return {}
+    return {(r.method, r.backbone, r.dataset, float(r.ratio), r.metric): r for r in df.itertuples(index=False)}
+
+
+def _seeds(v) -> list[int]:
+    return [int(s) for s in str(v).split()] if isinstance(v, str) else []
+
+
+def _fill(c: Cell, s, p, notes: list[str]) -> Cell:
+    """A cell from its summary row ``s`` and comparison row ``p`` (either may be None)."""
+    if s is not None:
+        c.mean, c.std, c.n, c.ci_low, c.ci_high = s.mean, s.std, int(s.n), s.ci_low, s.ci_high
+        c.seeds = _seeds(s.seeds)
+    if p is not None:
+        c.paper, c.in_reference, c.quoted = p.paper_value, True, str(p.quoted).lower() == "true"
+        c.delta, c.verdict, c.margin = p.delta, p.verdict, p.margin
+        c.tost_low, c.tost_high = p.tost_low, p.tost_high
+        c.seeds_needed, c.seeds_test = p.seeds_needed, (p.seeds_test if isinstance(p.seeds_test, str) else "")
+        note = getattr(p, "note", None)
+        if isinstance(note, str) and note not in ("", "None", "nan") and not note.startswith("shown as"):
+            c.note = note
+            if note not in notes:
+                notes.append(note)
+    return c
+
+
+def _component_names(rows: list[Row], runs: pd.DataFrame | None) -> None:
+    """Name Figure 5's rows by their number of CBN components M (the resolved recipe column of runs.csv)."""
+    if runs is None or runs.empty or M_KNOB not in runs.columns:
+        return
+    cbn = runs[runs[NORM_KNOB] == "cbn"] if NORM_KNOB in runs.columns else runs
+    m_of = cbn.dropna(subset=[M_KNOB]).drop_duplicates("method").set_index("method")[M_KNOB]
+    for row in rows:
+        if row.method in m_of.index:
+            m = int(float(m_of[row.method]))
+            name = method_name(row.method)
+            row.display = f"CBN (M = {m})" if name == row.method else f"CBN (M = {m}: {name})"
+
+
+def build(name: str, exp: Mapping, summary: pd.DataFrame, comparison: pd.DataFrame | None = None,
+          runs: pd.DataFrame | None = None) -> Layout:
+    """The layout of one experiment from the aggregate's ``summary.csv`` and ``comparison.csv`` (all
+    experiments; this one's rows are selected) and, for Figure 5's row names, ``runs.csv``."""
+    ref = compare.reference_table(exp)  # the paper table's structure: row order and labels
+    scope = of_experiment(comparison, name)
+    metrics = _metrics_for(exp, ref, scope)
+    columns = [(d, float(r), m) for d in exp["datasets"] for r in exp["ratios"] for m in metrics]
+    rows = _layout_rows(exp, ref, scope)
+    stats, paper = _by_cell(of_experiment(summary, name)), _by_cell(scope)
     notes: list[str] = []
-    for i, row in enumerate(rows):
-        for j, (d, ratio, metric) in enumerate(columns):
-            key = (row.method, row.backbone, d, ratio, metric)
-            c = Cell()
-            if key in stats:
-                s = stats[key]
-                c.mean, c.std, c.n, c.ci_low, c.ci_high, c.seeds = s.mean, s.std, int(s.n), s.ci_low, s.ci_high, s.seeds
-            if key in paper:
-                p = paper[key]
-                c.paper, c.in_reference, c.quoted, c.delta, c.verdict = (p.paper_value, True, bool(p.quoted),
-                                                                          p.delta, p.verdict)
-                note = getattr(p, "note", None)
-                if isinstance(note, str) and note not in ("", "None", "nan") and not note.startswith("shown as"):
-                    c.note = note
-                    if note not in notes:
-                        notes.append(note)
-            cells[(i, j)] = c
+    cells = {(i, j): _fill(Cell(), stats.get(key), paper.get(key), notes)
+             for i, row in enumerate(rows) for j, (d, ratio, metric) in enumerate(columns)
+             for key in [(row.method, row.backbone, d, ratio, metric)]}
     # drop paper rows with nothing to show in these columns (e.g. a quoted method reported elsewhere only)
     keep = [i for i, row in enumerate(rows) if row.in_experiment
             or any(not pd.isna(cells[(i, j)].paper) or cells[(i, j)].n for j in range(len(columns)))]
     cells = {(k, j): cells[(i, j)] for k, i in enumerate(keep) for j in range(len(columns))}
     rows = [rows[i] for i in keep]
-    if exp.get("figure") == "components" and M_KNOB in runs.columns:  # name Figure 5's rows by M
-        m_of = runs.dropna(subset=[M_KNOB]).drop_duplicates("method").set_index("method")[M_KNOB]
-        for row in rows:
-            if row.method in m_of.index and not row.method.startswith("cbn-m"):
-                row.display = f"CBN (M = {int(float(m_of[row.method]))}: {method_name(row.method)})"
+    if exp.get("figure") == "components":
+        _component_names(rows, runs)
     ref_exp = exp.get("reference") or {}
     return Layout(name, exp.get("description", ""), ref_exp.get("paper"), compare.table_label(ref_exp.get("table")),
-                  columns, rows, cells, [int(s) for s in exp["seeds"]], several, ref is not None and scope.empty,
-                  notes)
+                  columns, rows, cells, [int(s) for s in exp["seeds"]], len(exp["backbones"]) > 1,
+                  ref is not None and scope.empty, notes)
 
 
 # ---------------------------------------------------------------- header structure
@@ -293,6 +338,25 @@ def _ours_text(c: Cell, expected_n: int, pm: str = " ± ") -> str:
 
 # ---------------------------------------------------------------- Markdown
 
+def _margins(lay: Layout) -> str:
+    ms = sorted({c.margin for c in lay.cells.values() if not pd.isna(c.margin)})
+    return "/".join(f"{m:g}" for m in ms) or f"{compare.MARGIN:g}"
+
+
+def _rule(lay: Layout) -> str:
+    return RULE.replace("± the margin", f"± {_margins(lay)} point")
+
+
+def _delta_md(c: Cell) -> str:
+    """Δ with the verdict's mark (and the seeds an inconclusive cell needs); the verdict alone without runs."""
+    if not c.in_reference:
+        return ""
+    if not (c.n and c.verdict and not pd.isna(c.delta)):
+        return VERDICT_MARK.get(c.verdict, "")
+    need = c.seeds_text()
+    return f"{fmt_delta(c.delta)} {VERDICT_MARK[c.verdict]}" + (f" ({need})" if need else "")
+
+
 def to_markdown(lay: Layout) -> str:
     """GitHub-flavoured Markdown: one line per method with our numbers, plus 'paper' and 'Δ' lines
     for rows the paper reports (Δ followed by the verdict: ✓ reproduced, ↓ below, ↑ above)."""
@@ -310,15 +374,12 @@ def to_markdown(lay: Layout) -> str:
         if row.in_experiment or any(c.n for c in cells):
             sub.append((f"ours ({n_exp} seeds)" if n_exp > 1 else "ours", [_ours_text(c, n_exp) for c in cells]))
             if _has_paper(lay, i):
-                sub.append(("Δ", [f"{fmt_delta(c.delta)} {VERDICT_MARK[c.verdict]}" if c.n and c.verdict
-                                  and not pd.isna(c.delta) else (VERDICT_MARK.get(c.verdict, "") if c.in_reference
-                                                                 else "") for c in cells]))
+                sub.append(("Δ", [_delta_md(c) for c in cells]))
         for k, (kind, vals) in enumerate(sub):
             lines.append("| " + " | ".join([title if k == 0 else "", kind] + vals) + " |")
     lines += ["", f"Ours: mean ± std over seeds {', '.join(map(str, lay.seeds))} (n = number of finished seeds where "
-              "fewer). Δ = ours − paper; ✓ reproduced (|Δ| ≤ 1 point or the paper's value inside our 95 % CI), "
-              "↓ below, ↑ above; n/r = not reported by the paper; quoted = the paper copies the number from "
-              "another publication."]
+              f"fewer). Δ = ours − paper; {_rule(lay)}; n/r = not reported by the paper; quoted = the paper "
+              "copies the number from another publication."]
     lines += [f"- Note: {n}" for n in lay.notes]
     return "\n".join(lines) + "\n"
 
@@ -344,6 +405,15 @@ def _ours_tex(c: Cell, expected_n: int) -> str:
     if c.n != expected_n:
         s += rf" {{\scriptsize (n={c.n})}}"
     return s
+
+
+def _delta_tex(c: Cell) -> str:
+    if not c.in_reference:
+        return ""
+    if not (c.n and c.verdict and not pd.isna(c.delta)):
+        return VERDICT_TEX.get(c.verdict, "")
+    need = c.seeds_text()
+    return f"${fmt_delta(c.delta)}$ {VERDICT_TEX[c.verdict]}" + (rf" {{\scriptsize ({_tex(need)})}}" if need else "")
 
 
 def to_latex(lay: Layout) -> str:
@@ -373,17 +443,15 @@ def to_latex(lay: Layout) -> str:
         if row.in_experiment or any(c.n for c in cells):
             sub.append(("ours", [_ours_tex(c, n_exp) for c in cells]))
             if _has_paper(lay, i):
-                sub.append((r"$\Delta$", [f"${fmt_delta(c.delta)}$ {VERDICT_TEX[c.verdict]}" if c.n and c.verdict
-                                          and not pd.isna(c.delta) else (VERDICT_TEX.get(c.verdict, "")
-                                                                         if c.in_reference else "") for c in cells]))
+                sub.append((r"$\Delta$", [_delta_tex(c) for c in cells]))
         for k, (kind, vals) in enumerate(sub):
             out.append(" & ".join([_tex(lay.row_title(row)) if k == 0 else "", kind if kind.startswith("$")
                                    else _tex(kind)] + vals) + r" \\")
         if i + 1 < len(lay.rows) and len(sub) > 1:
             out.append(r"\addlinespace")
     out += [r"\bottomrule", r"\end{tabular}",
-            f"% ours: mean $\\pm$ std over seeds {', '.join(map(str, lay.seeds))}; Delta = ours - paper; "
-            r"\checkmark reproduced (|Delta| <= 1 or the paper inside our 95% CI), \downarrow below, \uparrow above"]
+            f"% ours: mean $\\pm$ std over seeds {', '.join(map(str, lay.seeds))}; Delta = ours - paper",
+            f"% {_rule(lay)}"]
     out += [f"% note: {n}" for n in lay.notes]
     return "\n".join(out) + "\n"
 
@@ -397,6 +465,8 @@ def _td(c: Cell, expected_n: int, row: Row) -> str:
         tip.append(f"n = {c.n} (seeds {' '.join(map(str, c.seeds))})")
         if not pd.isna(c.ci_low):
             tip.append(f"95% CI [{c.ci_low:.2f}, {c.ci_high:.2f}]")
+    if not pd.isna(c.tost_low):
+        tip.append(f"90% interval of Δ [{c.tost_low:.2f}, {c.tost_high:.2f}] vs margin ± {c.margin:g}")
     if c.verdict:
         tip.append(f"verdict: {c.verdict}")
     if c.note:
@@ -416,7 +486,9 @@ def _td(c: Cell, expected_n: int, row: Row) -> str:
         d = (f" · Δ {fmt_delta(c.delta, minus='−')}" if c.n and not pd.isna(c.delta) else "")
         parts.append(f"<span class='paper'>paper{q} {pv}{d}</span>")
         if c.verdict:
-            parts.append(f"<span class='verdict'>{html.escape(c.verdict)}</span>")
+            need = c.seeds_text()
+            parts.append(f"<span class='verdict'>{html.escape(c.verdict)}</span>"
+                         + (f"<span class='need'> · {html.escape(need)}</span>" if need else ""))
     if not parts:
         parts.append("<span class='none'>–</span>")
     return (f"<td class='{' '.join(cls)}' title='{html.escape('; '.join(tip), quote=True)}'>"
@@ -463,8 +535,6 @@ def write(lay: Layout, out_dir: Path) -> dict[str, Path]:
 
 def safe_name(name: str) -> str:
     """A file-name-safe version of an experiment name."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", name) or "experiment"
 
 
@@ -473,9 +543,13 @@ def legend_html(lay: Layout | None = None) -> str:
         return ("<p class='legend'>Cells: our mean ± std over seeds " + ", ".join(map(str, lay.seeds))
                 + " (n shown where fewer seeds finished; hover for the seeds and the 95 % confidence interval)"
                 + ("; the paper reports none of these cells" if lay.paper else "") + ".</p>")
-    return ("<p class='legend'><span class='v-reproduced'>reproduced</span> |Δ| ≤ 1 point or the paper's value "
-            "inside our 95 % CI · <span class='v-below'>below</span> · <span class='v-above'>above</span> · "
-            "<span class='v-missing'>missing</span> no finished run · <span class='v-not-reported'>n/r</span> "
+    margin = _margins(lay) if lay is not None else f"{compare.MARGIN:g}"
+    return ("<p class='legend'><span class='v-reproduced'>reproduced</span> the 90 % interval of Δ lies inside "
+            f"± {margin} point (equivalence shown) · <span class='v-inconclusive'>inconclusive</span> the paper's "
+            "value is inside our 95 % interval but equivalence is not shown (with the seeds that would decide it "
+            "at 80 % power) · <span class='v-below'>below</span> / <span class='v-above'>above</span> our 95 % "
+            "interval excludes the paper's value · <span class='v-single-run'>single run</span> one seed, no "
+            "interval · <span class='v-missing'>missing</span> no finished run · <span class='v-not-reported'>n/r</span> "
             "not reported by the paper · <span class='v-quoted'>quoted</span> the paper copies it from another "
             "publication · <span class='v-ours'>ours only</span> the paper has no such cell. Cells: our mean "
             "± std over seeds (n shown where fewer seeds finished), then the paper's value and Δ = ours − paper; "
@@ -497,6 +571,8 @@ tr.quoted-row th.method{color:#666;font-weight:500}
 .v-reproduced{background:#e3f4e6}.v-reproduced .verdict{color:#1e7b34}
 .v-below{background:#fde6e4}.v-below .verdict{color:#b3261e}
 .v-above{background:#e4eefc}.v-above .verdict{color:#1a56b3}
+.v-inconclusive{background:#fff4d6}.v-inconclusive .verdict{color:#8a6d00}.paper-table .need{font-size:.7rem;color:#8a6d00}
+.v-single-run{background:#f3f0fa}.v-single-run .verdict{color:#5b4a8a}
 .v-missing{background:repeating-linear-gradient(45deg,#f6f6f6,#f6f6f6 6px,#ececec 6px,#ececec 12px);color:#888}
 .v-missing .verdict,.paper-table .missing{color:#8a6d00;font-weight:600}
 .v-not-reported{background:#fafafa;color:#777}.v-quoted{background:#f4f4f4;color:#555}

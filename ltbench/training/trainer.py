@@ -416,6 +416,7 @@ class Trainer:
         final, per_class = self.best
         s, opts = self.spec, self.spec["dataset_options"]
         return {
+            "schema_version": 1,  # ltbench.analysis.aggregate.SCHEMA_VERSION: bump both when the keys change
             "cell": {"dataset": s["dataset"], "ratio": self.ratio, "method": s["method"],
                      "backbone": s["backbone"], "seed": self.seed},
             "top1": final["top1"], "many": final["many"], "medium": final["medium"], "few": final["few"],
