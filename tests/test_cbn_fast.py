@@ -183,3 +183,19 @@ def test_eval_cache_follows_parameters_and_buffers():
     ref.eval()
     with torch.no_grad():
         close(fast(x), ref(x))
+
+
+def test_bench_layer_reports_every_layer_and_ratios():
+    from ltbench.cli import build_parser
+    from ltbench.tools import bench
+
+    assert build_parser().parse_args(["bench", "--layer"]).layer
+    out = bench.layer_main(device="cpu", batch=2, channels=4, size=4, reps=1, eval_batch=3, backbone="resnet8",
+                           eval_reps=1)
+    names = {"batchnorm2d", "conv3x3", "cbn_m4_pixel", "cbn_m4_sample"}
+    assert set(out["fwd_bwd_ms"]) == names == set(out["ratio_to_conv"])
+    assert out["ratio_to_conv"]["conv3x3"] == 1.0
+    assert all(v > 0 for v in out["fwd_bwd_ms"].values())
+    ev = out["eval"]
+    assert ev["bare_images_per_s"] > 0
+    assert ev["cbn_over_bare"] == pytest.approx(ev["cbn_images_per_s"] / ev["bare_images_per_s"], rel=0.02, abs=2e-3)
