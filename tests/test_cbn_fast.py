@@ -48,6 +48,9 @@ def batches(steps: int, channels_last: bool, seed: int = 1):
 
 
 def step(layer, x, grad, groups=None, seed=0):
+    dev = next(layer.parameters()).device
+    x, grad = x.to(dev), grad.to(dev)
+    groups = None if groups is None else groups.to(dev)
     x = x.clone().requires_grad_()
     torch.manual_seed(seed)  # "first_batch" initialization draws from the global RNG
     layer.split_groups = groups  # what norm.split_mode sets (the reference is no CompoundBatchNorm2d)
@@ -81,7 +84,8 @@ def compare(fast, ref, data, groups_every: int | None, check_eval: bool = True):
     ref.eval()
     for x, grad in data[:2]:  # eval: no-grad (cached) path, then with gradients
         with torch.no_grad():
-            close(fast(x), ref(x))
+            xd = x.to(fast.weight.device)
+            close(fast(xd), ref(xd))
         y, gx, gp = step(fast, x, grad)
         y_ref, gx_ref, gp_ref = step(ref, x, grad)
         close(y, y_ref)
@@ -113,6 +117,15 @@ def test_fast_cbn_matches_reference(M, resp, detach, channels_last):
 def test_fast_cbn_matches_reference_options(options, channels_last):
     fast, ref = make_pair(**options)
     compare(fast, ref, batches(3, channels_last), groups_every=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("resp", ["pixel", "sample"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_cbn_matches_reference_cuda(resp, channels_last):
+    fast, ref = make_pair(num_components=4, responsibilities=resp)
+    fast, ref = fast.cuda(), ref.cuda()
+    compare(fast, ref, batches(4, channels_last), groups_every=2)
 
 
 def test_component_without_mass_matches_reference():
