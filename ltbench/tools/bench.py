@@ -247,7 +247,7 @@ def format_json(result: dict) -> str:
 # `ltbench bench --layer`: per-layer costs of the norm layers against a 3×3 convolution
 # --------------------------------------------------------------------------------------------
 
-def _time_ms(fn, reps: int, device: torch.device, stat=np.median) -> float:
+def _time_ms(fn, reps: int, device: torch.device, stat=np.median):
     """``stat`` (median; min is the robust choice on a shared machine) of the wall time of ``fn()``
     in ms over ``reps`` calls (after two untimed calls)."""
     for _ in range(2):
@@ -259,7 +259,7 @@ def _time_ms(fn, reps: int, device: torch.device, stat=np.median) -> float:
         fn()
         _sync(device)
         times.append(1000 * (time.perf_counter() - t0))
-    return float(stat(times))
+    return stat(times)
 
 
 def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
