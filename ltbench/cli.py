@@ -181,9 +181,12 @@ def cmd_bench(a) -> int:
     from ltbench import io
     from ltbench.tools import bench
 
-    result = bench.main(method=a.method, backbone=a.backbone, steps=a.steps, batch_size=a.batch_size,
-                        device=a.device, workers=a.workers, common=not a.no_common, config_path=a.config,
-                        warmup=a.warmup)
+    if a.layer:
+        result = bench.layer_main(device=a.device, reps=a.steps)
+    else:
+        result = bench.main(method=a.method, backbone=a.backbone, steps=a.steps, batch_size=a.batch_size,
+                            device=a.device, workers=a.workers, common=not a.no_common, config_path=a.config,
+                            warmup=a.warmup)
     text = bench.format_json(result)
     if a.out:
         io.write_text(a.out, text + "\n")
@@ -280,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-common", action="store_true", help="only the fast path")
     s.add_argument("--config", help="also project the device-hours of this config's grid")
     s.add_argument("--out", help="also write the JSON here")
+    s.add_argument("--layer", action="store_true",
+                   help="instead: per-layer fwd+bwd ms of BatchNorm2d, a 3x3 conv and CBN M=4 (per pixel, per "
+                        "sample) on a 128x16x32x32 input, ratios to the conv, and CBN's eval throughput against "
+                        "the bare model (--steps = timed repetitions)")
     s.set_defaults(fn=cmd_bench)
     return p
 

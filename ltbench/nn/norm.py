@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # A component with less total responsibility than this in a batch has no usable batch statistics:
 # its running statistics are left as they are and it is normalized with them.
 _MIN_MASS = 1e-6
+_TINY_R = 1e-20
 
 
 def _choice(what: str, value: Any, allowed: tuple) -> Any:
@@ -51,56 +52,272 @@ def _choice(what: str, value: Any, allowed: tuple) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Weighted batch statistics shared by the compound, split and plain paths of CBN
+# Fused CBN kernels: one autograd Function, hand-derived backward, no full-size copies of x
 # --------------------------------------------------------------------------------------------
 
-def _moments(x: torch.Tensor, r: torch.Tensor | None, shift: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Responsibility-weighted count, mean and biased variance of the points of ``x``.
+class _Layout:
+    """A 4-D tensor (N, C, H, W) seen without a copy as (N, C, L) (contiguous input: channel dim 1)
+    or (N, L, C) (channels_last input: channel dim 2), L = H·W. Responsibilities live in the same
+    layout with M in place of C, so every per-point contraction is one (batched) matmul."""
 
-    ``x`` is (N, C, L) float32 (L = H·W). ``r`` is ``None`` (one component owning every point),
-    (N, M, L) (one weight per point) or (N, M) (one weight per sample, shared by its L points).
-    ``shift`` (C,) is a constant subtracted before the sums, which keeps E[x²] − E[x]² accurate.
-    Returns n (M,) = Σ_i r_ik, mean (M, C) = Σ_i r_ik x_i / n_k, var (M, C) = Σ_i r_ik (x_i − mean_k)² / n_k.
-    """
-    N, C, L = x.shape
-    if r is None:
-        var, mean = torch.var_mean(x, dim=(0, 2), correction=0)
-        return x.new_full((1,), N * L), mean[None], var[None]
-    xc = x - shift[:, None]
-    if r.dim() == 3:
-        n = r.sum((0, 2))
-        s1 = torch.einsum("nkl,ncl->kc", r, xc)
-        s2 = torch.einsum("nkl,ncl->kc", r, xc * xc)
-    else:
-        n = r.sum(0) * L
-        s1 = r.t() @ xc.sum(2)
-        s2 = r.t() @ (xc * xc).sum(2)
-    denom = n.clamp_min(_MIN_MASS)[:, None]
-    mean_c = s1 / denom
-    var = (s2 / denom - mean_c * mean_c).clamp_min(0.0)
-    return n, mean_c + shift, var
+    def __init__(self, x: torch.Tensor):
+        self.shape = tuple(x.shape)
+        self.cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        self.c, self.l = (2, 1) if self.cl else (1, 2)
+
+    @property
+    def format(self) -> torch.memory_format:
+        return torch.channels_last if self.cl else torch.contiguous_format
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        N, C, H, W = self.shape
+        return t.permute(0, 2, 3, 1).reshape(N, H * W, C) if self.cl else t.reshape(N, C, H * W)
+
+    def unflat(self, t: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+        N, C, H, W = self.shape
+        C = C if channels is None else channels
+        return t.reshape(N, H, W, C).permute(0, 3, 1, 2) if self.cl else t.reshape(N, C, H, W)
+
+    def vec(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-channel (C,) or per-sample (N, C) vector, broadcastable against the 3-D view."""
+        if not self.cl:
+            return v.unsqueeze(-1)
+        return v[:, None, :] if v.dim() == 2 else v
+
+    def empty(self, like: torch.Tensor, channels: int) -> torch.Tensor:
+        N, L = like.shape[0], like.shape[self.l]
+        return like.new_empty((N, L, channels) if self.cl else (N, channels, L))
+
+    def narrow(self, t: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        return t.narrow(self.c, start, length)
+
+    def to_points(self, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Σ_k r_ik w_kc for r in layout (M channels), w (M, C) → layout (C channels)."""
+        return torch.matmul(r, w) if self.cl else torch.bmm(self._batched(w.t(), r), r)
+
+    def to_components(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Σ_c z_ic w_kc for z in layout (C channels), w (M, C) → layout (M channels)."""
+        return torch.matmul(z, w.t()) if self.cl else torch.bmm(self._batched(w, z), z)
+
+    @staticmethod
+    def _batched(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """w repeated per sample: bmm with a real batch is several times faster on CPU than matmul's
+        broadcast of a 2-D operand (measured, torch 2.14)."""
+        return w.expand(like.shape[0], *w.shape).contiguous()
+
+    def reduce(self, r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Σ_i r_ik z_ic over all points → (M, C)."""
+        if self.cl:
+            return r.reshape(-1, r.shape[2]).t() @ z.reshape(-1, z.shape[2])
+        return torch.bmm(r, z.transpose(1, 2)).sum(0)
 
 
-def _mix(x: torch.Tensor, r: torch.Tensor | None, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """y_i = Σ_k r_ik (scale_k ⊙ x_i + offset_k) for x (N, C, L), scale/offset (M, C), r as in :func:`_moments`."""
-    if r is None:
-        return x * scale[0, :, None] + offset[0, :, None]
-    if r.dim() == 3:
-        return x * torch.einsum("nkl,kc->ncl", r, scale) + torch.einsum("nkl,kc->ncl", r, offset)
-    return x * (r @ scale)[:, :, None] + (r @ offset)[:, :, None]
+class _Mixture(NamedTuple):
+    """The running mixture as the E-step and the output need it, in coordinates shifted by ``shift``:
+    log r_ik = const_k + Σ_c (xc_ic² w2_kc + xc_ic w1_kc) − logsumexp, xc = x − shift, with
+    w2 = −½/(σ²+ε), w1 = (μ−shift)/(σ²+ε) (Eq. 8–9 in log space); ``estep`` = [w1 | w2] (M, 2C)."""
+    shift: torch.Tensor
+    estep: torch.Tensor
+    const: torch.Tensor
+    prec: torch.Tensor
+    center: torch.Tensor
 
 
-def _affine_coefficients(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """γ (x − μ)/sqrt(σ² + ε) + β written as x·scale + offset (all (M, C))."""
-    scale = weight * torch.rsqrt(var + eps)
-    return scale, bias - mean * scale
+def _mixture(prior: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+             shift: torch.Tensor) -> _Mixture:
+    v = var + eps
+    prec = v.reciprocal()
+    mc = mean - shift
+    const = prior.clamp_min(1e-12).log() - 0.5 * (v.log().sum(1) + mean.shape[1] * _LOG_2PI + (mc * mc * prec).sum(1))
+    return _Mixture(shift, torch.cat([mc * prec, -0.5 * prec], 1), const, prec, mc)
+
+
+def _affine(weight: torch.Tensor, bias: torch.Tensor, mean_c: torch.Tensor, var: torch.Tensor, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """γ (x − μ)/sqrt(σ² + ε) + β = xc·scale + offset with xc = x − shift, mean_c = μ − shift: (inv_std, scale, offset)."""
+    inv = torch.rsqrt(var + eps)
+    scale = weight * inv
+    return inv, scale, bias - mean_c * scale
 
 
 def _bessel(n: torch.Tensor) -> torch.Tensor:
     """BatchNorm's unbiased factor n/(n − 1) for an effective count n, bounded by 2 for n < 2."""
     return n.clamp_min(1.0) / (n - 1.0).clamp_min(1.0)
+
+
+def _flush(r: torch.Tensor) -> torch.Tensor:
+    """Responsibilities below 1e-20 set to 0 (in place): far components give subnormal floats, which
+    slow every later CPU kernel on them by an order of magnitude (measured: a 2×3×… bmm 87 ms instead
+    of 4 ms); their share of any sum is far below float32 rounding."""
+    return r.masked_fill_(r < _TINY_R, 0.0)
+
+
+def _pixel_estep(lay: _Layout, x: torch.Tensor, mix: _Mixture) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z = [xc | xc²] (2C channels, written once) and per-point r = softmax(const + Z·estep)."""
+    C = x.shape[lay.c]
+    z = lay.empty(x, 2 * C)
+    xc = lay.narrow(z, 0, C)
+    torch.sub(x, lay.vec(mix.shift), out=xc)
+    torch.mul(xc, xc, out=lay.narrow(z, C, C))
+    logit = lay.to_components(z, mix.estep).add_(lay.vec(mix.const))
+    return z, _flush(torch.softmax(logit, lay.c))
+
+
+def _mixed_affine(lay: _Layout, r: torch.Tensor, xc: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+                  ) -> torch.Tensor:
+    """Eq. 16 per point: y_i = (Σ_k r_ik scale_k) ⊙ xc_i + Σ_k r_ik offset_k (one matmul, one multiply-add)."""
+    C = scale.shape[1]
+    t = lay.to_points(r, torch.cat([scale, offset], 1))
+    return torch.addcmul(lay.narrow(t, C, C), lay.narrow(t, 0, C), xc)
+
+
+def _location(lay: _Layout, x: torch.Tensor, points: int = 64) -> torch.Tensor:
+    """A cheap shift for the per-pixel sums: the channel means of the first ``points`` pixels of every
+    sample (any value near the data keeps E[xc²] − E[xc]² accurate; the results do not depend on it)."""
+    return x.narrow(lay.l, 0, min(points, x.shape[lay.l])).mean((0, lay.l))
+
+
+def _sample_stats(lay: _Layout, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass: per-sample channel means and variances (N, C) and the shift = their mean."""
+    var_s, mean_s = torch.var_mean(x, dim=lay.l, correction=0)
+    return mean_s, var_s, mean_s.mean(0)
+
+
+def _pooled_r(pc: torch.Tensor, mix: _Mixture) -> torch.Tensor:
+    """Per-sample r (N, M) from shifted pooled features pc (N, C)."""
+    return _flush(torch.softmax(torch.cat([pc, pc * pc], 1) @ mix.estep.t() + mix.const, 1))
+
+
+def _stat_grads(ctx, dscale: torch.Tensor, doff: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From ∂L/∂scale, ∂L/∂offset (M, C) with scale = γ/sqrt(v+ε), offset = β − m·scale: ∂L/∂γ and
+    D1 = ∂L/∂μ̃ / n, D2 = ∂L/∂σ̃² / n, zero where the normalization did not use the batch statistics
+    (running stats, dead component)."""
+    dscale = dscale - ctx.use_m * doff  # offset depends on scale
+    live = ctx.alive[:, None] if ctx.batch_stats else torch.zeros_like(ctx.alive)[:, None]
+    d1 = torch.where(live, -doff * ctx.scale / ctx.denom, 0.0)
+    d2 = torch.where(live, -0.5 * dscale * ctx.scale * ctx.inv * ctx.inv / ctx.denom, 0.0)
+    return d1, d2, dscale * ctx.inv
+
+
+class _CompoundFunction(torch.autograd.Function):
+    """y = Σ_k r_ik (scale_k ⊙ (x_i − shift) + offset_k) with the M-step statistics (Eq. 10–12) and
+    r from the E-step (Eq. 8–9, per pixel or per sample) or fixed (SBN's one-hot groups).
+
+    Only x, r and (M, C)/(N, C) statistics are kept for the backward, which recomputes x − shift and
+    applies the hand-derived chain rule: through the mixed affine, the weighted mean/variance
+    (∂μ̃_k/∂x_i = r_ik/n_k, ∂σ̃²_k/∂x_i = 2 r_ik (x_i − μ̃_k)/n_k, ∂μ̃_k/∂r_ik = (x_i − μ̃_k)/n_k,
+    ∂σ̃²_k/∂r_ik = ((x_i − μ̃_k)² − σ̃²_k)/n_k), the softmax and the Gaussian log-densities
+    (∂ log p_ik/∂x_i = −(x_i − μ_k)/(σ²_k + ε)). Returns (y, n, mean, var); the last three (the
+    batch estimates for the running update) carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x4, weight, bias, prior, rmean, rvar, fixed_r, mode, batch_stats, detach, eps, shift):
+        lay = _Layout(x4)
+        x = lay.flat(x4)
+        C, L = x.shape[lay.c], x.shape[lay.l]
+        if mode == "pixel":
+            s = _location(lay, x) if shift is None else shift
+            mix = _mixture(prior, rmean, rvar, eps, s)
+            z, r = _pixel_estep(lay, x, mix)
+            n, sums = r.sum((0, lay.l)), lay.reduce(r, z)
+            s1, s2 = sums[:, :C], sums[:, C:]
+            ctx.pooled, ctx.z = None, z
+        else:
+            mean_s, var_s, s = _sample_stats(lay, x)
+            s = s if shift is None else shift
+            pc = mean_s - s
+            mix = _mixture(prior, rmean, rvar, eps, s) if mode == "sample" else None
+            r = _pooled_r(pc, mix) if mode == "sample" else fixed_r
+            n, s1, s2 = r.sum(0) * L, L * (r.t() @ pc), L * (r.t() @ (var_s + pc * pc))
+            ctx.pooled = (pc, var_s)
+        ctx.denom = n.clamp_min(_MIN_MASS)[:, None]
+        mean_c = s1 / ctx.denom
+        var = (s2 / ctx.denom - mean_c * mean_c).clamp_min(0.0)
+        ctx.alive = n > _MIN_MASS
+        use_m, use_v = rmean - s, rvar
+        if batch_stats:
+            use_m = torch.where(ctx.alive[:, None], mean_c, use_m)
+            use_v = torch.where(ctx.alive[:, None], var, use_v)
+        ctx.inv, ctx.scale, ctx.offset = _affine(weight, bias, use_m, use_v, eps)
+        ctx.use_m = use_m
+        if mode == "pixel":
+            y = _mixed_affine(lay, r, lay.narrow(z, 0, C), ctx.scale, ctx.offset)
+        else:
+            a = r @ ctx.scale
+            y = torch.addcmul(lay.vec(r @ ctx.offset - s * a), x, lay.vec(a))
+        ctx.save_for_backward(x4)
+        ctx.r, ctx.mix, ctx.shift, ctx.mean_c, ctx.var = r, mix, s, mean_c, var
+        ctx.mode, ctx.batch_stats, ctx.grad_r = mode, batch_stats, mode != "fixed" and not detach
+        mean = mean_c + s
+        ctx.mark_non_differentiable(n, mean, var)
+        return lay.unflat(y), n, mean, var
+
+    @staticmethod
+    def backward(ctx, g4, *_):
+        (x4,) = ctx.saved_tensors
+        lay = _Layout(x4)
+        x, g = lay.flat(x4), lay.flat(g4.contiguous(memory_format=lay.format))
+        if ctx.mode == "pixel":
+            dx, dgamma, dbeta = _pixel_backward(ctx, lay, x, g)
+        else:
+            dx, dgamma, dbeta = _sample_backward(ctx, lay, x, g)
+        dx = lay.unflat(dx) if ctx.needs_input_grad[0] else None
+        return dx, dgamma, dbeta, None, None, None, None, None, None, None, None, None
+
+
+def _dlogits(ctx, r: torch.Tensor, dr: torch.Tensor, dim: int) -> torch.Tensor:
+    """Through r = softmax(logits): r ⊙ (dr − Σ_k r dr)."""
+    return r * (dr - (r * dr).sum(dim, keepdim=True))
+
+
+def _pixel_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
+    """Per-pixel r: dx, ∂L/∂γ, ∂L/∂β, reading the forward's Z = [xc | xc²] (kept: already written once)."""
+    C, r, z = x.shape[lay.c], ctx.r, ctx.z
+    xc = lay.narrow(z, 0, C)
+    gxc = g * xc
+    dscale, doff = lay.reduce(r, gxc), lay.reduce(r, g)
+    d1, d2, dgamma = _stat_grads(ctx, dscale, doff)
+    lin = d1 - 2.0 * d2 * ctx.mean_c
+    if ctx.grad_r:
+        dr = lay.to_components(gxc, ctx.scale).add_(lay.to_components(g, ctx.offset))
+        if ctx.batch_stats:
+            const = (d2 * (ctx.mean_c * ctx.mean_c - ctx.var) - d1 * ctx.mean_c).sum(1)
+            dr.add_(lay.to_components(z, torch.cat([lin, d2], 1))).add_(lay.vec(const))
+        da = _dlogits(ctx, r, dr, lay.c)
+        mix = ctx.mix
+        zero = torch.zeros_like(ctx.scale)
+        w = torch.cat([torch.cat([ctx.scale, 2.0 * d2, lin], 1),
+                       torch.cat([zero, -mix.prec, mix.center * mix.prec], 1)], 0)
+        t = lay.to_points(torch.cat([r, da], lay.c), w)
+    else:
+        t = lay.to_points(r, torch.cat([ctx.scale, 2.0 * d2, lin], 1))
+    dx = torch.addcmul(lay.narrow(t, 2 * C, C), lay.narrow(t, 0, C), g)
+    return dx.addcmul_(lay.narrow(t, C, C), xc), dgamma, doff
+
+
+def _sample_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
+    """Per-sample or fixed r (N, M): per-sample sums, then one broadcast multiply-add for dx."""
+    L, r, s = x.shape[lay.l], ctx.r, ctx.shift
+    gs = g.sum(lay.l)
+    gxs = (g * x).sum(lay.l) - s * gs
+    dscale, doff = r.t() @ gxs, r.t() @ gs
+    d1, d2, dgamma = _stat_grads(ctx, dscale, doff)
+    lin = d1 - 2.0 * d2 * ctx.mean_c
+    k1, k0 = r @ (2.0 * d2), r @ lin
+    if ctx.grad_r:
+        pc, var_s = ctx.pooled
+        dr = gxs @ ctx.scale.t() + gs @ ctx.offset.t()
+        if ctx.batch_stats:
+            const = (d2 * (ctx.mean_c * ctx.mean_c - ctx.var) - d1 * ctx.mean_c).sum(1)
+            dr = dr + L * (pc @ lin.t() + (var_s + pc * pc) @ d2.t() + const)
+        da = _dlogits(ctx, r, dr, 1)
+        mix = ctx.mix
+        k0 = k0 + (da @ (mix.center * mix.prec) - pc * (da @ mix.prec)) / L
+    a = r @ ctx.scale
+    dx = torch.addcmul(lay.vec(k0 - s * k1), x, lay.vec(k1))
+    return dx.addcmul_(g, lay.vec(a)), dgamma, doff
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +417,7 @@ class CompoundBatchNorm2d(nn.Module):
                 self.running_mean.normal_(0.0, init_std)
         self.register_buffer("initialized", torch.tensor(not (needs_init and init == "first_batch")))
         self._initialized_cache: bool | None = None  # host copy of `initialized`, avoids a sync per step
+        self._eval_cache: tuple | None = None  # see _eval_constants
         if not em:
             self.global_weight = nn.Parameter(torch.ones(C))
             self.global_bias = nn.Parameter(torch.zeros(C))
@@ -260,125 +478,144 @@ class CompoundBatchNorm2d(nn.Module):
 
     # ---- E-step --------------------------------------------------------------------------
 
-    def _log_responsibilities(self, points: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """log r under the running mixture for points (N, C, L) → (N, M, L) or pooled (N, C) → (N, M)."""
-        C = self.num_features
-        var = self.running_var + self.eps
-        prec = var.reciprocal()
-        mc = self.running_mean - shift
-        const = (self.running_prior.clamp_min(1e-12).log()
-                 - 0.5 * (var.log().sum(1) + C * _LOG_2PI + (mc * mc * prec).sum(1)))  # (M,)
-        if points.dim() == 3:
-            pc = points - shift[:, None]
-            quad = torch.einsum("ncl,kc->nkl", pc * pc, prec) - 2.0 * torch.einsum("ncl,kc->nkl", pc, mc * prec)
-            logp = const[None, :, None] - 0.5 * quad
-        else:
-            pc = points - shift
-            quad = (pc * pc) @ prec.t() - 2.0 * (pc @ (mc * prec).t())
-            logp = const[None] - 0.5 * quad
-        return logp - logp.logsumexp(1, keepdim=True)
-
-    def _responsibilities(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
-        """r for x (N, C, L): (N, M, L) per pixel, (N, M) per sample, ``None`` when M = 1 (r ≡ 1)."""
-        if self.num_components == 1:
-            return None
-        points = x if self.responsibilities_mode == "pixel" else x.mean(2)
-        r = self._log_responsibilities(points, shift).exp()
-        return r.detach() if self.detach_responsibilities else r
-
     def _running_shift(self) -> torch.Tensor:
         return (self.running_prior[:, None] * self.running_mean).sum(0)
 
     def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
         """The E-step under the running mixture: r (N, M, H, W) for input x (N, C, H, W)."""
         N, C, H, W = x.shape
-        with torch.autocast(x.device.type, enabled=False):
-            x3 = x.float().reshape(N, C, H * W)
-            r = self._responsibilities(x3, self._running_shift())
-        if r is None:
-            return x3.new_ones(N, 1, H, W)
-        if r.dim() == 2:
-            return r[:, :, None, None].expand(N, self.num_components, H, W)
-        return r.reshape(N, self.num_components, H, W)
+        M = self.num_components
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x4 = x.float()
+            if M == 1:
+                return x4.new_ones(N, 1, H, W)
+            lay = _Layout(x4)
+            xf = lay.flat(x4)
+            mix = _mixture(self.running_prior, self.running_mean, self.running_var, self.eps, self._running_shift())
+            if self.responsibilities_mode == "sample":
+                r = _pooled_r(xf.mean(lay.l) - mix.shift, mix)
+                return r[:, :, None, None].expand(N, M, H, W)
+            return lay.unflat(_pixel_estep(lay, xf, mix)[1], M)
 
     # ---- forward -------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        self._eval_cache = None
+        return super().train(mode)
+
+    def _batchnorm_exact(self) -> bool:
+        """Whether the current call is exactly ``F.batch_norm`` (M = 1 with BatchNorm's update rule,
+        or ``em=False``'s global path): then it is computed by it, bit for bit ``nn.BatchNorm2d``."""
+        single = not self.em or self.num_components == 1
+        if self.training and self.em and self.train_stats != "batch":
+            return False
+        return single and (not self.training or (self.mean_momentum == self.var_momentum and self.unbiased_var))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
-        N, C, H, W = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            x3 = x.float().reshape(N, C, H * W)
-            if not self.training:
-                y = self._eval(x3)
-            elif self.split_groups is not None:
-                y = self._train_split(x3, self.split_groups)
+            x4 = x.float()
+            split = self.training and self.split_groups is not None
+            if split and self.split_groups.shape != (x.shape[0],):
+                raise ValueError(f"split_groups must have shape ({x.shape[0]},), got {tuple(self.split_groups.shape)}")
+            if self._batchnorm_exact() and (self.num_components == 1 or not split):
+                y = self._batchnorm(x4, global_path=not self.em and not split)
+            elif not self.training:
+                y = self._eval(x4)
+            elif split:
+                y = self._train_split(x4, self.split_groups)
             elif self.em:
-                y = self._train_compound(x3)
+                y = self._train_compound(x4)
             else:
-                y = self._train_global(x3)
-        fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
-                                      and not x.is_contiguous()) else torch.contiguous_format
-        return y.reshape(N, C, H, W).to(dtype=x.dtype, memory_format=fmt)
+                y = self._train_global(x4)
+        return y.to(dtype=x.dtype)
+
+    def _batchnorm(self, x: torch.Tensor, global_path: bool) -> torch.Tensor:
+        """M = 1 (r ≡ 1) or the ``em=False`` compound path: ``F.batch_norm`` on the matching buffers."""
+        if global_path:
+            w, b, rm, rv = self.global_weight, self.global_bias, self.global_running_mean, self.global_running_var
+        else:
+            w, b, rm, rv = self.weight[0], self.bias[0], self.running_mean[0], self.running_var[0]
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if not global_path:
+                with torch.no_grad():
+                    self.running_prior.lerp_(torch.ones_like(self.running_prior), self.prior_momentum)
+        return F.batch_norm(x, rm, rv, w, b, self.training, self.mean_momentum, self.eps)
+
+    def _apply_fn(self, x, r, mode, batch_stats, shift=None, weight=None, bias=None, buffers=None):
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        prior, mean, var = buffers or (self.running_prior, self.running_mean, self.running_var)
+        return _CompoundFunction.apply(x, weight, bias, prior, mean, var, r, mode, batch_stats,
+                                       self.detach_responsibilities, self.eps, shift)
 
     def _train_compound(self, x: torch.Tensor) -> torch.Tensor:
-        """One moving-average EM step on x (N, C, L) and the compound output (Eq. 7–16)."""
+        """One moving-average EM step on x (Eq. 8–15) and the compound output (Eq. 16)."""
+        N, C, H, W = x.shape
         if self.num_components > 1 and not self._is_initialized():
-            self._init_from_batch(x)
+            self._init_from_batch(x.reshape(N, C, H * W))
         self.num_batches_tracked.add_(1)
-        shift = x.mean((0, 2)).detach()
-        r = self._responsibilities(x, shift)
-        n, mean, var = _moments(x, r, shift)
-        alive = n > _MIN_MASS
-        if self.train_stats == "batch":
-            norm_mean = torch.where(alive[:, None], mean, self.running_mean)
-            norm_var = torch.where(alive[:, None], var, self.running_var)
-        else:  # copies: the buffers are updated in place below, autograd may keep these
-            norm_mean, norm_var = self.running_mean.clone(), self.running_var.clone()
-        scale, offset = _affine_coefficients(self.weight, self.bias, norm_mean, norm_var, self.eps)
+        y, n, mean, var = self._apply_fn(x, None, self.responsibilities_mode, self.train_stats == "batch")
         with torch.no_grad():
-            self.running_prior.lerp_(n / (x.shape[0] * x.shape[2]), self.prior_momentum)
-            self._update(self.running_mean, self.running_var, n, mean, var, alive)
-        return _mix(x, r, scale, offset)
+            self.running_prior.lerp_(n / (N * H * W), self.prior_momentum)
+            self._update(self.running_mean, self.running_var, n, mean, var, n > _MIN_MASS)
+        return y
 
     def _train_split(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """SBN: group k's samples normalized with their own batch statistics and γ_k, β_k."""
+        N, C, H, W = x.shape
         M = self.num_components
-        if groups.shape != (x.shape[0],):
-            raise ValueError(f"split_groups must have shape ({x.shape[0]},), got {tuple(groups.shape)}")
         if self.em and M > 1 and not self._is_initialized():
-            self._init_from_batch(x)
+            self._init_from_batch(x.reshape(N, C, H * W))
         self.num_batches_tracked.add_(1)
         onehot = (groups[:, None] == torch.arange(M, device=groups.device)).to(x.dtype)  # (N, M)
-        shift = x.mean((0, 2)).detach()
-        n, mean, var = _moments(x, onehot, shift)
-        alive = n > _MIN_MASS
-        mean = torch.where(alive[:, None], mean, self.running_mean)
-        var = torch.where(alive[:, None], var, self.running_var)
-        scale, offset = _affine_coefficients(self.weight, self.bias, mean, var, self.eps)
+        y, n, mean, var = self._apply_fn(x, onehot, "fixed", True)
         with torch.no_grad():
-            self._update(self.running_mean, self.running_var, n, mean, var, alive)
-        return _mix(x, onehot, scale, offset)
+            self._update(self.running_mean, self.running_var, n, mean, var, n > _MIN_MASS)
+        return y
 
     def _train_global(self, x: torch.Tensor) -> torch.Tensor:
-        """``em=False`` compound path: BatchNorm over the whole batch with the global buffers."""
+        """``em=False`` compound path with momenta BatchNorm cannot express: BatchNorm over the batch."""
         self.num_batches_tracked.add_(1)
-        n, mean, var = _moments(x, None, x.mean((0, 2)))
-        scale, offset = _affine_coefficients(self.global_weight[None], self.global_bias[None], mean, var, self.eps)
+        gm, gv = self.global_running_mean[None], self.global_running_var[None]
+        y, n, mean, var = self._apply_fn(x, x.new_ones(x.shape[0], 1), "fixed", True,
+                                         weight=self.global_weight[None], bias=self.global_bias[None],
+                                         buffers=(self.running_prior[:1], gm, gv))
         with torch.no_grad():
-            self._update(self.global_running_mean[None], self.global_running_var[None], n, mean, var, n > 0)
-        return _mix(x, None, scale, offset)
+            self._update(gm, gv, n, mean, var, n > 0)
+        return y
 
     def _eval(self, x: torch.Tensor) -> torch.Tensor:
-        """Test time: the compound path with running statistics only."""
-        if not self.em:
-            scale, offset = _affine_coefficients(self.global_weight[None], self.global_bias[None],
-                                                 self.global_running_mean[None], self.global_running_var[None],
-                                                 self.eps)
-            return _mix(x, None, scale, offset)
-        r = self._responsibilities(x, self._running_shift())
-        scale, offset = _affine_coefficients(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
-        return _mix(x, r, scale, offset)
+        """Test time (M > 1, EM): the compound path with the running statistics only. Without autograd
+        the E-step weights and the per-component affine come from a cache (:meth:`_eval_constants`):
+        then the layer costs one pass for [x − shift | (x − shift)²], one matmul to log r, a softmax
+        over M, one matmul for the mixed affine and one multiply-add."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
+            return self._apply_fn(x, None, self.responsibilities_mode, False, shift=self._running_shift())[0]
+        mix, scale, offset = self._eval_constants()
+        lay = _Layout(x)
+        xf = lay.flat(x)
+        if self.responsibilities_mode == "pixel":
+            z, r = _pixel_estep(lay, xf, mix)
+            return lay.unflat(_mixed_affine(lay, r, lay.narrow(z, 0, x.shape[1]), scale, offset))
+        r = _pooled_r(xf.mean(lay.l) - mix.shift, mix)
+        a = r @ scale
+        return lay.unflat(torch.addcmul(lay.vec(r @ offset - mix.shift * a), xf, lay.vec(a)))
+
+    def _eval_constants(self) -> tuple[_Mixture, torch.Tensor, torch.Tensor]:
+        """E-step weights and the affine of every component under the running statistics, recomputed
+        only when a parameter or buffer changed (storage or in-place version) or after ``train()``."""
+        tensors = (self.weight, self.bias, self.running_prior, self.running_mean, self.running_var)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            with torch.no_grad():
+                mix = _mixture(self.running_prior, self.running_mean, self.running_var, self.eps,
+                               self._running_shift())
+                _, scale, offset = _affine(self.weight, self.bias, mix.center, self.running_var, self.eps)
+            self._eval_cache = (key, mix, scale, offset)
+        return self._eval_cache[1:]
 
     def _update(self, running_mean: torch.Tensor, running_var: torch.Tensor, n: torch.Tensor,
                 mean: torch.Tensor, var: torch.Tensor, alive: torch.Tensor) -> None:

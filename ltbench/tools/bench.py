@@ -215,3 +215,81 @@ def project(cfg: dict, result: dict, config_path: str) -> dict:
 
 def format_json(result: dict) -> str:
     return json.dumps(result, indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# `ltbench bench --layer`: per-layer costs of the norm layers against a 3×3 convolution
+# --------------------------------------------------------------------------------------------
+
+def _time_ms(fn, reps: int, device: torch.device, stat=np.median):
+    """``stat`` (median; min is the robust choice on a shared machine) of the wall time of ``fn()``
+    in ms over ``reps`` calls (after two untimed calls)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return stat(times)
+
+
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    def call():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(g)
+    return call
+
+
+def _eval_images_per_s(method: str, backbone: str, batch: int, device: torch.device, channels_last: bool,
+                       reps: int) -> float:
+    """No-grad eval forward throughput of ``method``'s model after a few training steps."""
+    spec = {"recipe": methods.recipe(method), "backbone": backbone, "train": {}}
+    model = train.build_model(spec, 10, 3).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        model.train()
+        model(x[:128])  # one training forward: first-batch initialization of any CBN mixture
+        model.eval()
+        ms = _time_ms(lambda: model(x).argmax(1), reps, device)
+    return batch / ms * 1000
+
+
+def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size: int = 32, reps: int = 10,
+               eval_batch: int = 500, backbone: str = "resnet32", eval_reps: int = 5) -> dict[str, Any]:
+    """Per-layer fwd+bwd ms (median and min over ``reps``) of BatchNorm2d, Conv2d(C, C, 3, padding=1) and CBN M = 4 (per pixel,
+    per sample) on one (batch, C, size, size) input, their ratios to the convolution, and the eval
+    throughput of ``baseline+cbn``'s model against ``baseline``'s (no grad, channels_last), all in
+    one run. Layers in training mode, float32, no autocast."""
+    dev = train.pick_device(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=g).to(dev).requires_grad_()
+    grad = torch.randn(batch, channels, size, size, generator=g).to(dev)
+    layers = {"batchnorm2d": nn.BatchNorm2d(channels),
+              "conv3x3": nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+              "cbn_m4_pixel": norm.make("cbn", channels, num_components=4, responsibilities="pixel"),
+              "cbn_m4_sample": norm.make("cbn", channels, num_components=4, responsibilities="sample")}
+    both = {name: _time_ms(_fwd_bwd(layer.to(dev), x, grad), reps, dev, lambda t: (np.median(t), np.min(t)))
+            for name, layer in layers.items()}
+    ms, best = {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
+    conv = ms["conv3x3"]
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "input": [batch, channels, size, size], "reps": reps,
+        "fwd_bwd_ms": {k: round(v, 3) for k, v in ms.items()},
+        "ratio_to_conv": {k: round(v / conv, 3) for k, v in ms.items()},
+        "fwd_bwd_ms_min": {k: round(v, 3) for k, v in best.items()},
+        "ratio_to_conv_of_min": {k: round(v / best["conv3x3"], 3) for k, v in best.items()},
+    }
+    if eval_batch:
+        bare = _eval_images_per_s("baseline", backbone, eval_batch, dev, True, eval_reps)
+        cbn = _eval_images_per_s("baseline+cbn", backbone, eval_batch, dev, True, eval_reps)
+        out["eval"] = {"backbone": backbone, "batch": eval_batch, "channels_last": True,
+                       "bare_images_per_s": round(bare, 1), "cbn_images_per_s": round(cbn, 1),
+                       "cbn_over_bare": round(cbn / bare, 3)}
+    return out
