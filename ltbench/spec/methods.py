@@ -64,7 +64,13 @@ OPEN_DETAILS: dict[str, str] = {
     "recipe.norm.scope": "Which BN layers are replaced: CBN 'all' (by default reading; open detail 5); NBN "
                          "'last_stage' (public code; NBN open detail 1 for the CIFAR ResNet-32).",
     "recipe.logit_rectification": "NBN open detail 4: whether logit rectification (BatchNorm1d without affine on the "
-                                  "logits) is part of the NBN rows (default: yes).",
+                                  "logits) is part of the NBN rows (default: no, as the official ResNet-50 / "
+                                  "ResNeXt-50 configs; only their RIDE-ensemble config has it: method nbn+rect).",
+    "recipe.norm.options.mean_momentum": "CBN (not stated by the paper): the running statistics (means, and "
+                                         "likewise variances and priors with their momenta) move by the momentum "
+                                         "once per forward pass in training mode, so the full method (compound + "
+                                         "split path × weak + strong view) moves them 4 times per optimizer step, "
+                                         "Baseline + CBN once.",
     "train.weight_decay": "CBN: weight decay not stated (default 2e-4, the LDAM-DRW value).",
     "train.momentum": "CBN: SGD momentum not stated (default 0.9).",
     "train.warmup_epochs": "CBN: warmup not stated (default 5 epochs, the LDAM-DRW convention).",
