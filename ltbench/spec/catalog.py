@@ -23,7 +23,7 @@ LOSSES: dict[str, dict] = {
     "logit_adjust": {"tau": 1.0, "weighting": "none", "beta": 0.9999},
 }
 
-SAMPLERS: tuple[str, ...] = ("uniform", "class_balanced", "sqrt")
+SAMPLERS: tuple[str, ...] = ("uniform", "class_balanced", "sqrt", "class_aware")
 
 HEADS: tuple[str, ...] = ("linear", "cosine")
 

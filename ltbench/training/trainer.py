@@ -285,6 +285,9 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
         raise ValueError(f"decoupled.fraction {dt['fraction']} leaves no representation epoch of {epochs}")
     bs = train["batch_size"] // world.size  # per process; train.batch_size is the global batch
     steps_per_epoch = source.steps(len(distributed.shard(torch.arange(len(source)), world)), bs)
+    # the classifier stage's sampler may set its own epoch length (Kang's class_aware: max n_c × classes)
+    head_steps = source.steps(len(distributed.shard(torch.arange(
+        sampling.epoch_length(dt["sampler"], source.labels)), world)), bs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, steps_per_epoch, epochs=rep_epochs))
     amp = device.type == "cuda" and train["amp"] == "bf16"
     views, paths = recipe["views"], recipe["paths"]
@@ -320,7 +323,7 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
         head_opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=train["momentum"],
                                    weight_decay=train["weight_decay"], **fused)
         head_sched = torch.optim.lr_scheduler.LambdaLR(
-            head_opt, lr_lambda(train, steps_per_epoch, epochs=head_epochs, warmup_epochs=0))
+            head_opt, lr_lambda(train, head_steps, epochs=head_epochs, warmup_epochs=0))
 
     def save_checkpoint():
         if not world.main:
@@ -441,7 +444,7 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
                 ckpt_path.unlink(missing_ok=True)
                 bad = int(state["first_bad"])
                 st = head_sched if in_head_stage else sched
-                k = (epoch - rep_epochs if in_head_stage else epoch) * steps_per_epoch + bad
+                k = (epoch - rep_epochs) * head_steps + bad if in_head_stage else epoch * steps_per_epoch + bad
                 raise _diverged(out_dir / "diverged.json", label, row, spec, spec_hash, seed, state["log"],
                                 step=bad + 1, steps=state["step"], lr=st.base_lrs[0] * st.lr_lambdas[0](k))
             state["train_time"] += time.time() - t0
