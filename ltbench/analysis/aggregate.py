@@ -82,7 +82,8 @@ def tables(metrics: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     for m in metrics:
         c = m["cell"]
         code = m.get("code", {})
-        base = {"dataset": c["dataset"], "ratio": format_ratio(c["ratio"]), "method": c["method"],
+        protocol = m.get("spec", {}).get("recipe", {}).get("protocol", "controlled")
+        base = {"dataset": c["dataset"], "ratio": format_ratio(c["ratio"]), "method": c["method"], "protocol": protocol,
                 "backbone": c["backbone"], "seed": c["seed"], "subset_seed": m.get("seeds", {}).get("subset"),
                 "spec_hash": m.get("spec_hash"), "git_commit": code.get("git_commit"),
                 "git_dirty": code.get("git_dirty"), "ltbench_version": code.get("ltbench"),

@@ -411,7 +411,7 @@ def render(data: Mapping[str, pd.DataFrame], cfg: Mapping | None, figures_dir: P
                    * len(exp["seeds"]))
         parts.append(f"<p class='sub'>{len(exp['datasets'])} datasets × {len(exp['ratios'])} ratios × "
                      f"{len(exp['methods'])} methods × {len(exp['backbones'])} backbones × {len(exp['seeds'])} seeds "
-                     f"= {n_cells} cells.</p>")
+                     f"= {n_cells} cells; protocol: {esc(exp.get('protocol', 'controlled'))}.</p>")
         paths = tables.write(lay, tables_dir)
         parts.append(tables.to_html(lay) + tables.legend_html(lay))
         parts.append("<details><summary>Markdown and LaTeX of this table</summary>"

@@ -19,17 +19,21 @@ from ltbench.spec import catalog
 # documented in OPEN_DETAILS (listed in the report with the values each run used).
 DEFAULT_RECIPE: dict[str, Any] = {
     "description": "",
+    "protocol": "controlled",  # "published": the authors' own recipe (an `M@published` recipe, see for_protocol)
+    "source": "",  # repository + file the recipe follows (published recipes)
     "norm": {"name": "bn", "scope": "all", "options": {}},
     "loss": {"name": "ce", "options": {}},
     "head": "linear",
     "sampler": "uniform",
     "augment": "crop_flip",
+    "strong_view": {"policy": "torchvision", "cutout": False},
     "views": None,  # None: [weak] for crop_flip, [strong] for autoaugment, [none] for none
     "paths": ["compound"],
     "classify_on": None,  # None: the last view of every path, e.g. ["compound/strong", "split/strong"]
     "consistency": {"weight": 0.0, "pairing": "cross"},
     "decoupled": {"enabled": False, "fraction": 0.2, "classifier": "crt", "loss": "ce", "sampler": "uniform",
-                  "reweight": "none", "reinit": True, "lr": None, "tau": 1.0},
+                  "reweight": "none", "reinit": True, "lr": None, "tau": 1.0,
+                  "select_tau": False, "tau_grid": [0.0, 2.0, 0.1], "backbone_mode": "train"},
     "posthoc_tau": None,
     "logit_rectification": False,
     "train": {},
@@ -74,6 +78,19 @@ OPEN_DETAILS: dict[str, str] = {
     "train.weight_decay": "CBN: weight decay not stated (default 2e-4, the LDAM-DRW value).",
     "train.momentum": "CBN: SGD momentum not stated (default 0.9).",
     "train.warmup_epochs": "CBN: warmup not stated (default 5 epochs, the LDAM-DRW convention).",
+    "train.warmup_per": "Warmup ramp per optimizer step (default) or once per epoch (LDAM-DRW's code; its published "
+                        "recipe uses 'epoch').",
+    "recipe.decoupled.backbone_mode": "Classifier stage: backbone in train mode (Kang et al.'s code; default: BN on "
+                                      "the stage's class-balanced batches, running statistics re-estimated) or eval.",
+    "recipe.decoupled.select_tau": "τ-normalization: τ chosen from tau_grid (0, 0.1, …, 2) by balanced accuracy on a "
+                                   "validation split (Kang et al.), never the test set; tau-norm: yes. The split: the "
+                                   "dataset's own val list, or for CIFAR-style data the held-out images "
+                                   "(datasets.<name>.val_per_class).",
+    "recipe.strong_view.policy": "CBN says only 'AutoAugment': torchvision's CIFAR10 policy with fill 0 (default) "
+                                 "or cifar10_policy, the CIFAR10Policy reimplementation most LT code copies "
+                                 "(Balanced Softmax's CIFAR pipeline), fill 128.",
+    "recipe.strong_view.cutout": "Cutout(1 hole, 16 px) after AutoAugment, as Balanced Softmax's CIFAR pipeline "
+                                 "(default: off; CBN does not mention it).",
 }
 
 VIEWS_OF_AUGMENT = {"crop_flip": ["weak"], "autoaugment": ["strong"], "none": ["none"]}
@@ -116,6 +133,26 @@ def _raw(name: str, extra: Mapping[str, Mapping], chain: tuple[str, ...] = ()) -
         raise KeyError(f"method {name!r} extends {parent!r}: {e.args[0]}") from None
     base.pop("description", None)
     return merge(base, own)
+
+
+PROTOCOLS = ("controlled", "published")
+PUBLISHED = "@published"
+
+
+def for_protocol(name: str, protocol: str, extra: Mapping[str, Mapping] | None = None) -> str:
+    """The recipe an experiment of ``protocol`` runs for method ``name``: ``name`` itself under
+    ``controlled``; ``name@published`` under ``published`` (a name already ending so is kept).
+    Raises ``KeyError`` naming the method when it has no published recipe."""
+    if protocol not in PROTOCOLS:
+        raise KeyError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if protocol == "controlled" or name.endswith(PUBLISHED):
+        return name
+    published = name + PUBLISHED
+    if published not in available(extra):
+        have = sorted(m[:-len(PUBLISHED)] for m in available(extra) if m.endswith(PUBLISHED))
+        raise KeyError(f"method {name!r} has no published recipe {published!r} (define it under methods:, or "
+                       f"use protocol: controlled); methods with one: {', '.join(have)}")
+    return published
 
 
 def recipe(name: str, extra: Mapping[str, Mapping] | None = None) -> dict:

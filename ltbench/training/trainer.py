@@ -313,11 +313,15 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
     _remove_stale_temp_files(out_dir)
     _fail_if_diverged_before(out_dir / "diverged.json", spec_hash, seed)
     head = head_opt = head_sched = None
+    stage_dt, tau_scores = dt, None  # τ-normalization: τ chosen on the validation split (select_tau)
 
     def enter_classifier_stage():
-        nonlocal head, head_opt, head_sched
+        nonlocal head, head_opt, head_sched, stage_dt, tau_scores
         head = classifier.setup_stage(model, dt, K).to(device)
         if dt["classifier"] == "tau_norm":
+            if dt.get("select_tau"):
+                tau, tau_scores = classifier.select_tau(model, source.val(), classifier.tau_grid(dt))
+                stage_dt = {**dt, "tau": tau}
             return
         lr = dt["lr"] if dt["lr"] is not None else train["lr"]
         head_opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=train["momentum"],
@@ -452,7 +456,7 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
             if last and head is None and dt["enabled"]:  # τ-normalization: post hoc, on the final weights
                 enter_classifier_stage()
             if ((epoch + 1) % train["eval_every"] == 0 or last) and world.main:  # rank 0 evaluates
-                net = classifier.eval_model(model, head, dt) if head is not None else model
+                net = classifier.eval_model(model, head, stage_dt) if head is not None else model
                 per_class = evaluate(net, source, K, adjust).cpu().numpy() / test_per_class
                 row["top1"] = float(100.0 * per_class.mean())
                 row.update(group_accuracy(per_class, groups))
@@ -473,12 +477,14 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
         distributed.barrier(world)
         return None
     final, per_class = state["best"]
-    final_model = classifier.eval_model(model, head, dt) if head is not None else model
+    final_model = classifier.eval_model(model, head, stage_dt) if head is not None else model
     metrics = {
         "cell": {"dataset": spec["dataset"], "ratio": ratio, "method": spec["method"],
                  "backbone": spec["backbone"], "seed": seed},
         "top1": final["top1"], "many": final["many"], "medium": final["medium"], "few": final["few"],
         "reported_epoch": final["epoch"],
+        "tau": stage_dt["tau"] if dt["enabled"] and dt["classifier"] == "tau_norm" else None,
+        "tau_val_accuracy": {str(t): v for t, v in tau_scores.items()} if tau_scores else None,
         "per_class_acc": [float(100.0 * a) for a in per_class],
         "train_counts": counts, "class_groups": groups,
         "seeds": {"train": seed, "subset": opts["subset_seed"]},
