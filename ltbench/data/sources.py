@@ -21,7 +21,12 @@ import torch.utils.data
 from ltbench.data import augment
 
 
+DEFAULT_STRONG_VIEW = {"policy": "torchvision", "cutout": False}  # recipe.strong_view
+
+
 class TensorSource:
+    strong_view = DEFAULT_STRONG_VIEW  # the trainer sets the recipe's
+
     def __init__(self, data_file, device: torch.device, mean: Sequence[float], std: Sequence[float],
                  padding: int):
         with np.load(data_file) as z:
@@ -51,7 +56,7 @@ class TensorSource:
             x = augment.random_crop_flip(x, self.padding, gen)
         elif kind == "strong":
             x = augment.random_crop_flip(x, self.padding, gen)
-            x = augment.autoaugment(x, gen)
+            x = augment.strong_view(x, gen, self.strong_view["policy"], self.strong_view["cutout"])
         elif kind != "none":
             raise ValueError(f"unknown view {kind!r}; known: weak, strong, none")
         return augment.normalize(x, self.mean, self.std)
@@ -208,6 +213,8 @@ class ImageListSource:
     kernels are not bitwise deterministic.
     """
 
+    strong_view = DEFAULT_STRONG_VIEW  # the trainer sets the recipe's
+
     def __init__(self, manifest_file, device: torch.device, dataset: str, options: dict,
                  batch_size: int = 128, workers: int = 0):
         from ltbench.data import imagelists
@@ -273,7 +280,8 @@ class ImageListSource:
             out = []
             for v, x in zip(views, xs):
                 if v == "strong":
-                    x = augment.autoaugment(x, gen, policy=self.policy)
+                    x = augment.strong_view(x, gen, self.strong_view["policy"], self.strong_view["cutout"],
+                                            table=self.policy)
                 out.append(augment.normalize(x, self.mean, self.std))
             yield out, self.train_y[order[b * batch_size:(b + 1) * batch_size]]
 

@@ -257,6 +257,7 @@ def _run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path
 
     dspec = data.get(spec["dataset"])
     source = make_source(data_file, device, dspec, spec["dataset_options"], train)  # .npz or image lists
+    source.strong_view = {**source.strong_view, **recipe.get("strong_view", {})}  # AutoAugment variant, Cutout
     counts = source.counts
     K = len(counts)  # dspec.num_classes, or an image-list dataset's expected.classes
     opts = spec["dataset_options"]
