@@ -158,3 +158,16 @@ def test_runs_table_has_a_protocol_column(tmp_path):
                 "train_counts": [100, 1], "spec": {"recipe": {"protocol": protocol}}, "_path": str(tmp_path / method)}
     runs, _, _ = aggregate.tables([metrics("ce", "controlled"), metrics("ce@published", "published")])
     assert dict(zip(runs.method, runs.protocol)) == {"ce": "controlled", "ce@published": "published"}
+
+
+def test_ldamdrw_reference_is_table2_as_accuracy():
+    from ltbench.analysis.reference import entries
+
+    e = entries("ldamdrw2019").set_index(["method", "dataset", "ratio"])["value"]
+    errors = {("ce@published", "cifar10", 100): 29.64, ("ce@published", "cifar10", 10): 13.61,
+              ("ce@published", "cifar100", 100): 61.68, ("ce@published", "cifar100", 10): 44.30,
+              ("ldam-drw@published", "cifar10", 100): 22.97, ("ldam-drw@published", "cifar10", 10): 11.84,
+              ("ldam-drw@published", "cifar100", 100): 57.96, ("ldam-drw@published", "cifar100", 10): 41.29}
+    assert len(e) == len(errors)
+    for key, err in errors.items():
+        assert abs(e[key] - (100 - err)) < 1e-9, key
