@@ -88,7 +88,26 @@ def test_loss_matches_closed_form(batch, name, opts, weighting):
     per = torch_call(loss, z, y, per_sample=True)
     assert per.shape == (N,)
     np.testing.assert_allclose(per, ref, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(torch_call(loss, z, y), np_reduce(ref, y, COUNTS, weighting), rtol=1e-4)
+    if name == "focal":  # LDAM-DRW's FocalLoss(weight=w): w_y inside the focal term, mean over N
+        g = opts.get("gamma", 1.0)
+        v = np_weights(COUNTS, weighting)[y] * np_ce(z, y)
+        want = ((1 - np.exp(-v)) ** g * v).mean()
+    else:
+        want = np_reduce(ref, y, COUNTS, weighting)
+    np.testing.assert_allclose(torch_call(loss, z, y), want, rtol=1e-4)
+
+
+def test_cb_focal_is_normalized_by_batch_size_by_hand():
+    """Two samples, two classes, hand-computed: LDAM-DRW's FocalLoss(weight=w, gamma=1) divides by N = 2,
+    not by Σ w_y (which would give a loss (w_0 + w_1)/2 times smaller/larger)."""
+    counts = [3.0, 1.0]  # inverse weights 1/3, 1 → normalized to sum K = 2: w = (0.5, 1.5)
+    loss = losses.make("focal", counts, gamma=1.0, weighting="inverse")
+    z = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # CE = log 2 for both
+    y = torch.tensor([0, 0])  # two class-0 samples: Σ w_y = 1, N = 2
+    v = 0.5 * np.log(2.0)
+    by_hand = (1 - np.exp(-v)) * v  # both samples equal; mean over N
+    assert abs(loss(z, y).item() - by_hand) < 1e-6
+    assert abs(loss(z, y).item() - 2 * by_hand) > 1e-3  # Σ w_y normalization would double it
 
 
 def test_special_cases_equal_ce(batch):

@@ -25,7 +25,7 @@ def chi2(observed, expected):
 
 
 def test_registry_names():
-    assert set(sampling.SAMPLERS) == {"uniform", "class_balanced", "sqrt"}
+    assert set(sampling.SAMPLERS) == {"uniform", "class_balanced", "sqrt", "class_aware"}
 
 
 @pytest.mark.parametrize("name", ["uniform", "class_balanced", "sqrt"])
@@ -69,3 +69,39 @@ def test_class_balanced_small_classes_and_gaps():
     share = (y[idx] == 3).double().mean().item()
     assert abs(share - 0.5) < 0.02
     assert set(y[idx].tolist()) == {0, 3}
+
+
+def _class_aware(y, seed=0):
+    return sampling.SAMPLERS.get("class_aware")(y, torch.Generator().manual_seed(seed))
+
+
+def test_class_aware_is_kangs_class_cycle_with_four_per_visit():
+    """Kang et al.'s ClassAwareSampler: epoch = max count × classes; runs of 4 of one class; the classes
+    of every K consecutive visits are a permutation; within a class, every n_c consecutive draws of it
+    are a permutation of its images (no repeat before the class is used up); class 3 (empty) never."""
+    counts = [10, 3, 1, 0, 6]
+    y = torch.repeat_interleave(torch.arange(5), torch.tensor(counts))
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))]
+    idx = _class_aware(y)
+    assert len(idx) == sampling.epoch_length("class_aware", y) == 10 * 4
+    lab = y[idx].tolist()
+    visits = [lab[i:i + 4] for i in range(0, len(lab), 4)]
+    assert all(len(set(v)) == 1 for v in visits)
+    present = [0, 1, 2, 4]
+    visit_cls = [v[0] for v in visits]
+    for i in range(0, len(visit_cls) - len(present) + 1, len(present)):
+        assert sorted(visit_cls[i:i + len(present)]) == present
+    for c in present:
+        seq = idx[y[idx] == c].tolist()
+        members = sorted(torch.nonzero(y == c).squeeze(1).tolist())
+        for i in range(0, len(seq) - counts[c] + 1, counts[c]):
+            assert sorted(seq[i:i + counts[c]]) == members
+    assert torch.equal(idx, _class_aware(y)) and not torch.equal(idx, _class_aware(y, 1))
+    assert sampling.epoch_length("uniform", y) == len(y)
+
+
+def test_class_aware_balances_classes(labels):
+    idx = torch.cat([_class_aware(labels, s) for s in range(3)])
+    freq = np.bincount(labels[idx].numpy(), minlength=len(COUNTS))
+    assert len(idx) == 3 * COUNTS.max() * len(COUNTS)
+    assert freq.max() - freq.min() <= 3 * 4  # at most one visit per epoch apart

@@ -147,7 +147,7 @@ def _flat(v):
 def _run_base(m: Mapping) -> dict:
     c, code = m["cell"], m.get("code", {})
     base = {"dataset": c["dataset"], "ratio": format_ratio(c["ratio"]), "method": c["method"],
-            "backbone": c["backbone"], "seed": c["seed"], "subset_seed": m.get("seeds", {}).get("subset"),
+            "protocol": m.get("spec", {}).get("recipe", {}).get("protocol", "controlled"), "backbone": c["backbone"], "seed": c["seed"], "subset_seed": m.get("seeds", {}).get("subset"),
             "spec_hash": m.get("spec_hash"), "git_commit": code.get("git_commit"),
             "git_dirty": code.get("git_dirty"), "ltbench_version": code.get("ltbench"),
             "device": m.get("device"), "wall_time_s": m.get("wall_time_s"),

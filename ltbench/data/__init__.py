@@ -43,6 +43,27 @@ class DatasetSpec:
     needs_download: bool = False
 
 
+# Balanced validation images per class held out from the training images the long-tailed subset did
+# not keep (datasets.<name>.val_per_class); 20 per class like ImageNet-LT's and Places-LT's val splits.
+VAL_PER_CLASS = 20
+
+
+def heldout_val_indices(targets: np.ndarray, kept: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """A balanced validation set disjoint from the long-tailed subset ``kept``: for each class, up to
+    ``per_class`` of its training images that the subset did not keep, drawn with
+    ``RandomState(seed)``. A class whose images the subset keeps entirely (CIFAR-LT's head class,
+    n_0 = n_max) gets fewer or none; τ selection averages over the classes present."""
+    targets = np.asarray(targets)
+    free = np.ones(len(targets), dtype=bool)
+    free[kept] = False
+    rng = np.random.RandomState(seed)
+    picked = []
+    for c in range(int(targets.max()) + 1 if len(targets) else 0):
+        idx = np.where(free & (targets == c))[0]
+        picked.append(rng.permutation(idx)[:per_class])
+    return np.concatenate(picked).astype(np.int64) if picked else np.zeros(0, dtype=np.int64)
+
+
 # The prepared file of a CIFAR-style dataset; the prepare rule's output is this pattern too.
 PREPARED_PATTERN = "{results_dir}/data/{dataset}_r{ratio}_s{subset}.npz"
 
@@ -76,7 +97,9 @@ def counts_for(name: str, ratio: float, profile: str = "exp") -> list[int]:
 
 
 def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | None = None) -> dict:
-    """Subsample the dataset's training set and write the prepared ``.npz`` atomically."""
+    """Subsample the dataset's training set and write the prepared ``.npz`` atomically, with a
+    balanced validation set (``val_x``, ``val_y``) from the images the subset did not keep
+    (:func:`heldout_val_indices`, ``options["val_per_class"]``, default :data:`VAL_PER_CLASS`)."""
     from ltbench.io import atomic_path
 
     options = dict(options or {})
@@ -90,13 +113,16 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
     counts = longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
     train_x, train_y, test_x, test_y = spec.load(Path(data_dir), options)
     idx = longtail_indices(train_y, counts, subset_seed)
+    val = heldout_val_indices(train_y, idx, int(options.get("val_per_class", VAL_PER_CLASS)), subset_seed)
     info = {"dataset": name, "ratio": ratio, "profile": profile, "subset_seed": subset_seed,
-            "counts": counts, "train_total": int(len(idx)), "test_total": int(len(test_y))}
+            "counts": counts, "train_total": int(len(idx)), "test_total": int(len(test_y)),
+            "val_total": int(len(val))}
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, train_x=train_x[idx], train_y=train_y[idx].astype(np.int64),
                      test_x=test_x, test_y=test_y.astype(np.int64), counts=np.asarray(counts),
-                     subset_indices=idx)
+                     subset_indices=idx, val_x=train_x[val], val_y=train_y[val].astype(np.int64),
+                     val_indices=val)
     return info
 
 

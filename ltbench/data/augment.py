@@ -522,3 +522,45 @@ def _affine(xf: torch.Tensor, theta: torch.Tensor, fill) -> torch.Tensor:
         # torchvision rounds (half to even) before the uint8 cast; only fill can be fractional
         out = torch.where(inside < 0.5, fill_t.round().view(1, -1, 1, 1), out)
     return out.to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strong-view variants (recipe.strong_view): which AutoAugment, and Cutout
+
+#: AutoAugment variants of the strong view. ``torchvision``: torchvision's ``AutoAugment`` (fill 0),
+#: the default. ``cifar10_policy``: the ``CIFAR10Policy`` reimplementation most long-tail code copies
+#: (e.g. jiawei-ren/BalancedMetaSoftmax-Classification ``data/autoaugment.py``, from DeepVoltaire/
+#: AutoAugment): the same 25 sub-policies, probabilities and magnitude bins, geometric ops filled
+#: with grey 128. Not reproduced: its Solarize thresholds linspace(256, 0) instead of (255, 0), which
+#: differ by less than one grey level.
+STRONG_POLICIES: dict[str, dict] = {"torchvision": {"fill": 0}, "cifar10_policy": {"fill": 128}}
+CUTOUT_HOLES, CUTOUT_LENGTH = 1, 16  # Balanced Softmax's CIFAR pipeline: Cutout(n_holes=1, length=16)
+
+
+def cutout(x: torch.Tensor, generator: torch.Generator | None = None, holes: int = CUTOUT_HOLES,
+           length: int = CUTOUT_LENGTH) -> torch.Tensor:
+    """Per-sample Cutout (DeVries & Taylor 2017) on a uint8 (N, C, H, W) batch: ``holes`` squares of
+    side ``length`` with uniform integer centres (y, x), rows clip(y − L/2, 0, H) … clip(y + L/2, 0, H)
+    (end excluded) and likewise columns, set to 0 — the reference applies it after ToTensor, before
+    Normalize, so the pixels become black."""
+    N, _, H, W = x.shape
+    rows = torch.arange(H, device=x.device)
+    cols = torch.arange(W, device=x.device)
+    keep = torch.ones((N, 1, H, W), dtype=torch.bool, device=x.device)
+    for _ in range(holes):
+        cy = torch.randint(0, H, (N,), generator=generator, device=x.device)
+        cx = torch.randint(0, W, (N,), generator=generator, device=x.device)
+        in_r = (rows >= (cy - length // 2).clamp(0, H)[:, None]) & (rows < (cy + length // 2).clamp(0, H)[:, None])
+        in_c = (cols >= (cx - length // 2).clamp(0, W)[:, None]) & (cols < (cx + length // 2).clamp(0, W)[:, None])
+        keep &= ~(in_r[:, None, :, None] & in_c[:, None, None, :])
+    return x * keep.to(x.dtype)
+
+
+def strong_view(x: torch.Tensor, generator: torch.Generator | None = None, policy: str = "torchvision",
+                use_cutout: bool = False, table: str = "cifar10") -> torch.Tensor:
+    """The strong view after crop+flip: AutoAugment variant ``policy`` (:data:`STRONG_POLICIES`) of the
+    policy table ``table``, then Cutout(1 hole, 16 px) when ``use_cutout``."""
+    if policy not in STRONG_POLICIES:
+        raise ValueError(f"unknown strong_view.policy {policy!r}; known: {', '.join(STRONG_POLICIES)}")
+    x = autoaugment(x, generator, policy=table, fill=STRONG_POLICIES[policy]["fill"])
+    return cutout(x, generator) if use_cutout else x

@@ -292,7 +292,7 @@ def load_manifest(path: str | Path) -> tuple[dict, dict[str, tuple[list[str], np
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ListCheckError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     splits = {}
-    for split in ("train", "test"):
+    for split in [s for s in ("train", "test", "val") if s in manifest["lists"]]:  # val: when configured
         entry = manifest["lists"][split]
         if not Path(entry["file"]).is_file() or sha256(entry["file"]) != entry["sha256"]:
             raise ListCheckError(f"{entry['file']}: the {split} list changed or vanished since {path} was written "

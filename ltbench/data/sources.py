@@ -21,7 +21,12 @@ import torch.utils.data
 from ltbench.data import augment
 
 
+DEFAULT_STRONG_VIEW = {"policy": "torchvision", "cutout": False}  # recipe.strong_view
+
+
 class TensorSource:
+    strong_view = DEFAULT_STRONG_VIEW  # the trainer sets the recipe's
+
     def __init__(self, data_file, device: torch.device, mean: Sequence[float], std: Sequence[float],
                  padding: int):
         with np.load(data_file) as z:
@@ -30,6 +35,10 @@ class TensorSource:
             self.test_x = torch.from_numpy(z["test_x"]).to(device)
             self.test_y = torch.from_numpy(z["test_y"]).to(device)
             self.counts = z["counts"].tolist()
+            # the held-out validation split (prepare writes it; files from before it existed have none)
+            self.val_x = torch.from_numpy(z["val_x"]).to(device) if "val_x" in z.files else None
+            self.val_y = torch.from_numpy(z["val_y"]).to(device) if "val_y" in z.files else None
+        self.data_file = data_file
         self.device = device
         self.mean = torch.tensor(mean, device=device)
         self.std = torch.tensor(std, device=device)
@@ -47,7 +56,7 @@ class TensorSource:
             x = augment.random_crop_flip(x, self.padding, gen)
         elif kind == "strong":
             x = augment.random_crop_flip(x, self.padding, gen)
-            x = augment.autoaugment(x, gen)
+            x = augment.strong_view(x, gen, self.strong_view["policy"], self.strong_view["cutout"])
         elif kind != "none":
             raise ValueError(f"unknown view {kind!r}; known: weak, strong, none")
         return augment.normalize(x, self.mean, self.std)
@@ -69,6 +78,14 @@ class TensorSource:
     def test(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.test_y), batch_size):
             yield augment.normalize(self.test_x[i:i + batch_size], self.mean, self.std), self.test_y[i:i + batch_size]
+
+    def val(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The held-out validation split in batches (never the test set); a clear error if absent."""
+        if self.val_y is None or len(self.val_y) == 0:
+            raise ValueError(f"{self.data_file} has no validation split (val_x/val_y); run `python -m ltbench "
+                             "prepare` again (datasets.<name>.val_per_class > 0) to select τ on it")
+        for i in range(0, len(self.val_y), batch_size):
+            yield augment.normalize(self.val_x[i:i + batch_size], self.mean, self.std), self.val_y[i:i + batch_size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +213,8 @@ class ImageListSource:
     kernels are not bitwise deterministic.
     """
 
+    strong_view = DEFAULT_STRONG_VIEW  # the trainer sets the recipe's
+
     def __init__(self, manifest_file, device: torch.device, dataset: str, options: dict,
                  batch_size: int = 128, workers: int = 0):
         from ltbench.data import imagelists
@@ -213,6 +232,8 @@ class ImageListSource:
         self.counts = [int(c) for c in self.manifest["counts"]]
         self.train_y = torch.from_numpy(splits["train"][1]).to(device)
         self.test_y = torch.from_numpy(splits["test"][1]).to(device)
+        self.val_y = torch.from_numpy(splits["val"][1]).to(device) if "val" in splits else None
+        self.manifest_file = manifest_file
         self.test_batch_size = batch_size
         self.files = ImageFiles(self.manifest["root"], {s: p for s, (p, _) in splits.items()},
                                 t["image_size"], t["resize"], t["color_jitter"])
@@ -259,7 +280,8 @@ class ImageListSource:
             out = []
             for v, x in zip(views, xs):
                 if v == "strong":
-                    x = augment.autoaugment(x, gen, policy=self.policy)
+                    x = augment.strong_view(x, gen, self.strong_view["policy"], self.strong_view["cutout"],
+                                            table=self.policy)
                 out.append(augment.normalize(x, self.mean, self.std))
             yield out, self.train_y[order[b * batch_size:(b + 1) * batch_size]]
 
@@ -267,8 +289,18 @@ class ImageListSource:
         return n // batch_size + (1 if n % batch_size >= 2 else 0)
 
     def test(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from self._split("test", self.test_y, batch_size)
+
+    def val(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The dataset's own val list (configured as val_list), test-time transform; an error without one."""
+        if self.val_y is None:
+            raise ValueError(f"{self.manifest['dataset']} has no validation list in {self.manifest_file} (configure "
+                             "datasets.<name>.val_list and run prepare again); τ is never selected on the test set")
+        yield from self._split("val", self.val_y, batch_size)
+
+    def _split(self, split: str, labels: torch.Tensor, batch_size: int | None):
         bs = batch_size or self.test_batch_size
-        n = len(self.test_y)
-        batches = [[("test", k, 0, k, ("none",)) for k in range(i, min(i + bs, n))] for i in range(0, n, bs)]
+        n = len(labels)
+        batches = [[(split, k, 0, k, ("none",)) for k in range(i, min(i + bs, n))] for i in range(0, n, bs)]
         for b, (x,) in enumerate(self._run(batches)):
-            yield augment.normalize(x, self.mean, self.std), self.test_y[b * bs:(b + 1) * bs]
+            yield augment.normalize(x, self.mean, self.std), labels[b * bs:(b + 1) * bs]

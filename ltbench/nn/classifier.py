@@ -234,6 +234,46 @@ def stage_loss(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tens
     return losses.weighted_mean(criterion.per_sample(logits, y), y, weight), logits
 
 
+def tau_grid(dt: Mapping[str, Any]) -> list[float]:
+    """The τ values of ``dt["tau_grid"]`` = [start, stop, step], stop included (Kang et al.: 0, 0.1, …, 2)."""
+    start, stop, step = (float(v) for v in _options(dt)["tau_grid"])
+    if step <= 0 or stop < start:
+        raise ValueError(f"decoupled.tau_grid {[start, stop, step]}: need step > 0 and stop >= start")
+    return [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
+
+
+@torch.no_grad()
+def select_tau(model: nn.Module, val_batches, grid: list[float]) -> tuple[float, dict[float, float]]:
+    """(τ, {τ: balanced val accuracy %}) for τ-normalization, chosen on a validation split (Kang et al.).
+
+    ``val_batches`` yields (normalized images, labels), e.g. a source's ``val()``: never the test
+    set. Features come from the backbone in eval mode, once; for each τ of ``grid`` the logits are
+    f · (w_c / ‖w_c‖^τ)ᵀ without bias (:class:`TauNormalization`) and the score is the mean per-class
+    accuracy over the classes present in the split. Ties go to the first τ of the grid.
+    """
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for x, y in val_batches:
+        feats.append(model.features(x).float())
+        labels.append(y)
+    model.train(was_training)
+    if not labels:
+        raise ValueError("the validation split is empty: τ cannot be selected")
+    f, y = torch.cat(feats), torch.cat(labels)
+    w, _ = folded_weights(*classifier_layers(model))
+    norms = w.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    present = torch.bincount(y, minlength=w.shape[0]) > 0
+    scores = {}
+    for tau in grid:
+        correct = (f @ (w.float() / norms.pow(tau)).t()).argmax(1) == y
+        per_class = torch.zeros(w.shape[0], device=y.device).index_add_(0, y, correct.float())
+        per_class = per_class[present] / torch.bincount(y, minlength=w.shape[0])[present]
+        scores[tau] = float(100.0 * per_class.mean())
+    best = max(grid, key=lambda t: (scores[t], -grid.index(t)))
+    return best, scores
+
+
 def eval_model(model: nn.Module, head: nn.Module, dt: Mapping[str, Any]) -> DecoupledModel:
     """A :class:`DecoupledModel` giving the staged classifier's test logits.
 

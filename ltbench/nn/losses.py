@@ -13,7 +13,8 @@ Class re-weighting is shared by all losses through the option ``weighting``:
 - ``"inverse"``: w_c ∝ 1/n_c.
 
 Both are normalized to sum to K. A weighted loss is Σ_i w_{y_i} l_i / Σ_i w_{y_i}, PyTorch's
-convention for ``F.cross_entropy(..., weight=w)`` (and so the LDAM-DRW code's). The weights are a
+convention for ``F.cross_entropy(..., weight=w)`` (and so the LDAM-DRW code's), except ``focal``,
+which follows LDAM-DRW's ``FocalLoss(weight=w)``: the weight inside the focal term, mean over N. The weights are a
 buffer, so ``.to(device)`` moves them with the module; everything is computed with tensor ops on
 the logits' device, without host synchronisation.
 
@@ -100,20 +101,28 @@ class CrossEntropy(Loss):
 class Focal(Loss):
     """Focal loss (1 − p_y)^γ · CE with p_y = softmax(z)_y (Lin et al. 2017), γ = ``gamma`` (default 1).
 
-    As in the LDAM-DRW code, where it is written (1 − e^{−CE})^γ · CE. With class weights this
-    module weights the focal term of each sample (Σ w_y l_i / Σ w_y); the LDAM-DRW code instead
-    puts w_y inside the CE before the focal factor and divides by N.
+    As in the LDAM-DRW code (``losses.py``: ``FocalLoss(weight=w)``), where it is written
+    (1 − e^{−v})^γ · v with v = CE. With class weights the weight goes *inside*: v_i = w_{y_i} · CE_i,
+    and the batch is reduced by the plain mean over N (not Σ w_y, unlike the other losses), so
+    class-balanced focal = (1/N) Σ_i (1 − e^{−w_{y_i} CE_i})^γ · w_{y_i} CE_i.
     """
 
     def __init__(self, counts, gamma: float = 1.0, weighting: str = "none", beta: float = 0.9999):
         super().__init__(counts, weighting, beta)
         self.gamma = float(gamma)
 
-    def per_sample(self, logits, targets):
-        logp = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
+    def _focal(self, ce: torch.Tensor) -> torch.Tensor:
         if self.gamma == 0:
-            return -logp
-        return (1.0 - logp.exp()).clamp_min(0.0).pow(self.gamma) * -logp
+            return ce
+        return (1.0 - torch.exp(-ce)).clamp_min(0.0).pow(self.gamma) * ce
+
+    def per_sample(self, logits, targets):
+        return self._focal(F.cross_entropy(logits.float(), targets, reduction="none"))
+
+    def forward(self, logits, targets):
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        w = self.active_weight
+        return self._focal(ce if w is None else w[targets] * ce).mean()
 
 
 @LOSSES.register("ldam")

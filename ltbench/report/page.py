@@ -474,7 +474,7 @@ def _experiment_section(ename: str, exp: Mapping, lay: tables.Layout, data: Mapp
                * len(exp["seeds"]))
     parts.append(f"<p class='sub'>{len(exp['datasets'])} datasets × {len(exp['ratios'])} ratios × "
                  f"{len(exp['methods'])} methods × {len(exp['backbones'])} backbones × {len(exp['seeds'])} seeds "
-                 f"= {n_cells} cells.</p>")
+                 f"= {n_cells} cells; protocol: {esc(exp.get('protocol', 'controlled'))}.</p>")
     parts.append(decision_lines(tables.of_experiment(data.get("comparison"), ename), claims))
     paths = tables.write(lay, tables_dir)
     parts.append(tables.to_html(lay) + tables.legend_html(lay))

@@ -65,7 +65,7 @@ def options_schema(kind: str, name: str) -> dict:
     return {"type": "object", "properties": props, "additionalProperties": False}
 
 
-SAMPLERS: tuple[str, ...] = ("uniform", "class_balanced", "sqrt")
+SAMPLERS: tuple[str, ...] = ("uniform", "class_balanced", "sqrt", "class_aware")
 
 HEADS: tuple[str, ...] = ("linear", "cosine")
 

@@ -94,8 +94,14 @@ def validate(config: Mapping[str, Any]) -> dict:
     cfg["train"] = {**train_defaults(), **cfg.get("train", {})}
     for name, opts in list(cfg["datasets"].items()):
         cfg["datasets"][name] = {**_defaults(schema()["$defs"]["dataset"]), **opts}
-    for exp in cfg["experiments"].values():
+    for ename, exp in cfg["experiments"].items():
         exp.setdefault("seeds", [0, 1, 2])
+        exp.setdefault("protocol", "controlled")
+        try:  # published: each method runs its `<method>@published` recipe (cells and tables carry that name)
+            exp["methods"] = [methods.for_protocol(m, exp["protocol"], cfg.get("methods")) for m in exp["methods"]]
+        except KeyError as e:
+            raise ConfigError(f"config key experiments.{ename}.methods (protocol {exp['protocol']}): "
+                              f"{e.args[0]}") from None
     _check_names(cfg)
     return cfg
 

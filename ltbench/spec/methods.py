@@ -19,17 +19,21 @@ from ltbench.spec import catalog
 # documented in OPEN_DETAILS (listed in the report with the values each run used).
 DEFAULT_RECIPE: dict[str, Any] = {
     "description": "",
+    "protocol": "controlled",  # "published": the authors' own recipe (an `M@published` recipe, see for_protocol)
+    "source": "",  # repository + file the recipe follows (published recipes)
     "norm": {"name": "bn", "scope": "all", "options": {}},
     "loss": {"name": "ce", "options": {}},
     "head": "linear",
     "sampler": "uniform",
     "augment": "crop_flip",
+    "strong_view": {"policy": "torchvision", "cutout": False},
     "views": None,  # None: [weak] for crop_flip, [strong] for autoaugment, [none] for none
     "paths": ["compound"],
     "classify_on": None,  # None: the last view of every path, e.g. ["compound/strong", "split/strong"]
     "consistency": {"weight": 0.0, "pairing": "cross"},
     "decoupled": {"enabled": False, "fraction": 0.2, "classifier": "crt", "loss": "ce", "sampler": "uniform",
-                  "reweight": "none", "reinit": True, "lr": None, "tau": 1.0, "backbone_mode": "train"},
+                  "reweight": "none", "reinit": True, "lr": None, "tau": 1.0,
+                  "select_tau": False, "tau_grid": [0.0, 2.0, 0.1], "backbone_mode": "train"},
     "posthoc_tau": None,
     "logit_rectification": False,
     "train": {},
@@ -69,12 +73,27 @@ OPEN_DETAILS: dict[str, str] = {
     "recipe.norm.scope": "Which BN layers are replaced: CBN 'all' (by default reading; open detail 5); NBN "
                          "'last_stage' (public code; NBN open detail 1 for the CIFAR ResNet-32).",
     "recipe.logit_rectification": "NBN open detail 4: whether logit rectification (BatchNorm1d without affine on the "
-                                  "logits) is part of the NBN rows (default: yes).",
+                                  "logits) is part of the NBN rows (default: no, as the official ResNet-50 / "
+                                  "ResNeXt-50 configs; only their RIDE-ensemble config has it: method nbn+rect).",
+    "recipe.norm.options.mean_momentum": "CBN (not stated by the paper): the running statistics (means, and "
+                                         "likewise variances and priors with their momenta) move by the momentum "
+                                         "once per forward pass in training mode, so the full method (compound + "
+                                         "split path × weak + strong view) moves them 4 times per optimizer step, "
+                                         "Baseline + CBN once.",
     "train.weight_decay": "CBN: weight decay not stated (default 2e-4, the LDAM-DRW value).",
     "train.momentum": "CBN: SGD momentum not stated (default 0.9).",
     "train.warmup_epochs": "CBN: warmup not stated (default 5 epochs, the LDAM-DRW convention).",
     "train.warmup_per": "Whether the linear warmup ramps every optimizer step ('step', default) or once per epoch "
                         "('epoch': lr × (e+1)/warmup_epochs in epoch e, as LDAM-DRW's adjust_learning_rate).",
+    "recipe.decoupled.select_tau": "τ-normalization: τ chosen from tau_grid (0, 0.1, …, 2) by balanced accuracy on a "
+                                   "validation split (Kang et al.), never the test set; tau-norm: yes. The split: the "
+                                   "dataset's own val list, or for CIFAR-style data the held-out images "
+                                   "(datasets.<name>.val_per_class).",
+    "recipe.strong_view.policy": "CBN says only 'AutoAugment': torchvision's CIFAR10 policy with fill 0 (default) "
+                                 "or cifar10_policy, the CIFAR10Policy reimplementation most LT code copies "
+                                 "(Balanced Softmax's CIFAR pipeline), fill 128.",
+    "recipe.strong_view.cutout": "Cutout(1 hole, 16 px) after AutoAugment, as Balanced Softmax's CIFAR pipeline "
+                                 "(default: off; CBN does not mention it).",
 }
 
 VIEWS_OF_AUGMENT = {"crop_flip": ["weak"], "autoaugment": ["strong"], "none": ["none"]}
@@ -117,6 +136,26 @@ def _raw(name: str, extra: Mapping[str, Mapping], chain: tuple[str, ...] = ()) -
         raise KeyError(f"method {name!r} extends {parent!r}: {e.args[0]}") from None
     base.pop("description", None)
     return merge(base, own)
+
+
+PROTOCOLS = ("controlled", "published")
+PUBLISHED = "@published"
+
+
+def for_protocol(name: str, protocol: str, extra: Mapping[str, Mapping] | None = None) -> str:
+    """The recipe an experiment of ``protocol`` runs for method ``name``: ``name`` itself under
+    ``controlled``; ``name@published`` under ``published`` (a name already ending so is kept).
+    Raises ``KeyError`` naming the method when it has no published recipe."""
+    if protocol not in PROTOCOLS:
+        raise KeyError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if protocol == "controlled" or name.endswith(PUBLISHED):
+        return name
+    published = name + PUBLISHED
+    if published not in available(extra):
+        have = sorted(m[:-len(PUBLISHED)] for m in available(extra) if m.endswith(PUBLISHED))
+        raise KeyError(f"method {name!r} has no published recipe {published!r} (define it under methods:, or "
+                       f"use protocol: controlled); methods with one: {', '.join(have)}")
+    return published
 
 
 def recipe(name: str, extra: Mapping[str, Mapping] | None = None) -> dict:

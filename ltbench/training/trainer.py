@@ -160,6 +160,7 @@ class Trainer:
         self.dspec = data.get(self.spec["dataset"])
         opts = self.spec["dataset_options"]
         self.source = make_source(data_file, self.device, self.dspec, opts, self.train)  # .npz or image lists
+        self.source.strong_view = {**self.source.strong_view, **self.recipe.get("strong_view", {})}  # AutoAugment, Cutout
         self.counts = self.source.counts
         self.K = K = len(self.counts)  # dspec.num_classes, or an image-list dataset's expected.classes
         self.groups = data.class_groups(self.counts, opts["many_threshold"], opts["few_threshold"])
@@ -168,6 +169,9 @@ class Trainer:
         self.counts_t = torch.tensor(self.counts, dtype=torch.float32, device=self.device)
         shard = distributed.shard(torch.arange(len(self.source)), self.world)
         self.steps_per_epoch = self.source.steps(len(shard), self.bs)
+        # the classifier stage's sampler may set its own epoch length (Kang's class_aware: max n_c × classes)
+        head_epoch = sampling.epoch_length(self.dt["sampler"], self.source.labels)
+        self.head_steps = self.source.steps(len(distributed.shard(torch.arange(head_epoch), self.world)), self.bs)
 
     def _setup_model(self) -> None:
         t, r, device = self.train, self.recipe, self.device
@@ -201,18 +205,22 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(self.train, self.steps_per_epoch, epochs=self.rep_epochs))
         self.head = self.head_opt = self.head_sched = None
+        self.stage_dt, self.tau_scores = self.dt, None  # τ-normalization: τ chosen on the validation split
 
     def enter_classifier_stage(self) -> None:
         """Freeze the model and set up the classifier head (with its optimizer, unless post hoc)."""
         self.head = classifier.setup_stage(self.model, self.dt, self.K).to(self.device)
         if self.dt["classifier"] == "tau_norm":
+            if self.dt.get("select_tau"):
+                tau, self.tau_scores = classifier.select_tau(self.model, self.source.val(), classifier.tau_grid(self.dt))
+                self.stage_dt = {**self.dt, "tau": tau}
             return
         t = self.train
         lr = self.dt["lr"] if self.dt["lr"] is not None else t["lr"]
         self.head_opt = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=t["momentum"],
                                         weight_decay=t["weight_decay"], **self.fused)
         self.head_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.head_opt, lr_lambda(t, self.steps_per_epoch, epochs=self.head_epochs, warmup_epochs=0))
+            self.head_opt, lr_lambda(t, self.head_steps, epochs=self.head_epochs, warmup_epochs=0))
 
     def _setup_outputs(self) -> None:
         s = self.spec
@@ -381,7 +389,7 @@ class Trainer:
 
     def evaluate(self, row: dict) -> None:
         """Test accuracy into ``row``; it becomes the reported one (``train.report_epoch``)."""
-        net = classifier.eval_model(self.model, self.head, self.dt) if self.head is not None else self.model
+        net = classifier.eval_model(self.model, self.head, self.stage_dt) if self.head is not None else self.model
         per_class = evaluate(net, self.source, self.K, self.adjust).cpu().numpy() / self.test_per_class
         row["top1"] = float(100.0 * per_class.mean())
         row.update(group_accuracy(per_class, self.groups))
@@ -407,7 +415,7 @@ class Trainer:
         self.ckpt_path.unlink(missing_ok=True)
         bad = int(self.first_bad)
         sched = self.head_sched if in_head else self.sched
-        k = (self.epoch - self.rep_epochs if in_head else self.epoch) * self.steps_per_epoch + bad
+        k = (self.epoch - self.rep_epochs) * self.head_steps + bad if in_head else self.epoch * self.steps_per_epoch + bad
         return _diverged(self.out_dir / "diverged.json", self.label, row, self.spec, self.spec_hash, self.seed,
                          self.log, step=bad + 1, steps=self.step, lr=sched.base_lrs[0] * sched.lr_lambdas[0](k))
 
@@ -430,6 +438,8 @@ class Trainer:
             "wall_time_s": time.time() - self.t_start, "train_time_s": self.train_time,
             "images_per_s": self.images_seen / max(self.train_time, 1e-9),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tau": self.stage_dt["tau"] if self.dt["enabled"] and self.dt["classifier"] == "tau_norm" else None,
+            "tau_val_accuracy": {str(t): v for t, v in self.tau_scores.items()} if self.tau_scores else None,
         }
 
     def write_outputs(self) -> dict | None:
@@ -438,7 +448,7 @@ class Trainer:
             distributed.barrier(self.world)
             return None
         metrics = self.metrics()
-        final = classifier.eval_model(self.model, self.head, self.dt) if self.head is not None else self.model
+        final = classifier.eval_model(self.model, self.head, self.stage_dt) if self.head is not None else self.model
         with io.atomic_path(self.out_dir / "model.pt") as tmp:
             torch.save(final.state_dict(), tmp)
         io.write_text(self.out_dir / "train.jsonl", "\n".join(self.log) + "\n")
