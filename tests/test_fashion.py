@@ -17,6 +17,7 @@ from ltbench.spec import config
 from ltbench.training import trainer
 from test_augment import _images, _tv_autoaugment
 from test_download import Server
+from test_workflow import ROOT, job_counts, snakemake
 
 CANONICAL_R100 = [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
 REAL = all((fashion.DEBIAN_DIR / (f.name + ".gz")).is_file() for f in fashion.FILES.values())
@@ -173,6 +174,21 @@ def test_the_real_constants():
         "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
         "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]
     assert [f.size for f in fashion.FILES.values()] == [47040016, 60008, 7840016, 10008]
+
+
+def test_fashion_config_dry_runs_the_mini_reproduction(tmp_path):
+    cfg = config.load(ROOT / "config" / "fashion.yaml")
+    cells = config.cells(cfg)
+    methods = {c.method for c in cells}
+    assert methods == {"ce", "balanced-softmax", "la", "ldam-drw", "crt", "tau-norm", "nbn", "baseline",
+                       "baseline+cbn", "baseline+cbn+sbn+dpl", "cbn-m1", "cbn-m2"}
+    assert {(c.dataset, c.ratio, c.backbone) for c in cells} == {("fashion-mnist", "100", "resnet8")}
+    assert len(cells) == 3 * len(methods)
+    assert {e.get("figure") for e in cfg["experiments"].values()} >= {"ablation", "components"}
+    p = snakemake("-n", "--cores", 2, "--configfile", ROOT / "config" / "fashion.yaml", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    counts = job_counts(p.stdout)
+    assert (counts["download"], counts["prepare"], counts["train"], counts["report"]) == (1, 1, len(cells), 1)
 
 
 # ---- AutoAugment on 1-channel 28×28 images: 784 pixels take the lookup-table path (> 256 pixels),
