@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torchvision.transforms import InterpolationMode
@@ -183,12 +184,33 @@ def test_fashion_config_dry_runs_the_mini_reproduction(tmp_path):
     assert methods == {"ce", "balanced-softmax", "la", "ldam-drw", "crt", "tau-norm", "nbn", "baseline",
                        "baseline+cbn", "baseline+cbn+sbn+dpl", "cbn-m1", "cbn-m2"}
     assert {(c.dataset, c.ratio, c.backbone) for c in cells} == {("fashion-mnist", "100", "resnet8")}
-    assert len(cells) == 3 * len(methods)
+    assert len(cells) == 3 * (len(methods) - 2) + 2  # M = 1 and 2 (the accuracy-vs-M figure): one seed
     assert {e.get("figure") for e in cfg["experiments"].values()} >= {"ablation", "components"}
     p = snakemake("-n", "--cores", 2, "--configfile", ROOT / "config" / "fashion.yaml", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     counts = job_counts(p.stdout)
     assert (counts["download"], counts["prepare"], counts["train"], counts["report"]) == (1, 1, len(cells), 1)
+
+
+def test_fashion_config_reports_its_claims_and_figures(tmp_path):
+    """Synthetic metrics for every cell → aggregate → report: the claims the config promises are tested
+    and the ablation and accuracy-vs-M figures are drawn."""
+    import synthetic
+    from ltbench.analysis import aggregate
+    from ltbench.report import page
+
+    cfg = config.load(ROOT / "config" / "fashion.yaml", {"results_dir": str(tmp_path), "reports_dir": str(tmp_path)})
+    synthetic.write_grid(cfg)
+    aggregate.main([], tmp_path / "aggregate", cfg, existing=True)
+    page.main(tmp_path / "aggregate", tmp_path / "fashion.html", cfg, figures_dir=str(tmp_path / "figures"),
+              tables_dir=str(tmp_path / "tables"))
+    gains = pd.read_csv(tmp_path / "aggregate" / "gains.csv")
+    assert set(zip(gains["claim"], gains["experiment"])) == {
+        ("nbn-over-ce", "fashion_nbn"), ("t2-cbn", "fashion_table2"), ("t2-full", "fashion_table2")}
+    assert (gains["n_method"] == 3).all() and (gains["n_over"] == 3).all()
+    assert (tmp_path / "figures" / "fashion_table2" / "ablation_vs_baseline.png").is_file()
+    assert (tmp_path / "figures" / "fashion_fig5" / "components.png").is_file()
+    assert "fashion-mnist ρ=100" in (tmp_path / "tables" / "fashion_methods.md").read_text()
 
 
 # ---- AutoAugment on 1-channel 28×28 images: 784 pixels take the lookup-table path (> 256 pixels),
