@@ -115,6 +115,9 @@ def test_missing_files_say_how_to_get_them(tmp_path, no_debian):
                  "datasets.fashion-mnist.root"):
         assert part in msg, part
     assert "missing train-images" not in msg
+    assert f"into {tmp_path / 'fashion-mnist'}" in msg  # where download puts them
+    with pytest.raises(FileNotFoundError, match=f"searched {tmp_path / 'mine'} .*into {tmp_path / 'mine'}"):
+        fashion.load(tmp_path, {"root": str(tmp_path / "mine")})  # a configured root: the only folder
 
 
 def test_corrupt_file_names_the_file_expected_md5_and_remedy(tmp_path, no_debian):

@@ -82,20 +82,21 @@ def read_idx(path: str | Path) -> np.ndarray:
     return parse_idx(read_bytes(Path(path)), str(path))
 
 
-def _download_hint(data_dir: Path) -> str:
-    return (f"run `python -m ltbench download --dataset {NAME}` to download them from {BASE_URL} into "
-            f"{Path(data_dir) / NAME}")
-
-
-def how_to_get(data_dir: Path) -> str:
-    return (f"install Debian's package (`apt-get install {APT_PACKAGE}`, files in {DEBIAN_DIR}), or "
-            f"{_download_hint(data_dir)}, or set datasets.{NAME}.root to a folder holding them")
-
-
 def candidates(data_dir: Path, options: dict) -> list[Path]:
+    """The folders searched, in order; the last one is where ``download`` puts the files."""
     if options.get("root"):
         return [Path(options["root"])]
     return [DEBIAN_DIR, Path(data_dir) / NAME]
+
+
+def _download_hint(data_dir: Path, options: dict) -> str:
+    return (f"run `python -m ltbench download --dataset {NAME}` to download them from {BASE_URL} into "
+            f"{candidates(data_dir, options)[-1]}")
+
+
+def how_to_get(data_dir: Path, options: dict) -> str:
+    return (f"install Debian's package (`apt-get install {APT_PACKAGE}`, files in {DEBIAN_DIR}), or "
+            f"{_download_hint(data_dir, options)}, or set datasets.{NAME}.root to a folder holding them")
 
 
 def _find(folder: Path) -> dict[str, Path]:
@@ -118,10 +119,10 @@ def locate(data_dir: Path, options: dict) -> dict[str, Path]:
         missing = [FILES[k].name + "[.gz]" for k in FILES if k not in found]
         searched.append(f"{folder} (missing {', '.join(missing)})" if folder.is_dir() else f"{folder} (no such folder)")
     raise FileNotFoundError(f"{NAME}: the IDX files were not found; searched {'; '.join(searched)}. To get them, "
-                            f"{how_to_get(data_dir)}")
+                            f"{how_to_get(data_dir, options)}")
 
 
-def verified(path: Path, key: str, data_dir: Path) -> bytes:
+def verified(path: Path, key: str, data_dir: Path, options: dict) -> bytes:
     """``path``'s decompressed content, after checking its size and md5 against :data:`FILES`."""
     f = FILES[key]
     try:
@@ -136,14 +137,14 @@ def verified(path: Path, key: str, data_dir: Path) -> bytes:
                    f"{f.size} bytes with md5 {f.md5}")
     raise DownloadError(f"{NAME}: {path} is corrupt or not the original Fashion-MNIST file: {problem}. "
                         f"Replace it: reinstall the package (`apt-get install --reinstall {APT_PACKAGE}`) if it "
-                        f"is Debian's, or delete it and {_download_hint(data_dir)} (upstream URL: "
+                        f"is Debian's, or delete it and {_download_hint(data_dir, options)} (upstream URL: "
                         f"{BASE_URL}{f.name}.gz)")
 
 
 def load(data_dir: Path, options: dict):
     """(train_x, train_y, test_x, test_y): uint8 images (N, 1, 28, 28), int64 labels."""
     paths = locate(data_dir, options)
-    arrays = {k: parse_idx(verified(p, k, data_dir), str(p)) for k, p in paths.items()}
+    arrays = {k: parse_idx(verified(p, k, data_dir, options), str(p)) for k, p in paths.items()}
     return (arrays["train_x"][:, None], arrays["train_y"].astype(np.int64),
             arrays["test_x"][:, None], arrays["test_y"].astype(np.int64))
 
@@ -171,7 +172,7 @@ def download(data_dir: Path, options: dict) -> Path:
                     raise DownloadError(f"{e}. Without network access: `apt-get install {APT_PACKAGE}`") from e
         paths = locate(data_dir, options)
     for key, p in paths.items():
-        verified(p, key, data_dir)
+        verified(p, key, data_dir, options)
     return next(iter(paths.values())).parent
 
 
