@@ -16,7 +16,7 @@ from ltbench.data import augment, fashion
 from ltbench.errors import ConfigError, DownloadError
 from ltbench.spec import config
 from ltbench.training import trainer
-from test_augment import _images, _tv_autoaugment
+from test_augment import DEVICES, _images, _tv_autoaugment
 from test_download import Server
 from test_workflow import ROOT, job_counts, snakemake
 
@@ -247,11 +247,24 @@ def test_every_op_on_grayscale_28x28_matches_torchvision(name, real):
         assert torch.equal(out, x) == (name == "Color")
 
 
-def test_autoaugment_policy_on_grayscale_28x28_matches_torchvision():
-    x = _real_or_random(200, seed=9)
-    out = augment.autoaugment(x, torch.Generator().manual_seed(4))
-    draw = augment.sample_autoaugment(200, (28, 28), torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("device", DEVICES)
+def test_autoaugment_policy_on_grayscale_28x28_matches_torchvision(device):
+    x = _real_or_random(200, seed=9).to(device)
+    out = augment.autoaugment(x, torch.Generator(device).manual_seed(4))
+    draw = augment.sample_autoaugment(200, (28, 28), torch.Generator(device).manual_seed(4), device=device)
     assert torch.equal(out, _tv_autoaugment(x, draw, 0))
+
+
+def test_crop_flip_on_grayscale_28x28_is_a_padded_crop():
+    x = _real_or_random(20, seed=2)
+    out = augment.random_crop_flip(x, 4, torch.Generator().manual_seed(0))
+    assert out.shape == (20, 1, 28, 28) and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    views = {(oy, ox, f): padded[:, :, oy:oy + 28, ox:ox + 28].flip(3) if f else padded[:, :, oy:oy + 28, ox:ox + 28]
+             for oy in range(9) for ox in range(9) for f in (0, 1)}
+    found = [[k for k, v in views.items() if torch.equal(v[i], out[i])] for i in range(20)]
+    assert all(found), "an output is no 28×28 crop of the zero-padded image (flipped or not)"
+    assert len({k[:2] for f in found for k in f}) > 5  # the offsets vary per sample
 
 
 # ---- the real files ----
