@@ -127,3 +127,4 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
 
 
 from ltbench.data import cifar, digits, imagelists  # noqa: E402,F401  (register the datasets)
+from ltbench.data import fashion  # noqa: E402,F401  (registers fashion-mnist)
