@@ -32,7 +32,7 @@ def cell(df, table, method, dataset, ratio, metric="top1"):
 # ---------------------------------------------------------------- packaged files
 
 def test_papers_lists_both_files():
-    assert papers() == ["cbn2022", "ldamdrw2019", "nbn2025"]
+    assert papers() == ["bsoftmax2020", "cbn2022", "ldamdrw2019", "nbn2025"]
 
 
 def test_load_works_from_any_directory(tmp_path, monkeypatch):
