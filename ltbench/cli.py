@@ -7,7 +7,10 @@ import math
 import sys
 from pathlib import Path
 
+from ltbench import data, io
+from ltbench.data import imagelists
 from ltbench.errors import CellBusy, ConfigError, DownloadError, ListCheckError, Preempted
+from ltbench.spec import config
 
 # `train` stopped by SIGTERM/SIGUSR1 after writing checkpoint.pt (EX_TEMPFAIL: retry to resume).
 EXIT_PREEMPTED = 75
@@ -37,8 +40,6 @@ def _schema_type(definition: str, key: str | None = None, kind: type = int):
     (``key`` of its properties), as the same value in a config file would be."""
 
     def parse(s: str):
-        from ltbench.spec import config
-
         v = _number(s, kind)
         sub = config.schema()["$defs"][definition]
         errors = config.schema_errors(v, sub["properties"][key] if key else definition)
@@ -52,8 +53,6 @@ def _schema_type(definition: str, key: str | None = None, kind: type = int):
 
 def _load_config(a: argparse.Namespace) -> dict:
     """The workflow config from ``--config-json`` (what Snakemake passes) or ``--config FILE``."""
-    from ltbench.spec import config
-
     if getattr(a, "config_json", None):
         return config.validate(json.loads(a.config_json))
     if a.config:
@@ -64,10 +63,6 @@ def _load_config(a: argparse.Namespace) -> dict:
 
 
 def cmd_counts(a) -> int:
-    from ltbench import data
-
-    from ltbench.spec import config
-
     config.check_ratio(a.dataset, a.ratio, a.profile)
     counts = data.counts_for(a.dataset, a.ratio, a.profile)
     print(json.dumps({"dataset": a.dataset, "ratio": a.ratio, "profile": a.profile,
@@ -76,8 +71,6 @@ def cmd_counts(a) -> int:
 
 
 def cmd_download(a) -> int:
-    from ltbench import data
-
     cfg = _load_config(a)
     spec = data.get(a.dataset)
     if spec.fetch is None:
@@ -91,9 +84,6 @@ def cmd_download(a) -> int:
 
 
 def cmd_prepare(a) -> int:
-    from ltbench import data
-    from ltbench.spec import config
-
     cfg = _load_config(a)
     opts = dict(cfg["datasets"].get(a.dataset, {}))
     if a.subset_seed is not None:
@@ -105,9 +95,7 @@ def cmd_prepare(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from ltbench import data
-    from ltbench.spec import config
-    from ltbench.training import trainer as train
+    from ltbench.training import trainer as train  # lazy: torch takes seconds to import
 
     cfg = _load_config(a)
     if a.spec:
@@ -136,8 +124,6 @@ def cmd_train(a) -> int:
 
 
 def cmd_inat_lists(a) -> int:
-    from ltbench.data import imagelists
-
     out_dir = Path(a.out_dir)
     for split, js in (("train", a.train_json), ("val", a.val_json)):
         info = imagelists.inat_to_list(js, out_dir / f"iNaturalist18_{split}.txt")
@@ -148,7 +134,7 @@ def cmd_inat_lists(a) -> int:
 
 
 def cmd_aggregate(a) -> int:
-    from ltbench.analysis import aggregate
+    from ltbench.analysis import aggregate  # lazy: pandas and scipy
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
     try:
@@ -159,8 +145,7 @@ def cmd_aggregate(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from ltbench.spec import config
-    from ltbench.tools import plan
+    from ltbench.tools import plan  # lazy: pandas
 
     path = a.configfile or a.config or "config/config.yaml"  # snakemake's default config file
     cfg = config.load(path)
@@ -170,7 +155,7 @@ def cmd_plan(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from ltbench.report import page as report
+    from ltbench.report import page as report  # lazy: matplotlib, seaborn, pandas
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
     report.main(Path(a.aggregate_dir), Path(a.out), cfg, figures_dir=a.figures_dir, tables_dir=a.tables_dir)
@@ -178,8 +163,7 @@ def cmd_report(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from ltbench import io
-    from ltbench.tools import bench
+    from ltbench.tools import bench  # lazy: torch
 
     if a.layer:
         result = bench.layer_main(device=a.device, reps=a.steps)

@@ -76,13 +76,14 @@ def code_version() -> dict:
 
 
 def environment() -> dict:
+    # lazy: only a run's record needs them, and torch takes seconds to import
     import numpy
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
            "platform": platform.platform(), "host": socket.gethostname()}
     try:
-        import torchvision
+        import torchvision  # lazy: recorded when installed
         env["torchvision"] = torchvision.__version__
     except ImportError:  # pragma: no cover
         pass

@@ -208,8 +208,10 @@ def test_fashion_config_reports_its_claims_and_figures(tmp_path):
     page.main(tmp_path / "aggregate", tmp_path / "fashion.html", cfg, figures_dir=str(tmp_path / "figures"),
               tables_dir=str(tmp_path / "tables"))
     gains = pd.read_csv(tmp_path / "aggregate" / "gains.csv")
+    gains = gains[gains["kind"] == "claim"]
     assert set(zip(gains["claim"], gains["experiment"])) == {
-        ("nbn-over-ce", "fashion_nbn"), ("t2-cbn", "fashion_table2"), ("t2-full", "fashion_table2")}
+        ("nbn-over-ce", "fashion_nbn"), ("bs-over-ce", "fashion_bs"), ("t2-cbn", "fashion_table2"),
+        ("t2-full", "fashion_table2")}
     assert (gains["n_method"] == 3).all() and (gains["n_over"] == 3).all()
     assert (tmp_path / "figures" / "fashion_table2" / "ablation_vs_baseline.png").is_file()
     assert (tmp_path / "figures" / "fashion_fig5" / "components.png").is_file()

@@ -322,7 +322,6 @@ def _overlay(tree, tmp_path, **dataset_over):
 
 
 def test_dag_trains_on_the_fake_tree(tree, tmp_path):
-    t0 = time.time()
     target = tmp_path / "results" / "runs" / "imagenet-lt" / "r10" / "baseline+cbn+sbn+dpl" / "resnet8" / "s0" / "metrics.json"
     p = snakemake(target, "--cores", 2, "--configfile", _overlay(tree, tmp_path), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -332,7 +331,6 @@ def test_dag_trains_on_the_fake_tree(tree, tmp_path):
     assert m["train_counts"] == TRAIN_COUNTS and m["spec"]["train"]["workers"] == 1
     assert len(m["per_class_acc"]) == 4
     assert (tmp_path / "results" / "data" / f"imagenet-lt_r10{imagelists.MANIFEST_SUFFIX}").exists()
-    assert time.time() - t0 < 60
 
 
 def test_dag_fails_before_training_on_bad_lists(tree, tmp_path):

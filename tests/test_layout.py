@@ -124,15 +124,17 @@ def test_no_function_is_longer_than_a_screen():
 
 def test_function_local_imports_say_why():
     """A function-local import is a deliberate lazy import of a heavy dependency, with its reason
-    in a comment on the line or the line above."""
+    in a comment on the line, or above the block of imports it belongs to."""
     bare = []
     for path, node in _functions():
         lines = (ROOT / path).read_text().splitlines()
         for sub in ast.walk(node):
             if isinstance(sub, (ast.Import, ast.ImportFrom)) and sub.lineno != node.lineno:
-                here, above = lines[sub.lineno - 1], lines[sub.lineno - 2]
-                if "#" not in here and not above.strip().startswith("#"):
-                    bare.append(f"{path}:{sub.lineno}: {here.strip()}")
+                i = sub.lineno - 1
+                while i > 0 and lines[i - 1].strip().startswith(("import ", "from ")) and "#" not in lines[i]:
+                    i -= 1  # the block's first import, or one with its own comment
+                if "#" not in lines[i] and not lines[i - 1].strip().startswith("#"):
+                    bare.append(f"{path}:{sub.lineno}: {lines[sub.lineno - 1].strip()}")
     assert not bare, "function-local imports without a reason:\n  " + "\n  ".join(bare)
 
 

@@ -193,7 +193,6 @@ def test_a_diverging_cell_fails_in_slurm_is_reported_and_never_aggregated(cluste
     base = tmp_path / "diverge"
     cfg = demo_config(base, methods=["ce-diverge"],
                       extra_methods={"ce-diverge": {"extends": "ce", "train": {"lr": 1.0e6, "warmup_epochs": 0}}})
-    t0 = time.time()
     p = subprocess.run(snakemake_cmd(*slurm_args(cfg), "--retries", 1), cwd=base, env=env(), capture_output=True,
                        text=True, timeout=300)  # a failed job must not be waited on forever
     out = p.stdout + p.stderr
@@ -215,7 +214,6 @@ def test_a_diverging_cell_fails_in_slurm_is_reported_and_never_aggregated(cluste
     cells = pd.read_csv(agg / "cells.csv")
     assert cells[["method", "status"]].values.tolist() == [["ce-diverge", "failed"]]
     assert "training loss became nan" in cells.detail[0]
-    assert time.time() - t0 < 300
 
 
 # ---- the profile itself (no cluster needed) ----

@@ -33,11 +33,9 @@ def grid_cells(cfg: dict) -> set:
     return {c for e in cfg["experiments"].values() for c in itertools.product(*(e[k] for k in keys))}
 
 
-def test_paper_grid_dry_run_is_fast_without_data(tmp_path):
-    t0 = time.time()
+def test_paper_grid_dry_runs_without_data(tmp_path):
     p = snakemake("-n", "--cores", 1, "--configfile", ROOT / "config" / "config.yaml", cwd=tmp_path)
     assert p.returncode == 0, p.stderr + p.stdout
-    assert time.time() - t0 < 60
     jobs = job_counts(p.stdout)
     cells = grid_cells(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     assert jobs["train"] == len(cells)  # cells shared by several experiments are trained once

@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from ltbench.data.longtail import class_groups, format_ratio, longtail_counts, longtail_indices  # noqa: F401
+from ltbench.errors import ConfigError
+from ltbench.io import atomic_path
 from ltbench.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -89,8 +91,6 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 def counts_for(name: str, ratio: float, profile: str = "exp") -> list[int]:
     spec = get(name)
     if getattr(spec, "image_lists", False):
-        from ltbench.errors import ConfigError
-
         raise ConfigError(f"{name}'s per-class counts come from its training list, not from a ratio; "
                          "`python -m ltbench prepare` checks the list and writes them to its manifest")
     return longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
@@ -100,13 +100,9 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
     """Subsample the dataset's training set and write the prepared ``.npz`` atomically, with a
     balanced validation set (``val_x``, ``val_y``) from the images the subset did not keep
     (:func:`heldout_val_indices`, ``options["val_per_class"]``, default :data:`VAL_PER_CLASS`)."""
-    from ltbench.io import atomic_path
-
     options = dict(options or {})
     spec = get(name)
     if getattr(spec, "image_lists", False):  # ImageNet-LT, Places-LT, iNat: check lists, write a manifest
-        from ltbench.data import imagelists
-
         return imagelists.prepare(name, ratio, out, options)
     profile = options.get("profile", "exp")
     subset_seed = int(options.get("subset_seed", 0))

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - NumPy 1.x
     from numpy.core import multiarray as _multiarray, numeric as _numeric
 
 from ltbench.data import DatasetSpec, register
-from ltbench.data.download import DownloadError, fetch, safe_extract
+from ltbench.data.download import DownloadError, fetch, md5sum, safe_extract
 
 BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -50,8 +50,6 @@ def download(name: str, data_dir: Path, options: dict) -> Path:
 
 
 def _md5_ok(path: Path, md5: str) -> bool:
-    from ltbench.data.download import md5sum
-
     return md5sum(path) == md5
 
 

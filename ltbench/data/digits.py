@@ -17,7 +17,7 @@ TEST_PER_CLASS = 50
 
 
 def load(data_dir: Path, options: dict):
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes a second to import
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)

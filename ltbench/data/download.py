@@ -16,6 +16,7 @@ import socket
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -51,8 +52,6 @@ def _alive(pid: int) -> bool:
 def remove_stale(folder: Path, name: str) -> list[Path]:
     """Remove the temporary files and directories (``.<name>.<host>.<pid>.*``) that a process
     which no longer runs left in ``folder``; another host's only once they are a day old."""
-    import time
-
     removed = []
     own = _tmp_prefix(name).rsplit(".", 2)[0] + "."  # .<name>.<host>.
     for p in Path(folder).glob(f".{name}.*"):

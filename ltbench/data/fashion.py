@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ltbench.data import DatasetSpec, register
+from ltbench.data.download import fetch
 from ltbench.errors import ConfigError, DownloadError
 
 NAME = "fashion-mnist"
@@ -153,8 +154,6 @@ def download(data_dir: Path, options: dict) -> Path:
     """Make sure verified files exist: a no-op where a candidate folder holds them (corrupt ones
     are an error, not silently replaced); else fetch upstream's ``.gz`` files into ``root`` or
     ``<data_dir>/fashion-mnist``. Returns the folder."""
-    from ltbench.data.download import fetch
-
     if options.get("md5"):
         raise ConfigError(f"datasets.{NAME}.md5: not used; the four files are checked against the built-in md5s "
                           "of their decompressed content (and upstream's .gz md5s when downloaded)")

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ltbench import io
 from ltbench.data import DATASETS, DatasetSpec, register
 from ltbench.errors import ConfigError, ListCheckError
 
@@ -273,8 +274,6 @@ def check(name: str, ratio: float, options: Mapping[str, Any]) -> dict:
 
 def prepare(name: str, ratio: float, out: str | Path, options: Mapping[str, Any]) -> dict:
     """Check the lists and write the manifest atomically (the train rule's input)."""
-    from ltbench import io
-
     manifest = check(name, ratio, options)
     io.write_json(out, manifest)
     return {"dataset": name, "ratio": ratio, "counts": manifest["counts"], "manifest": str(out),
@@ -307,8 +306,6 @@ def load_manifest(path: str | Path) -> tuple[dict, dict[str, tuple[list[str], np
 
 def inat_to_list(json_path: str | Path, out: str | Path) -> dict:
     """Write ``file_name category_id`` lines (in the json's image order) for a COCO-style iNat file."""
-    from ltbench import io
-
     json_path = Path(json_path)
     try:
         d = json.loads(json_path.read_text())

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from ltbench.data import augment
+from ltbench.data import augment, imagelists
+from ltbench.data.imagelists import MANIFEST_SUFFIX
 
 
 DEFAULT_STRONG_VIEW = {"policy": "torchvision", "cutout": False}  # recipe.strong_view
@@ -94,8 +95,6 @@ class TensorSource:
 def make_source(data_file, device: torch.device, dspec, options=None, train=None):
     """The source for a prepared file: an image-list manifest (``*.lists.json``) gives an
     :class:`ImageListSource`, anything else (the ``.npz`` of CIFAR / digits) a :class:`TensorSource`."""
-    from ltbench.data.imagelists import MANIFEST_SUFFIX
-
     if str(data_file).endswith(MANIFEST_SUFFIX):
         train = train or {}
         return ImageListSource(data_file, device, dspec.name, options or {},
@@ -146,7 +145,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths["train"])
 
     def open(self, split: str, index: int):
-        from PIL import Image
+        from PIL import Image  # lazy: only image-list datasets decode files
 
         path = os.path.join(self.root, self.paths[split][index])
         try:
@@ -156,6 +155,7 @@ class ImageFiles(torch.utils.data.Dataset):
             raise RuntimeError(f"cannot decode image {path} ({split} list entry {index}): {e}") from e
 
     def __getitem__(self, key) -> tuple[torch.Tensor, ...]:
+        # lazy: torchvision, only image-list datasets transform PIL images
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
@@ -217,8 +217,6 @@ class ImageListSource:
 
     def __init__(self, manifest_file, device: torch.device, dataset: str, options: dict,
                  batch_size: int = 128, workers: int = 0):
-        from ltbench.data import imagelists
-
         self.manifest, splits = imagelists.load_manifest(manifest_file)
         if self.manifest["dataset"] != dataset:
             raise imagelists.ListCheckError(f"{manifest_file} is a manifest of {self.manifest['dataset']}, "

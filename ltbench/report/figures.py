@@ -35,6 +35,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -98,8 +99,6 @@ def _panel_order(exp: Mapping, present) -> list[str]:
 
 
 def _log_x(ax) -> None:
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_major_formatter(ScalarFormatter())

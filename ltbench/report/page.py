@@ -35,6 +35,7 @@ from ltbench.analysis.aggregate import KEYS, METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
 from ltbench.report import figures, tables
+from ltbench.spec.methods import OPEN_DETAILS
 
 VERDICT_ORDER = list(compare.VERDICTS)
 GAIN_ORDER = list(gains_mod.GAIN_VERDICTS)
@@ -358,8 +359,6 @@ def _missing_html(cells: pd.DataFrame) -> str:
 
 def open_details(runs: pd.DataFrame) -> pd.DataFrame:
     """Every paper detail left open (``methods.OPEN_DETAILS``) with the values the runs used, per method."""
-    from ltbench.spec.methods import OPEN_DETAILS
-
     rows = []
     per_method = runs.drop_duplicates("method")
     for key, what in OPEN_DETAILS.items():

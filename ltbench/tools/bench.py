@@ -107,7 +107,7 @@ class _PILDataset(torch.utils.data.Dataset):
     """CIFAR-style dataset of uint8 HWC arrays, transformed per image with PIL (the common recipe)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, views: list[str]):
-        import torchvision.transforms as T
+        import torchvision.transforms as T  # lazy: torchvision, only the common-recipe comparison
 
         self.images, self.labels = images, labels
         weak = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
@@ -121,7 +121,7 @@ class _PILDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        from PIL import Image
+        from PIL import Image  # lazy: only the common-recipe comparison
 
         img = Image.fromarray(self.images[i])
         return [self.transforms[v](img) for v in self.views], int(self.labels[i])

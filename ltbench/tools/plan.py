@@ -34,6 +34,7 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
+from ltbench import data
 from ltbench.spec import config as ltconfig
 from ltbench.spec.catalog import backbone_depth
 from ltbench.spec.methods import passes
@@ -56,8 +57,6 @@ def _h(hours: float | None) -> str:
 
 
 def _n_train(dataset: str, ratio: str, spec: Mapping) -> int | None:
-    from ltbench import data
-
     try:
         return int(sum(data.counts_for(dataset, float(ratio), spec["dataset_options"].get("profile", "exp"))))
     except Exception:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ltbench.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -69,8 +71,6 @@ def teardown(world: World) -> None:
 
 
 def check_batch(batch_size: int, world: World) -> None:
-    from ltbench.errors import ConfigError
-
     if batch_size % world.size:
         raise ConfigError(f"train.batch_size {batch_size} (the global batch) is not divisible by the "
                          f"{world.size} GPUs of the run")

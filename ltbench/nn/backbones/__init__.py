@@ -53,7 +53,7 @@ IMAGENET_ARCHS = {
 def _register_imagenet(name: str, layers: list[int], groups: int, width: int) -> None:
     @BACKBONES.register(name)
     def build(num_classes: int, in_channels: int = 3, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
-        from ltbench.nn.backbones.imagenet_resnet import ImageNetResNet
+        from ltbench.nn.backbones.imagenet_resnet import ImageNetResNet  # lazy: torchvision, ImageNet sizes only
 
         return ImageNetResNet(layers, num_classes, in_channels, norm_layer, groups, width)
 
