@@ -5,7 +5,6 @@ long tail of 4 classes; ``expected`` overrides point the real dataset names at i
 """
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
