@@ -347,8 +347,9 @@ def _missing_html(cells: pd.DataFrame) -> str:
                     f"{esc(r.experiments)}</td><td class='l {cls}'>{esc(r.status)}</td><td class='l'>{detail}{log}"
                     "</td></tr>")
     out.append(f"<p>{len(miss)} of {len(cells)} cells have no usable metrics.json. <em>failed</em>: the training "
-               "job ran and its log ends with the error below, or its metrics.json is invalid (the reason and the "
-               "file are given; it is not aggregated); <em>not run</em>: no job has run yet (e.g. it depends on a "
+               "job ran and its log ends with the error below, or its metrics.json is invalid or records a failed "
+               "check such as a collapse onto one class (the reason and the file are given; it is not aggregated); "
+               "<em>not run</em>: no job has run yet (e.g. it depends on a "
                "failed download, or the run was interrupted). Rerun with <code>snakemake --keep-going</code>; "
                "finished cells are not retrained.</p>")
     out.append("<table class='plain'><thead><tr><th>dataset</th><th>ratio</th><th>method</th><th>backbone</th>"
