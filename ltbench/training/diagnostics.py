@@ -6,8 +6,10 @@ its own generator), and every forward runs under ``torch.no_grad`` either in eva
 update) or on a deep copy of the model that is thrown away.
 
 ``metrics.json`` gets, for every run, ``stability`` (:func:`stability`: the loss curve's non-finite
-steps and the gradient norms, from the per-epoch lines of ``train.jsonl``) and, for a run with CBN
-layers, ``diagnostics`` (:func:`cbn_diagnostics`):
+steps and the gradient norms, from the per-epoch lines of ``train.jsonl``; a finished run has no
+non-finite step, since one makes the epoch's loss non-finite and stops the run as diverged, whose
+``diverged.json`` records the epoch's count) and, for a run with CBN layers, ``diagnostics``
+(:func:`cbn_diagnostics`):
 
 - per CBN layer (``layers``): the final running priors π_k and the smallest one (``min_prior``; a
   component with π_k ≈ 0 has collapsed), the spread of the component means

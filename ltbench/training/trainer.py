@@ -490,7 +490,6 @@ class Trainer:
         distributed.barrier(self.world)
         return metrics
 
-
     def _add_diagnostics(self, metrics: dict, final: nn.Module) -> None:
         """After the metrics are fixed: CBN diagnostics (runs with CBN layers) and the collapse warning."""
         diag = diagnostics.cbn_diagnostics(final, self.source, self.K, self.bs, self.train["diag_images"], self.adjust)
@@ -571,6 +570,7 @@ def _diverged(path: Path, label: str, row: Mapping[str, Any], spec: Mapping[str,
                f"options. Diagnostic: {path}")
     io.write_json(path, {"message": message, "cell": label, "spec_hash": spec_hash, "seed": seed,
                          "epoch": row["epoch"], "stage": row["stage"], "first_nonfinite_step": step or None,
+                         "nonfinite_steps": row.get("nonfinite_steps"),
                          "steps_per_epoch": steps, "lr_at_first_nonfinite_step": lr,
                          "epoch_train_loss": str(row["train_loss"]), "epochs": epochs, "spec": spec,
                          "code": io.code_version()})
