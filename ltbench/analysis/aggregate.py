@@ -4,14 +4,16 @@ the report shows (:mod:`ltbench.report` renders these files and recomputes nothi
 - ``runs.csv``: one row per run and metric (top1, many, medium, few) with the cell keys, seeds,
   the run directory, provenance (git commit, dirty flag, environment, device, wall time, images/s),
   the training-set size, every resolved config knob (``recipe.*``, ``train.*``,
-  ``dataset_options.*``) as a column, and (with a config) the experiments the run belongs to.
+  ``dataset_options.*``) as a column, the run's diagnostics (``diag.*``: :func:`diag_columns`) and
+  (with a config) the experiments the run belongs to.
 - ``per_class.csv``: one row per run and class: training count, group, test accuracy.
 - ``summary.csv``: per experiment, cell (dataset, ratio, method, backbone) and metric over the
   experiment's seeds: mean, std, n, 95 % Student-t interval, seeds
   (:func:`ltbench.analysis.compare.summarize`). Without a config one experiment ``all`` spans every run.
 - ``cells.csv``: every cell once with its experiments and status: ``finished``, ``failed`` (its
   training log exists but no ``metrics.json``, ``detail`` is the log's last error line; or its
-  ``metrics.json`` is invalid, ``detail`` says why: see :func:`check_metrics`) or ``not run``.
+  ``metrics.json`` records a ``failure`` such as a collapse, ``detail`` is its reason; or the file is
+  invalid, ``detail`` says why: see :func:`check_metrics`) or ``not run``.
   Without a config: the finished runs and the invalid metrics files.
 
 With the workflow config (``--config-json`` / ``--config``) also:
@@ -20,8 +22,9 @@ With the workflow config (``--config-json`` / ``--config``) also:
   mean / std / n / CI over the experiment's seeds, the paper's value, Δ, the equivalence test, the
   verdict and the seeds an inconclusive cell needs (:func:`ltbench.analysis.compare.compare_experiment`).
 - ``gains.csv``: per claimed gain the experiment can test (``kind`` = ``claim``) and, for an
-  experiment with ``figure: ablation``, per method over the first one (``kind`` = ``ablation``): our
-  gain, Welch and paired t-tests, Holm-adjusted p, the "no gain" equivalence test, the paper's gain,
+  experiment with ``figure: ablation`` or ``figure: sensitivity``, per method over the first one
+  (``kind`` = ``ablation`` / ``sensitivity``): our gain, Welch (with its 95 % interval) and paired
+  t-tests, Holm-adjusted p, the "no gain" equivalence test, the paper's gain,
   a verdict and the seeds a non-significant gain needs (:mod:`ltbench.analysis.gains`).
 
 A partial grid is fine: ``existing=True`` (``--existing``) aggregates the ``metrics.json`` files of the
@@ -51,6 +54,9 @@ KEYS = ["dataset", "ratio", "method", "backbone"]
 METRICS = ["top1", "many", "medium", "few"]
 SCHEMA_VERSION = 1  # of metrics.json; ltbench.training.trainer writes it
 OUTPUTS = ("runs.csv", "per_class.csv", "summary.csv", "cells.csv", "comparison.csv", "gains.csv")
+# metrics.json's `stability` and `diagnostics` entries that become runs.csv columns diag.<key>
+STABILITY_KEYS = ("nonfinite_steps", "grad_norm_mean", "grad_norm_max", "grad_norm_last")
+DIAG_KEYS = ("min_prior", "mean_spread", "confident_share", "top1_running", "top1_batch_stats")
 CELL_COLUMNS = [*KEYS, "seed", "experiments", "status", "detail", "log"]
 # The train rule's log (workflow/rules/train.smk): where a failed cell's error message is.
 TRAIN_LOG = "logs/train/{path}.log"
@@ -101,7 +107,8 @@ def _lists_problem(m: Mapping) -> str | None:
 
 def check_metrics(m) -> str | None:
     """Why a loaded ``metrics.json`` cannot be aggregated, or None when it can: another
-    ``schema_version`` than :data:`SCHEMA_VERSION` (or none), a missing key, a cell without its keys,
+    ``schema_version`` than :data:`SCHEMA_VERSION` (or none), a ``failure`` the trainer recorded (the
+    run's test predictions collapsed onto one class: its reason, verbatim), a missing key, a cell without its keys,
     an accuracy that is null / NaN / not a number / outside [0, 100], per-class lists of different lengths."""
     if not isinstance(m, dict):
         return "not a JSON object"
@@ -109,6 +116,8 @@ def check_metrics(m) -> str | None:
     if version != SCHEMA_VERSION:
         return (f"schema_version is {version!r}; this ltbench reads version {SCHEMA_VERSION}"
                 + (" (written by an older ltbench or another program?)" if version is None else ""))
+    if m.get("failure"):  # a finished run that failed a check (a collapse: train.collapse_share)
+        return str(m["failure"])
     for key in ("cell", *METRICS, "per_class_acc", "train_counts"):
         if key not in m:
             return f"no {key!r} entry"
@@ -134,7 +143,8 @@ def load_metrics(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
         if why := check_metrics(m):
             cell = m.get("cell") if isinstance(m, dict) else None
             ok = isinstance(cell, dict) and all(k in cell for k in (*KEYS, "seed"))
-            bad.append({"path": p, "cell": cell if ok else None, "reason": why})
+            failed = isinstance(m, dict) and bool(m.get("failure")) and m.get("schema_version") == SCHEMA_VERSION
+            bad.append({"path": p, "cell": cell if ok else None, "reason": why, "run_failure": failed})
             continue
         good.append({**m, "_path": p})
     return good, bad
@@ -158,11 +168,20 @@ def _run_base(m: Mapping) -> dict:
     return base
 
 
+def diag_columns(m: Mapping) -> dict:
+    """The run's diagnostics as ``diag.*`` columns (:mod:`ltbench.training.diagnostics`): the loss
+    curve's stability for every run that records it, the CBN diagnostics for a run with CBN layers."""
+    out = {f"diag.{k}": v for k, v in (m.get("stability") or {}).items() if k in STABILITY_KEYS}
+    diag = m.get("diagnostics") or {}
+    out.update({f"diag.{k}": diag.get(k) for k in DIAG_KEYS if diag})
+    return out
+
+
 def tables(metrics: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, per_class) of a list of valid loaded metrics (see the module docstring)."""
     runs, per_class = [], []
     for m in metrics:
-        base = _run_base(m)
+        base = {**_run_base(m), **diag_columns(m)}
         spec = m.get("spec", {})
         knobs = {k: _flat(v) for k, v in iter_knobs({"recipe": spec.get("recipe", {}), "train": spec.get("train", {}),
                                                      "dataset_options": spec.get("dataset_options", {})})}
@@ -227,8 +246,8 @@ def _key(dataset, ratio, method, backbone, seed) -> tuple:
 
 def _invalid_row(bad: Mapping, key: tuple | None, experiments: str = "") -> dict:
     key = key or ("", "", "", "", "")
-    return dict(zip([*KEYS, "seed"], key), experiments=experiments, status="failed",
-                detail=f"invalid metrics.json: {bad['reason']}", log=bad["path"])
+    detail = bad["reason"] if bad.get("run_failure") else f"invalid metrics.json: {bad['reason']}"
+    return dict(zip([*KEYS, "seed"], key), experiments=experiments, status="failed", detail=detail, log=bad["path"])
 
 
 def _finished_keys(runs: pd.DataFrame) -> list[tuple]:
@@ -288,8 +307,8 @@ def comparisons(runs: pd.DataFrame, cfg: Mapping) -> tuple[pd.DataFrame, pd.Data
         if exp.get("reference"):
             comp.append(compare.compare_experiment(runs, name, exp, margin))
             gain.append(gains.experiment_gains(runs, name, exp, margin))
-        if exp.get("figure") == "ablation" and len(exp["methods"]) > 1:
-            gain.append(gains.gains_over(runs, name, exp, margin))
+        if exp.get("figure") in ("ablation", "sensitivity") and len(exp["methods"]) > 1:
+            gain.append(gains.gains_over(runs, name, exp, margin, kind=exp["figure"]))
     c = _concat(comp, ["experiment", "table", "row", *compare.CELL_KEYS, "quoted", "note", *compare.COMPARISON_STATS])
     g = _concat(gain, gains.EXPERIMENT_COLUMNS)
     c["seeds"] = c["seeds"].map(lambda v: " ".join(map(str, v)) if isinstance(v, list) else "")
@@ -314,7 +333,8 @@ def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: 
         raise ValueError("no metrics.json files given (pass them, or --existing with the config)")
     good, invalid = load_metrics(paths)
     for b in invalid:
-        print(f"ltbench aggregate: {b['path']}: invalid, listed as a failed cell: {b['reason']}", file=sys.stderr)
+        print(f"ltbench aggregate: {b['path']}: not aggregated, listed as a failed cell: {b['reason']}",
+              file=sys.stderr)
     runs, per_class = tables(good)
     if cfg is not None and not runs.empty:
         member = membership(cfg)

@@ -3,7 +3,8 @@
 For each claim (``claims`` of a reference file, e.g. "+CBN over Baseline") and cell:
 
 - our gain = mean(method) − mean(over), next to the paper's gain;
-- Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) and the paired t-test by seed
+- Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``, with its 95 % interval of the gain,
+  ``welch_ci_low`` / ``welch_ci_high``) and the paired t-test by seed
   (``scipy.stats.ttest_rel``); the paired one decides when it exists, else Welch's (``test``, ``p_value``);
 - Holm's correction across the claims of one experiment (``p_holm``; the ablation grid of an
   experiment is its own family) — a claim is judged on the adjusted p-value;
@@ -33,10 +34,11 @@ from ltbench.analysis import compare, power
 from ltbench.analysis.reference import entries, load
 
 ALPHA = power.ALPHA
+CI_LEVEL = 0.95  # the Welch interval of a gain (welch_ci_low / welch_ci_high)
 GAIN_VERDICTS = ("supported", "no gain", "not significant", "contradicted", "untested")
 GAIN_COLUMNS = ["claim", "table", "description", "dataset", "ratio", "backbone", "metric", "method", "over",
                 "n_method", "n_over", "mean_method", "mean_over", "sd_method", "sd_over", "sd_diff", "gain",
-                "paper_gain", "welch_t", "welch_p", "paired_t", "paired_p", "explanation"]
+                "paper_gain", "welch_t", "welch_p", "welch_ci_low", "welch_ci_high", "paired_t", "paired_p", "explanation"]
 JUDGED_COLUMNS = ["expected_sign", "test", "p_value", "p_holm", "margin", "equiv_low", "equiv_high", "equiv_p",
                   "gain_verdict", "seeds_needed", "seeds_test"]
 EXPERIMENT_COLUMNS = ["experiment", "kind", *GAIN_COLUMNS, *JUDGED_COLUMNS]
@@ -68,7 +70,8 @@ def _tests(a: pd.Series, b: pd.Series, names: tuple[str, str]) -> dict:
     """Welch and paired t-tests of two methods' per-seed values, and why one is missing."""
     why = [f"no runs of {n!r}" if len(v) == 0 else f"only {len(v)} run of {n!r}: t-tests need n >= 2"
            for n, v in zip(names, (a, b)) if len(v) < 2]
-    out = dict(welch_t=math.nan, welch_p=math.nan, paired_t=math.nan, paired_p=math.nan, sd_diff=math.nan)
+    out = dict(welch_t=math.nan, welch_p=math.nan, welch_ci_low=math.nan, welch_ci_high=math.nan, paired_t=math.nan,
+               paired_p=math.nan, sd_diff=math.nan)
     if len(a) < 2 or len(b) < 2:
         return {**out, "explanation": "; ".join(why)}
     x, y = a.to_numpy(), b.to_numpy()
@@ -77,7 +80,9 @@ def _tests(a: pd.Series, b: pd.Series, names: tuple[str, str]) -> dict:
         if compare.constant(x) and compare.constant(y):
             why.append("Welch test undefined: both methods have zero variance")
         else:
-            out["welch_t"], out["welch_p"] = map(float, stats.ttest_ind(x, y, equal_var=False))
+            welch = stats.ttest_ind(x, y, equal_var=False)
+            out["welch_t"], out["welch_p"] = float(welch.statistic), float(welch.pvalue)
+            out["welch_ci_low"], out["welch_ci_high"] = map(float, welch.confidence_interval(CI_LEVEL))
         if list(a.index) == list(b.index):
             diff = x - b.loc[a.index].to_numpy()
             out["sd_diff"] = float(np.std(diff, ddof=1))
@@ -248,9 +253,11 @@ def experiment_gains(runs: pd.DataFrame, name: str, exp: Mapping, margin: float 
 
 
 def gains_over(runs: pd.DataFrame, name: str, exp: Mapping, margin: float = compare.MARGIN,
-               alpha: float = ALPHA) -> pd.DataFrame:
+               alpha: float = ALPHA, kind: str = "ablation") -> pd.DataFrame:
     """The ablation grid: every other method of the experiment against its first method on every cell
-    and metric (expected sign +), one Holm family; columns :data:`EXPERIMENT_COLUMNS` (``kind`` = ``ablation``)."""
+    and metric (expected sign +), one Holm family; columns :data:`EXPERIMENT_COLUMNS` (``kind`` =
+    ``ablation``, or ``sensitivity`` for an experiment with ``figure: sensitivity``: one method per
+    reading of an open detail against the baseline)."""
     over = exp["methods"][0]
     claims = [{"id": f"{m}-over-{over}", "table": None, "description": f"{m} over {over}", "method": m,
                "over": over, "backbone": b, "metric": metric,
@@ -260,6 +267,6 @@ def gains_over(runs: pd.DataFrame, name: str, exp: Mapping, margin: float = comp
         return pd.DataFrame(columns=EXPERIMENT_COLUMNS)
     g = judge_gains(gains(compare.experiment_runs(runs, exp), claims, None), [1] * sum(len(c["cells"]) for c in claims),
                     margin, alpha)
-    g.insert(0, "kind", "ablation")
+    g.insert(0, "kind", kind)
     g.insert(0, "experiment", name)
     return g

@@ -497,6 +497,26 @@ class CompoundBatchNorm2d(nn.Module):
                 return r[:, :, None, None].expand(N, M, H, W)
             return lay.unflat(_pixel_estep(lay, xf, mix)[1], M)
 
+    # ---- diagnostics (read-only: no buffer or parameter changes) --------------------------
+
+    @torch.no_grad()
+    def component_spread(self) -> float:
+        """How far apart the running component means are, in units of the features' scale:
+        mean over channels c of std_k(μ_kc) / sqrt(mean_k σ²_kc + ε) (population std over the M
+        components). 0 for M = 1 or fully collapsed components; ~1 when the means are a standard
+        deviation apart."""
+        if self.num_components == 1:
+            return 0.0
+        spread = self.running_mean.float().std(0, unbiased=False) / (self.running_var.float().mean(0) + self.eps).sqrt()
+        return float(spread.mean())
+
+    @torch.no_grad()
+    def confident_points(self, x: torch.Tensor, threshold: float = 0.9) -> tuple[torch.Tensor, int]:
+        """(count on x's device, total): the points of x (N·H·W pixels) whose largest responsibility
+        under the running mixture (Eq. 8–9, :meth:`responsibilities`) exceeds ``threshold``."""
+        r = self.responsibilities(x)
+        return (r.amax(1) > threshold).sum(), r[:, 0].numel()
+
     # ---- forward -------------------------------------------------------------------------
 
     def train(self, mode: bool = True):
@@ -795,6 +815,11 @@ def rectify_logits(model: nn.Module) -> nn.Module:
     bn = nn.BatchNorm1d(fc.out_features, affine=False).to(device=fc.weight.device)
     model.fc = nn.Sequential(fc, bn)
     return model
+
+
+def compound_layers(model: nn.Module) -> list[tuple[str, CompoundBatchNorm2d]]:
+    """(qualified name, layer) of every CBN layer of ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, CompoundBatchNorm2d)]
 
 
 def class_groups(num_classes: int, num_groups: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ Per experiment (``<figures_dir>/<experiment>/<kind>.png`` and ``.svg``):
 - ``ablation_vs_baseline`` (``figure: ablation``): heatmap of each method's gain over the
   experiment's first method, per (dataset, ratio), * = significant (paired t-test across seeds,
   Welch's when the seeds differ, Holm-adjusted p < 0.05), = = no gain (equivalent within ± margin).
+- ``sensitivity`` (``figure: sensitivity``): each method's Δ top-1 over the first method with its 95 %
+  Welch interval and verdict (gains.csv, ``kind`` = ``sensitivity``), one row per reading.
 - ``ablation_vs_paper`` (``figure: ablation``, when the paper reports cells of the experiment):
   heatmap of Δ = ours − paper.
 - ``bn_norms`` (experiments with an NBN method): distribution over channels of the effective
@@ -371,6 +373,48 @@ def fig_ablation_paper(layout: Layout, path: Path) -> Path:
                     "Δ vs paper (points)", path)
 
 
+# ---------------------------------------------------------------- sensitivity to the open details
+
+VERDICT_STYLE = {"supported": ("#1a7f37", "o"), "contradicted": ("#c62828", "o"), "no gain": ("#1f5fa8", "D"),
+                 "not significant": ("#777777", "o"), "untested": ("#bbbbbb", "x")}
+
+
+def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1") -> Path:
+    """Each method's (= each reading's) Δ top-1 over the experiment's first method with the 95 % Welch
+    interval and the verdict, as ``gains.csv`` (``kind`` = ``sensitivity``) has them: one panel per
+    (dataset, ratio, backbone), one row per method."""
+    over = exp["methods"][0]
+    g = of_experiment(gains, name)
+    g = g[(g["kind"] == "sensitivity") & (g["metric"] == metric)] if not g.empty else g
+    if g.empty or g["gain"].isna().all():
+        raise Skip(f"no method has finished runs next to {over!r}")
+    g = g.assign(panel=_panel_col(g, exp))
+    panels = _panel_order(exp, g["panel"])
+    order = _method_order(exp, g["method"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.42 * len(order) + 1.6),
+                             squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        sub = g[g["panel"] == panel].set_index("method").reindex(order)
+        for y, (m, r) in enumerate(sub.iterrows()):
+            if pd.isna(r["gain"]):
+                continue
+            color, marker = VERDICT_STYLE.get(r["gain_verdict"], VERDICT_STYLE["untested"])
+            lo, hi = r["welch_ci_low"], r["welch_ci_high"]
+            err = [[r["gain"] - lo], [hi - r["gain"]]] if not (pd.isna(lo) or pd.isna(hi)) else None
+            ax.errorbar(r["gain"], y, xerr=err, fmt=marker, color=color, capsize=3)
+            ax.annotate(f"{fmt_delta(r['gain'])} {r['gain_verdict']}", (r["gain"], y), xytext=(0, 7),
+                        textcoords="offset points", ha="center", fontsize=7, color=color)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_yticks(range(len(order)), [method_name(m) for m in order])
+        ax.set_ylim(len(order) - 0.5, -0.7)
+        ax.set_title(panel)
+        ax.set_xlabel(f"Δ {metric_name(metric, False)} vs {method_name(over)} (points)")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Sensitivity: each reading's gain over {method_name(over)} (95 % Welch interval; verdict: "
+                 f"Holm-adjusted test over the readings)", y=1.02, fontsize=10)
+    return save(fig, path)
+
+
 # ---------------------------------------------------------------- BN weight / bias norms (NBN's motivation)
 
 def _last_stage_prefixes(keys: list[str]) -> str | None:
@@ -496,6 +540,10 @@ CAPTIONS = {
     "ablation_vs_paper": "The ablation grid against the paper: Δ = ours − paper per cell, in points, with the verdict "
                          "(✓ reproduced: the 90 % interval of Δ inside ± the margin; ? inconclusive; ↓ below; "
                          "↑ above).",
+    "sensitivity": "Sensitivity to the paper's open details: each method's (one reading of one detail, one "
+                   "factor at a time) top-1 gain over the experiment's first method, in points, with its 95 % "
+                   "Welch interval across seeds and the verdict of gains.csv (paired t-test across seeds, Welch's "
+                   "when the seeds differ; Holm-adjusted over the readings; 'no gain': within ± the margin).",
     "bn_norms": "NBN's motivation: the distribution over channels of the effective per-channel |weight| and |bias| "
                 "of the last stage's normalization layers (log scale, all seeds pooled), read from each run's "
                 "model.pt. BN: γ, β; NBN: its effective α·γ/‖γ‖₂ and α·β/‖β‖₂; CBN: every component's γ_k, β_k. The legend "
@@ -518,6 +566,8 @@ def experiment_figures(name: str, exp: Mapping, data: Mapping[str, pd.DataFrame]
         jobs.insert(0, ("components", lambda p: fig_components(summary, runs, name, exp, p)))
     elif kind == "backbones":
         jobs.insert(0, ("backbones", lambda p: fig_backbones(summary, runs, name, exp, p)))
+    elif kind == "sensitivity":
+        jobs.insert(0, ("sensitivity", lambda p: fig_sensitivity(gains, name, exp, p)))
     elif kind == "ablation":
         jobs[:0] = [("ablation_vs_baseline", lambda p: fig_ablation_baseline(gains, name, exp, p)),
                     ("ablation_vs_paper", lambda p: fig_ablation_paper(layout, p))]

@@ -12,6 +12,7 @@ and LaTeX under ``tables_dir`` and its figures (:mod:`ltbench.report.figures`) a
    single run / missing / …, claimed gains supported / no gain / not significant / contradicted /
    untested) with one line per experiment on what more seeds would decide,
 3. per experiment: its table in the paper's layout, its claimed gains with t-tests, its figures,
+   and for its runs with CBN layers their diagnostics (one row per run, runs.csv's ``diag.*`` columns),
 4. the missing and failed cells (with the error line of each failed cell's log),
 5. every detail the papers leave open with the value the runs used,
 6. provenance: code version, config hash, environment, devices, GPU-hours spent; the config.
@@ -347,8 +348,9 @@ def _missing_html(cells: pd.DataFrame) -> str:
                     f"{esc(r.experiments)}</td><td class='l {cls}'>{esc(r.status)}</td><td class='l'>{detail}{log}"
                     "</td></tr>")
     out.append(f"<p>{len(miss)} of {len(cells)} cells have no usable metrics.json. <em>failed</em>: the training "
-               "job ran and its log ends with the error below, or its metrics.json is invalid (the reason and the "
-               "file are given; it is not aggregated); <em>not run</em>: no job has run yet (e.g. it depends on a "
+               "job ran and its log ends with the error below, or its metrics.json is invalid or records a failed "
+               "check such as a collapse onto one class (the reason and the file are given; it is not aggregated); "
+               "<em>not run</em>: no job has run yet (e.g. it depends on a "
                "failed download, or the run was interrupted). Rerun with <code>snakemake --keep-going</code>; "
                "finished cells are not retrained.</p>")
     out.append("<table class='plain'><thead><tr><th>dataset</th><th>ratio</th><th>method</th><th>backbone</th>"
@@ -489,7 +491,43 @@ def _experiment_section(ename: str, exp: Mapping, lay: tables.Layout, data: Mapp
     if skipped:
         parts.append("<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped)
                      + ".</p>")
+    parts.append(diagnostics_html(data["runs"], exp))
     return parts
+
+
+DIAG_TABLE = {"value": "top-1 (reported)", "diag.top1_running": "top-1 running mixture (sample)",
+              "diag.top1_batch_stats": "top-1 batch statistics (sample)", "diag.min_prior": "smallest prior",
+              "diag.mean_spread": "spread of means", "diag.confident_share": "share of pixels r > 0.9",
+              "diag.grad_norm_max": "max gradient norm", "diag.nonfinite_steps": "non-finite steps"}
+
+
+def _fmt_diag(v) -> str:
+    if pd.isna(v):
+        return "–"
+    return f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
+def diagnostics_html(runs: pd.DataFrame, exp: Mapping) -> str:
+    """The experiment's runs with CBN layers and their diagnostics (runs.csv ``diag.*``), one row per run."""
+    if runs.empty or "diag.min_prior" not in runs.columns:
+        return ""
+    r = figures.select(runs, exp)
+    r = r[(r["metric"] == "top1") & r["diag.min_prior"].notna()]
+    if r.empty:
+        return ""
+    order = {m: i for i, m in enumerate(exp["methods"])}
+    r = r.assign(_o=r["method"].map(order)).sort_values(["dataset", "ratio", "backbone", "_o", "seed"])
+    cols = [c for c in DIAG_TABLE if c in r.columns]
+    t = pd.DataFrame({"cell": [f"{d} ρ={ra} {b}" for d, ra, b in zip(r["dataset"], r["ratio"], r["backbone"])],
+                      "method": r["method"], "seed": r["seed"].astype(int),
+                      **{DIAG_TABLE[c]: [_fmt_diag(v) for v in r[c]] for c in cols}})
+    return ("<h3>CBN diagnostics</h3><p class='desc'>Per run with CBN layers, at the end of training "
+            "(ltbench/training/diagnostics.py): top-1 on a fixed test sample with the running mixture (eval mode, "
+            "what is reported) and with each test batch's own statistics (a large gap: the running statistics do "
+            "not match training); the smallest running prior over the layers (≈ 0: a collapsed component); the "
+            "spread of the component means (mean over layers and channels of std_k μ_k / sqrt(mean_k σ²_k)); the "
+            "share of pixels whose largest responsibility exceeds 0.9; the largest gradient norm of a step and "
+            "the steps with a non-finite loss.</p>" + _plain_table(t, left=("cell", "method")))
 
 
 def _tail(runs: pd.DataFrame, cells: pd.DataFrame, exps: Mapping, cfg: Mapping | None) -> list[str]:

@@ -28,6 +28,7 @@ REQUIRED = frozenset({
     "spec_hash", "seed", "model", "opt", "sched", "head", "head_opt", "head_sched", "criterion",
     "gen", "torch_rng", "cuda_rng", "numpy_rng", "python_rng",
     "epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct", "first_bad",
+    "grad_sum", "grad_max", "nonfinite",
     "best_row", "best_per_class"})
 
 # Outputs written through io.atomic_path; a SIGKILL during a write leaves ".<name>.<random>.tmp".

@@ -22,6 +22,16 @@ from it, and on CPU ends with bit-identical metrics. A run killed outright (SIGK
 last periodic checkpoint. Checkpoints hold tensors and plain containers only and load with
 ``torch.load(weights_only=True)``.
 
+Diagnostics (:mod:`ltbench.training.diagnostics`): every ``train.jsonl`` line carries the epoch's
+non-finite steps and mean / max gradient norm (tracked on the device), summarised in
+``metrics.json`` as ``stability``; a run with CBN layers also gets ``diagnostics`` (priors, spread
+of the component means, confident responsibilities, top-1 with batch statistics), computed after the
+metrics are fixed, so they change no result.
+
+Collapse: when one class receives at least ``train.collapse_share`` of the reported evaluation's
+test predictions, ``metrics.json`` carries a ``failure`` reason and the aggregate lists the cell as
+failed with it (:func:`ltbench.analysis.aggregate.check_metrics`), never as an accuracy.
+
 Divergence: a non-finite training loss stops the cell with :class:`FloatingPointError` naming the
 epoch, the first non-finite step and its learning rate, and writes ``diverged.json`` (that
 diagnostic plus the epochs so far); no ``metrics.json`` is written, so the cell is never
@@ -48,12 +58,13 @@ from ltbench.data.longtail import format_ratio
 from ltbench.data.sources import make_source
 from ltbench.errors import Preempted
 from ltbench.nn import backbones as models, classifier, losses, norm, sampling
-from ltbench.training import celldir, checkpoint, distributed, gpus, step
-from ltbench.training.evaluation import evaluate, group_accuracy
+from ltbench.training import celldir, checkpoint, diagnostics, distributed, gpus, step
+from ltbench.training.evaluation import collapse_reason, evaluate_counts, group_accuracy
 from ltbench.training.schedule import lr_lambda
 
 #: The trainer's progress through the cell, saved in (and restored from) a checkpoint.
-COUNTERS = ("epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct", "first_bad")
+COUNTERS = ("epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct", "first_bad",
+            "grad_sum", "grad_max", "nonfinite")
 
 
 def pick_device(name: str) -> torch.device:
@@ -245,6 +256,9 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=self.device)
         self.correct = torch.zeros((), device=self.device)
         self.first_bad = torch.full((), -1, device=self.device)  # first step with a non-finite loss
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=self.device)  # steps with a non-finite loss
+        self.grad_sum = torch.zeros((), device=self.device)  # Σ and max of the steps' gradient norms
+        self.grad_max = torch.zeros((), device=self.device)
 
     def _step_forward(self) -> nn.Module:
         """DistributedDataParallel over all the passes of a step; a single process calls the model directly."""
@@ -295,8 +309,7 @@ class Trainer:
         for k in COUNTERS:
             setattr(self, k, ck[k])
         if not self.world.main:  # rank 0 saved the sums of all ranks and its own random streams
-            self.loss_sum = torch.zeros((), device=self.device)
-            self.correct = torch.zeros((), device=self.device)
+            self._reset_sums()
             self.gen.manual_seed(_rank_seed(self.seed, self.world, self.epoch, self.step))
         if ck["best_row"] is not None:
             self.best = (json.loads(ck["best_row"]), ck["best_per_class"].cpu().numpy())
@@ -356,12 +369,21 @@ class Trainer:
         loss.backward()
         if in_head:  # the classifier stage trains outside DDP: average its gradients
             distributed.average_gradients(self.head.parameters(), self.world)
+        self._track_gradients(opt, loss)
         opt.step()
         sched.step()
         self.loss_sum += loss.detach() * len(yb)
         self.correct += (logits.argmax(1) == yb).sum()
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), self.step, self.first_bad)
         self.step += 1
+
+    def _track_gradients(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """The step's gradient norm and non-finite loss into the epoch's sums, on the device (the
+        gradients are read, never changed)."""
+        norm_ = diagnostics.grad_norm(p for g in opt.param_groups for p in g["params"])
+        self.grad_sum += norm_
+        self.grad_max = torch.maximum(self.grad_max, norm_)
+        self.nonfinite += (~torch.isfinite(loss.detach())).long()
 
     def _epoch_row(self, n_perm: int, in_head: bool) -> dict:
         """The epoch's line of train.jsonl (training loss and accuracy over every rank)."""
@@ -371,9 +393,11 @@ class Trainer:
         self.images_seen += seen
         loss_sum = distributed.all_sum(self.loss_sum, self.world).item()
         correct = distributed.all_sum(self.correct, self.world).item()
+        nonfinite = int(distributed.all_sum(self.nonfinite, self.world).item())
         return {"epoch": self.epoch + 1, "stage": "classifier" if in_head else "representation",
                 "lr": (self.head_opt if in_head else self.opt).param_groups[0]["lr"],
-                "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen}
+                "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen, "nonfinite_steps": nonfinite,
+                "grad_norm_mean": self.grad_sum.item() / max(self.step, 1), "grad_norm_max": self.grad_max.item()}
 
     def end_epoch(self, row: dict) -> None:
         self.log.append(json.dumps(row))
@@ -390,8 +414,12 @@ class Trainer:
     def evaluate(self, row: dict) -> None:
         """Test accuracy into ``row``; it becomes the reported one (``train.report_epoch``)."""
         net = classifier.eval_model(self.model, self.head, self.stage_dt) if self.head is not None else self.model
-        per_class = evaluate(net, self.source, self.K, self.adjust).cpu().numpy() / self.test_per_class
+        correct, predicted = evaluate_counts(net, self.source, self.K, self.adjust)
+        per_class = correct.cpu().numpy() / self.test_per_class
+        predicted = predicted.cpu().numpy()
         row["top1"] = float(100.0 * per_class.mean())
+        row["pred_top_class"] = int(predicted.argmax())  # the collapse check (train.collapse_share)
+        row["pred_top_share"] = float(predicted.max() / max(predicted.sum(), 1))
         row.update(group_accuracy(per_class, self.groups))
         if self.best is None or self.train["report_epoch"] == "last" or row["top1"] > self.best[0]["top1"]:
             self.best = (row, per_class)
@@ -440,6 +468,9 @@ class Trainer:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tau": self.stage_dt["tau"] if self.dt["enabled"] and self.dt["classifier"] == "tau_norm" else None,
             "tau_val_accuracy": {str(t): v for t, v in self.tau_scores.items()} if self.tau_scores else None,
+            "stability": diagnostics.stability(json.loads(x) for x in self.log),
+            "failure": collapse_reason(final.get("pred_top_share"), final.get("pred_top_class"),
+                                       self.train["collapse_share"]),
         }
 
     def write_outputs(self) -> dict | None:
@@ -452,11 +483,21 @@ class Trainer:
         with io.atomic_path(self.out_dir / "model.pt") as tmp:
             torch.save(final.state_dict(), tmp)
         io.write_text(self.out_dir / "train.jsonl", "\n".join(self.log) + "\n")
+        self._add_diagnostics(metrics, final)
         io.write_json(self.out_dir / "metrics.json", metrics)
         self.ckpt_path.unlink(missing_ok=True)
         (self.out_dir / "diverged.json").unlink(missing_ok=True)  # from an earlier spec, seed or code version
         distributed.barrier(self.world)
         return metrics
+
+    def _add_diagnostics(self, metrics: dict, final: nn.Module) -> None:
+        """After the metrics are fixed: CBN diagnostics (runs with CBN layers) and the collapse warning."""
+        diag = diagnostics.cbn_diagnostics(final, self.source, self.K, self.bs, self.train["diag_images"], self.adjust)
+        if diag is not None:
+            metrics["diagnostics"] = diag
+        if metrics["failure"]:
+            print(f"{self.label}: {metrics['failure']}; metrics.json records the failure and the cell is not "
+                  "aggregated", file=sys.stderr)
 
 
 class Progress:
@@ -529,6 +570,7 @@ def _diverged(path: Path, label: str, row: Mapping[str, Any], spec: Mapping[str,
                f"options. Diagnostic: {path}")
     io.write_json(path, {"message": message, "cell": label, "spec_hash": spec_hash, "seed": seed,
                          "epoch": row["epoch"], "stage": row["stage"], "first_nonfinite_step": step or None,
+                         "nonfinite_steps": row.get("nonfinite_steps"),
                          "steps_per_epoch": steps, "lr_at_first_nonfinite_step": lr,
                          "epoch_train_loss": str(row["train_loss"]), "epochs": epochs, "spec": spec,
                          "code": io.code_version()})
