@@ -291,7 +291,7 @@ def test_report_page_summary_first_then_sections(grid):
     counts = re.findall(r">(\d+)</td>", t2)
     assert counts[:8] == ["25", "2", "1", "1", "0", "1", "0", "0"] and "86 / 90" in t2
     assert int(counts[12]) == 1 and sum(map(int, counts[8:13])) == 30
-    assert re.search(r"2 of 67 cells inconclusive; 1 more seed would decide 1 of them, \d+ more all 2", summary)
+    assert re.search(r"2 of 75 cells inconclusive; 1 more seed would decide 1 of them, \d+ more all 2", summary)
     t2_section = h[h.index("id='exp-cbn_table2'"):h.index("id='exp-cbn_table3'")]
     assert re.search(r"2 of 29 cells inconclusive; .*; 10 of 29 claimed gains not significant; \d+ more seeds "
                      r"would decide", t2_section)
