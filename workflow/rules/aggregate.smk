@@ -4,7 +4,8 @@
 
 rule aggregate:
     input:
-        metrics_files(),
+        metrics=metrics_files(),
+        grid=grid_file(),
     output:
         runs=report(
             f"{R}/aggregate/runs.csv",
@@ -50,4 +51,4 @@ rule aggregate:
         out_dir=lambda w, output: os.path.dirname(output.runs),
         cfg=lambda w: json.dumps(config),
     shell:
-        "python -m ltbench aggregate {input:q} --out-dir {params.out_dir:q} --config-json {params.cfg:q} > {log:q} 2>&1"
+        "python -m ltbench aggregate {input.metrics:q} --out-dir {params.out_dir:q} --config-json {params.cfg:q} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 # Config validation (JSON schema + registry names) and the grid of cells, at DAG-build time; the
 # rules' input and resource functions, and the partial report written when a run fails (report.smk).
 import json
+import os
 import re
 import shlex
 import sys
@@ -10,6 +11,7 @@ sys.path.insert(0, workflow.basedir)  # the ltbench package next to this Snakefi
 from ltbench.errors import ConfigError
 from ltbench.spec import config as ltconfig
 from ltbench import data as ltdata
+from ltbench import io as ltio
 from ltbench.spec import catalog
 
 # A YAML syntax error in a config file never gets here: Snakemake parses --configfile (and the
@@ -61,6 +63,24 @@ def download_marker(w):
 
 def metrics_files():
     return [f"{R}/runs/{c.path}/metrics.json" for c in CELLS]
+
+
+def grid_file():
+    """``{R}/grid/<name>.json``: this config's cells and experiments, rewritten only when they change.
+
+    An input of the aggregate rule: Snakemake does not rerun a job whose outputs exist because one of
+    its inputs is missing, so a cell added to a finished grid (a method, a seed) would otherwise be
+    neither trained nor aggregated. A changed grid file makes the aggregate (and so the new cells'
+    training) due; an unchanged one keeps its date, so a complete run stays a no-op."""
+    path = f"{R}/grid/{config['name']}.json"
+    text = json.dumps({"cells": [c.path for c in CELLS], "experiments": config["experiments"],
+                       "margin": config.get("margin")}, indent=1, sort_keys=True, default=str) + "\n"
+    try:
+        if not os.path.exists(path) or open(path).read() != text:
+            ltio.write_text(path, text)
+    except OSError as e:  # a read-only results folder: the aggregate cannot run there either
+        print(f"ltbench: cannot write {path}: {e}", file=sys.stderr)
+    return path
 
 
 def resource(rule, key, default):
