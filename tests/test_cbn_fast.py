@@ -212,3 +212,19 @@ def test_bench_layer_reports_every_layer_and_ratios():
     ev = out["eval"]
     assert ev["bare_images_per_s"] > 0
     assert ev["cbn_over_bare"] == pytest.approx(ev["cbn_images_per_s"] / ev["bare_images_per_s"], rel=0.02, abs=2e-3)
+
+
+@pytest.mark.parametrize("responsibilities", ["pixel", "sample"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_takes_an_inplace_relu_and_backpropagates(responsibilities, channels_last):
+    """torchvision's Bottleneck applies ReLU(inplace=True) to the norm's output: the custom Function
+    must return a tensor of its own, not a view autograd refuses to modify in place."""
+    torch.manual_seed(0)
+    layer = CompoundBatchNorm2d(6, num_components=3, responsibilities=responsibilities)
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    xin = x.to(memory_format=torch.channels_last) if channels_last else x
+    y = layer(xin)
+    assert y._base is None and y.is_contiguous(memory_format=torch.channels_last if channels_last
+                                                else torch.contiguous_format)
+    torch.relu_(y).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -163,12 +163,12 @@ def _pixel_estep(lay: _Layout, x: torch.Tensor, mix: _Mixture) -> tuple[torch.Te
     return z, _flush(torch.softmax(logit, lay.c))
 
 
-def _mixed_affine(lay: _Layout, r: torch.Tensor, xc: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
-                  ) -> torch.Tensor:
+def _mixed_affine(lay: _Layout, r: torch.Tensor, xc: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 16 per point: y_i = (Σ_k r_ik scale_k) ⊙ xc_i + Σ_k r_ik offset_k (one matmul, one multiply-add)."""
     C = scale.shape[1]
     t = lay.to_points(r, torch.cat([scale, offset], 1))
-    return torch.addcmul(lay.narrow(t, C, C), lay.narrow(t, 0, C), xc)
+    return torch.addcmul(lay.narrow(t, C, C), lay.narrow(t, 0, C), xc, out=out)
 
 
 def _location(lay: _Layout, x: torch.Tensor, points: int = 64) -> torch.Tensor:
@@ -242,17 +242,22 @@ class _CompoundFunction(torch.autograd.Function):
             use_v = torch.where(ctx.alive[:, None], var, use_v)
         ctx.inv, ctx.scale, ctx.offset = _affine(weight, bias, use_m, use_v, eps)
         ctx.use_m = use_m
+        # the output is written into its own 4-D tensor, not returned as a view of a 3-D one: autograd
+        # forbids in-place ops (ReLU(inplace=True) after the norm, torchvision's Bottleneck) on views
+        # created inside a custom Function
+        y4 = torch.empty(lay.shape, dtype=torch.promote_types(x.dtype, ctx.scale.dtype), device=x.device,
+                         memory_format=lay.format)
         if mode == "pixel":
-            y = _mixed_affine(lay, r, lay.narrow(z, 0, C), ctx.scale, ctx.offset)
+            _mixed_affine(lay, r, lay.narrow(z, 0, C), ctx.scale, ctx.offset, out=lay.flat(y4))
         else:
             a = r @ ctx.scale
-            y = torch.addcmul(lay.vec(r @ ctx.offset - s * a), x, lay.vec(a))
+            torch.addcmul(lay.vec(r @ ctx.offset - s * a), x, lay.vec(a), out=lay.flat(y4))
         ctx.save_for_backward(x4)
         ctx.r, ctx.mix, ctx.shift, ctx.mean_c, ctx.var = r, mix, s, mean_c, var
         ctx.mode, ctx.batch_stats, ctx.grad_r = mode, batch_stats, mode != "fixed" and not detach
         mean = mean_c + s
         ctx.mark_non_differentiable(n, mean, var)
-        return lay.unflat(y), n, mean, var
+        return y4, n, mean, var
 
     @staticmethod
     def backward(ctx, g4, *_):
