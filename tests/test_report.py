@@ -326,7 +326,7 @@ def test_report_renders_in_headless_chromium(grid, chromium, tmp_path):
     res = browser.load(grid["out"].as_uri(), evaluate=js, binary=chromium)
     assert res.errors == []
     info = json.loads(res.evaluated)
-    assert info["title"] == "ltbench report: paper" and info["images"] == 16 and info["broken"] == 0
+    assert info["title"] == "ltbench report: paper" and info["images"] == 20 and info["broken"] == 0
     assert info["tables"] >= 6 + 3     # one paper-layout table per experiment + the claimed-gains grids
     assert info["width"] <= 1280 + 20  # nothing wider than the window
     assert res.screenshot[:8] == b"\x89PNG\r\n\x1a\n" and len(res.screenshot) > 100_000
