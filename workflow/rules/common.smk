@@ -65,6 +65,17 @@ def metrics_files():
     return [f"{R}/runs/{c.path}/metrics.json" for c in CELLS]
 
 
+def data_config(w):
+    """The config a data job (download, prepare) is given: the paths and this dataset's own entry,
+    with one placeholder experiment, not the whole config. A param of the data rules: the whole
+    config there made a new seed, method or experiment redo the data and, through it, every cell."""
+    ratio = float(getattr(w, "ratio", 1))
+    return json.dumps({"name": config["name"], "data_dir": DATA, "results_dir": R,
+                       "reports_dir": config["reports_dir"], "datasets": {w.dataset: config["datasets"].get(w.dataset, {})},
+                       "experiments": {"data": {"datasets": [w.dataset], "ratios": [ratio], "methods": ["ce"],
+                                                "backbones": ["resnet8"], "seeds": [0]}}}, sort_keys=True)
+
+
 def grid_file():
     """``{R}/grid/<name>.json``: this config's cells and experiments, rewritten only when they change.
 

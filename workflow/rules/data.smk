@@ -10,7 +10,7 @@ rule download:
     conda:
         ENV
     params:
-        cfg=lambda w: json.dumps(config),
+        cfg=data_config,
         data_dir=lambda w, output: os.path.dirname(output[0]),
     resources:
         runtime=60,
@@ -29,7 +29,7 @@ rule prepare:
     conda:
         ENV
     params:
-        cfg=lambda w: json.dumps(config),
+        cfg=data_config,
         data_dir=DATA,
     resources:
         mem_mb=4000,
@@ -51,7 +51,7 @@ rule prepare_lists:
     conda:
         ENV
     params:
-        cfg=lambda w: json.dumps(config),
+        cfg=data_config,
     resources:
         mem_mb=4000,
     shell:
