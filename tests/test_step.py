@@ -14,7 +14,6 @@ def test_step_logits_and_passes():
     assert methods.step_logits(methods.recipe("baseline+cbn+sbn+dpl")) == [
         "compound/weak", "compound/strong", "split/weak", "split/strong"]  # DPL: every pair for Eq. 19
     assert [methods.passes(methods.recipe(m)) for m in ("ce", "baseline+cbn+sbn", "baseline+cbn+sbn+dpl")] == [1, 2, 4]
-    assert step.passes is methods.passes and step.step_logits is methods.step_logits
 
 
 def test_paths_forward_computes_exactly_the_step_logits():

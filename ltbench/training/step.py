@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltbench.nn import norm
-from ltbench.spec.methods import passes, step_logits  # noqa: F401  (re-exported: the step's passes)
+from ltbench.spec.methods import step_logits
 
 
 def forward_paths(model: nn.Module, views: Mapping[str, torch.Tensor], paths: Iterable[str], wanted: set[str],
