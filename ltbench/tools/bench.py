@@ -21,6 +21,8 @@ projection (:func:`ltbench.tools.plan.plan`) with this measurement as the speed 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from typing import Any
 
@@ -29,11 +31,11 @@ import torch
 import torch.nn as nn
 
 from ltbench import data
-from ltbench.data import augment
+from ltbench.data import augment, sources
 from ltbench.nn import losses, norm
 from ltbench.spec import config, methods
 from ltbench.tools import plan
-from ltbench.training import step, trainer as train
+from ltbench.training import evaluation, step, trainer as train
 
 #: The benchmark's images are CIFAR-shaped and normalized with CIFAR-10's statistics.
 CIFAR = data.get("cifar10")
@@ -100,7 +102,7 @@ def run_fast(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, st
     _sync(device)
     dt = time.perf_counter() - t0
     return {"images_per_s": steps * batch_size / dt, "step_time_ms": 1000 * dt / steps,
-            "mean_loss": float(total) / (warmup + steps), "model": model, "mean": mean, "std": std}
+            "mean_loss": float(total) / (warmup + steps), "model": model}
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -158,19 +160,30 @@ def run_common(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, 
             "mean_loss": float(np.mean(losses_seen))}
 
 
-@torch.no_grad()
-def eval_images_per_s(model: nn.Module, mean, std, device: torch.device, amp: bool, n: int = 2000) -> float:
-    model.eval()
-    x = torch.randint(0, 256, (min(n, 1000), 3, 32, 32), dtype=torch.uint8, device=device)
-    reps = max(1, n // len(x))
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            model(augment.normalize(x, mean, std)).argmax(1)
-    _sync(device)
+def eval_source(x: torch.Tensor, y: torch.Tensor, device: torch.device, folder: str) -> sources.TensorSource:
+    """A :class:`~ltbench.data.sources.TensorSource` whose test set is ``x`` (uint8) / ``y``: the very
+    object the trainer evaluates on (written to ``folder`` as a prepared ``.npz``, then loaded)."""
+    path = os.path.join(folder, "bench.npz")
+    arrays = {k: v.numpy() for k, v in {"train_x": x[:2], "train_y": y[:2], "test_x": x, "test_y": y}.items()}
+    np.savez(path, counts=np.bincount(y.numpy(), minlength=10), **arrays)
+    return sources.TensorSource(path, device, CIFAR.mean, CIFAR.std, CIFAR.padding)
+
+
+def eval_images_per_s(model: nn.Module, device: torch.device, n: int = 2000) -> float:
+    """Images/s of the trainer's evaluation (:func:`ltbench.training.evaluation.evaluate_counts` over a
+    resident uint8 test set, fp32, the model's memory format) on ``n`` synthetic CIFAR-shaped images."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    with tempfile.TemporaryDirectory(prefix="ltbench-bench-") as tmp:
+        source = eval_source(x, y, device, tmp)
+        evaluation.evaluate_counts(model, source, 10)  # untimed: first-call allocations
+        _sync(device)
+        t0 = time.perf_counter()
+        evaluation.evaluate_counts(model, source, 10)
+        _sync(device)
     model.train()
-    return reps * len(x) / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0)
 
 
 def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, batch_size: int = 128,
@@ -183,7 +196,7 @@ def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, 
     y = torch.randint(0, 10, (n_images,), generator=g)
     recipe = methods.recipe(method)
     fast = run_fast(x, y, method, backbone, steps, batch_size, dev, amp, channels_last=amp, warmup=warmup)
-    eval_ips = eval_images_per_s(fast.pop("model"), fast.pop("mean"), fast.pop("std"), dev, amp)
+    eval_ips = eval_images_per_s(fast.pop("model"), dev)
     n_train = sum(data.counts_for("cifar10", 100))
     epoch_s = n_train * 1.0 / fast["images_per_s"] + 10000 / eval_ips
     out: dict[str, Any] = {
@@ -236,6 +249,21 @@ def _time_ms(fn, reps: int, device: torch.device, stat=np.median):
     return stat(times)
 
 
+def _time_pair(f, g, reps: int, device: torch.device) -> tuple[float, float]:
+    """Min wall ms of ``f()`` and of ``g()`` over ``reps`` alternating calls (one untimed call each first),
+    so that a change in the machine's load hits both alike."""
+    f(), g()
+    tf, tg = [], []
+    for _ in range(reps):
+        for fn, times in ((f, tf), (g, tg)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(1000 * (time.perf_counter() - t0))
+    return min(tf), min(tg)
+
+
 def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
     def call():
         x.grad = None
@@ -244,28 +272,62 @@ def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
     return call
 
 
-def _eval_images_per_s(method: str, backbone: str, batch: int, device: torch.device, channels_last: bool,
-                       reps: int) -> float:
-    """No-grad eval forward throughput of ``method``'s model after a few training steps."""
+def _eval_model(method: str, backbone: str, device: torch.device, channels_last: bool) -> nn.Module:
+    """``method``'s model in eval mode after one training forward (first-batch init of a CBN mixture)."""
     spec = {"recipe": methods.recipe(method), "backbone": backbone, "train": {}}
     model = train.build_model(spec, 10, 3).to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     with torch.no_grad():
         model.train()
-        model(x[:128])  # one training forward: first-batch initialization of any CBN mixture
-        model.eval()
-        ms = _time_ms(lambda: model(x).argmax(1), reps, device)
-    return batch / ms * 1000
+        model(torch.randn(16, 3, 32, 32, device=device))
+    return model.eval()
+
+
+def eval_path_vs_bare(method: str, backbone: str, n: int, device: torch.device, channels_last: bool,
+                      reps: int) -> dict[str, float]:
+    """Images/s of the trainer's evaluation path (:func:`evaluation.evaluate_counts` over a resident
+    uint8 test set: normalization per batch, forward, argmax, per-class counts) against the bare
+    forward + argmax of the same model on the same images already normalized and in the model's
+    memory format, batches of the source's test batch size; min over ``reps`` interleaved calls."""
+    model = _eval_model(method, backbone, device, channels_last)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with tempfile.TemporaryDirectory(prefix="ltbench-bench-") as tmp:
+        source = eval_source(x, y, device, tmp)
+        ready = [xb.contiguous(memory_format=fmt) for xb, _ in source.test()]
+
+        def bare():
+            with torch.no_grad():
+                for xb in ready:
+                    model(xb).argmax(1)
+
+        def path():
+            evaluation.evaluate_counts(model, source, 10)
+        bare_ms, path_ms = _time_pair(bare, path, reps, device)
+    return {"bare_images_per_s": round(n / bare_ms * 1000, 1), "path_images_per_s": round(n / path_ms * 1000, 1),
+            "path_over_bare": round(bare_ms / path_ms, 3)}
+
+
+def _eval_section(backbone: str, n: int, device: torch.device, reps: int) -> dict[str, Any]:
+    """The evaluation path against the bare forward for the BN baseline and ``baseline+cbn``, both memory
+    formats, and the CBN model's bare forward against the BN model's."""
+    out: dict[str, Any] = {"backbone": backbone, "images": n}
+    for fmt in ("contiguous", "channels_last"):
+        for method in ("baseline", "baseline+cbn"):
+            out[f"{method}/{fmt}"] = eval_path_vs_bare(method, backbone, n, device, fmt == "channels_last", reps)
+        bn, cbn = out[f"baseline/{fmt}"], out[f"baseline+cbn/{fmt}"]
+        out[f"cbn_model_over_bn_model/{fmt}"] = round(cbn["bare_images_per_s"] / bn["bare_images_per_s"], 3)
+    return out
 
 
 def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size: int = 32, reps: int = 10,
-               eval_batch: int = 500, backbone: str = "resnet32", eval_reps: int = 5) -> dict[str, Any]:
+               eval_images: int = 2000, backbone: str = "resnet32", eval_reps: int = 5) -> dict[str, Any]:
     """Per-layer fwd+bwd ms (median and min over ``reps``) of BatchNorm2d, Conv2d(C, C, 3, padding=1) and CBN M = 4 (per pixel,
-    per sample) on one (batch, C, size, size) input, their ratios to the convolution, and the eval
-    throughput of ``baseline+cbn``'s model against ``baseline``'s (no grad, channels_last), all in
-    one run. Layers in training mode, float32, no autocast."""
+    per sample) on one (batch, C, size, size) input, their ratios to the convolution, and the
+    evaluation path against the bare model's forward (:func:`eval_path_vs_bare`, ``eval_images``
+    images; 0 skips it), all in one run. Layers in training mode, float32, no autocast."""
     dev = train.pick_device(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=g).to(dev).requires_grad_()
@@ -286,10 +348,6 @@ def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size:
         "fwd_bwd_ms_min": {k: round(v, 3) for k, v in best.items()},
         "ratio_to_conv_of_min": {k: round(v / best["conv3x3"], 3) for k, v in best.items()},
     }
-    if eval_batch:
-        bare = _eval_images_per_s("baseline", backbone, eval_batch, dev, True, eval_reps)
-        cbn = _eval_images_per_s("baseline+cbn", backbone, eval_batch, dev, True, eval_reps)
-        out["eval"] = {"backbone": backbone, "batch": eval_batch, "channels_last": True,
-                       "bare_images_per_s": round(bare, 1), "cbn_images_per_s": round(cbn, 1),
-                       "cbn_over_bare": round(cbn / bare, 3)}
+    if eval_images:
+        out["eval"] = _eval_section(backbone, eval_images, dev, eval_reps)
     return out
