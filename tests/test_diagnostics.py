@@ -199,6 +199,22 @@ def test_sensitivity_figure_from_a_gains_table(tmp_path):
     path = figures.fig_sensitivity(g, "s", exp, tmp_path / "sensitivity.png")
     assert path.is_file() and path.with_suffix(".svg").is_file()
     assert "contradicted" in path.with_suffix(".svg").read_text()
+    # a reading whose cells failed is labelled on its row, with how many seeds and why
+    cells = pd.DataFrame([{"dataset": "fashion-mnist", "ratio": 100, "method": m, "backbone": "resnet8", "seed": s,
+                           "experiments": "s other", "status": st, "detail": d}
+                          for m, st, d in (("cbn@stats-running", "failed", "training diverged: the loss became nan"),
+                                           ("cbn@resp-sample", "finished", ""))
+                          for s in range(3)]
+                         + [{"dataset": "fashion-mnist", "ratio": 100, "method": "baseline+cbn", "backbone": "resnet8",
+                             "seed": 0, "experiments": "s", "status": "failed",
+                             "detail": "collapsed: class 3 received 99 % of the test predictions"}])
+    assert figures.failure_notes(cells, {**exp, "name": "s"}) == {
+        ("fashion-mnist ρ=100", "cbn@stats-running"): "failed in 3 of 3 seeds (diverged)",
+        ("fashion-mnist ρ=100", "baseline+cbn"): "failed in 1 of 1 seeds (collapsed)"}
+    assert figures.failure_notes(cells, {**exp, "name": "other-experiment"}) == {}
+    svg = figures.fig_sensitivity(g, "s", exp, tmp_path / "failed.png", cells=cells).with_suffix(".svg").read_text()
+    assert "failed in 3 of 3 seeds (diverged)" in svg and "collapsed" in svg
+    assert "failed in" not in path.with_suffix(".svg").read_text()  # without cells.csv: no labels
     with pytest.raises(figures.Skip, match="no method has finished runs"):
         figures.fig_sensitivity(g.assign(gain=math.nan), "s", exp, tmp_path / "none.png")
     with pytest.raises(figures.Skip):

@@ -379,10 +379,30 @@ VERDICT_STYLE = {"supported": ("#1a7f37", "o"), "contradicted": ("#c62828", "o")
                  "not significant": ("#777777", "o"), "untested": ("#bbbbbb", "x")}
 
 
-def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1") -> Path:
+def failure_notes(cells: pd.DataFrame | None, exp: Mapping) -> dict[tuple[str, str], str]:
+    """{(panel, method): 'failed in k of n seeds (diverged / collapsed)'} for the experiment's cells that
+    ``cells.csv`` lists as failed, the kind read from each cell's error line."""
+    if cells is None or cells.empty or "status" not in cells.columns:
+        return {}
+    mine = cells[cells["experiments"].fillna("").astype(str).str.split().map(lambda xs: exp["name"] in xs)]
+    mine = mine.assign(panel=_panel_col(mine, exp))
+    notes = {}
+    for (panel, method), grp in mine.groupby(["panel", "method"]):
+        bad = grp[grp["status"] == "failed"]
+        if bad.empty:
+            continue
+        detail = bad["detail"].fillna("").astype(str)
+        kinds = sorted({"diverged" if "diverged" in d else "collapsed" if "collapsed" in d else "error" for d in detail})
+        notes[(panel, method)] = f"failed in {len(bad)} of {len(grp)} seeds ({', '.join(kinds)})"
+    return notes
+
+
+def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1",
+                    cells: pd.DataFrame | None = None) -> Path:
     """Each method's (= each reading's) Δ top-1 over the experiment's first method with the 95 % Welch
     interval and the verdict, as ``gains.csv`` (``kind`` = ``sensitivity``) has them: one panel per
-    (dataset, ratio, backbone), one row per method."""
+    (dataset, ratio, backbone), one row per method. A reading with failed cells (``cells.csv``: diverged,
+    collapsed) says so on its row, in place of a point when no seed finished."""
     over = exp["methods"][0]
     g = of_experiment(gains, name)
     g = g[(g["kind"] == "sensitivity") & (g["metric"] == metric)] if not g.empty else g
@@ -393,16 +413,21 @@ def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, me
     order = _method_order(exp, g["method"])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.42 * len(order) + 1.6),
                              squeeze=False, sharey=True)
+    notes = failure_notes(cells, {**exp, "name": name})
     for ax, panel in zip(axes[0], panels):
         sub = g[g["panel"] == panel].set_index("method").reindex(order)
         for y, (m, r) in enumerate(sub.iterrows()):
+            note = notes.get((panel, m))
             if pd.isna(r["gain"]):
+                if note:
+                    ax.annotate(note, (0.0, y), xytext=(6, 0), textcoords="offset points", va="center",
+                                fontsize=8, color=VERDICT_STYLE["contradicted"][0], fontweight="bold")
                 continue
             color, marker = VERDICT_STYLE.get(r["gain_verdict"], VERDICT_STYLE["untested"])
             lo, hi = r["welch_ci_low"], r["welch_ci_high"]
             err = [[r["gain"] - lo], [hi - r["gain"]]] if not (pd.isna(lo) or pd.isna(hi)) else None
             ax.errorbar(r["gain"], y, xerr=err, fmt=marker, color=color, capsize=3)
-            ax.annotate(f"{fmt_delta(r['gain'])} {r['gain_verdict']}", (r["gain"], y), xytext=(0, 7),
+            ax.annotate(f"{fmt_delta(r['gain'])} {r['gain_verdict']}" + (f"; {note}" if note else ""), (r["gain"], y), xytext=(0, 7),
                         textcoords="offset points", ha="center", fontsize=7, color=color)
         ax.axvline(0.0, color="black", lw=0.8)
         ax.set_yticks(range(len(order)), [method_name(m) for m in order])
@@ -543,7 +568,8 @@ CAPTIONS = {
     "sensitivity": "Sensitivity to the paper's open details: each method's (one reading of one detail, one "
                    "factor at a time) top-1 gain over the experiment's first method, in points, with its 95 % "
                    "Welch interval across seeds and the verdict of gains.csv (paired t-test across seeds, Welch's "
-                   "when the seeds differ; Holm-adjusted over the readings; 'no gain': within ± the margin).",
+                   "when the seeds differ; Holm-adjusted over the readings; 'no gain': within ± the margin). A "
+                   "reading whose cells failed (diverged or collapsed) is labelled so on its row.",
     "bn_norms": "NBN's motivation: the distribution over channels of the effective per-channel |weight| and |bias| "
                 "of the last stage's normalization layers (log scale, all seeds pooled), read from each run's "
                 "model.pt. BN: γ, β; NBN: its effective α·γ/‖γ‖₂ and α·β/‖β‖₂; CBN: every component's γ_k, β_k. The legend "
@@ -567,7 +593,7 @@ def experiment_figures(name: str, exp: Mapping, data: Mapping[str, pd.DataFrame]
     elif kind == "backbones":
         jobs.insert(0, ("backbones", lambda p: fig_backbones(summary, runs, name, exp, p)))
     elif kind == "sensitivity":
-        jobs.insert(0, ("sensitivity", lambda p: fig_sensitivity(gains, name, exp, p)))
+        jobs.insert(0, ("sensitivity", lambda p: fig_sensitivity(gains, name, exp, p, cells=data.get("cells"))))
     elif kind == "ablation":
         jobs[:0] = [("ablation_vs_baseline", lambda p: fig_ablation_baseline(gains, name, exp, p)),
                     ("ablation_vs_paper", lambda p: fig_ablation_paper(layout, p))]
