@@ -51,3 +51,34 @@ def test_a_bench_result_is_the_speed_of_its_backbone_ahead_of_the_config(tmp_pat
 def test_plan_imports_no_torch():
     code = "import sys, ltbench.tools.plan; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_plan_prices_the_seeds_that_would_decide_the_undecided_verdicts(tmp_path):
+    import pandas as pd
+
+    cfg = config.validate({**GRID, "results_dir": str(tmp_path), "plan": {"images_per_s": {"resnet8": 1000.0,
+                                                                                            "resnet110": 100.0}}})
+    assert plan.plan(cfg)["extra_seeds"] is None  # no aggregate yet
+    agg = tmp_path / "aggregate"
+    agg.mkdir()
+    base = {"dataset": "cifar10", "ratio": 100.0, "backbone": "resnet8"}
+    pd.DataFrame([{**base, "method": "ce", "n": 3, "verdict": "inconclusive", "seeds_needed": 7},
+                  {**base, "method": "ce", "n": 3, "verdict": "inconclusive", "seeds_needed": 5},  # the max counts
+                  {**base, "method": "baseline+cbn+sbn+dpl", "n": 3, "verdict": "reproduced", "seeds_needed": None},
+                  {**base, "backbone": "resnet110", "method": "ce", "n": 2, "verdict": "inconclusive",
+                   "seeds_needed": None}]).to_csv(agg / "comparison.csv", index=False)
+    pd.DataFrame([{**base, "method": "baseline+cbn+sbn+dpl", "over": "ce", "n_method": 3, "n_over": 3,
+                   "gain_verdict": "not significant", "seeds_needed": 6},
+                  {**base, "method": "baseline+cbn+sbn+dpl", "over": "ce", "n_method": 3, "n_over": 3,
+                   "gain_verdict": "supported", "seeds_needed": 50}]).to_csv(agg / "gains.csv", index=False)
+    p = plan.plan(cfg)
+    x = p["extra_seeds"]
+    hours = {(r["backbone"], r["method"]): r["hours"] for r in p["speeds"]}  # one seed per cell in GRID
+    # ce/resnet8: 7 − 3 = 4 more runs (max of its rows, gains' 6 included); DPL: 6 − 3 = 3; resnet110's row is beyond
+    assert (x["runs"], x["cells"], x["beyond_max_seeds"], x["runs_without_estimate"]) == (7, 2, 1, 0)
+    assert x["hours"] == pytest.approx(4 * hours[("resnet8", "ce")] + 3 * hours[("resnet8", "baseline+cbn+sbn+dpl")])
+    text = plan.format_text(p)
+    assert "7 more runs on 2 cells" in text and "1 verdict would need more than" in text
+    pd.DataFrame([{"dataset": "cifar10"}]).to_csv(agg / "gains.csv", index=False)
+    with pytest.raises(ValueError, match="gains.csv.*gain_verdict"):
+        plan.plan(cfg)

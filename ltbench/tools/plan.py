@@ -21,6 +21,12 @@ of each (backbone, method) comes from the first of:
 4. Measured runs of the same backbone with other methods (2.), scaled by passes per step.
 5. :data:`DEFAULT_IMAGES_PER_S`: rough, unmeasured estimates for one current data-centre GPU.
 
+Extra seeds: when the config's aggregate (``<results_dir>/aggregate/comparison.csv`` and ``gains.csv``)
+has undecided verdicts (a cell "inconclusive" against the paper, a gain "not significant") with the
+seeds that would decide them at 80 % power (``seeds_needed``, :mod:`ltbench.analysis.power`), the plan
+prices those extra runs: per (dataset, ratio, method, backbone), the largest ``seeds_needed`` of its
+rows minus the seeds it has, times that cell's projected hours.
+
 Each speed row says which source it used. Not modelled: data loading, the cheaper classifier stage of
 decoupled methods, CBN's EM overhead beyond its passes (put a measured file in for those).
 """
@@ -35,6 +41,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ltbench import data
+from ltbench.analysis.power import MAX_SEEDS
 from ltbench.spec import config as ltconfig
 from ltbench.spec.catalog import backbone_depth
 from ltbench.spec.methods import passes
@@ -195,7 +202,60 @@ def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = (), bench: Mappi
         speeds[(b, m)] = _speed(b, m, passes_of[m], knob, measured, passes_of, pinned)
     per_cell = {c: _hours(c, specs[(c.dataset, c.method, c.backbone)], speeds[(c.backbone, c.method)])
                 for c in ltconfig.cells(cfg)}
-    return _summary(cfg, per_cell, speeds, files)
+    out = _summary(cfg, per_cell, speeds, files)
+    out["extra_seeds"] = extra_seeds(Path(cfg["results_dir"]) / "aggregate", per_cell)
+    return out
+
+
+def _undecided(agg: Path) -> tuple[dict[tuple, tuple[int, int]], int]:
+    """{(dataset, ratio, method, backbone): (seeds needed, seeds it has)} over the undecided rows of the
+    aggregate's comparison.csv (inconclusive) and gains.csv (not significant: both methods), and the
+    number of undecided rows that would need more than the power analysis's maximum."""
+    need: dict[tuple, tuple[int, int]] = {}
+    beyond = 0
+
+    def add(row, method, have) -> None:
+        key = (row["dataset"], f"{float(row['ratio']):g}", method, row["backbone"])
+        n, h = int(row["seeds_needed"]), int(have)
+        old = need.get(key, (0, h))
+        need[key] = (max(old[0], n), min(old[1], h))
+
+    for name, verdict_col, undecided, sides in (("comparison.csv", "verdict", "inconclusive", (("method", "n"),)),
+                                                ("gains.csv", "gain_verdict", "not significant",
+                                                 (("method", "n_method"), ("over", "n_over")))):
+        f = agg / name
+        if not f.exists():
+            continue
+        df = pd.read_csv(f)
+        if verdict_col not in df.columns or "seeds_needed" not in df.columns:
+            raise ValueError(f"{f}: not an `ltbench aggregate` table (lacks {verdict_col} or seeds_needed)")
+        rows = df[df[verdict_col] == undecided]
+        beyond += int(rows["seeds_needed"].isna().sum())
+        for row in rows.dropna(subset=["seeds_needed"]).to_dict("records"):
+            for method_col, n_col in sides:
+                add(row, row[method_col], row[n_col])
+    return need, beyond
+
+
+def extra_seeds(agg: Path, per_cell: Mapping[ltconfig.Cell, float | None]) -> dict | None:
+    """The runs and hours that would decide the aggregate's undecided verdicts (module docstring);
+    None without an aggregate. Cells the config does not list are counted but not priced."""
+    if not (agg / "comparison.csv").exists() and not (agg / "gains.csv").exists():
+        return None
+    need, beyond = _undecided(agg)
+    hours_of = {(c.dataset, f"{float(c.ratio):g}", c.method, c.backbone): h for c, h in per_cell.items()}
+    runs = hours = 0.0
+    unpriced = 0
+    for key, (n, have) in need.items():
+        extra = max(n - have, 0)
+        runs += extra
+        h = hours_of.get(key)
+        if h is None:
+            unpriced += extra
+        else:
+            hours += extra * h
+    return {"aggregate": str(agg), "cells": sum(n > h for n, h in need.values()), "runs": int(runs),
+            "hours": hours, "runs_without_estimate": int(unpriced), "beyond_max_seeds": beyond}
 
 
 def _summary(cfg: Mapping, per_cell: Mapping, speeds: Mapping, files: list[Path]) -> dict:
@@ -253,6 +313,14 @@ def format_text(p: Mapping, config_path: str | None = None) -> str:
     if p["cells_without_estimate"]:
         out.append(f"{p['cells_without_estimate']} cells have no estimate (unknown backbone speed or dataset size): "
                    "'+?' above.")
+    if (x := p.get("extra_seeds")) and (x["runs"] or x["beyond_max_seeds"]):
+        line = (f"Undecided verdicts in {x['aggregate']}: {x['runs']} more runs on {x['cells']} cells would decide "
+                f"those the power analysis can (80 % power), about {_h(x['hours'])} GPU-hours")
+        line += f" ({x['runs_without_estimate']} runs not priced)" if x["runs_without_estimate"] else ""
+        k = x["beyond_max_seeds"]
+        line += (f"; {k} verdict{'s' * (k != 1)} would need more than {MAX_SEEDS} seeds"
+                 if x["beyond_max_seeds"] else "")
+        out.append(line + ".")
     if "default" in p["speed_sources"]:
         out.append("Default estimates are unmeasured: measure with `python -m ltbench bench --backbone B --out b.json` "
                    "on the target GPU and pass --throughput b.json, or set plan.images_per_s in the config.")
