@@ -146,6 +146,74 @@ def test_published_protocol_resolves_each_method_to_its_published_recipe():
     assert methods.recipe("ce")["protocol"] == "controlled"
 
 
+def _published(dataset, method):
+    cfg = config.validate({"experiments": {"e": {"datasets": [dataset], "ratios": [100 if "cifar" in dataset else 256],
+                                                 "methods": [method], "backbones": ["resnet32"],
+                                                 "protocol": "published"}}})
+    spec = config.cell_spec(cfg, dataset, method + "@published", "resnet32")
+    return spec["train"], spec["recipe"]
+
+
+@pytest.mark.parametrize("dataset, epochs, warmup", [("cifar10", 591, 36), ("cifar100", 685, 42)])
+def test_balanced_softmax_published_recipe(dataset, epochs, warmup):
+    """BalancedMetaSoftmax-Classification config/CIFAR*_LT/balanced_softmax_imba200.yaml: 13,000 iterations
+    at batch 512 on the ρ = 200 set (ceil(13000 / 22) = 591, ceil(13000 / 19) = 685 epochs), warmup
+    ceil(800 / B) epochs from lr 0.05 to 0.1, cosine to 0, wd 5e-4; AutoAugment CIFAR10Policy + Cutout."""
+    t, r = _published(dataset, "balanced-softmax")
+    assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["nesterov"], t["weight_decay"]) == \
+        (epochs, 512, 0.1, 0.9, False, 5e-4)
+    assert (t["schedule"], t["warmup_epochs"], t["warmup_per"], t["warmup_start"]) == ("cosine", warmup, "epoch", 0.5)
+    assert r["loss"]["name"] == "balanced_softmax" and r["augment"] == "autoaugment" and r["views"] == ["strong"]
+    assert r["strong_view"] == {"policy": "cifar10_policy", "cutout": True}
+    assert r["protocol"] == "published" and "jiawei-ren/BalancedMetaSoftmax-Classification" in r["source"]
+
+
+@pytest.mark.parametrize("method, loss, posthoc", [("la", "logit_adjust", None), ("la-posthoc", "ce", 1.0)])
+@pytest.mark.parametrize("dataset, epochs, warmup, decays", [("cifar10", 1241, 20, (604, 926, 1128)),
+                                                             ("cifar100", 1419, 22, (691, 1059, 1290))])
+def test_logit_adjustment_published_recipes(method, loss, posthoc, dataset, epochs, warmup, decays):
+    """google-research logit_adjustment/utils.py dataset_mappings + main.py: batch 128, lr 0.1, Nesterov
+    momentum 0.9, Keras L2 1e-4 (= wd 2e-4), linear warmup, ×0.1 / 0.01 / 0.001 at the listed epochs, τ = 1."""
+    t, r = _published(dataset, method)
+    assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["nesterov"], t["weight_decay"]) == \
+        (epochs, 128, 0.1, 0.9, True, 2e-4)
+    assert (t["schedule"], t["warmup_epochs"], t["warmup_per"], t["warmup_start"]) == ("step", warmup, "step", None)
+    assert [round(f * epochs) for f in t["step_milestones"]] == list(decays)
+    assert t["step_factors"] == [0.1, 0.01, 0.001]
+    assert r["loss"]["name"] == loss and r["posthoc_tau"] == posthoc and r["augment"] == "crop_flip"
+    assert loss == "ce" or r["loss"]["options"]["tau"] == 1.0
+    assert "google-research/google-research logit_adjustment" in r["source"]
+
+
+def test_nbn_published_recipe_is_imagenet_lt_only():
+    """yuxiangbao/NBN config/ImageNet_LT/resnet50_nbn.yaml: CE, SGD lr 0.2, momentum 0.9, wd 5e-4, batch
+    512, cosine over 90 epochs, no warmup; last-stage NBN with one α; plain Linear head (no rectification)."""
+    t, r = _published("imagenet-lt", "nbn")
+    assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["weight_decay"], t["schedule"], t["warmup_epochs"]) \
+        == (90, 512, 0.2, 0.9, 5e-4, "cosine", 0)
+    assert r["loss"]["name"] == "ce" and r["logit_rectification"] is False
+    assert r["norm"] == methods.recipe("nbn")["norm"] and r["norm"]["scope"] == "last_stage"
+    assert "yuxiangbao/NBN" in r["source"] and r["datasets"] == ["imagenet-lt"]
+    with pytest.raises(ConfigError, match=r"'nbn@published' applies only to imagenet-lt .*not to 'cifar10'"):
+        _published("cifar10", "nbn")
+    with pytest.raises(ConfigError, match=r"'la@published' applies only to cifar10, cifar100"):
+        _published("imagenet-lt", "la")
+
+
+def test_recipe_dataset_train_overrides_the_recipe_train_for_its_dataset():
+    cfg = config.validate({"train": {"epochs": 7}, "methods": {"m": {"train": {"lr": 0.3}, "dataset_train":
+                                                                     {"cifar100": {"epochs": 9}}}},
+                           "experiments": {"e": {"datasets": ["cifar10", "cifar100"], "ratios": [100],
+                                                 "methods": ["m"], "backbones": ["resnet32"]}}})
+    assert config.cell_spec(cfg, "cifar100", "m", "resnet32")["train"]["epochs"] == 9
+    assert config.cell_spec(cfg, "cifar10", "m", "resnet32")["train"]["epochs"] == 7
+    assert config.cell_spec(cfg, "cifar100", "m", "resnet32")["train"]["lr"] == 0.3
+    with pytest.raises(ConfigError, match="dataset_train"):
+        config.validate({"methods": {"m": {"dataset_train": {"cifar10": {"epochs": 0}}}},
+                         "experiments": {"e": {"datasets": ["cifar10"], "ratios": [100], "methods": ["m"],
+                                               "backbones": ["resnet32"]}}})
+
+
 def test_published_protocol_without_a_published_recipe_is_a_config_error():
     with pytest.raises(ConfigError, match=r"experiments\.e\.methods.*'baseline' has no published recipe"):
         _cfg("published", ["ce", "baseline"])

@@ -70,8 +70,8 @@ def row(df, **kw):
 
 def test_cells_status_lists_failed_and_not_run(grid):
     cells = csv(grid, "cells.csv")
-    assert len(cells) == 471  # 345 controlled + 126 published-protocol cells
-    assert cells.status.value_counts().to_dict() == {"finished": 467, "not run": 3, "failed": 1}
+    assert len(cells) == 525  # 345 controlled + 180 published-protocol cells
+    assert cells.status.value_counts().to_dict() == {"finished": 521, "not run": 3, "failed": 1}
     failed = row(cells, status="failed")
     assert (failed.method, failed.ratio, failed.seed) == ("baseline+sbn", "50", 0)
     assert "training loss became nan at epoch 3" in failed.detail
@@ -82,12 +82,13 @@ def test_cells_status_lists_failed_and_not_run(grid):
 
 def test_runs_csv_has_every_knob_and_provenance(grid):
     runs = csv(grid, "runs.csv")
-    assert len(runs) == 467 * 4
+    assert len(runs) == 521 * 4
     for col in ("recipe.norm.options.num_components", "train.epochs", "train.lr", "dataset_options.subset_seed",
                 "git_commit", "env.torch", "device", "wall_time_s", "n_train", "run_dir", "experiments"):
         assert col in runs.columns, col
     assert set(runs[runs.protocol == "controlled"]["train.epochs"]) == {400}
-    assert set(runs[runs.protocol == "published"]["train.epochs"]) == {200, 210}  # LDAM-DRW; + Kang's 10 stage epochs
+    # LDAM-DRW; + Kang's 10 stage epochs; Balanced Softmax (CIFAR-10 / -100); logit adjustment (CIFAR-10 / -100)
+    assert set(runs[runs.protocol == "published"]["train.epochs"]) == {200, 210, 591, 685, 1241, 1419}
     assert row(runs, dataset="cifar10", ratio="100", method="ce", seed=0, metric="top1").n_train == 12406
 
 
@@ -280,7 +281,7 @@ def test_figures_written_per_experiment(grid):
 
 def test_report_page_summary_first_then_sections(grid):
     h = grid["html"]
-    assert "Partial grid: 467 of 471 cells finished — 1 failed, 3 not run" in h
+    assert "Partial grid: 521 of 525 cells finished — 1 failed, 3 not run" in h
     order = [h.index(s) for s in ("Summary of verdicts", "id='exp-cbn_table2'", "id='exp-nbn_cifar'",
                                   "id='missing'", "id='details'", "id='provenance'")]
     assert order == sorted(order)
@@ -299,7 +300,7 @@ def test_report_page_summary_first_then_sections(grid):
     assert "training loss became nan at epoch 3" in missing and missing.count("<tr><td") == 4
     assert "status-failed" in missing and "status-not-run" in missing
     prov = h[h.index("id='provenance'"):]
-    assert "467.00 GPU-hours" in prov and "NVIDIA H100" in prov and "0123456789ab" in prov
+    assert "521.00 GPU-hours" in prov and "NVIDIA H100" in prov and "0123456789ab" in prov
     assert f"hash {__import__('ltbench').io.config_hash(grid['cfg'])}" in prov
     assert "CBN open detail 8" in h and "recipe.norm.options.responsibilities" in h
     assert h.count("data:image/png;base64,") == len(list(grid["figures"].rglob("*.png"))) == 20 and "src=\"http" not in h and "<script" not in h

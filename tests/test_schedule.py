@@ -41,3 +41,25 @@ def test_warmup_per_is_a_config_knob_defaulting_to_step():
     assert config.validate({**base, "train": {"warmup_per": "epoch"}})["train"]["warmup_per"] == "epoch"
     with pytest.raises(Exception, match="warmup_per"):
         config.validate({**base, "train": {"warmup_per": "batch"}})
+
+
+def test_warmup_start_ramps_from_a_fraction_of_the_peak_as_balanced_softmax():
+    """Balanced Softmax's CosineAnnealingLRWarmup: 0.05 → 0.1 in epochs 1…W−1, the peak at epoch W, then
+    cosine. warmup_start 0.5 over warmup_epochs W − 1: 0.5 + 0.5·e/(W − 1) in epoch e, 1 after the warmup."""
+    t = {**T, "epochs": 20, "warmup_epochs": 4, "warmup_per": "epoch", "schedule": "cosine", "warmup_start": 0.5}
+    f = lr_lambda(t, steps_per_epoch=3)
+    for e in range(4):
+        assert [f(e * 3 + i) for i in range(3)] == [pytest.approx(0.5 + 0.5 * e / 4)] * 3
+    assert f(4 * 3) == pytest.approx(1.0) and f(20 * 3 - 1) < 0.01
+    s = lr_lambda({**t, "warmup_per": "step"}, steps_per_epoch=3)  # per step: 0.5 + 0.5·k/12
+    assert [s(k) for k in (0, 6, 11, 12)] == [pytest.approx(0.5), pytest.approx(0.75), pytest.approx(0.5 + 0.5 * 11 / 12), 1.0]
+    # null (the default) keeps the ramp that reaches the peak inside the warmup
+    assert lr_lambda({**t, "warmup_start": None}, steps_per_epoch=3)(0) == pytest.approx(0.25)
+
+
+def test_warmup_start_is_a_config_knob_defaulting_to_null():
+    base = {"experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"],
+                                  "backbones": ["resnet8"]}}}
+    assert config.validate(base)["train"]["warmup_start"] is None
+    with pytest.raises(Exception, match="warmup_start"):
+        config.validate({**base, "train": {"warmup_start": 1.5}})

@@ -156,6 +156,10 @@ def check_spec(spec: Mapping) -> None:
     keys that depend on it (the decoupled stages must both get epochs)."""
     m, train, dt = spec["method"], spec["train"], spec["recipe"]["decoupled"]
     check_recipe(m, spec["recipe"])
+    where = spec["recipe"]["datasets"]
+    if where is not None and spec["dataset"] not in where:
+        raise ConfigError(f"method {m!r} applies only to {', '.join(where)} (recipe key datasets), "
+                          f"not to {spec['dataset']!r}")
     for key, msg in schema_errors(dict(train), "train"):
         raise ConfigError(f"method {m!r} on {spec['dataset']}: train.{key}: {msg}" if key != "(top level)"
                           else f"method {m!r} on {spec['dataset']}: train: {msg}")
@@ -239,12 +243,12 @@ def cell_spec(cfg: Mapping, dataset: str, method: str, backbone: str) -> dict:
     """Everything a training run needs besides ratio and seed: resolved recipe and settings.
 
     Training settings merge as: schema defaults < config ``train`` < ``datasets[d].train`` <
-    the method recipe's ``train``.
+    the method recipe's ``train`` < the recipe's ``dataset_train[d]``.
     """
     dopts = {**_defaults(schema()["$defs"]["dataset"]), **cfg["datasets"].get(dataset, {})}
     dspec = data.get(dataset)
     r = methods.recipe(method, cfg["methods"])
-    train = {**cfg["train"], **dopts.pop("train", {}), **r.get("train", {})}
+    train = {**cfg["train"], **dopts.pop("train", {}), **r.get("train", {}), **r["dataset_train"].get(dataset, {})}
     dopts.setdefault("many_threshold", dspec.many_threshold)
     dopts.setdefault("few_threshold", dspec.few_threshold)
     return {"dataset": dataset, "dataset_options": dopts, "method": method, "recipe": r,

@@ -37,6 +37,8 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "posthoc_tau": None,
     "logit_rectification": False,
     "train": {},
+    "dataset_train": {},  # {dataset: train settings} over `train` (published recipes with per-dataset lengths)
+    "datasets": None,  # datasets the recipe applies to (None = any)
 }
 
 OPEN_DETAILS: dict[str, str] = {
