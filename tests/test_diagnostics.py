@@ -270,4 +270,4 @@ def test_fashion_cbn_config_dry_runs(tmp_path):
     p = snakemake("-n", "--cores", 2, "--configfile", ROOT / "config" / "fashion-cbn.yaml", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     counts = job_counts(p.stdout)
-    assert counts["train"] == len(config.cells(cfg)) == 33 and counts["report"] == 1
+    assert counts["train"] == len(config.cells(cfg)) == 42 and counts["report"] == 1

@@ -384,7 +384,7 @@ def failure_notes(cells: pd.DataFrame | None, exp: Mapping) -> dict[tuple[str, s
     ``cells.csv`` lists as failed, the kind read from each cell's error line."""
     if cells is None or cells.empty or "status" not in cells.columns:
         return {}
-    mine = cells[cells["experiments"].fillna("").astype(str).str.split().map(lambda xs: exp["name"] in xs)]
+    mine = cells[cells["experiments"].astype(object).fillna("").astype(str).str.split().map(lambda xs: exp["name"] in xs)]
     mine = mine.assign(panel=_panel_col(mine, exp))
     notes = {}
     for (panel, method), grp in mine.groupby(["panel", "method"]):
