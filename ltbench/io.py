@@ -81,7 +81,8 @@ def environment() -> dict:
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-           "platform": platform.platform(), "host": socket.gethostname()}
+           "platform": platform.platform(), "host": socket.gethostname(),
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # malloc settings (ltbench/malloc.py)
     try:
         import torchvision  # lazy: recorded when installed
         env["torchvision"] = torchvision.__version__

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ltbench.errors import Preempted
-from ltbench import data
+from ltbench import data, malloc
 from ltbench.nn import norm
 from ltbench.spec import config, methods
 from ltbench.training import trainer as train
@@ -70,6 +70,9 @@ def test_train_command(prepared, tmp_path, cli):
     assert "epoch 2/2" in p.stderr  # progress lines when not on a terminal
     m = json.loads((tmp_path / "cell" / "metrics.json").read_text())
     assert m["seeds"]["train"] == 3 and m["spec"]["train"]["epochs"] == 2
+    # `python -m ltbench` ran with glibc's malloc keeping freed memory (ltbench/malloc.py), and says so
+    if malloc.tuned_environ({}) is not None:
+        assert malloc.TUNABLES in m["environment"]["glibc_tunables"]
     bad = cli("train", "--dataset", "digits-lt", "--ratio", 10, "--method", "nope", "--out", tmp_path / "x",
               check=False)
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
