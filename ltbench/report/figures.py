@@ -420,8 +420,8 @@ def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, me
             note = notes.get((panel, m))
             if pd.isna(r["gain"]):
                 if note:
-                    ax.annotate(note, (0.0, y), xytext=(6, 0), textcoords="offset points", va="center",
-                                fontsize=8, color=VERDICT_STYLE["contradicted"][0], fontweight="bold")
+                    ax.annotate(note, (0.02, y), xycoords=("axes fraction", "data"), va="center", fontsize=8,
+                                color=VERDICT_STYLE["contradicted"][0], fontweight="bold")
                 continue
             color, marker = VERDICT_STYLE.get(r["gain_verdict"], VERDICT_STYLE["untested"])
             lo, hi = r["welch_ci_low"], r["welch_ci_high"]
