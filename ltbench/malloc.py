@@ -39,5 +39,9 @@ def reexec() -> None:
     """Replace this process (same PID, arguments and interpreter flags: ``sys.orig_argv``) by one with
     the tuned environment, or return when :func:`tuned_environ` says there is nothing to do."""
     env = tuned_environ(os.environ)
-    if env is not None:
+    if env is None or not sys.executable:
+        return
+    try:
         os.execve(sys.executable, sys.orig_argv, env)
+    except OSError as e:  # an interpreter that cannot be re-executed: run on with glibc's defaults
+        print(f"ltbench: could not apply the malloc settings ({e}); continuing without them", file=sys.stderr)

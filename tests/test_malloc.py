@@ -35,3 +35,12 @@ def test_reexec_replaces_the_process_with_the_same_command_line():
         pytest.skip("not glibc: reexec is a no-op (tuned_environ's test covers that)")
     assert _child_tunables({}) == malloc.TUNABLES  # the -c command ran again, in the tuned environment
     assert _child_tunables({malloc.OPT_OUT: "1"}) == "None"
+
+
+def test_reexec_failure_runs_on_with_a_warning(monkeypatch, capsys):
+    def refuse(*args):
+        raise PermissionError("not allowed")
+    monkeypatch.setattr(malloc.os, "execve", refuse)
+    monkeypatch.setattr(malloc, "tuned_environ", lambda environ: {"GLIBC_TUNABLES": malloc.TUNABLES})
+    malloc.reexec()  # returns instead of raising
+    assert "could not apply the malloc settings" in capsys.readouterr().err
