@@ -382,9 +382,9 @@ VERDICT_STYLE = {"supported": ("#1a7f37", "o"), "contradicted": ("#c62828", "o")
 def failure_notes(cells: pd.DataFrame | None, exp: Mapping) -> dict[tuple[str, str], str]:
     """{(panel, method): 'failed in k of n seeds (diverged / collapsed)'} for the experiment's cells that
     ``cells.csv`` lists as failed, the kind read from each cell's error line."""
-    if cells is None or cells.empty or "status" not in cells.columns:
+    mine = of_experiment(cells, exp["name"])
+    if mine.empty or "status" not in mine.columns:
         return {}
-    mine = cells[cells["experiments"].astype(object).fillna("").astype(str).str.split().map(lambda xs: exp["name"] in xs)]
     mine = mine.assign(panel=_panel_col(mine, exp))
     notes = {}
     for (panel, method), grp in mine.groupby(["panel", "method"]):
@@ -427,8 +427,9 @@ def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, me
             lo, hi = r["welch_ci_low"], r["welch_ci_high"]
             err = [[r["gain"] - lo], [hi - r["gain"]]] if not (pd.isna(lo) or pd.isna(hi)) else None
             ax.errorbar(r["gain"], y, xerr=err, fmt=marker, color=color, capsize=3)
-            ax.annotate(f"{fmt_delta(r['gain'])} {r['gain_verdict']}" + (f"; {note}" if note else ""), (r["gain"], y), xytext=(0, 7),
-                        textcoords="offset points", ha="center", fontsize=7, color=color)
+            label = f"{fmt_delta(r['gain'])} {r['gain_verdict']}" + (f"; {note}" if note else "")
+            ax.annotate(label, (r["gain"], y), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=7,
+                        color=color)
         ax.axvline(0.0, color="black", lw=0.8)
         ax.set_yticks(range(len(order)), [method_name(m) for m in order])
         ax.set_ylim(len(order) - 0.5, -0.7)

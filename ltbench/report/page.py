@@ -217,7 +217,7 @@ def _summary_row(name: str, exp: Mapping, lay: tables.Layout, g: pd.DataFrame, c
     gc = g["gain_verdict"].value_counts().to_dict() if not g.empty else {}
     done = "–"
     if not cells.empty:
-        mine = cells[cells["experiments"].astype(object).fillna("").astype(str).str.split().map(lambda xs: name in xs)]
+        mine = tables.of_experiment(cells, name)
         done = f"{(mine['status'] == 'finished').sum()} / {len(mine)}"
     ref = exp.get("reference")
     what = (f"{ref['paper']}" + (f" Table {ref['table']}" if ref.get("table") else "")) if ref else "–"

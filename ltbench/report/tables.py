@@ -200,10 +200,17 @@ def _metrics_for(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) ->
 
 
 def of_experiment(df: pd.DataFrame | None, name: str) -> pd.DataFrame:
-    """The rows of an aggregate table (summary, comparison, gains) that belong to one experiment."""
-    if df is None or df.empty or "experiment" not in df.columns:
+    """The rows of an aggregate table that belong to one experiment: summary, comparison and gains by
+    their ``experiment`` column, ``cells.csv`` by its ``experiments`` (the space-separated experiments
+    that list the cell)."""
+    if df is None or df.empty:
         return pd.DataFrame()
-    return df[df["experiment"].astype(str) == name].reset_index(drop=True)
+    if "experiment" in df.columns:
+        return df[df["experiment"].astype(str) == name].reset_index(drop=True)
+    if "experiments" in df.columns:
+        listed = df["experiments"].astype(object).fillna("").astype(str).str.split()
+        return df[listed.map(lambda xs: name in xs)].reset_index(drop=True)
+    return pd.DataFrame()
 
 
 def _layout_rows(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) -> list[Row]:

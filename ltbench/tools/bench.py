@@ -20,11 +20,12 @@ projection (:func:`ltbench.tools.plan.plan`) with this measurement as the speed 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -160,23 +161,23 @@ def run_common(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, 
             "mean_loss": float(np.mean(losses_seen))}
 
 
-def eval_source(x: torch.Tensor, y: torch.Tensor, device: torch.device, folder: str) -> sources.TensorSource:
-    """A :class:`~ltbench.data.sources.TensorSource` whose test set is ``x`` (uint8) / ``y``: the very
-    object the trainer evaluates on (written to ``folder`` as a prepared ``.npz``, then loaded)."""
-    path = os.path.join(folder, "bench.npz")
-    arrays = {k: v.numpy() for k, v in {"train_x": x[:2], "train_y": y[:2], "test_x": x, "test_y": y}.items()}
-    np.savez(path, counts=np.bincount(y.numpy(), minlength=10), **arrays)
-    return sources.TensorSource(path, device, CIFAR.mean, CIFAR.std, CIFAR.padding)
+@contextlib.contextmanager
+def synthetic_test_source(n: int, device: torch.device) -> Iterator[sources.TensorSource]:
+    """The trainer's :class:`~ltbench.data.sources.TensorSource` whose test set is ``n`` synthetic
+    CIFAR-shaped uint8 images (written as a prepared ``.npz`` to a temporary folder, then loaded)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).numpy()
+    y = torch.randint(0, 10, (n,), generator=g).numpy()
+    with tempfile.TemporaryDirectory(prefix="ltbench-bench-") as tmp:
+        path = os.path.join(tmp, "bench.npz")
+        np.savez(path, train_x=x[:2], train_y=y[:2], test_x=x, test_y=y, counts=np.bincount(y, minlength=10))
+        yield sources.TensorSource(path, device, CIFAR.mean, CIFAR.std, CIFAR.padding)
 
 
 def eval_images_per_s(model: nn.Module, device: torch.device, n: int = 2000) -> float:
     """Images/s of the trainer's evaluation (:func:`ltbench.training.evaluation.evaluate_counts` over a
     resident uint8 test set, fp32, the model's memory format) on ``n`` synthetic CIFAR-shaped images."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    with tempfile.TemporaryDirectory(prefix="ltbench-bench-") as tmp:
-        source = eval_source(x, y, device, tmp)
+    with synthetic_test_source(n, device) as source:
         evaluation.evaluate_counts(model, source, 10)  # untimed: first-call allocations
         _sync(device)
         t0 = time.perf_counter()
@@ -290,12 +291,8 @@ def eval_path_vs_bare(method: str, backbone: str, n: int, device: torch.device, 
     forward + argmax of the same model on the same images already normalized and in the model's
     memory format, batches of the source's test batch size; min over ``reps`` interleaved calls."""
     model = _eval_model(method, backbone, device, channels_last)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with tempfile.TemporaryDirectory(prefix="ltbench-bench-") as tmp:
-        source = eval_source(x, y, device, tmp)
+    with synthetic_test_source(n, device) as source:
         ready = [xb.contiguous(memory_format=fmt) for xb, _ in source.test()]
 
         def bare():

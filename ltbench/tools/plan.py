@@ -244,8 +244,8 @@ def extra_seeds(agg: Path, per_cell: Mapping[ltconfig.Cell, float | None]) -> di
         return None
     need, beyond = _undecided(agg)
     hours_of = {(c.dataset, f"{float(c.ratio):g}", c.method, c.backbone): h for c, h in per_cell.items()}
-    runs = hours = 0.0
-    unpriced = 0
+    runs = unpriced = 0
+    hours = 0.0
     for key, (n, have) in need.items():
         extra = max(n - have, 0)
         runs += extra
@@ -254,8 +254,8 @@ def extra_seeds(agg: Path, per_cell: Mapping[ltconfig.Cell, float | None]) -> di
             unpriced += extra
         else:
             hours += extra * h
-    return {"aggregate": str(agg), "cells": sum(n > h for n, h in need.values()), "runs": int(runs),
-            "hours": hours, "runs_without_estimate": int(unpriced), "beyond_max_seeds": beyond}
+    return {"aggregate": str(agg), "cells": sum(n > h for n, h in need.values()), "runs": runs,
+            "hours": hours, "runs_without_estimate": unpriced, "beyond_max_seeds": beyond}
 
 
 def _summary(cfg: Mapping, per_cell: Mapping, speeds: Mapping, files: list[Path]) -> dict:
