@@ -14,10 +14,23 @@ import torch
 import torch.nn as nn
 
 from cbn_reference import ReferenceCBN
+from ltbench.nn import cbn_cpu
 from ltbench.nn.norm import CompoundBatchNorm2d
 
 C = 5
 BUFFERS = ("running_prior", "running_mean", "running_var", "num_batches_tracked", "initialized")
+
+
+@pytest.fixture(params=["c", "torch"])
+def impl(request, monkeypatch):
+    """Both CPU implementations of the per-pixel path: the fused C kernels (contiguous input; an error
+    if they cannot be built) and the torch one (``LTBENCH_CBN_KERNEL``, ltbench/nn/cbn_cpu.py)."""
+    if request.param == "c" and not cbn_cpu.compiler_found():
+        pytest.skip("needs a C compiler ($CC or cc)")
+    monkeypatch.setenv("LTBENCH_CBN_KERNEL", request.param)
+    cbn_cpu.reset()
+    yield request.param
+    cbn_cpu.reset()
 
 
 def close(a, b, atol=2e-5, rtol=2e-4):
@@ -96,7 +109,7 @@ def compare(fast, ref, data, groups_every: int | None, check_eval: bool = True):
 
 @pytest.mark.parametrize("M,resp,detach,channels_last",
                          list(itertools.product([2, 3, 4], ["pixel", "sample"], [False, True], [False, True])))
-def test_fast_cbn_matches_reference(M, resp, detach, channels_last):
+def test_fast_cbn_matches_reference(M, resp, detach, channels_last, impl):
     fast, ref = make_pair(num_components=M, responsibilities=resp, detach_responsibilities=detach)
     compare(fast, ref, batches(4, channels_last), groups_every=2)
 
@@ -114,7 +127,7 @@ def test_fast_cbn_matches_reference(M, resp, detach, channels_last):
     {"num_components": 1, "responsibilities": "sample"},
 ])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fast_cbn_matches_reference_options(options, channels_last):
+def test_fast_cbn_matches_reference_options(options, channels_last, impl):
     fast, ref = make_pair(**options)
     compare(fast, ref, batches(3, channels_last), groups_every=2)
 
@@ -128,7 +141,7 @@ def test_fast_cbn_matches_reference_cuda(resp, channels_last):
     compare(fast, ref, batches(4, channels_last), groups_every=2)
 
 
-def test_component_without_mass_matches_reference():
+def test_component_without_mass_matches_reference(impl):
     """Training steps only: in eval both layers shift by Σ π_k μ_k, which the far component (prior
     still 0.16 after two steps) drags to ≈ 160, where both E-steps lose ~1e-3 to cancellation."""
     fast, ref = make_pair(num_components=3)
@@ -167,7 +180,7 @@ def test_one_component_is_bitwise_batchnorm(resp, channels_last):
         assert torch.equal(cbn(x), bn(x))
 
 
-def test_eval_cache_follows_parameters_and_buffers():
+def test_eval_cache_follows_parameters_and_buffers(impl):
     """The no-grad eval path caches per-layer constants; in-place changes, loads and train() invalidate it."""
     fast, ref = make_pair(num_components=3)
     data = batches(2, False)
@@ -205,7 +218,7 @@ def test_bench_layer_reports_every_layer_and_ratios():
     assert build_parser().parse_args(["bench", "--layer"]).layer
     out = bench.layer_main(device="cpu", batch=2, channels=4, size=4, reps=1, eval_images=3, backbone="resnet8",
                            eval_reps=1)
-    names = {"batchnorm2d", "conv3x3", "cbn_m4_pixel", "cbn_m4_sample"}
+    names = {"batchnorm2d", "conv3x3", "cbn_m4_pixel", "cbn_m4_sample", "cbn_m4_pixel_torch"}
     assert set(out["fwd_bwd_ms"]) == names == set(out["ratio_to_conv"])
     assert out["ratio_to_conv"]["conv3x3"] == 1.0
     assert all(v > 0 for v in out["fwd_bwd_ms"].values())

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ltbench.nn import cbn_cpu
 from ltbench.registry import Registry
 
 NORMS = Registry("norm layer")
@@ -173,6 +174,18 @@ def _pixel_estep(lay: _Layout, x: torch.Tensor, mix: _Mixture) -> tuple[torch.Te
     return z, _flush(_softmax(logit, lay.c))
 
 
+def _fused(x4: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether the per-pixel path runs on the fused CPU kernels (:mod:`ltbench.nn.cbn_cpu`): contiguous
+    float32 CPU input and float32 statistics, kernels built and not switched off."""
+    return all(p.dtype == torch.float32 for p in params) and cbn_cpu.usable(x4)
+
+
+def _pixel_estep_fused(x: torch.Tensor, mix: _Mixture) -> torch.Tensor:
+    """Per-point r = softmax(const + xc·w1 + xc²·w2) for contiguous (N, C, L) x, without writing Z."""
+    M, C = mix.estep.shape[0], x.shape[1]
+    return _flush(_softmax(cbn_cpu.quad(x, None, mix.shift, mix.estep.view(M, 2, C), mix.const), 1))
+
+
 def _mixed_affine(lay: _Layout, r: torch.Tensor, xc: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 16 per point: y_i = (Σ_k r_ik scale_k) ⊙ xc_i + Σ_k r_ik offset_k (one matmul, one multiply-add)."""
@@ -227,11 +240,17 @@ class _CompoundFunction(torch.autograd.Function):
         lay = _Layout(x4)
         x = lay.flat(x4)
         C, L = x.shape[lay.c], x.shape[lay.l]
+        fused = mode == "pixel" and _fused(x4, weight, rmean, rvar)
         if mode == "pixel":
             s = _location(lay, x) if shift is None else shift
             mix = _mixture(prior, rmean, rvar, eps, s)
-            z, r = _pixel_estep(lay, x, mix)
-            n, sums = r.sum((0, lay.l)), lay.reduce(r, z)
+            if fused:  # Z is not written: the kernels recompute x − shift
+                z, r = None, _pixel_estep_fused(x, mix)
+                sums = cbn_cpu.moments(x, None, s, r)
+            else:
+                z, r = _pixel_estep(lay, x, mix)
+                sums = lay.reduce(r, z)
+            n = r.sum((0, lay.l))
             s1, s2 = sums[:, :C], sums[:, C:]
             ctx.pooled, ctx.z = None, z
         else:
@@ -257,7 +276,9 @@ class _CompoundFunction(torch.autograd.Function):
         # created inside a custom Function
         y4 = torch.empty(lay.shape, dtype=torch.promote_types(x.dtype, ctx.scale.dtype), device=x.device,
                          memory_format=lay.format)
-        if mode == "pixel":
+        if fused:
+            cbn_cpu.mix(x, None, s, r, None, torch.stack([ctx.scale, ctx.offset], 1), None, out=y4)
+        elif mode == "pixel":
             _mixed_affine(lay, r, lay.narrow(z, 0, C), ctx.scale, ctx.offset, out=lay.flat(y4))
         else:
             a = r @ ctx.scale
@@ -274,7 +295,9 @@ class _CompoundFunction(torch.autograd.Function):
         (x4,) = ctx.saved_tensors
         lay = _Layout(x4)
         x, g = lay.flat(x4), lay.flat(g4.contiguous(memory_format=lay.format))
-        if ctx.mode == "pixel":
+        if ctx.mode == "pixel" and ctx.z is None:
+            dx, dgamma, dbeta = _pixel_backward_fused(ctx, x, g)
+        elif ctx.mode == "pixel":
             dx, dgamma, dbeta = _pixel_backward(ctx, lay, x, g)
         else:
             dx, dgamma, dbeta = _sample_backward(ctx, lay, x, g)
@@ -315,6 +338,25 @@ def _pixel_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
         t = lay.to_points(r, torch.cat([ctx.scale, 2.0 * d2, lin], 1))
     dx = torch.addcmul(lay.narrow(t, 2 * C, C), lay.narrow(t, 0, C), g)
     return dx.addcmul_(lay.narrow(t, C, C), xc), dgamma, doff
+
+
+def _pixel_backward_fused(ctx, x: torch.Tensor, g: torch.Tensor):
+    """:func:`_pixel_backward` on the fused CPU kernels (contiguous (N, C, L) x and g): the same chain
+    rule, with ∂L/∂scale, ∂L/∂offset one pass over (x, g, r), ∂L/∂r one and dx one."""
+    C, r, s = x.shape[1], ctx.r, ctx.shift
+    sums = cbn_cpu.moments(x, g, s, r)
+    d1, d2, dgamma = _stat_grads(ctx, sums[:, :C], sums[:, C:])
+    doff = sums[:, C:]
+    lin = d1 - 2.0 * d2 * ctx.mean_c
+    da = wd = None
+    if ctx.grad_r:
+        # d1 = d2 = 0 without batch statistics: then only the affine's share is left
+        const = (d2 * (ctx.mean_c * ctx.mean_c - ctx.var) - d1 * ctx.mean_c).sum(1)
+        dr = cbn_cpu.quad(x, g, s, torch.stack([lin, d2, ctx.scale, ctx.offset], 1), const)
+        da = _dlogits(ctx, r, dr, 1)
+        wd = torch.stack([-ctx.mix.prec, ctx.mix.center * ctx.mix.prec], 1)
+    dx = cbn_cpu.mix(x, g, s, r, da, torch.stack([2.0 * d2, lin, ctx.scale], 1), wd, out=torch.empty_like(x))
+    return dx, dgamma, doff
 
 
 def _sample_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
@@ -397,7 +439,9 @@ class CompoundBatchNorm2d(nn.Module):
     ``running_var`` (M, C), ``num_batches_tracked`` and ``initialized`` (bool; ``"first_batch"``
     initialization happens once and is remembered across ``state_dict`` round trips).
     Statistics, the E-step and the normalization run in float32 with autocast disabled; the output
-    has the input's dtype and memory format.
+    has the input's dtype and memory format. Training and eval run in one autograd Function with a
+    hand-derived backward (:class:`_CompoundFunction`); on CPU, contiguous input takes the per-pixel
+    path through the fused C loops of :mod:`ltbench.nn.cbn_cpu` (same results to float rounding).
     """
 
     split_groups: torch.Tensor | None
@@ -637,6 +681,10 @@ class CompoundBatchNorm2d(nn.Module):
         mix, scale, offset = self._eval_constants()
         lay = _Layout(x)
         xf = lay.flat(x)
+        if self.responsibilities_mode == "pixel" and _fused(x, scale, offset, mix.estep):
+            r = _pixel_estep_fused(xf, mix)
+            return cbn_cpu.mix(xf, None, mix.shift, r, None, torch.stack([scale, offset], 1), None,
+                               out=torch.empty_like(x))
         if self.responsibilities_mode == "pixel":
             z, r = _pixel_estep(lay, xf, mix)
             return lay.unflat(_mixed_affine(lay, r, lay.narrow(z, 0, x.shape[1]), scale, offset))
@@ -840,6 +888,15 @@ def rectify_logits(model: nn.Module) -> nn.Module:
 def compound_layers(model: nn.Module) -> list[tuple[str, CompoundBatchNorm2d]]:
     """(qualified name, layer) of every CBN layer of ``model``, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, CompoundBatchNorm2d)]
+
+
+def implementation(model: nn.Module, device: torch.device, channels_last: bool = False) -> str | None:
+    """What runs the per-pixel path of the model's CBN layers (``metrics.json`` records it): None without
+    such layers, ``"torch"`` on a GPU or for channels_last activations, else
+    :func:`ltbench.nn.cbn_cpu.describe` (``"c"``, ``"torch"`` or ``"torch (why)"``)."""
+    if not any(m.responsibilities_mode == "pixel" and m.num_components > 1 for _, m in compound_layers(model)):
+        return None
+    return "torch" if device.type != "cpu" or channels_last else cbn_cpu.describe()
 
 
 def class_groups(num_classes: int, num_groups: int) -> torch.Tensor:

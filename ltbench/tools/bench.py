@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ltbench import data
 from ltbench.data import augment, sources
-from ltbench.nn import losses, norm
+from ltbench.nn import cbn_cpu, losses, norm
 from ltbench.spec import config, methods
 from ltbench.tools import plan
 from ltbench.training import evaluation, step, trainer as train
@@ -197,6 +197,7 @@ def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, 
     y = torch.randint(0, 10, (n_images,), generator=g)
     recipe = methods.recipe(method)
     fast = run_fast(x, y, method, backbone, steps, batch_size, dev, amp, channels_last=amp, warmup=warmup)
+    kernel = norm.implementation(fast["model"], dev, channels_last=amp)
     eval_ips = eval_images_per_s(fast.pop("model"), dev)
     n_train = sum(data.counts_for("cifar10", 100))
     epoch_s = n_train * 1.0 / fast["images_per_s"] + 10000 / eval_ips
@@ -208,6 +209,7 @@ def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, 
         "eval_images_per_s": round(eval_ips, 1),
         f"projected_{epochs}_epoch_cifar10_lt_r100_wall_s": round(epochs * epoch_s, 1),
         "torch": torch.__version__,
+        "cbn_kernel": kernel,  # what ran CBN's per-pixel path (ltbench.nn.norm.implementation)
     }
     if common:
         c = run_common(x, y, method, backbone, steps, batch_size, dev, workers, warmup)
@@ -321,9 +323,9 @@ def _eval_section(backbone: str, n: int, device: torch.device, reps: int) -> dic
 
 def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size: int = 32, reps: int = 10,
                eval_images: int = 2000, backbone: str = "resnet32", eval_reps: int = 5) -> dict[str, Any]:
-    """Per-layer fwd+bwd ms (median and min over ``reps``) of BatchNorm2d, Conv2d(C, C, 3, padding=1) and CBN M = 4 (per pixel,
-    per sample) on one (batch, C, size, size) input, their ratios to the convolution, and the
-    evaluation path against the bare model's forward (:func:`eval_path_vs_bare`, ``eval_images``
+    """Per-layer fwd+bwd ms (median and min over ``reps``) of BatchNorm2d, Conv2d(C, C, 3, padding=1)
+    and CBN M = 4 (per pixel, per sample; on CPU also per pixel without the fused C kernels) on one
+    (batch, C, size, size) input, their ratios to the convolution, and the evaluation path against the bare model's forward (:func:`eval_path_vs_bare`, ``eval_images``
     images; 0 skips it), all in one run. Layers in training mode, float32, no autocast."""
     dev = train.pick_device(device)
     g = torch.Generator().manual_seed(0)
@@ -335,11 +337,16 @@ def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size:
               "cbn_m4_sample": norm.make("cbn", channels, num_components=4, responsibilities="sample")}
     both = {name: _time_ms(_fwd_bwd(layer.to(dev), x, grad), reps, dev, lambda t: (np.median(t), np.min(t)))
             for name, layer in layers.items()}
+    if dev.type == "cpu":  # the per-pixel layer without the fused C kernels (ltbench.nn.cbn_cpu)
+        with cbn_cpu.choosing("torch"):
+            both["cbn_m4_pixel_torch"] = _time_ms(_fwd_bwd(layers["cbn_m4_pixel"], x, grad), reps, dev,
+                                                  lambda t: (np.median(t), np.min(t)))
     ms, best = {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
     conv = ms["conv3x3"]
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "input": [batch, channels, size, size], "reps": reps,
+        "cbn_kernel": cbn_cpu.describe() if dev.type == "cpu" else "torch",
         "fwd_bwd_ms": {k: round(v, 3) for k, v in ms.items()},
         "ratio_to_conv": {k: round(v / conv, 3) for k, v in ms.items()},
         "fwd_bwd_ms_min": {k: round(v, 3) for k, v in best.items()},

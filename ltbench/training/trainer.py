@@ -461,7 +461,9 @@ class Trainer:
             "train_counts": self.counts, "class_groups": self.groups,
             "seeds": {"train": self.seed, "subset": opts["subset_seed"]},
             "spec": s, "spec_hash": self.spec_hash,
-            "code": io.code_version(), "environment": io.environment(), "device": str(self.device),
+            "code": io.code_version(), "device": str(self.device),
+            "environment": {**io.environment(), "cbn_kernel": norm.implementation(
+                self.model, self.device, self.train["channels_last"])},
             "world_size": self.world.size,
             "wall_time_s": time.time() - self.t_start, "train_time_s": self.train_time,
             "images_per_s": self.images_seen / max(self.train_time, 1e-9),
