@@ -167,6 +167,9 @@ def cmd_bench(a) -> int:
 
     if a.layer:
         result = bench.layer_main(device=a.device, reps=a.steps)
+    elif a.compare:
+        result = bench.compare([m.strip() for m in a.compare.split(",")], backbone=a.backbone, steps=a.steps,
+                               rounds=a.rounds, batch_size=a.batch_size, device=a.device, warmup=a.warmup)
     else:
         result = bench.main(method=a.method, backbone=a.backbone, steps=a.steps, batch_size=a.batch_size,
                             device=a.device, workers=a.workers, common=not a.no_common, config_path=a.config,
@@ -271,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: per-layer fwd+bwd ms of BatchNorm2d, a 3x3 conv and CBN M=4 (per pixel, per "
                         "sample) on a 128x16x32x32 input, ratios to the conv, and the evaluation path against "
                         "the bare model (--steps = timed repetitions)")
+    s.add_argument("--compare", metavar="M1,M2,...",
+                   help="instead: the fast path of these methods in one process, in alternating rounds of "
+                        "--steps steps; images/s and the ratio of each to the first (medians over rounds)")
+    s.add_argument("--rounds", type=int, default=5, help="rounds of --compare")
     s.set_defaults(fn=cmd_bench)
     return p
 

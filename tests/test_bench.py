@@ -42,6 +42,18 @@ def test_both_paths_normalize_identically_and_give_the_same_loss():
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
 
 
+def test_bench_compare_alternates_methods_in_one_process(cli):
+    p = cli("bench", "--compare", "baseline, baseline+cbn", "--backbone", "resnet8", "--steps", 1, "--rounds", 3,
+            "--warmup", 0, "--batch-size", 8, "--device", "cpu")
+    out = json.loads(p.stdout)
+    per_round = out["images_per_s_per_round"]
+    assert list(per_round) == ["baseline", "baseline+cbn"] and all(len(v) == 3 for v in per_round.values())
+    assert out["images_per_s"]["baseline+cbn"] == pytest.approx(np.median(per_round["baseline+cbn"]), abs=0.1)
+    ratios = np.array(per_round["baseline+cbn"]) / np.array(per_round["baseline"])
+    assert out["ratio_to_baseline"] == {"baseline": 1.0, "baseline+cbn": pytest.approx(np.median(ratios), abs=1e-3)}
+    assert out["cbn_kernel"]["baseline"] is None and out["cbn_kernel"]["baseline+cbn"] in ("c", "torch")
+
+
 def test_bench_command_on_cpu(cli, tmp_path):
     p = cli("bench", "--method", "baseline+cbn+sbn+dpl", "--backbone", "resnet8", "--steps", 2, "--warmup", 1,
             "--batch-size", 16, "--workers", 0, "--device", "cpu", "--config", "config/demo.yaml",

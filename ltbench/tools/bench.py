@@ -71,39 +71,83 @@ def _step(opt, loss) -> None:
     opt.step()
 
 
+class FastLoop:
+    """ltbench's fast training loop of one method: data resident on the device as uint8, per-sample
+    crop/flip (and AutoAugment for a strong view) on the device, the trainer's step loss, no per-step
+    host synchronisation. ``run(n)`` trains ``n`` steps and returns their wall time in seconds."""
+
+    def __init__(self, x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, batch_size: int,
+                 device: torch.device, amp: bool, channels_last: bool):
+        num_classes = int(y.max()) + 1
+        self.recipe, self.model, self.criterion, self.opt = _setup(method, backbone, num_classes, device,
+                                                                   channels_last)
+        self.x, self.y, self.device, self.amp, self.cl, self.batch = x_u8.to(device), y.to(device), device, amp, \
+            channels_last, batch_size
+        self.mean, self.std = torch.tensor(CIFAR.mean, device=device), torch.tensor(CIFAR.std, device=device)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.groups = norm.class_groups(num_classes, self.recipe["norm"]["options"].get("num_components", 1)).to(device)
+        self.total, self.done = torch.zeros((), device=device), 0
+
+    def view(self, xb: torch.Tensor, kind: str) -> torch.Tensor:
+        xb = augment.random_crop_flip(xb, 4, self.gen)
+        if kind == "strong":
+            xb = augment.autoaugment(xb, self.gen)
+        xb = augment.normalize(xb, self.mean, self.std)
+        return xb.contiguous(memory_format=torch.channels_last) if self.cl else xb
+
+    def run(self, steps: int) -> float:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(0, len(self.y), (self.batch,), device=self.device, generator=self.gen)
+            yb = self.y[idx]
+            views = {v: self.view(self.x[idx], v) for v in self.recipe["views"]}
+            loss = _loss(self.recipe, self.model, self.criterion, views, yb,
+                         self.groups[yb] if "split" in self.recipe["paths"] else None, self.amp)
+            _step(self.opt, loss)
+            self.total += loss.detach()
+        _sync(self.device)
+        self.done += steps
+        return time.perf_counter() - t0
+
+
 def run_fast(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, steps: int, batch_size: int,
              device: torch.device, amp: bool, channels_last: bool, warmup: int) -> dict:
-    num_classes = int(y.max()) + 1
-    recipe, model, criterion, opt = _setup(method, backbone, num_classes, device, channels_last)
-    x_u8, y = x_u8.to(device), y.to(device)
-    mean, std = torch.tensor(CIFAR.mean, device=device), torch.tensor(CIFAR.std, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    group_of_class = norm.class_groups(num_classes, recipe["norm"]["options"].get("num_components", 1)).to(device)
-
-    def view(xb, kind):
-        xb = augment.random_crop_flip(xb, 4, gen)
-        if kind == "strong":
-            xb = augment.autoaugment(xb, gen)
-        xb = augment.normalize(xb, mean, std)
-        return xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
-
-    total = torch.zeros((), device=device)
-    t0 = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
-        idx = torch.randint(0, len(y), (batch_size,), device=device, generator=gen)
-        yb = y[idx]
-        views = {v: view(x_u8[idx], v) for v in recipe["views"]}
-        loss = _loss(recipe, model, criterion, views, yb,
-                     group_of_class[yb] if "split" in recipe["paths"] else None, amp)
-        _step(opt, loss)
-        total += loss.detach()
-    _sync(device)
-    dt = time.perf_counter() - t0
+    loop = FastLoop(x_u8, y, method, backbone, batch_size, device, amp, channels_last)
+    loop.run(warmup)
+    dt = loop.run(steps)
     return {"images_per_s": steps * batch_size / dt, "step_time_ms": 1000 * dt / steps,
-            "mean_loss": float(total) / (warmup + steps), "model": model}
+            "mean_loss": float(loop.total) / loop.done, "model": loop.model}
+
+
+def compare(methods: list[str], backbone: str = "resnet32", steps: int = 5, rounds: int = 5, batch_size: int = 128,
+            device: str = "auto", warmup: int = 2, n_images: int = 2048) -> dict[str, Any]:
+    """The fast path of several methods in one process, timed in alternating rounds of ``steps`` steps
+    (every method once per round, in order), so that a drift of the machine's speed hits all alike:
+    per method the median images/s over the rounds and the median over rounds of its ratio to the
+    first method within the same round."""
+    dev = train.pick_device(device)
+    amp = dev.type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n_images,), generator=g)
+    loops = {m: FastLoop(x, y, m, backbone, batch_size, dev, amp, channels_last=amp) for m in methods}
+    for loop in loops.values():
+        loop.run(warmup)
+    ips = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m, loop in loops.items():
+            ips[m].append(steps * batch_size / loop.run(steps))
+    first = methods[0]
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "backbone": backbone, "batch_size": batch_size, "steps_per_round": steps,
+        "rounds": rounds, "amp": "bf16" if amp else "none",
+        "cbn_kernel": {m: norm.implementation(loop.model, dev, channels_last=amp) for m, loop in loops.items()},
+        "images_per_s": {m: round(float(np.median(v)), 1) for m, v in ips.items()},
+        "images_per_s_per_round": {m: [round(t, 1) for t in v] for m, v in ips.items()},
+        f"ratio_to_{first}": {m: round(float(np.median(np.array(v) / np.array(ips[first]))), 3) for m, v in ips.items()},
+    }
 
 
 class _PILDataset(torch.utils.data.Dataset):
