@@ -122,3 +122,20 @@ def test_unknown_choice_names_the_variable(kernel):
     kernel("fast")
     with pytest.raises(ValueError, match="LTBENCH_CBN_KERNEL='fast'.*auto, torch, c"):
         cbn_cpu.describe()
+
+
+@needs_cc
+def test_kernels_refuse_tensors_they_would_index_out_of_bounds(kernel):
+    kernel("c")
+    assert cbn_cpu.describe() == "c"
+    x, shift, M = torch.randn(2, 3, 10), torch.zeros(3), 2
+    r = torch.full((2, M, 10), 0.5)
+    assert cbn_cpu.moments(x, None, shift, r).shape == (M, 6)
+    with pytest.raises(ValueError, match=r"cbn_moments: r must be a contiguous torch.float32 CPU tensor of 40 elements"):
+        cbn_cpu.moments(x, None, shift, r[:, :, :5])
+    with pytest.raises(ValueError, match="cbn_mix: g must be"):
+        cbn_cpu.mix(x, x.double(), shift, r, None, torch.zeros(M, 3, 3), None, out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="cbn_mix: out must be"):
+        cbn_cpu.mix(x, None, shift, r, None, torch.zeros(M, 2, 3), None, out=torch.empty(2, 10, 3).transpose(1, 2))
+    with pytest.raises(ValueError, match="cbn_quad: w must be"):
+        cbn_cpu.quad(x, None, shift, torch.zeros(M, 2, 4), torch.zeros(M))

@@ -174,13 +174,26 @@ def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _dims(x: torch.Tensor, m: int) -> tuple:
-    N, C = x.shape[:2]
-    return N, C, x.numel() // max(N * C, 1), m, torch.get_num_threads()
-
-
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
+
+
+def _call(fn, x: torch.Tensor, M: int, K: int, **tensors: torch.Tensor | None) -> None:
+    """Call a C loop on raw pointers after checking what it will index: every tensor float32,
+    contiguous, on the CPU, with the element count its role implies (x, g, out: N·C·L; r, da,
+    logits: N·M·L; shift: C; cst: M; w, wr: M·K·C; wd: M·2·C; part: threads·M·2C, float64)."""
+    N, C = x.shape[:2]
+    L, nt = x.numel() // max(N * C, 1), torch.get_num_threads()
+    size = {"x": N * C * L, "g": N * C * L, "out": N * C * L, "r": N * M * L, "da": N * M * L, "logits": N * M * L,
+            "shift": C,
+            "cst": M, "w": M * K * C, "wr": M * K * C, "wd": M * 2 * C, "part": nt * M * 2 * C}
+    for name, t in {"x": x, **tensors}.items():
+        dtype = torch.float64 if name == "part" else torch.float32
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()
+                              or t.numel() != size[name]):
+            raise ValueError(f"cbn_cpu.{fn.__name__}: {name} must be a contiguous {dtype} CPU tensor of "
+                             f"{size[name]} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    fn(*(_p(t) for t in [x, *tensors.values()]), N, C, L, M, nt)
 
 
 def quad(x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, w: torch.Tensor, cst: torch.Tensor
@@ -188,24 +201,22 @@ def quad(x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, w: torch.
     """(N, M, L): cst_k + Σ_c xc (w[k,0] + w[k,1] xc) [+ g (w[k,2] xc + w[k,3])], w: (M, 2 or 4, C)."""
     M = w.shape[0]
     out = x.new_empty((x.shape[0], M, x.numel() // (x.shape[0] * x.shape[1])))
-    s, w, cst = _f32(shift), _f32(w), _f32(cst)
-    _lib.cbn_quad(_p(x), _p(g), _p(s), _p(w), _p(cst), _p(out), *_dims(x, M))
+    _call(_lib.cbn_quad, x, M, 2 if g is None else 4, g=g, shift=_f32(shift), w=_f32(w), cst=_f32(cst), logits=out)
     return out
 
 
 def moments(x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """(M, 2C): [Σ r xc | Σ r xc²] over all points, or [Σ r g xc | Σ r g] with g."""
-    M, C, nt = r.shape[1], x.shape[1], torch.get_num_threads()
-    part = torch.zeros((nt, M, 2 * C), dtype=torch.float64)
-    s = _f32(shift)
-    _lib.cbn_moments(_p(x), _p(g), _p(s), _p(r), _p(part), *_dims(x, M))
+    M, C = r.shape[1], x.shape[1]
+    part = torch.zeros((torch.get_num_threads(), M, 2 * C), dtype=torch.float64)
+    _call(_lib.cbn_moments, x, M, 2, g=g, shift=_f32(shift), r=r, part=part)
     return part.sum(0).to(torch.float32)
 
 
 def mix(x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, r: torch.Tensor, da: torch.Tensor | None,
         wr: torch.Tensor, wd: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """out (like x) = B + A xc [+ G g]: A, B, G = Σ_k r_k wr[k, 0/1/2] (+ Σ_k da_k wd[k, 0/1])."""
-    s, wr = _f32(shift), _f32(wr)
-    wd = None if wd is None else _f32(wd)
-    _lib.cbn_mix(_p(x), _p(g), _p(s), _p(r), _p(da), _p(wr), _p(wd), _p(out), *_dims(x, r.shape[1]))
+    M = r.shape[1]
+    _call(_lib.cbn_mix, x, M, 2 if g is None else 3, g=g, shift=_f32(shift), r=r, da=da, wr=_f32(wr),
+          wd=None if wd is None else _f32(wd), out=out)
     return out
