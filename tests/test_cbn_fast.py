@@ -218,7 +218,9 @@ def test_bench_layer_reports_every_layer_and_ratios():
     assert build_parser().parse_args(["bench", "--layer"]).layer
     out = bench.layer_main(device="cpu", batch=2, channels=4, size=4, reps=1, eval_images=3, backbone="resnet8",
                            eval_reps=1)
-    names = {"batchnorm2d", "conv3x3", "cbn_m4_pixel", "cbn_m4_sample", "cbn_m4_pixel_torch"}
+    assert out["cbn_kernel"] == cbn_cpu.describe()
+    names = {"batchnorm2d", "conv3x3", "cbn_m4_pixel", "cbn_m4_sample"} | (
+        {"cbn_m4_pixel_torch"} if out["cbn_kernel"] == "c" else set())  # the torch code beside the C kernels
     assert set(out["fwd_bwd_ms"]) == names == set(out["ratio_to_conv"])
     assert out["ratio_to_conv"]["conv3x3"] == 1.0
     assert all(v > 0 for v in out["fwd_bwd_ms"].values())

@@ -6,7 +6,7 @@ import torch
 
 from ltbench.errors import Preempted
 from ltbench import data, malloc
-from ltbench.nn import norm
+from ltbench.nn import cbn_cpu, norm
 from ltbench.spec import config, methods
 from ltbench.training import trainer as train
 
@@ -104,6 +104,11 @@ def test_every_builtin_method_trains_and_records_its_recipe(prepared, tmp_path, 
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     if r["norm"]["name"] == "cbn":
         assert any(k.endswith("running_prior") for k in state)
+    # which code ran CBN's per-pixel path (C kernels or torch; none without such layers)
+    o = r["norm"]["options"]
+    per_pixel = r["norm"]["name"] == "cbn" and o.get("num_components", 4) > 1 and o.get("em", True) and \
+        o.get("responsibilities", "pixel") == "pixel"
+    assert m["environment"]["cbn_kernel"] == (cbn_cpu.describe() if per_pixel else None)
 
 
 def test_split_path_uses_class_groups(prepared, tmp_path, monkeypatch):

@@ -285,7 +285,7 @@ class _CompoundFunction(torch.autograd.Function):
             torch.addcmul(lay.vec(r @ ctx.offset - s * a), x, lay.vec(a), out=lay.flat(y4))
         ctx.save_for_backward(x4)
         ctx.r, ctx.mix, ctx.shift, ctx.mean_c, ctx.var = r, mix, s, mean_c, var
-        ctx.mode, ctx.batch_stats, ctx.grad_r = mode, batch_stats, mode != "fixed" and not detach
+        ctx.mode, ctx.fused, ctx.batch_stats, ctx.grad_r = mode, fused, batch_stats, mode != "fixed" and not detach
         mean = mean_c + s
         ctx.mark_non_differentiable(n, mean, var)
         return y4, n, mean, var
@@ -295,7 +295,7 @@ class _CompoundFunction(torch.autograd.Function):
         (x4,) = ctx.saved_tensors
         lay = _Layout(x4)
         x, g = lay.flat(x4), lay.flat(g4.contiguous(memory_format=lay.format))
-        if ctx.mode == "pixel" and ctx.z is None:
+        if ctx.fused:
             dx, dgamma, dbeta = _pixel_backward_fused(ctx, x, g)
         elif ctx.mode == "pixel":
             dx, dgamma, dbeta = _pixel_backward(ctx, lay, x, g)
@@ -892,9 +892,9 @@ def compound_layers(model: nn.Module) -> list[tuple[str, CompoundBatchNorm2d]]:
 
 def implementation(model: nn.Module, device: torch.device, channels_last: bool = False) -> str | None:
     """What runs the per-pixel path of the model's CBN layers (``metrics.json`` records it): None without
-    such layers, ``"torch"`` on a GPU or for channels_last activations, else
+    such layers (M > 1, EM, per-pixel responsibilities), ``"torch"`` on a GPU or for channels_last activations, else
     :func:`ltbench.nn.cbn_cpu.describe` (``"c"``, ``"torch"`` or ``"torch (why)"``)."""
-    if not any(m.responsibilities_mode == "pixel" and m.num_components > 1 for _, m in compound_layers(model)):
+    if not any(m.em and m.num_components > 1 and m.responsibilities_mode == "pixel" for _, m in compound_layers(model)):
         return None
     return "torch" if device.type != "cpu" or channels_last else cbn_cpu.describe()
 

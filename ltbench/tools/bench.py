@@ -42,6 +42,17 @@ from ltbench.training import evaluation, step, trainer as train
 CIFAR = data.get("cifar10")
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _synthetic(n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_images`` random CIFAR-shaped uint8 images and labels of 10 classes (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (n_images,), generator=g))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,9 +139,7 @@ def compare(methods: list[str], backbone: str = "resnet32", steps: int = 5, roun
     first method within the same round."""
     dev = train.pick_device(device)
     amp = dev.type == "cuda"
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n_images,), generator=g)
+    x, y = _synthetic(n_images)
     loops = {m: FastLoop(x, y, m, backbone, batch_size, dev, amp, channels_last=amp) for m in methods}
     for loop in loops.values():
         loop.run(warmup)
@@ -140,7 +149,7 @@ def compare(methods: list[str], backbone: str = "resnet32", steps: int = 5, roun
             ips[m].append(steps * batch_size / loop.run(steps))
     first = methods[0]
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": _device_name(dev),
         "torch": torch.__version__, "backbone": backbone, "batch_size": batch_size, "steps_per_round": steps,
         "rounds": rounds, "amp": "bf16" if amp else "none",
         "cbn_kernel": {m: norm.implementation(loop.model, dev, channels_last=amp) for m, loop in loops.items()},
@@ -236,9 +245,7 @@ def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, 
          n_images: int = 2048, warmup: int = 3, epochs: int = 400) -> dict[str, Any]:
     dev = train.pick_device(device)
     amp = dev.type == "cuda"
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n_images,), generator=g)
+    x, y = _synthetic(n_images)
     recipe = methods.recipe(method)
     fast = run_fast(x, y, method, backbone, steps, batch_size, dev, amp, channels_last=amp, warmup=warmup)
     kernel = norm.implementation(fast["model"], dev, channels_last=amp)
@@ -246,7 +253,7 @@ def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, 
     n_train = sum(data.counts_for("cifar10", 100))
     epoch_s = n_train * 1.0 / fast["images_per_s"] + 10000 / eval_ips
     out: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": _device_name(dev),
         "method": method, "backbone": backbone, "batch_size": batch_size, "steps": steps,
         "passes_per_step": methods.passes(recipe), "amp": "bf16" if amp else "none",
         "fast": {k: round(v, 3) for k, v in fast.items()},
@@ -368,9 +375,10 @@ def _eval_section(backbone: str, n: int, device: torch.device, reps: int) -> dic
 def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size: int = 32, reps: int = 10,
                eval_images: int = 2000, backbone: str = "resnet32", eval_reps: int = 5) -> dict[str, Any]:
     """Per-layer fwd+bwd ms (median and min over ``reps``) of BatchNorm2d, Conv2d(C, C, 3, padding=1)
-    and CBN M = 4 (per pixel, per sample; on CPU also per pixel without the fused C kernels) on one
-    (batch, C, size, size) input, their ratios to the convolution, and the evaluation path against the bare model's forward (:func:`eval_path_vs_bare`, ``eval_images``
-    images; 0 skips it), all in one run. Layers in training mode, float32, no autocast."""
+    and CBN M = 4 (per pixel, per sample; where the C kernels run, per pixel once more without them)
+    on one (batch, C, size, size) input, their ratios to the convolution, and the evaluation path
+    against the bare model's forward (:func:`eval_path_vs_bare`, ``eval_images`` images; 0 skips it),
+    all in one run. Layers in training mode, float32, no autocast."""
     dev = train.pick_device(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=g).to(dev).requires_grad_()
@@ -379,18 +387,20 @@ def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size:
               "conv3x3": nn.Conv2d(channels, channels, 3, padding=1, bias=False),
               "cbn_m4_pixel": norm.make("cbn", channels, num_components=4, responsibilities="pixel"),
               "cbn_m4_sample": norm.make("cbn", channels, num_components=4, responsibilities="sample")}
-    both = {name: _time_ms(_fwd_bwd(layer.to(dev), x, grad), reps, dev, lambda t: (np.median(t), np.min(t)))
-            for name, layer in layers.items()}
-    if dev.type == "cpu":  # the per-pixel layer without the fused C kernels (ltbench.nn.cbn_cpu)
+    def median_min(name: str) -> tuple[float, float]:
+        return _time_ms(_fwd_bwd(layers[name].to(dev), x, grad), reps, dev, lambda t: (np.median(t), np.min(t)))
+
+    both = {name: median_min(name) for name in layers}
+    kernel = norm.implementation(layers["cbn_m4_pixel"], dev)
+    if kernel == "c":  # the same layer without the fused C kernels (ltbench.nn.cbn_cpu)
         with cbn_cpu.choosing("torch"):
-            both["cbn_m4_pixel_torch"] = _time_ms(_fwd_bwd(layers["cbn_m4_pixel"], x, grad), reps, dev,
-                                                  lambda t: (np.median(t), np.min(t)))
+            both["cbn_m4_pixel_torch"] = median_min("cbn_m4_pixel")
     ms, best = {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
     conv = ms["conv3x3"]
     out: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": _device_name(dev),
         "torch": torch.__version__, "input": [batch, channels, size, size], "reps": reps,
-        "cbn_kernel": cbn_cpu.describe() if dev.type == "cpu" else "torch",
+        "cbn_kernel": kernel,
         "fwd_bwd_ms": {k: round(v, 3) for k, v in ms.items()},
         "ratio_to_conv": {k: round(v / conv, 3) for k, v in ms.items()},
         "fwd_bwd_ms_min": {k: round(v, 3) for k, v in best.items()},
