@@ -1,4 +1,5 @@
 """Command line: ``python -m ltbench <subcommand>``. Snakemake rules call these subcommands."""
+
 from __future__ import annotations
 
 import argparse
@@ -58,15 +59,23 @@ def _load_config(a: argparse.Namespace) -> dict:
     if a.config:
         return config.load(a.config)
     # no config file: an empty grid with every default
-    return config.validate({"experiments": {"cli": {"datasets": ["digits-lt"], "ratios": [1],
-                                                    "methods": ["ce"], "backbones": ["resnet8"]}}})
+    return config.validate(
+        {
+            "experiments": {
+                "cli": {"datasets": ["digits-lt"], "ratios": [1], "methods": ["ce"], "backbones": ["resnet8"]}
+            }
+        }
+    )
 
 
 def cmd_counts(a) -> int:
     config.check_ratio(a.dataset, a.ratio, a.profile)
     counts = data.counts_for(a.dataset, a.ratio, a.profile)
-    print(json.dumps({"dataset": a.dataset, "ratio": a.ratio, "profile": a.profile,
-                      "counts": counts, "total": sum(counts)}))
+    print(
+        json.dumps(
+            {"dataset": a.dataset, "ratio": a.ratio, "profile": a.profile, "counts": counts, "total": sum(counts)}
+        )
+    )
     return 0
 
 
@@ -105,12 +114,26 @@ def cmd_train(a) -> int:
             spec = config.cell_spec(cfg, a.dataset, a.method, a.backbone)
         except KeyError as e:
             raise ConfigError(e.args[0]) from None
-    overrides = {k: v for k, v in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr),
-                                   ("device", a.device), ("threads", a.threads)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("epochs", a.epochs),
+            ("batch_size", a.batch_size),
+            ("lr", a.lr),
+            ("device", a.device),
+            ("threads", a.threads),
+        )
+        if v is not None
+    }
     config.check_ratio(a.dataset, a.ratio, spec["dataset_options"].get("profile", "exp"))
     config.check_spec({**spec, "train": {**spec["train"], **overrides}})  # e.g. --epochs vs decoupled.fraction
-    data_file = Path(a.data) if a.data else data.prepared_path(cfg["results_dir"], a.dataset, a.ratio,
-                                                                  cfg["datasets"].get(a.dataset, {}).get("subset_seed", 0))
+    data_file = (
+        Path(a.data)
+        if a.data
+        else data.prepared_path(
+            cfg["results_dir"], a.dataset, a.ratio, cfg["datasets"].get(a.dataset, {}).get("subset_seed", 0)
+        )
+    )
     if not data_file.exists():
         dspec = data.get(a.dataset)
         opts = cfg["datasets"].get(a.dataset, {})
@@ -128,8 +151,10 @@ def cmd_inat_lists(a) -> int:
     for split, js in (("train", a.train_json), ("val", a.val_json)):
         info = imagelists.inat_to_list(js, out_dir / f"iNaturalist18_{split}.txt")
         print(json.dumps(info), file=sys.stderr)
-    print(f"datasets:\n  inat2018:\n    root: <folder containing train_val2018/>\n"
-          f"    train_list: {out_dir / 'iNaturalist18_train.txt'}\n    test_list: {out_dir / 'iNaturalist18_val.txt'}")
+    print(
+        f"datasets:\n  inat2018:\n    root: <folder containing train_val2018/>\n"
+        f"    train_list: {out_dir / 'iNaturalist18_train.txt'}\n    test_list: {out_dir / 'iNaturalist18_val.txt'}"
+    )
     return 0
 
 
@@ -168,12 +193,27 @@ def cmd_bench(a) -> int:
     if a.layer:
         result = bench.layer_main(device=a.device, reps=a.steps)
     elif a.compare:
-        result = bench.compare([m.strip() for m in a.compare.split(",")], backbone=a.backbone, steps=a.steps,
-                               rounds=a.rounds, batch_size=a.batch_size, device=a.device, warmup=a.warmup)
+        result = bench.compare(
+            [m.strip() for m in a.compare.split(",")],
+            backbone=a.backbone,
+            steps=a.steps,
+            rounds=a.rounds,
+            batch_size=a.batch_size,
+            device=a.device,
+            warmup=a.warmup,
+        )
     else:
-        result = bench.main(method=a.method, backbone=a.backbone, steps=a.steps, batch_size=a.batch_size,
-                            device=a.device, workers=a.workers, common=not a.no_common, config_path=a.config,
-                            warmup=a.warmup)
+        result = bench.main(
+            method=a.method,
+            backbone=a.backbone,
+            steps=a.steps,
+            batch_size=a.batch_size,
+            device=a.device,
+            workers=a.workers,
+            common=not a.no_common,
+            config_path=a.config,
+            warmup=a.warmup,
+        )
     text = bench.format_json(result)
     if a.out:
         io.write_text(a.out, text + "\n")
@@ -235,11 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True, help="writes iNaturalist18_train.txt and iNaturalist18_val.txt")
     s.set_defaults(fn=cmd_inat_lists)
 
-    s = sub.add_parser("aggregate", help="collect metrics.json files into tidy tables (CSV) and compare with the papers")
+    s = sub.add_parser(
+        "aggregate", help="collect metrics.json files into tidy tables (CSV) and compare with the papers"
+    )
     s.add_argument("metrics", nargs="*", help="metrics.json files, or directories to search for them (recursively)")
     s.add_argument("--out-dir", required=True)
-    s.add_argument("--existing", action="store_true",
-                   help="also take every existing metrics.json of the config's cells (a partial grid)")
+    s.add_argument(
+        "--existing",
+        action="store_true",
+        help="also take every existing metrics.json of the config's cells (a partial grid)",
+    )
     _config_args(s)
     s.set_defaults(fn=cmd_aggregate)
 
@@ -254,8 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="the grid of a config: cells per experiment, unique total, projected GPU-hours")
     s.add_argument("--configfile", help="workflow config file (YAML), as for snakemake")
     s.add_argument("--config", help=argparse.SUPPRESS)
-    s.add_argument("--throughput", action="append", metavar="FILE",
-                   help="measured speed: `ltbench bench --out` JSON or an aggregate runs.csv (repeatable)")
+    s.add_argument(
+        "--throughput",
+        action="append",
+        metavar="FILE",
+        help="measured speed: `ltbench bench --out` JSON or an aggregate runs.csv (repeatable)",
+    )
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(fn=cmd_plan)
 
@@ -270,13 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-common", action="store_true", help="only the fast path")
     s.add_argument("--config", help="also project the device-hours of this config's grid")
     s.add_argument("--out", help="also write the JSON here")
-    s.add_argument("--layer", action="store_true",
-                   help="instead: per-layer fwd+bwd ms of BatchNorm2d, a 3x3 conv and CBN M=4 (per pixel, per "
-                        "sample) on a 128x16x32x32 input, ratios to the conv, and the evaluation path against "
-                        "the bare model (--steps = timed repetitions)")
-    s.add_argument("--compare", metavar="M1,M2,...",
-                   help="instead: the fast path of these methods in one process, in alternating rounds of "
-                        "--steps steps; images/s and the ratio of each to the first (medians over rounds)")
+    s.add_argument(
+        "--layer",
+        action="store_true",
+        help="instead: per-layer fwd+bwd ms of BatchNorm2d, a 3x3 conv and CBN M=4 (per pixel, per "
+        "sample) on a 128x16x32x32 input, ratios to the conv, and the evaluation path against "
+        "the bare model (--steps = timed repetitions)",
+    )
+    s.add_argument(
+        "--compare",
+        metavar="M1,M2,...",
+        help="instead: the fast path of these methods in one process, in alternating rounds of "
+        "--steps steps; images/s and the ratio of each to the first (medians over rounds)",
+    )
     s.add_argument("--rounds", type=int, default=5, help="rounds of --compare")
     s.set_defaults(fn=cmd_bench)
     return p

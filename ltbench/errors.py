@@ -1,5 +1,6 @@
 """Every error ltbench raises on purpose, in one module without heavy imports, so that the CLI and
 the workflow catch them by type. Each message names the offending key, file or value."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Atomic file writes and provenance (which code, environment and machine produced a result)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -66,8 +67,14 @@ def code_version() -> dict:
     root = Path(ltbench.__file__).resolve().parent.parent
     info = {"ltbench": ltbench.__version__, "git_commit": None, "git_dirty": None}
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
-                                        timeout=10, check=True).stdout.strip()
+        run = lambda *a: subprocess.run(
+            ["git", *a],
+            cwd=root,
+            capture_output=True,
+            text=True,  # noqa: E731
+            timeout=10,
+            check=True,
+        ).stdout.strip()
         info["git_commit"] = run("rev-parse", "HEAD")
         info["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
@@ -80,11 +87,17 @@ def environment() -> dict:
     import numpy
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-           "platform": platform.platform(), "host": socket.gethostname(),
-           "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}  # malloc settings (ltbench/malloc.py)
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+    }  # malloc settings (ltbench/malloc.py)
     try:
         import torchvision  # lazy: recorded when installed
+
         env["torchvision"] = torchvision.__version__
     except ImportError:  # pragma: no cover
         pass

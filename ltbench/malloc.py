@@ -14,6 +14,7 @@ extended by :data:`TUNABLES` (:func:`reexec`): the tunables are read only when a
 does nothing off Linux/glibc, when ``GLIBC_TUNABLES`` already sets a ``glibc.malloc`` tunable (then
 the user's settings stand), or with ``LTBENCH_SYSTEM_MALLOC=1``.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Methods, losses, norm layers, backbones and datasets are added by name with a de
 looked up by the names used in config files. An unknown name raises a ``KeyError`` whose
 message lists the known names, so a typo in a config is caught with a useful error.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterator, TypeVar

@@ -4,6 +4,7 @@ Talks the Chrome DevTools Protocol over ``--remote-debugging-pipe`` (file descri
 NUL-terminated JSON messages), so it needs nothing beyond the Python standard library and a
 Chromium binary (Debian: ``apt-get install chromium``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,19 +31,20 @@ def find_chromium() -> str | None:
 
 @dataclass
 class PageResult:
-    console: list[dict] = field(default_factory=list)     # {"level", "text"} of every console message
-    exceptions: list[str] = field(default_factory=list)   # uncaught exceptions
-    log: list[dict] = field(default_factory=list)         # browser log entries (failed loads, ...)
-    evaluated: object = None                              # value of the `evaluate` expression
-    screenshot: bytes = b""                               # the page from the top (at most max_height px)
-    tiles: list = field(default_factory=list)             # the whole page as PNG tiles of tile_height px
+    console: list[dict] = field(default_factory=list)  # {"level", "text"} of every console message
+    exceptions: list[str] = field(default_factory=list)  # uncaught exceptions
+    log: list[dict] = field(default_factory=list)  # browser log entries (failed loads, ...)
+    evaluated: object = None  # value of the `evaluate` expression
+    screenshot: bytes = b""  # the page from the top (at most max_height px)
+    tiles: list = field(default_factory=list)  # the whole page as PNG tiles of tile_height px
 
     @property
     def errors(self) -> list[str]:
         out = [f"console.{c['level']}: {c['text']}" for c in self.console if c["level"] in ("error", "assert")]
         out += [f"exception: {e}" for e in self.exceptions]
-        out += [f"log.{e.get('source')}: {e.get('text')} {e.get('url', '')}" for e in self.log
-                if e.get("level") == "error"]
+        out += [
+            f"log.{e.get('source')}: {e.get('text')} {e.get('url', '')}" for e in self.log if e.get("level") == "error"
+        ]
         return out
 
 
@@ -60,17 +62,36 @@ class _Pipe:
         # the child's ends above fd 9, so that moving them to 3 and 4 cannot overwrite one with the other
         # (pipe() may hand out 3 and 4 themselves, e.g. under pytest)
         r_to_chrome, w_from_chrome = _above(r_to_chrome), _above(w_from_chrome)
-        args = [binary, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-                "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
-                "--disable-extensions", "--mute-audio", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-quic", f"--user-data-dir={profile}", "about:blank"]
+        args = [
+            binary,
+            "--headless",
+            "--remote-debugging-pipe",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--hide-scrollbars",
+            "--disable-extensions",
+            "--mute-audio",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ]
 
         # chromium reads commands on fd 3 and writes replies on fd 4: bash duplicates our pipe ends there
         # (bash, not sh: dash's redirections take single-digit descriptors only)
         cmd = " ".join(shlex.quote(a) for a in args) + f" 3<&{r_to_chrome} 4>&{w_from_chrome}"
-        self.proc = subprocess.Popen(["bash", "-c", "exec " + cmd], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     pass_fds=(r_to_chrome, w_from_chrome))
+        self.proc = subprocess.Popen(
+            ["bash", "-c", "exec " + cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(r_to_chrome, w_from_chrome),
+        )
         os.close(r_to_chrome)
         os.close(w_from_chrome)
         self.w = os.fdopen(w_to_chrome, "wb")
@@ -134,9 +155,17 @@ class _Pipe:
                 pass
 
 
-def load(url: str, width: int = 1280, height: int = 900, evaluate: str | None = None, full_page: bool = True,
-         binary: str | None = None, settle_s: float = 0.3, max_height: int = 16000,
-         tile_height: int = 0) -> PageResult:
+def load(
+    url: str,
+    width: int = 1280,
+    height: int = 900,
+    evaluate: str | None = None,
+    full_page: bool = True,
+    binary: str | None = None,
+    settle_s: float = 0.3,
+    max_height: int = 16000,
+    tile_height: int = 0,
+) -> PageResult:
     """Open ``url``, wait for the load event, collect console/log/exceptions, evaluate ``evaluate``
     (a JS expression whose value is returned by value) and take a PNG screenshot (the full page up to
     ``max_height`` px; with ``tile_height`` also the whole page as tiles)."""
@@ -151,8 +180,11 @@ def load(url: str, width: int = 1280, height: int = 900, evaluate: str | None = 
         session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             pipe.send(f"{domain}.enable", session=session)
-        pipe.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
-                                                         "mobile": False}, session=session)
+        pipe.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         pipe.send("Page.navigate", {"url": url}, session=session)
         pipe.wait_event("Page.loadEventFired", timeout=120)
         time.sleep(settle_s)
@@ -163,8 +195,11 @@ def load(url: str, width: int = 1280, height: int = 900, evaluate: str | None = 
         total = int((metrics.get("cssContentSize") or metrics["contentSize"])["height"])
 
         def capture(y: int, h: int) -> bytes:
-            shot = {"format": "png", "captureBeyondViewport": True,
-                    "clip": {"x": 0, "y": y, "width": width, "height": h, "scale": 1}}
+            shot = {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": y, "width": width, "height": h, "scale": 1},
+            }
             return base64.b64decode(pipe.send("Page.captureScreenshot", shot, session=session, timeout=120)["data"])
 
         res.screenshot = capture(0, min(total, max_height) if full_page else height)

@@ -3,6 +3,7 @@ implementation (commit 356afee, ltbench/nn/norm.py), kept as the straightforward
 Eq. 7–16 and SBN against which the fast layer is compared (outputs, gradients, running statistics).
 Not used by the package.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,10 @@ def _choice(what: str, value: Any, allowed: tuple) -> Any:
 # Weighted batch statistics shared by the compound, split and plain paths of CBN
 # --------------------------------------------------------------------------------------------
 
-def _moments(x: torch.Tensor, r: torch.Tensor | None, shift: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def _moments(
+    x: torch.Tensor, r: torch.Tensor | None, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Responsibility-weighted count, mean and biased variance of the points of ``x``.
 
     ``x`` is (N, C, L) float32 (L = H·W). ``r`` is ``None`` (one component owning every point),
@@ -65,8 +68,9 @@ def _mix(x: torch.Tensor, r: torch.Tensor | None, scale: torch.Tensor, offset: t
     return x * (r @ scale)[:, :, None] + (r @ offset)[:, :, None]
 
 
-def _affine_coefficients(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_coefficients(
+    weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """γ (x − μ)/sqrt(σ² + ε) + β written as x·scale + offset (all (M, C))."""
     scale = weight * torch.rsqrt(var + eps)
     return scale, bias - mean * scale
@@ -81,16 +85,28 @@ def _bessel(n: torch.Tensor) -> torch.Tensor:
 # CBN
 # --------------------------------------------------------------------------------------------
 
+
 class ReferenceCBN(nn.Module):
     """Verbatim pre-fusion CompoundBatchNorm2d (see the module docstring)."""
 
     split_groups: torch.Tensor | None
 
-    def __init__(self, num_features: int, num_components: int = 4, eps: float = 1e-5,
-                 prior_momentum: float = 0.1, mean_momentum: float = 0.1, var_momentum: float = 0.1,
-                 responsibilities: str = "pixel", train_stats: str = "batch", init: str = "first_batch",
-                 init_std: float = 0.1, detach_responsibilities: bool = False, em: bool = True,
-                 unbiased_var: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        num_components: int = 4,
+        eps: float = 1e-5,
+        prior_momentum: float = 0.1,
+        mean_momentum: float = 0.1,
+        var_momentum: float = 0.1,
+        responsibilities: str = "pixel",
+        train_stats: str = "batch",
+        init: str = "first_batch",
+        init_std: float = 0.1,
+        detach_responsibilities: bool = False,
+        em: bool = True,
+        unbiased_var: bool = True,
+    ):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
@@ -128,11 +144,13 @@ class ReferenceCBN(nn.Module):
             self.register_buffer("global_running_var", torch.ones(C))
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
-                f"momenta(prior, mean, var)=({self.prior_momentum}, {self.mean_momentum}, {self.var_momentum}), "
-                f"responsibilities={self.responsibilities_mode}, train_stats={self.train_stats}, "
-                f"init={self.init}, detach_responsibilities={self.detach_responsibilities}, em={self.em}, "
-                f"unbiased_var={self.unbiased_var}")
+        return (
+            f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
+            f"momenta(prior, mean, var)=({self.prior_momentum}, {self.mean_momentum}, {self.var_momentum}), "
+            f"responsibilities={self.responsibilities_mode}, train_stats={self.train_stats}, "
+            f"init={self.init}, detach_responsibilities={self.detach_responsibilities}, em={self.em}, "
+            f"unbiased_var={self.unbiased_var}"
+        )
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -187,8 +205,9 @@ class ReferenceCBN(nn.Module):
         var = self.running_var + self.eps
         prec = var.reciprocal()
         mc = self.running_mean - shift
-        const = (self.running_prior.clamp_min(1e-12).log()
-                 - 0.5 * (var.log().sum(1) + C * _LOG_2PI + (mc * mc * prec).sum(1)))  # (M,)
+        const = self.running_prior.clamp_min(1e-12).log() - 0.5 * (
+            var.log().sum(1) + C * _LOG_2PI + (mc * mc * prec).sum(1)
+        )  # (M,)
         if points.dim() == 3:
             pc = points - shift[:, None]
             quad = torch.einsum("ncl,kc->nkl", pc * pc, prec) - 2.0 * torch.einsum("ncl,kc->nkl", pc, mc * prec)
@@ -238,8 +257,11 @@ class ReferenceCBN(nn.Module):
                 y = self._train_compound(x3)
             else:
                 y = self._train_global(x3)
-        fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
-                                      and not x.is_contiguous()) else torch.contiguous_format
+        fmt = (
+            torch.channels_last
+            if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            else torch.contiguous_format
+        )
         return y.reshape(N, C, H, W).to(dtype=x.dtype, memory_format=fmt)
 
     def _train_compound(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,16 +315,27 @@ class ReferenceCBN(nn.Module):
     def _eval(self, x: torch.Tensor) -> torch.Tensor:
         """Test time: the compound path with running statistics only."""
         if not self.em:
-            scale, offset = _affine_coefficients(self.global_weight[None], self.global_bias[None],
-                                                 self.global_running_mean[None], self.global_running_var[None],
-                                                 self.eps)
+            scale, offset = _affine_coefficients(
+                self.global_weight[None],
+                self.global_bias[None],
+                self.global_running_mean[None],
+                self.global_running_var[None],
+                self.eps,
+            )
             return _mix(x, None, scale, offset)
         r = self._responsibilities(x, self._running_shift())
         scale, offset = _affine_coefficients(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
         return _mix(x, r, scale, offset)
 
-    def _update(self, running_mean: torch.Tensor, running_var: torch.Tensor, n: torch.Tensor,
-                mean: torch.Tensor, var: torch.Tensor, alive: torch.Tensor) -> None:
+    def _update(
+        self,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        n: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        alive: torch.Tensor,
+    ) -> None:
         """Eq. 14–15 in place for the components in ``alive`` (others keep their values)."""
         if self.unbiased_var:
             var = var * _bessel(n)[:, None]

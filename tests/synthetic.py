@@ -6,6 +6,7 @@ index), ``offset`` a designed deviation and SIGN = (−1, 0, +1) for seeds 0, 1,
 three seeds is exactly ``base + offset`` and the standard deviation exactly ``scale`` (:func:`scale`:
 0.5 for ``baseline``, 0.3 otherwise, so paired differences against the baseline vary across seeds).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,33 +34,57 @@ def paper_base() -> dict:
     return out
 
 
-def metrics_for(cfg: dict, cell: config.Cell, values: dict[str, float], wall_time_s: float = 3600.0,
-                device: str = "cuda:0") -> dict:
+def metrics_for(
+    cfg: dict, cell: config.Cell, values: dict[str, float], wall_time_s: float = 3600.0, device: str = "cuda:0"
+) -> dict:
     spec = config.cell_spec(cfg, cell.dataset, cell.method, cell.backbone)
     counts = data.counts_for(cell.dataset, float(cell.ratio), spec["dataset_options"]["profile"])
-    groups = data.class_groups(counts, spec["dataset_options"]["many_threshold"],
-                               spec["dataset_options"]["few_threshold"])
+    groups = data.class_groups(
+        counts, spec["dataset_options"]["many_threshold"], spec["dataset_options"]["few_threshold"]
+    )
     k = len(counts)
     slope = [(k - 1) / 2 - i for i in range(k)]  # centred: the per-class mean is top1
     per_class = [values["top1"] + 0.1 * s for s in slope]
     return {
         "schema_version": SCHEMA_VERSION,
-        "cell": {"dataset": cell.dataset, "ratio": float(cell.ratio), "method": cell.method,
-                 "backbone": cell.backbone, "seed": cell.seed},
-        **{m: values[m] for m in METRICS}, "reported_epoch": spec["train"]["epochs"],
-        "per_class_acc": per_class, "train_counts": counts, "class_groups": groups,
+        "cell": {
+            "dataset": cell.dataset,
+            "ratio": float(cell.ratio),
+            "method": cell.method,
+            "backbone": cell.backbone,
+            "seed": cell.seed,
+        },
+        **{m: values[m] for m in METRICS},
+        "reported_epoch": spec["train"]["epochs"],
+        "per_class_acc": per_class,
+        "train_counts": counts,
+        "class_groups": groups,
         "seeds": {"train": cell.seed, "subset": spec["dataset_options"]["subset_seed"]},
-        "spec": spec, "spec_hash": "synthetic000",
+        "spec": spec,
+        "spec_hash": "synthetic000",
         "code": {"ltbench": "0.1.0", "git_commit": "0123456789abcdef0123", "git_dirty": False},
-        "environment": {"python": "3.11.7", "torch": "2.14.1", "host": "synthetic", "gpu": "NVIDIA H100",
-                        "cuda": "13.0", "platform": "Linux"},
-        "device": device, "wall_time_s": wall_time_s, "train_time_s": wall_time_s * 0.9,
-        "images_per_s": 5000.0, "finished_at": "2026-01-01T00:00:00+0000",
+        "environment": {
+            "python": "3.11.7",
+            "torch": "2.14.1",
+            "host": "synthetic",
+            "gpu": "NVIDIA H100",
+            "cuda": "13.0",
+            "platform": "Linux",
+        },
+        "device": device,
+        "wall_time_s": wall_time_s,
+        "train_time_s": wall_time_s * 0.9,
+        "images_per_s": 5000.0,
+        "finished_at": "2026-01-01T00:00:00+0000",
     }
 
 
-def write_grid(cfg: dict, offset: Callable[[config.Cell, str], float] = lambda c, m: 0.0,
-               skip: Iterable[tuple] = (), base: dict | None = None) -> list[Path]:
+def write_grid(
+    cfg: dict,
+    offset: Callable[[config.Cell, str], float] = lambda c, m: 0.0,
+    skip: Iterable[tuple] = (),
+    base: dict | None = None,
+) -> list[Path]:
     """Write metrics.json for every cell of ``cfg`` except those whose (dataset, ratio, method, backbone,
     seed) key — or (dataset, ratio, method, backbone) for all seeds — is in ``skip``. Returns the paths."""
     base = paper_base() if base is None else base

@@ -1,4 +1,5 @@
 """Batched per-sample augmentations against torchvision applied image by image."""
+
 from unittest import mock
 
 import pytest
@@ -38,8 +39,13 @@ def _tv_autoaugment(x, draw, fill):
         for slot in range(2):
             op = int(draw.ops[i, slot])
             if op >= 0:
-                img = tv_aa._apply_op(img, augment.OP_NAMES[op], float(draw.magnitudes[i, slot]),
-                                      InterpolationMode.NEAREST, _tv_fill(fill, x.shape[1]))
+                img = tv_aa._apply_op(
+                    img,
+                    augment.OP_NAMES[op],
+                    float(draw.magnitudes[i, slot]),
+                    InterpolationMode.NEAREST,
+                    _tv_fill(fill, x.shape[1]),
+                )
         out.append(img)
     return torch.stack(out)
 
@@ -74,8 +80,9 @@ def test_op_matches_torchvision(name, shape):
         out = augment.OPS[name](x, m, fill=fill)
         assert out.dtype == torch.uint8 and out.shape == x.shape and out.is_contiguous()
         tv_fill = _tv_fill(fill, c)
-        ref = torch.stack([tv_aa._apply_op(x[i], name, float(m[i]), InterpolationMode.NEAREST, tv_fill)
-                           for i in range(n)])
+        ref = torch.stack(
+            [tv_aa._apply_op(x[i], name, float(m[i]), InterpolationMode.NEAREST, tv_fill) for i in range(n)]
+        )
         bad = (out != ref).flatten(1).any(1)
         assert not bad.any(), f"{name} fill={fill}: {int(bad.sum())} images differ, e.g. {m[bad].tolist()[:5]}"
     if name not in ("AutoContrast", "Equalize", "Invert") and not (name == "Color" and c == 1):
@@ -92,13 +99,16 @@ def test_op_scalar_magnitude_and_input_untouched():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("policy,shape,fill", [
-    ("cifar10", (3, 32, 32), 0),
-    ("cifar10", (1, 8, 8), 0),
-    ("cifar10", (3, 32, 32), 127.5),
-    ("svhn", (3, 16, 12), 0),
-    ("imagenet", (1, 8, 8), 200),
-])
+@pytest.mark.parametrize(
+    "policy,shape,fill",
+    [
+        ("cifar10", (3, 32, 32), 0),
+        ("cifar10", (1, 8, 8), 0),
+        ("cifar10", (3, 32, 32), 127.5),
+        ("svhn", (3, 16, 12), 0),
+        ("imagenet", (1, 8, 8), 200),
+    ],
+)
 def test_autoaugment_matches_torchvision_per_sample(device, policy, shape, fill):
     n = 400
     x = _images(n, *shape, seed=11).to(device)
@@ -191,8 +201,7 @@ def test_random_crop_flip_matches_torchvision(shape, padding):
     assert 0 < flip.sum() < n and len(set(oy.tolist())) > 1 and len(set(ox.tolist())) > 1
     crop = T.RandomCrop(shape[1:], padding=padding, fill=0)
     for i in range(n):
-        with mock.patch.object(T.RandomCrop, "get_params",
-                               return_value=(int(oy[i]), int(ox[i]), shape[1], shape[2])):
+        with mock.patch.object(T.RandomCrop, "get_params", return_value=(int(oy[i]), int(ox[i]), shape[1], shape[2])):
             ref = crop(x[i])
         if flip[i]:
             ref = TF.hflip(ref)

@@ -1,4 +1,5 @@
 """Backbones: parameter counts, forward FLOPs, every backbone × norm combination, pretrained loading."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,8 +23,16 @@ def forward_flops(name, size, classes):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name, params", [  # He et al. 2016, Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M
-    ("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet44", 0.66e6), ("resnet56", 0.85e6), ("resnet110", 1.7e6)])
+@pytest.mark.parametrize(
+    "name, params",
+    [  # He et al. 2016, Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M
+        ("resnet20", 0.27e6),
+        ("resnet32", 0.46e6),
+        ("resnet44", 0.66e6),
+        ("resnet56", 0.85e6),
+        ("resnet110", 1.7e6),
+    ],
+)
 def test_cifar_resnet_parameter_counts(name, params):
     assert n_params(models.build(name, 10)) == pytest.approx(params, rel=0.03)
 
@@ -48,8 +57,12 @@ def test_imagenet_backbones_match_torchvision():
         assert list(ours.state_dict()) == list(ref.state_dict()), name
 
 
-NORMS = [("bn", "all", {}), ("nbn", "last_stage", {"alpha": "shared"}), ("nbn", "all", {"alpha": "shared"}),
-         ("cbn", "all", {"num_components": 2, "responsibilities": "sample"})]
+NORMS = [
+    ("bn", "all", {}),
+    ("nbn", "last_stage", {"alpha": "shared"}),
+    ("nbn", "all", {"alpha": "shared"}),
+    ("cbn", "all", {"num_components": 2, "responsibilities": "sample"}),
+]
 
 
 def build(name, norm_name, scope, options, classes=5):
@@ -71,8 +84,9 @@ def test_every_backbone_and_norm_builds_trains_and_round_trips(name, norm_name, 
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
     opt.step()
     if norm_name == "nbn":
-        alphas = {id(p) for m in model.modules() if isinstance(m, norm.NormalizedBatchNorm2d)
-                  for p in m.alpha_parameters()}
+        alphas = {
+            id(p) for m in model.modules() if isinstance(m, norm.NormalizedBatchNorm2d) for p in m.alpha_parameters()
+        }
         assert len(alphas) == 1  # one α shared by every normalized layer
         replaced = [k for k, m in model.named_modules() if isinstance(m, norm.NormalizedBatchNorm2d)]
         last = "layer4" if hasattr(model, "layer4") else "layer3"
@@ -95,8 +109,9 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     assert all(torch.equal(s[k], d[k]) for k in d if not k.startswith("fc."))
     assert d["fc.weight"].shape == (365, 2048)
     # a CBN backbone takes the BN affine into every component
-    cbn = models.load_pretrained(models.build("resnet50", 365, 3, norm.factory("cbn", {"num_components": 3})),
-                                 tmp_path / "imagenet.pt")
+    cbn = models.load_pretrained(
+        models.build("resnet50", 365, 3, norm.factory("cbn", {"num_components": 3})), tmp_path / "imagenet.pt"
+    )
     assert torch.equal(cbn.bn1.weight, s["bn1.weight"].expand(3, -1))
 
 

@@ -1,4 +1,5 @@
 """The speed benchmark: both paths feed the model the same tensors and train the same model."""
+
 import json
 
 import numpy as np
@@ -43,8 +44,23 @@ def test_both_paths_normalize_identically_and_give_the_same_loss():
 
 
 def test_bench_compare_alternates_methods_in_one_process(cli):
-    p = cli("bench", "--compare", "baseline, baseline+cbn", "--backbone", "resnet8", "--steps", 1, "--rounds", 3,
-            "--warmup", 0, "--batch-size", 8, "--device", "cpu")
+    p = cli(
+        "bench",
+        "--compare",
+        "baseline, baseline+cbn",
+        "--backbone",
+        "resnet8",
+        "--steps",
+        1,
+        "--rounds",
+        3,
+        "--warmup",
+        0,
+        "--batch-size",
+        8,
+        "--device",
+        "cpu",
+    )
     out = json.loads(p.stdout)
     per_round = out["images_per_s_per_round"]
     assert list(per_round) == ["baseline", "baseline+cbn"] and all(len(v) == 3 for v in per_round.values())
@@ -55,9 +71,27 @@ def test_bench_compare_alternates_methods_in_one_process(cli):
 
 
 def test_bench_command_on_cpu(cli, tmp_path):
-    p = cli("bench", "--method", "baseline+cbn+sbn+dpl", "--backbone", "resnet8", "--steps", 2, "--warmup", 1,
-            "--batch-size", 16, "--workers", 0, "--device", "cpu", "--config", "config/demo.yaml",
-            "--out", tmp_path / "b.json")
+    p = cli(
+        "bench",
+        "--method",
+        "baseline+cbn+sbn+dpl",
+        "--backbone",
+        "resnet8",
+        "--steps",
+        2,
+        "--warmup",
+        1,
+        "--batch-size",
+        16,
+        "--workers",
+        0,
+        "--device",
+        "cpu",
+        "--config",
+        "config/demo.yaml",
+        "--out",
+        tmp_path / "b.json",
+    )
     out = json.loads(p.stdout)
     assert out == json.loads((tmp_path / "b.json").read_text())
     assert out["passes_per_step"] == 4 and out["device"].startswith("cpu")
@@ -72,4 +106,5 @@ def test_bench_command_on_cpu(cli, tmp_path):
     # projection: 400 epochs × 12406 images at the measured speed plus evaluation
     ips, eval_ips = out["fast"]["images_per_s"], out["eval_images_per_s"]
     assert out["projected_400_epoch_cifar10_lt_r100_wall_s"] == pytest.approx(
-        400 * (12406 / ips + 10000 / eval_ips), rel=0.01)
+        400 * (12406 / ips + 10000 / eval_ips), rel=0.01
+    )

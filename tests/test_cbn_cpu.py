@@ -1,6 +1,7 @@
 """The fused CPU kernels of CBN's per-pixel path (ltbench/nn/cbn_cpu.py, cbn_cpu.c): used where they
 apply, equal to the torch implementation across point blocks, built once into the cache, and a clear
 fallback or error when no compiler works. (Equality with the reference layer: tests/test_cbn_fast.py.)"""
+
 from __future__ import annotations
 
 import pytest
@@ -20,6 +21,7 @@ def kernel(monkeypatch):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         cbn_cpu.reset()
+
     yield use
     cbn_cpu.reset()
 
@@ -46,11 +48,14 @@ def run(layer, xs, grads):
 
 
 @needs_cc
-@pytest.mark.parametrize("options", [
-    {"num_components": 3},
-    {"num_components": 4, "detach_responsibilities": True},
-    {"num_components": 2, "train_stats": "running"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_components": 3},
+        {"num_components": 4, "detach_responsibilities": True},
+        {"num_components": 2, "train_stats": "running"},
+    ],
+)
 def test_kernels_equal_torch_across_point_blocks(kernel, options):
     """17 × 17 = 289 points per channel: one full block of 256 and a partial one."""
     g = torch.Generator().manual_seed(0)
@@ -131,7 +136,9 @@ def test_kernels_refuse_tensors_they_would_index_out_of_bounds(kernel):
     x, shift, M = torch.randn(2, 3, 10), torch.zeros(3), 2
     r = torch.full((2, M, 10), 0.5)
     assert cbn_cpu.moments(x, None, shift, r).shape == (M, 6)
-    with pytest.raises(ValueError, match=r"cbn_moments: r must be a contiguous torch.float32 CPU tensor of 40 elements"):
+    with pytest.raises(
+        ValueError, match=r"cbn_moments: r must be a contiguous torch.float32 CPU tensor of 40 elements"
+    ):
         cbn_cpu.moments(x, None, shift, r[:, :, :5])
     with pytest.raises(ValueError, match="cbn_mix: g must be"):
         cbn_cpu.mix(x, x.double(), shift, r, None, torch.zeros(M, 3, 3), None, out=torch.empty_like(x))

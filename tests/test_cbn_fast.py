@@ -5,6 +5,7 @@ M, responsibilities, detached r, train_stats, em and memory format: outputs, inp
 gradients and all buffers must equal the reference's to float rounding; with M = 1 the layer must be
 bit-for-bit ``nn.BatchNorm2d``. Also: the eval cache follows parameter/buffer changes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -83,8 +84,7 @@ def compare(fast, ref, data, groups_every: int | None, check_eval: bool = True):
         gr = groups if groups_every and i % groups_every == 1 else None
         y, gx, gp = step(fast, x, grad, gr, seed=i)
         y_ref, gx_ref, gp_ref = step(ref, x, grad, gr, seed=i)
-        assert y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(
-            memory_format=torch.channels_last)
+        assert y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
         close(y, y_ref)
         close(gx, gx_ref, atol=1e-4)
         for a, b in zip(gp, gp_ref):
@@ -107,25 +107,29 @@ def compare(fast, ref, data, groups_every: int | None, check_eval: bool = True):
             close(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("M,resp,detach,channels_last",
-                         list(itertools.product([2, 3, 4], ["pixel", "sample"], [False, True], [False, True])))
+@pytest.mark.parametrize(
+    "M,resp,detach,channels_last", list(itertools.product([2, 3, 4], ["pixel", "sample"], [False, True], [False, True]))
+)
 def test_fast_cbn_matches_reference(M, resp, detach, channels_last, impl):
     fast, ref = make_pair(num_components=M, responsibilities=resp, detach_responsibilities=detach)
     compare(fast, ref, batches(4, channels_last), groups_every=2)
 
 
-@pytest.mark.parametrize("options", [
-    {"num_components": 3, "train_stats": "running"},
-    {"num_components": 3, "train_stats": "running", "responsibilities": "sample"},
-    {"num_components": 4, "init": "random"},
-    {"num_components": 3, "unbiased_var": False, "prior_momentum": 1.0, "mean_momentum": 0.5, "var_momentum": 0.3},
-    {"num_components": 4, "em": False},
-    {"num_components": 1, "em": False},
-    {"num_components": 1, "mean_momentum": 0.2},
-    {"num_components": 1, "unbiased_var": False},
-    {"num_components": 1, "train_stats": "running"},
-    {"num_components": 1, "responsibilities": "sample"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_components": 3, "train_stats": "running"},
+        {"num_components": 3, "train_stats": "running", "responsibilities": "sample"},
+        {"num_components": 4, "init": "random"},
+        {"num_components": 3, "unbiased_var": False, "prior_momentum": 1.0, "mean_momentum": 0.5, "var_momentum": 0.3},
+        {"num_components": 4, "em": False},
+        {"num_components": 1, "em": False},
+        {"num_components": 1, "mean_momentum": 0.2},
+        {"num_components": 1, "unbiased_var": False},
+        {"num_components": 1, "train_stats": "running"},
+        {"num_components": 1, "responsibilities": "sample"},
+    ],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_cbn_matches_reference_options(options, channels_last, impl):
     fast, ref = make_pair(**options)
@@ -169,9 +173,15 @@ def test_one_component_is_bitwise_batchnorm(resp, channels_last):
     for x, grad in batches(3, channels_last):
         y, gx, (gw, gb) = step(cbn, x, grad)
         y_bn, gx_bn, (gw_bn, gb_bn) = step(bn, x, grad)
-        for a, b in ((y, y_bn), (gx, gx_bn), (gw[0], gw_bn), (gb[0], gb_bn),
-                     (cbn.running_mean[0], bn.running_mean), (cbn.running_var[0], bn.running_var),
-                     (cbn.num_batches_tracked, bn.num_batches_tracked)):
+        for a, b in (
+            (y, y_bn),
+            (gx, gx_bn),
+            (gw[0], gw_bn),
+            (gb[0], gb_bn),
+            (cbn.running_mean[0], bn.running_mean),
+            (cbn.running_var[0], bn.running_var),
+            (cbn.num_batches_tracked, bn.num_batches_tracked),
+        ):
             assert torch.equal(a, b)
     cbn.eval()
     bn.eval()
@@ -216,11 +226,13 @@ def test_bench_layer_reports_every_layer_and_ratios():
     from ltbench.tools import bench
 
     assert build_parser().parse_args(["bench", "--layer"]).layer
-    out = bench.layer_main(device="cpu", batch=2, channels=4, size=4, reps=1, eval_images=3, backbone="resnet8",
-                           eval_reps=1)
+    out = bench.layer_main(
+        device="cpu", batch=2, channels=4, size=4, reps=1, eval_images=3, backbone="resnet8", eval_reps=1
+    )
     assert out["cbn_kernel"] == cbn_cpu.describe()
     names = {"batchnorm2d", "conv3x3", "cbn_m4_pixel", "cbn_m4_sample"} | (
-        {"cbn_m4_pixel_torch"} if out["cbn_kernel"] == "c" else set())  # the torch code beside the C kernels
+        {"cbn_m4_pixel_torch"} if out["cbn_kernel"] == "c" else set()
+    )  # the torch code beside the C kernels
     assert set(out["fwd_bwd_ms"]) == names == set(out["ratio_to_conv"])
     assert out["ratio_to_conv"]["conv3x3"] == 1.0
     assert all(v > 0 for v in out["fwd_bwd_ms"].values())
@@ -231,7 +243,8 @@ def test_bench_layer_reports_every_layer_and_ratios():
             assert e["bare_images_per_s"] > 0 and e["path_images_per_s"] > 0
             assert e["path_over_bare"] == pytest.approx(e["path_images_per_s"] / e["bare_images_per_s"], rel=0.02)
         assert ev[f"cbn_model_over_bn_model/{fmt}"] == pytest.approx(
-            ev[f"baseline+cbn/{fmt}"]["bare_images_per_s"] / ev[f"baseline/{fmt}"]["bare_images_per_s"], rel=0.02)
+            ev[f"baseline+cbn/{fmt}"]["bare_images_per_s"] / ev[f"baseline/{fmt}"]["bare_images_per_s"], rel=0.02
+        )
 
 
 @pytest.mark.parametrize("responsibilities", ["pixel", "sample"])
@@ -244,7 +257,8 @@ def test_output_takes_an_inplace_relu_and_backpropagates(responsibilities, chann
     x = torch.randn(4, 6, 5, 5, requires_grad=True)
     xin = x.to(memory_format=torch.channels_last) if channels_last else x
     y = layer(xin)
-    assert y._base is None and y.is_contiguous(memory_format=torch.channels_last if channels_last
-                                                else torch.contiguous_format)
+    assert y._base is None and y.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     torch.relu_(y).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

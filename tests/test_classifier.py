@@ -1,4 +1,5 @@
 """The decoupled classifier stage (cRT, LWS, τ-norm) on a ResNet-8 and random 8×8 images."""
+
 import copy
 
 import numpy as np
@@ -157,7 +158,7 @@ def test_crt_stage_loss_closed_form(data, reweight, rectified, backbone_mode):
     zn, yn = z - z.max(1, keepdims=True), y.numpy()
     ce = np.log(np.exp(zn).sum(1)) - zn[np.arange(len(yn)), yn]
     n = COUNTS.double().numpy()
-    w = {"none": np.ones(K), "cb": (1 - 0.9999) / (1 - 0.9999 ** n), "inverse": 1 / n}[reweight][yn]
+    w = {"none": np.ones(K), "cb": (1 - 0.9999) / (1 - 0.9999**n), "inverse": 1 / n}[reweight][yn]
     np.testing.assert_allclose(loss.item(), (w * ce).sum() / w.sum(), rtol=1e-5)
     if backbone_mode == "eval":  # in train mode the stage moved the running statistics the test model uses
         em = classifier.eval_model(model, head, dt).eval()
@@ -199,7 +200,9 @@ def test_tau_norm(data, tau, rectified):
         w = w / torch.sqrt(model.fc[1].running_var.double() + model.fc[1].eps)[:, None]
     norms = w.norm(dim=1)
     assert em.classifier.bias is None
-    np.testing.assert_allclose(em.classifier.weight.double().norm(dim=1).numpy(), (norms ** (1 - tau)).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        em.classifier.weight.double().norm(dim=1).numpy(), (norms ** (1 - tau)).numpy(), rtol=1e-5
+    )
     ref = frozen_features(model, x).double() @ (w / norms[:, None] ** tau).T
     torch.testing.assert_close(em(x).double(), ref, rtol=1e-5, atol=1e-5)
 

@@ -1,5 +1,6 @@
 """Statistics across seeds, graded verdicts, power / seeds needed, and claimed-gain tests
 (ltbench.analysis.compare, ltbench.analysis.power, ltbench.analysis.gains)."""
+
 from __future__ import annotations
 
 import math
@@ -14,22 +15,34 @@ from ltbench.analysis.compare import compare, decision_line, judge, summarize
 from ltbench.analysis.gains import gains, judge_gains
 
 T975_DF2 = 4.302652729749462  # Student t 97.5% quantile, 2 degrees of freedom (tables: 4.303)
-T95_DF2 = 2.919985580353724   # Student t 95% quantile, 2 degrees of freedom (tables: 2.920)
+T95_DF2 = 2.919985580353724  # Student t 95% quantile, 2 degrees of freedom (tables: 2.920)
 
 
 def runs_of(values: dict, dataset="cifar100", ratio=100, backbone="resnet32", metric="top1") -> pd.DataFrame:
     """{method: {seed: value}} -> tidy runs table."""
-    return pd.DataFrame([dict(dataset=dataset, ratio=ratio, method=m, backbone=backbone, seed=s, metric=metric,
-                              value=v) for m, by_seed in values.items() for s, v in by_seed.items()])
+    return pd.DataFrame(
+        [
+            dict(dataset=dataset, ratio=ratio, method=m, backbone=backbone, seed=s, metric=metric, value=v)
+            for m, by_seed in values.items()
+            for s, v in by_seed.items()
+        ]
+    )
 
 
 def ref_of(*rows) -> pd.DataFrame:
     """(method, value, quoted) rows for cifar100/100/resnet32/top1 -> reference table."""
-    return pd.DataFrame([dict(table=2, dataset="cifar100", ratio=100, method=m, backbone="resnet32", metric="top1",
-                              value=v, quoted=q) for m, v, q in rows])
+    return pd.DataFrame(
+        [
+            dict(
+                table=2, dataset="cifar100", ratio=100, method=m, backbone="resnet32", metric="top1", value=v, quoted=q
+            )
+            for m, v, q in rows
+        ]
+    )
 
 
 # ---------------------------------------------------------------- summarize
+
 
 def test_summarize_three_seeds_by_hand():
     s = summarize(runs_of({"baseline": {0: 50.0, 1: 51.0, 2: 53.0}})).iloc[0]
@@ -56,28 +69,36 @@ def test_summarize_single_seed_has_no_std_or_ci():
 
 
 def test_summarize_groups_by_every_cell_key():
-    runs = pd.concat([runs_of({"baseline": {0: 50.0, 1: 52.0}}),
-                      runs_of({"baseline": {0: 80.0}}, dataset="cifar10"),
-                      runs_of({"baseline": {0: 70.0}}, metric="many"),
-                      runs_of({"baseline": {0: 60.0}}, ratio=50),
-                      runs_of({"baseline": {0: 40.0}}, backbone="resnet56")])
+    runs = pd.concat(
+        [
+            runs_of({"baseline": {0: 50.0, 1: 52.0}}),
+            runs_of({"baseline": {0: 80.0}}, dataset="cifar10"),
+            runs_of({"baseline": {0: 70.0}}, metric="many"),
+            runs_of({"baseline": {0: 60.0}}, ratio=50),
+            runs_of({"baseline": {0: 40.0}}, backbone="resnet56"),
+        ]
+    )
     s = summarize(runs)
     assert len(s) == 5
     row = s[(s.dataset == "cifar100") & (s.ratio == 100) & (s.metric == "top1") & (s.backbone == "resnet32")]
     assert row["mean"].item() == 51.0 and row["n"].item() == 2
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda r: r.drop(columns="seed"), "seed"),
-    (lambda r: pd.concat([r, r.iloc[[0]]]), "more than one value per cell and seed"),
-    (lambda r: r.assign(value=[50.0, float("nan")]), "NaN"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda r: r.drop(columns="seed"), "seed"),
+        (lambda r: pd.concat([r, r.iloc[[0]]]), "more than one value per cell and seed"),
+        (lambda r: r.assign(value=[50.0, float("nan")]), "NaN"),
+    ],
+)
 def test_summarize_rejects_bad_runs(bad, match):
     with pytest.raises(ValueError, match=match):
         summarize(bad(runs_of({"baseline": {0: 50.0, 1: 51.0}})))
 
 
 # ---------------------------------------------------------------- verdicts
+
 
 def verdict_for(ours: dict, paper: float, quoted=False, margin=1.0):
     out = compare(summarize(runs_of({"baseline": ours})), ref_of(("baseline", paper, quoted)), margin=margin)
@@ -132,8 +153,8 @@ def test_paper_inside_the_95_interval_without_equivalence_is_inconclusive():
     # mean 51.33, 95% CI [47.54, 55.13] (see test_summarize_three_seeds_by_hand): not reproduced any more
     r = verdict_for({0: 50.0, 1: 51.0, 2: 53.0}, 55.0)
     assert r["delta"] == pytest.approx(-3.6666666666, abs=1e-6) and r["verdict"] == "inconclusive"
-    assert verdict_for({0: 50.0, 1: 51.0, 2: 53.0}, 55.2)["verdict"] == "below"   # just outside the CI
-    assert verdict_for({0: 50.0, 1: 51.0, 2: 53.0}, 47.5)["verdict"] == "above"   # just below ci_low
+    assert verdict_for({0: 50.0, 1: 51.0, 2: 53.0}, 55.2)["verdict"] == "below"  # just outside the CI
+    assert verdict_for({0: 50.0, 1: 51.0, 2: 53.0}, 47.5)["verdict"] == "above"  # just below ci_low
     assert verdict_for({0: 50.0, 1: 51.0, 2: 53.0}, 47.6)["verdict"] == "inconclusive"
 
 
@@ -147,11 +168,13 @@ def test_judge_needs_equivalence_inside_the_margin_for_an_inconclusive_cell():
 
 def test_missing_quoted_and_not_reported():
     summary = summarize(runs_of({"baseline": {0: 50.0}, "vs": {0: 44.0, 1: 43.0}}))
-    ref = ref_of(("baseline+cbn", 52.16, False),   # never run
-                 ("mislas", 47.0, True),           # quoted, never run
-                 ("lade", float("nan"), True),     # '–' in the paper
-                 ("baseline", None, False),        # null: user has not filled it in, although we ran it
-                 ("vs", 43.5, True))               # quoted, but we ran it: judged like any other entry
+    ref = ref_of(
+        ("baseline+cbn", 52.16, False),  # never run
+        ("mislas", 47.0, True),  # quoted, never run
+        ("lade", float("nan"), True),  # '–' in the paper
+        ("baseline", None, False),  # null: user has not filled it in, although we ran it
+        ("vs", 43.5, True),
+    )  # quoted, but we ran it: judged like any other entry
     out = compare(summary, ref).set_index("method")
     assert out.loc["baseline+cbn", "verdict"] == "missing" and out.loc["baseline+cbn", "n"] == 0
     assert math.isnan(out.loc["baseline+cbn", "mean"])
@@ -169,7 +192,7 @@ def test_compare_against_packaged_reference_keeps_every_entry():
     assert len(out) == len(ref)
     ran = out[out.n > 0]
     assert set(zip(ran.table, ran.row.fillna(""))) == {(2, ""), (3, "I")}  # Table 2 and Table 3 row I
-    assert (ran.verdict == "inconclusive").all()   # 2 seeds: the 90 % interval is ± 6.31 · 0.5
+    assert (ran.verdict == "inconclusive").all()  # 2 seeds: the 90 % interval is ± 6.31 · 0.5
     counts = out.verdict.value_counts().to_dict()
     assert counts["not reported"] == 21 and counts["inconclusive"] == 2
     assert counts["quoted"] == int((ref.quoted & ref.value.notna()).sum())
@@ -181,20 +204,30 @@ def test_compare_wants_a_summary_not_runs():
 
 
 def test_decision_line_counts_and_extra_seeds():
-    df = pd.DataFrame({"verdict": ["inconclusive", "inconclusive", "inconclusive", "reproduced", "missing",
-                                   "inconclusive"],
-                       "n": [3, 3, 3, 3, 0, 3], "seeds_needed": [5, 4, 20, None, None, None]}).astype({"seeds_needed": "Int64"})
-    assert decision_line(df) == ("4 of 5 cells inconclusive; 2 more seeds would decide 2 of them, 17 more all 3; "
-                                 f"1 would need more than {power.MAX_SEEDS} seeds")
+    df = pd.DataFrame(
+        {
+            "verdict": ["inconclusive", "inconclusive", "inconclusive", "reproduced", "missing", "inconclusive"],
+            "n": [3, 3, 3, 3, 0, 3],
+            "seeds_needed": [5, 4, 20, None, None, None],
+        }
+    ).astype({"seeds_needed": "Int64"})
+    assert decision_line(df) == (
+        "4 of 5 cells inconclusive; 2 more seeds would decide 2 of them, 17 more all 3; "
+        f"1 would need more than {power.MAX_SEEDS} seeds"
+    )
     assert decision_line(df[df.verdict == "missing"]) == ""
 
 
 # ---------------------------------------------------------------- power and seeds needed
 
-@pytest.mark.parametrize("effect, n, expected_power", [
-    (0.5, 34, 0.8078),  # G*Power 3.1, one-sample / paired t, two-tailed α 0.05, d = 0.5: n = 34, power 0.808
-    (1.0, 10, 0.8031),  # d = 1: n = 10, power 0.803
-])
+
+@pytest.mark.parametrize(
+    "effect, n, expected_power",
+    [
+        (0.5, 34, 0.8078),  # G*Power 3.1, one-sample / paired t, two-tailed α 0.05, d = 0.5: n = 34, power 0.808
+        (1.0, 10, 0.8031),  # d = 1: n = 10, power 0.803
+    ],
+)
 def test_one_sample_power_matches_gpower(effect, n, expected_power):
     assert power.difference_power(effect, 1.0, n) == pytest.approx(expected_power, abs=1e-4)
     assert power.seeds_needed(lambda k: power.difference_power(effect, 1.0, k)) == n
@@ -211,13 +244,13 @@ def test_welch_power_matches_the_two_sample_table():
 def test_tost_power_agrees_with_simulation():
     rng = np.random.default_rng(0)
     n = power.seeds_needed(lambda k: power.equivalence_power(0.0, 1.0, 1.0, k))
-    assert 8 <= n <= 14   # normal approximation: (z_0.95 + z_0.90)² ≈ 8.6 seeds, plus the t penalty
+    assert 8 <= n <= 14  # normal approximation: (z_0.95 + z_0.90)² ≈ 8.6 seeds, plus the t penalty
     x = rng.normal(0.0, 1.0, size=(20000, n))
     m, se = x.mean(1), x.std(1, ddof=1) / math.sqrt(n)
     t = stats.t.ppf(0.95, n - 1)
     simulated = np.mean((m - t * se > -1.0) & (m + t * se < 1.0))
-    assert power.equivalence_power(0.0, 1.0, 1.0, n) <= simulated + 0.01   # a lower bound ...
-    assert simulated == pytest.approx(power.equivalence_power(0.0, 1.0, 1.0, n), abs=0.03)   # ... and close
+    assert power.equivalence_power(0.0, 1.0, 1.0, n) <= simulated + 0.01  # a lower bound ...
+    assert simulated == pytest.approx(power.equivalence_power(0.0, 1.0, 1.0, n), abs=0.03)  # ... and close
     assert simulated >= 0.79
 
 
@@ -235,8 +268,17 @@ def test_holm_adjusted_p_values():
 
 # ---------------------------------------------------------------- gains
 
-CLAIM = [dict(id="t2-cbn", table=2, description="+CBN over Baseline", method="baseline+cbn", over="baseline",
-              backbone="resnet32", cells=[dict(dataset="cifar100", ratio=100)])]
+CLAIM = [
+    dict(
+        id="t2-cbn",
+        table=2,
+        description="+CBN over Baseline",
+        method="baseline+cbn",
+        over="baseline",
+        backbone="resnet32",
+        cells=[dict(dataset="cifar100", ratio=100)],
+    )
+]
 A = {0: 52.0, 1: 53.5, 2: 52.7}
 B = {0: 50.1, 1: 50.9, 2: 49.8}
 
@@ -276,9 +318,13 @@ def test_gains_single_seed_and_missing_runs_explain_nan():
 
 def test_gains_uses_claim_metric_and_backbone():
     claim = [dict(CLAIM[0], metric="few")]
-    runs = pd.concat([runs_of({"baseline+cbn": A, "baseline": B}, metric="top1"),
-                      runs_of({"baseline+cbn": {0: 30.0, 1: 31.0}, "baseline": {0: 28.0, 1: 28.5}}, metric="few"),
-                      runs_of({"baseline+cbn": {0: 99.0, 1: 99.0}}, metric="few", backbone="resnet56")])
+    runs = pd.concat(
+        [
+            runs_of({"baseline+cbn": A, "baseline": B}, metric="top1"),
+            runs_of({"baseline+cbn": {0: 30.0, 1: 31.0}, "baseline": {0: 28.0, 1: 28.5}}, metric="few"),
+            runs_of({"baseline+cbn": {0: 99.0, 1: 99.0}}, metric="few", backbone="resnet56"),
+        ]
+    )
     g = gains(runs, claim).iloc[0]
     assert g["metric"] == "few" and g["gain"] == pytest.approx(30.5 - 28.25) and g["n_method"] == 2
 
@@ -291,19 +337,33 @@ def test_gains_from_paper_id_cover_every_claim_cell():
 
 
 def test_judged_gains_holm_no_gain_and_seeds():
-    claims = [dict(id=f"c{k}", table=2, description="", method=m, over="baseline", backbone="resnet32",
-                   cells=[dict(dataset="cifar100", ratio=100)]) for k, m in enumerate(("big", "zero", "small"))]
-    runs = pd.concat([runs_of({"baseline": B}),
-                      runs_of({"big": {s: v + 3.0 + 0.1 * s for s, v in B.items()}}),     # +3, tight pairs
-                      runs_of({"zero": {s: v + 0.05 * (s - 1) for s, v in B.items()}}),   # ~0, tight pairs
-                      runs_of({"small": {s: v + 0.6 + 0.4 * (s - 1) for s, v in B.items()}})])
+    claims = [
+        dict(
+            id=f"c{k}",
+            table=2,
+            description="",
+            method=m,
+            over="baseline",
+            backbone="resnet32",
+            cells=[dict(dataset="cifar100", ratio=100)],
+        )
+        for k, m in enumerate(("big", "zero", "small"))
+    ]
+    runs = pd.concat(
+        [
+            runs_of({"baseline": B}),
+            runs_of({"big": {s: v + 3.0 + 0.1 * s for s, v in B.items()}}),  # +3, tight pairs
+            runs_of({"zero": {s: v + 0.05 * (s - 1) for s, v in B.items()}}),  # ~0, tight pairs
+            runs_of({"small": {s: v + 0.6 + 0.4 * (s - 1) for s, v in B.items()}}),
+        ]
+    )
     g = judge_gains(gains(runs, claims), [1, 1, 1], margin=1.0).set_index("method")
     p = g["paired_p"]
     assert g["p_holm"].tolist() == pytest.approx(power.holm(p.tolist()))
     assert g.loc["big", "p_holm"] == pytest.approx(3 * p["big"]) and g.loc["big", "gain_verdict"] == "supported"
     assert g.loc["zero", "gain_verdict"] == "no gain" and g.loc["zero", "equiv_p"] < 0.05
     assert -1 < g.loc["zero", "equiv_low"] < g.loc["zero", "equiv_high"] < 1
-    small = g.loc["small"]   # gain 0.6 ± 0.4: neither significant nor inside ± 1 at 90 %
+    small = g.loc["small"]  # gain 0.6 ± 0.4: neither significant nor inside ± 1 at 90 %
     assert small["gain_verdict"] == "not significant" and small["seeds_test"] == "TOST"
     n = small["seeds_needed"]
     assert power.equivalence_power(0.6, 0.4, 1.0, n) >= 0.8 > power.equivalence_power(0.6, 0.4, 1.0, n - 1)
@@ -317,9 +377,19 @@ def test_margin_from_config_and_per_experiment():
 
     cfg = config.load(ROOT / "config" / "demo.yaml")
     assert cfg["margin"] == 1.0 and margin_of(cfg["experiments"]["table2"], cfg) == 1.0
-    raw = {"margin": 0.5, "experiments": {"a": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"],
-                                                "backbones": ["resnet8"], "margin": 2.0}, "b": {
-        "datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"], "backbones": ["resnet8"]}}}
+    raw = {
+        "margin": 0.5,
+        "experiments": {
+            "a": {
+                "datasets": ["digits-lt"],
+                "ratios": [10],
+                "methods": ["ce"],
+                "backbones": ["resnet8"],
+                "margin": 2.0,
+            },
+            "b": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"], "backbones": ["resnet8"]},
+        },
+    }
     cfg = config.validate(raw)
     assert margin_of(cfg["experiments"]["a"], cfg) == 2.0 and margin_of(cfg["experiments"]["b"], cfg) == 0.5
     with pytest.raises(Exception, match="margin"):

@@ -15,32 +15,46 @@ def grid(**exp):
     return {"experiments": {"e": e}}
 
 
-@pytest.mark.parametrize("cfg,needle", [
-    (grid(datasets=["cifar11"]), "experiments.e.datasets[0]: unknown dataset 'cifar11'"),
-    (grid(methods=["ce", "nope"]), "experiments.e.methods[1]: unknown method 'nope'"),
-    (grid(backbones=["resnet33"]), "experiments.e.backbones[0]: unknown backbone 'resnet33'"),
-    (grid(ratios=[0.5]), "experiments.e.ratios[0]: 0.5 is less than the minimum of 1"),
-    (grid(ratios=["ten"]), "experiments.e.ratios[0]: 'ten' is not of type 'number'"),
-    (grid(seeds=[-1]), "experiments.e.seeds[0]: -1 is less than the minimum of 0"),
-    ({**grid(), "train": {"lr": "fast"}}, "train.lr: 'fast' is not of type 'number'"),
-    ({**grid(), "train": {"epochz": 3}}, "train: Additional properties are not allowed ('epochz' was unexpected)"),
-    ({**grid(), "datasets": {"cifar10": {"profile": "zigzag"}}}, "datasets.cifar10.profile: 'zigzag' is not one of"),
-    ({**grid(), "datasets": {"mnist": {}}}, "datasets.mnist: unknown dataset 'mnist'"),
-    ({**grid(), "methods": {"mine": {"loss": {"name": "hinge"}}}}, "methods.mine: method 'mine': unknown loss 'hinge'"),
-    ({"experiments": {}}, "experiments: {} should be non-empty"),
-    ({**grid(), "results_dir": "/tmp/x;touch /tmp/PWNED;#"}, "config key results_dir: '/tmp/x;touch /tmp/PWNED;#' "
-                                                            "is not an allowed path"),
-    ({**grid(), "reports_dir": "r$(id)"}, "config key reports_dir: 'r$(id)' is not an allowed path"),
-    ({**grid(), "data_dir": "d\n"}, "config key data_dir: 'd\\n' is not an allowed path"),
-    ({**grid(), "data_dir": "d/{x}"}, "config key data_dir: 'd/{x}' is not an allowed path"),
-    ({**grid(), "datasets": {"imagenet-lt": {"root": "`r`"}}}, "datasets.imagenet-lt.root: '`r`' is not an allowed"),
-    ({**grid(), "train": {"pretrained": "w.pt|sh"}}, "train.pretrained: 'w.pt|sh' is not an allowed path"),
-    (grid(seeds=[2 ** 33]), "experiments.e.seeds[0]: 8589934592 is greater than the maximum of 4294967295"),
-    ({**grid(), "datasets": {"cifar10": {"subset_seed": -2}}}, "datasets.cifar10.subset_seed: -2 is less than"),
-    ({**grid(), "train": {"epochs": 10.0}}, "train.epochs: 10.0 is not of type 'integer'"),
-    ({**grid(), "train": {"lr": float("inf")}}, "train.lr: inf is not a finite number"),
-    ({}, "'experiments' is a required property"),
-])
+@pytest.mark.parametrize(
+    "cfg,needle",
+    [
+        (grid(datasets=["cifar11"]), "experiments.e.datasets[0]: unknown dataset 'cifar11'"),
+        (grid(methods=["ce", "nope"]), "experiments.e.methods[1]: unknown method 'nope'"),
+        (grid(backbones=["resnet33"]), "experiments.e.backbones[0]: unknown backbone 'resnet33'"),
+        (grid(ratios=[0.5]), "experiments.e.ratios[0]: 0.5 is less than the minimum of 1"),
+        (grid(ratios=["ten"]), "experiments.e.ratios[0]: 'ten' is not of type 'number'"),
+        (grid(seeds=[-1]), "experiments.e.seeds[0]: -1 is less than the minimum of 0"),
+        ({**grid(), "train": {"lr": "fast"}}, "train.lr: 'fast' is not of type 'number'"),
+        ({**grid(), "train": {"epochz": 3}}, "train: Additional properties are not allowed ('epochz' was unexpected)"),
+        (
+            {**grid(), "datasets": {"cifar10": {"profile": "zigzag"}}},
+            "datasets.cifar10.profile: 'zigzag' is not one of",
+        ),
+        ({**grid(), "datasets": {"mnist": {}}}, "datasets.mnist: unknown dataset 'mnist'"),
+        (
+            {**grid(), "methods": {"mine": {"loss": {"name": "hinge"}}}},
+            "methods.mine: method 'mine': unknown loss 'hinge'",
+        ),
+        ({"experiments": {}}, "experiments: {} should be non-empty"),
+        (
+            {**grid(), "results_dir": "/tmp/x;touch /tmp/PWNED;#"},
+            "config key results_dir: '/tmp/x;touch /tmp/PWNED;#' is not an allowed path",
+        ),
+        ({**grid(), "reports_dir": "r$(id)"}, "config key reports_dir: 'r$(id)' is not an allowed path"),
+        ({**grid(), "data_dir": "d\n"}, "config key data_dir: 'd\\n' is not an allowed path"),
+        ({**grid(), "data_dir": "d/{x}"}, "config key data_dir: 'd/{x}' is not an allowed path"),
+        (
+            {**grid(), "datasets": {"imagenet-lt": {"root": "`r`"}}},
+            "datasets.imagenet-lt.root: '`r`' is not an allowed",
+        ),
+        ({**grid(), "train": {"pretrained": "w.pt|sh"}}, "train.pretrained: 'w.pt|sh' is not an allowed path"),
+        (grid(seeds=[2**33]), "experiments.e.seeds[0]: 8589934592 is greater than the maximum of 4294967295"),
+        ({**grid(), "datasets": {"cifar10": {"subset_seed": -2}}}, "datasets.cifar10.subset_seed: -2 is less than"),
+        ({**grid(), "train": {"epochs": 10.0}}, "train.epochs: 10.0 is not of type 'integer'"),
+        ({**grid(), "train": {"lr": float("inf")}}, "train.lr: inf is not a finite number"),
+        ({}, "'experiments' is a required property"),
+    ],
+)
 def test_bad_config_names_key_and_value(cfg, needle):
     with pytest.raises(ConfigError) as e:
         config.validate(cfg)
@@ -55,10 +69,26 @@ def test_defaults_are_filled():
 
 
 def test_cells_are_the_union_of_experiments_each_once():
-    c = config.validate({"experiments": {
-        "a": {"datasets": ["digits-lt"], "ratios": [10, 50], "methods": ["ce"], "backbones": ["resnet8"], "seeds": [0, 1]},
-        "b": {"datasets": ["digits-lt"], "ratios": [10.0], "methods": ["ce"], "backbones": ["resnet8", "resnet20"], "seeds": [1, 2]},
-    }})
+    c = config.validate(
+        {
+            "experiments": {
+                "a": {
+                    "datasets": ["digits-lt"],
+                    "ratios": [10, 50],
+                    "methods": ["ce"],
+                    "backbones": ["resnet8"],
+                    "seeds": [0, 1],
+                },
+                "b": {
+                    "datasets": ["digits-lt"],
+                    "ratios": [10.0],
+                    "methods": ["ce"],
+                    "backbones": ["resnet8", "resnet20"],
+                    "seeds": [1, 2],
+                },
+            }
+        }
+    )
     cells = config.cells(c)
     assert len(cells) == len(set(cells)) == 4 + 4 - 1  # (10, ce, resnet8, s1) is shared
     assert Cell("digits-lt", "10", "ce", "resnet8", 1) in cells
@@ -67,9 +97,14 @@ def test_cells_are_the_union_of_experiments_each_once():
 
 
 def test_cell_spec_merge_order():
-    c = config.validate({**grid(), "train": {"lr": 0.2, "epochs": 7},
-                         "datasets": {"digits-lt": {"train": {"lr": 0.3, "batch_size": 32}}},
-                         "methods": {"ce-slow": {"train": {"lr": 0.01}}}})
+    c = config.validate(
+        {
+            **grid(),
+            "train": {"lr": 0.2, "epochs": 7},
+            "datasets": {"digits-lt": {"train": {"lr": 0.3, "batch_size": 32}}},
+            "methods": {"ce-slow": {"train": {"lr": 0.01}}},
+        }
+    )
     assert config.cell_spec(c, "digits-lt", "ce", "resnet8")["train"]["lr"] == 0.3
     spec = config.cell_spec(c, "digits-lt", "ce-slow", "resnet8")
     assert spec["train"]["lr"] == 0.01 and spec["train"]["batch_size"] == 32 and spec["train"]["epochs"] == 7
@@ -100,6 +135,7 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_paths_with_spaces_are_fine():
-    c = config.validate({**grid(), "results_dir": "/tmp/my results", "data_dir": "~/data sets/cifar",
-                         "train": {"pretrained": None}})
+    c = config.validate(
+        {**grid(), "results_dir": "/tmp/my results", "data_dir": "~/data sets/cifar", "train": {"pretrained": None}}
+    )
     assert c["results_dir"] == "/tmp/my results"

@@ -1,5 +1,6 @@
 """End-of-training diagnostics (CBN layers, batch statistics, gradient norms), the collapse check as a
 failed cell, the sensitivity figure and config/fashion-cbn.yaml."""
+
 import json
 import math
 from html import escape as html_escape
@@ -20,8 +21,15 @@ from ltbench.training import diagnostics, trainer
 from ltbench.training.evaluation import collapse_reason
 from test_workflow import ROOT, job_counts, snakemake
 
-FAST = {"epochs": 2, "batch_size": 64, "lr": 0.1, "warmup_epochs": 0, "weight_decay": 5e-4, "device": "cpu",
-        "diag_images": 256}
+FAST = {
+    "epochs": 2,
+    "batch_size": 64,
+    "lr": 0.1,
+    "warmup_epochs": 0,
+    "weight_decay": 5e-4,
+    "device": "cpu",
+    "diag_images": 256,
+}
 CBN = {"norm": {"name": "cbn", "options": {"num_components": 2}}}  # crop+flip, cross-entropy: the cheapest CBN run
 
 
@@ -33,9 +41,15 @@ def prepared(tmp_path_factory):
 
 
 def spec(method="ce", recipe=None, **train):
-    c = config.validate({"train": {**FAST, **train}, "methods": {method: recipe} if recipe else {},
-                         "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method],
-                                               "backbones": ["resnet8"]}}})
+    c = config.validate(
+        {
+            "train": {**FAST, **train},
+            "methods": {method: recipe} if recipe else {},
+            "experiments": {
+                "e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method], "backbones": ["resnet8"]}
+            },
+        }
+    )
     return config.cell_spec(c, "digits-lt", method, "resnet8")
 
 
@@ -82,8 +96,10 @@ def test_diagnostics_change_no_reported_result(prepared, tmp_path, monkeypatch, 
     assert "diagnostics" not in plain
     for key in ("top1", "many", "medium", "few", "per_class_acc", "stability"):
         assert plain[key] == with_diag[key], key
-    untimed = lambda d: [{k: v for k, v in json.loads(x).items() if k != "epoch_time_s"}  # noqa: E731
-                         for x in (d / "train.jsonl").read_text().splitlines()]
+    untimed = lambda d: [
+        {k: v for k, v in json.loads(x).items() if k != "epoch_time_s"}  # noqa: E731
+        for x in (d / "train.jsonl").read_text().splitlines()
+    ]
     assert untimed(tmp_path) == untimed(out)
     a, b = torch.load(out / "model.pt", weights_only=True), torch.load(tmp_path / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -137,6 +153,7 @@ def test_component_spread_definition():
 
 # ---- collapse: a failed cell with its reason, never an accuracy
 
+
 def test_collapse_reason():
     assert collapse_reason(0.95, 3, 0.9).startswith("collapsed: class 3 received 95.0 %")
     assert collapse_reason(0.5, 3, 0.9) is None and collapse_reason(0.95, 3, None) is None
@@ -150,9 +167,21 @@ def test_trainer_records_a_collapse_as_the_runs_failure(prepared, tmp_path):
 
 
 def test_collapsed_run_is_a_failed_cell_never_aggregated(tmp_path):
-    cfg = config.validate({"results_dir": str(tmp_path), "experiments": {"e": {
-        "datasets": ["cifar10"], "ratios": [100], "methods": ["baseline", "baseline+cbn"],
-        "backbones": ["resnet32"], "seeds": [0, 1, 2], "figure": "sensitivity"}}})
+    cfg = config.validate(
+        {
+            "results_dir": str(tmp_path),
+            "experiments": {
+                "e": {
+                    "datasets": ["cifar10"],
+                    "ratios": [100],
+                    "methods": ["baseline", "baseline+cbn"],
+                    "backbones": ["resnet32"],
+                    "seeds": [0, 1, 2],
+                    "figure": "sensitivity",
+                }
+            },
+        }
+    )
     paths = synthetic.write_grid(cfg)
     collapsed = next(p for p in paths if "baseline+cbn" in str(p) and p.parent.name == "s1")
     m = json.loads(collapsed.read_text())
@@ -171,12 +200,23 @@ def test_collapsed_run_is_a_failed_cell_never_aggregated(tmp_path):
 
 # ---- aggregate, report and the sensitivity figure
 
+
 def test_gains_carry_the_welch_interval():
-    runs = pd.DataFrame([{"dataset": "d", "ratio": 100.0, "method": m, "backbone": "b", "seed": s, "metric": "top1",
-                          "value": v} for m, vals in (("a", [52.0, 53.5, 52.7]), ("o", [50.1, 50.9, 50.2]))
-                         for s, v in enumerate(vals)])
-    claim = {"id": "x", "table": None, "method": "a", "over": "o", "backbone": "b",
-             "cells": [{"dataset": "d", "ratio": 100}]}
+    runs = pd.DataFrame(
+        [
+            {"dataset": "d", "ratio": 100.0, "method": m, "backbone": "b", "seed": s, "metric": "top1", "value": v}
+            for m, vals in (("a", [52.0, 53.5, 52.7]), ("o", [50.1, 50.9, 50.2]))
+            for s, v in enumerate(vals)
+        ]
+    )
+    claim = {
+        "id": "x",
+        "table": None,
+        "method": "a",
+        "over": "o",
+        "backbone": "b",
+        "cells": [{"dataset": "d", "ratio": 100}],
+    }
     g = gains.gains(runs, [claim]).iloc[0]
     ci = stats.ttest_ind([52.0, 53.5, 52.7], [50.1, 50.9, 50.2], equal_var=False).confidence_interval(0.95)
     assert (g["welch_ci_low"], g["welch_ci_high"]) == pytest.approx((ci.low, ci.high))
@@ -184,33 +224,80 @@ def test_gains_carry_the_welch_interval():
 
 
 def _gains_table(verdicts):
-    rows = [{"experiment": "s", "kind": "sensitivity", "dataset": "fashion-mnist", "ratio": "100",
-             "backbone": "resnet8", "metric": "top1", "method": m, "over": "baseline", "gain": g,
-             "welch_ci_low": g - 1.0, "welch_ci_high": g + 1.5, "gain_verdict": v}
-            for m, g, v in verdicts]
+    rows = [
+        {
+            "experiment": "s",
+            "kind": "sensitivity",
+            "dataset": "fashion-mnist",
+            "ratio": "100",
+            "backbone": "resnet8",
+            "metric": "top1",
+            "method": m,
+            "over": "baseline",
+            "gain": g,
+            "welch_ci_low": g - 1.0,
+            "welch_ci_high": g + 1.5,
+            "gain_verdict": v,
+        }
+        for m, g, v in verdicts
+    ]
     return pd.DataFrame(rows)
 
 
 def test_sensitivity_figure_from_a_gains_table(tmp_path):
-    exp = {"datasets": ["fashion-mnist"], "ratios": [100], "backbones": ["resnet8"],
-           "methods": ["baseline", "baseline+cbn", "cbn@resp-sample", "cbn@stats-running"], "seeds": [0, 1, 2]}
-    g = _gains_table([("baseline+cbn", -3.0, "contradicted"), ("cbn@resp-sample", -0.2, "no gain"),
-                      ("cbn@stats-running", math.nan, "untested")])
+    exp = {
+        "datasets": ["fashion-mnist"],
+        "ratios": [100],
+        "backbones": ["resnet8"],
+        "methods": ["baseline", "baseline+cbn", "cbn@resp-sample", "cbn@stats-running"],
+        "seeds": [0, 1, 2],
+    }
+    g = _gains_table(
+        [
+            ("baseline+cbn", -3.0, "contradicted"),
+            ("cbn@resp-sample", -0.2, "no gain"),
+            ("cbn@stats-running", math.nan, "untested"),
+        ]
+    )
     path = figures.fig_sensitivity(g, "s", exp, tmp_path / "sensitivity.png")
     assert path.is_file() and path.with_suffix(".svg").is_file()
     assert "contradicted" in path.with_suffix(".svg").read_text()
     # a reading whose cells failed is labelled on its row, with how many seeds and why
-    cells = pd.DataFrame([{"dataset": "fashion-mnist", "ratio": 100, "method": m, "backbone": "resnet8", "seed": s,
-                           "experiments": "s other", "status": st, "detail": d}
-                          for m, st, d in (("cbn@stats-running", "failed", "training diverged: the loss became nan"),
-                                           ("cbn@resp-sample", "finished", ""))
-                          for s in range(3)]
-                         + [{"dataset": "fashion-mnist", "ratio": 100, "method": "baseline+cbn", "backbone": "resnet8",
-                             "seed": 0, "experiments": "s", "status": "failed",
-                             "detail": "collapsed: class 3 received 99 % of the test predictions"}])
+    cells = pd.DataFrame(
+        [
+            {
+                "dataset": "fashion-mnist",
+                "ratio": 100,
+                "method": m,
+                "backbone": "resnet8",
+                "seed": s,
+                "experiments": "s other",
+                "status": st,
+                "detail": d,
+            }
+            for m, st, d in (
+                ("cbn@stats-running", "failed", "training diverged: the loss became nan"),
+                ("cbn@resp-sample", "finished", ""),
+            )
+            for s in range(3)
+        ]
+        + [
+            {
+                "dataset": "fashion-mnist",
+                "ratio": 100,
+                "method": "baseline+cbn",
+                "backbone": "resnet8",
+                "seed": 0,
+                "experiments": "s",
+                "status": "failed",
+                "detail": "collapsed: class 3 received 99 % of the test predictions",
+            }
+        ]
+    )
     assert figures.failure_notes(cells, {**exp, "name": "s"}) == {
         ("fashion-mnist ρ=100", "cbn@stats-running"): "failed in 3 of 3 seeds (diverged)",
-        ("fashion-mnist ρ=100", "baseline+cbn"): "failed in 1 of 1 seeds (collapsed)"}
+        ("fashion-mnist ρ=100", "baseline+cbn"): "failed in 1 of 1 seeds (collapsed)",
+    }
     assert figures.failure_notes(cells, {**exp, "name": "other-experiment"}) == {}
     svg = figures.fig_sensitivity(g, "s", exp, tmp_path / "failed.png", cells=cells).with_suffix(".svg").read_text()
     assert "failed in 3 of 3 seeds (diverged)" in svg and "collapsed" in svg
@@ -226,8 +313,9 @@ def test_fashion_cbn_config_validates_and_shares_fashions_cells():
     fashion = config.load(ROOT / "config" / "fashion.yaml")
     assert cbn["results_dir"] == fashion["results_dir"]
     for m in ("baseline", "baseline+cbn"):
-        assert config.cell_spec(cbn, "fashion-mnist", m, "resnet8") == config.cell_spec(fashion, "fashion-mnist", m,
-                                                                                        "resnet8")
+        assert config.cell_spec(cbn, "fashion-mnist", m, "resnet8") == config.cell_spec(
+            fashion, "fashion-mnist", m, "resnet8"
+        )
     sens = cbn["experiments"]["fashion_cbn_sensitivity"]
     assert sens["methods"][:2] == ["baseline", "baseline+cbn"] and sens["figure"] == "sensitivity"
     default = config.cell_spec(cbn, "fashion-mnist", "baseline+cbn", "resnet8")["recipe"]["norm"]
@@ -236,8 +324,10 @@ def test_fashion_cbn_config_validates_and_shares_fashions_cells():
         changed = {k for k in n["options"] if n["options"][k] != default["options"][k]}
         changed |= {"scope"} if n["scope"] != default["scope"] else set()
         assert len(changed) == 1 or changed == {"prior_momentum", "mean_momentum", "var_momentum"}, (m, changed)
-    budget = [config.cell_spec(cbn, "fashion-mnist", m, "resnet8")["train"]["epochs"]
-              for m in cbn["experiments"]["fashion_cbn_budget"]["methods"]]
+    budget = [
+        config.cell_spec(cbn, "fashion-mnist", m, "resnet8")["train"]["epochs"]
+        for m in cbn["experiments"]["fashion_cbn_budget"]["methods"]
+    ]
     assert budget == [4 * fashion["train"]["epochs"]] * 2
 
 
@@ -247,8 +337,14 @@ def test_fashion_cbn_synthetic_grid_reports_sensitivity_and_diagnostics(tmp_path
         m = json.loads(p.read_text())
         m["stability"] = {"nonfinite_steps": 0, "grad_norm_mean": 1.5, "grad_norm_max": 4.0, "grad_norm_last": 1.0}
         if m["spec"]["recipe"]["norm"]["name"] == "cbn":
-            m["diagnostics"] = {"min_prior": 0.01, "mean_spread": 0.3, "confident_share": 0.8,
-                                "top1_running": 70.0, "top1_batch_stats": 80.0, "layers": []}
+            m["diagnostics"] = {
+                "min_prior": 0.01,
+                "mean_spread": 0.3,
+                "confident_share": 0.8,
+                "top1_running": 70.0,
+                "top1_batch_stats": 80.0,
+                "layers": [],
+            }
         p.write_text(json.dumps(m))
     out = aggregate.main([], tmp_path / "aggregate", cfg, existing=True)
     runs = out["runs.csv"]
@@ -257,7 +353,8 @@ def test_fashion_cbn_synthetic_grid_reports_sensitivity_and_diagnostics(tmp_path
     assert (runs["diag.grad_norm_max"] == 4.0).all()
     g = out["gains.csv"]
     assert sorted(g.loc[g["experiment"] == "fashion_cbn_sensitivity", "method"]) == sorted(
-        cfg["experiments"]["fashion_cbn_sensitivity"]["methods"][1:])
+        cfg["experiments"]["fashion_cbn_sensitivity"]["methods"][1:]
+    )
     assert (g["kind"] == "sensitivity").all() and g["welch_ci_low"].notna().all()
     html = page.render(page.load_aggregate(tmp_path / "aggregate"), cfg, tmp_path / "fig", tmp_path / "tab")
     assert "CBN diagnostics" in html and "top-1 batch statistics (sample)" in html

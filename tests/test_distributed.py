@@ -1,4 +1,5 @@
 """Data-parallel training (torchrun, DDP on gloo here): sharding, a 2-process cell, preemption and resume."""
+
 import json
 import os
 import signal
@@ -22,8 +23,8 @@ def test_the_ranks_local_batches_are_exactly_each_global_batch():
     assert {len(v) for v in local.values()} == {103 // world}  # same number of steps on every rank
     used = perm[: 103 - 103 % world]
     for i in range(0, len(used), batch):
-        together = torch.cat([local[r][i // world:(i + batch) // world] for r in range(world)])
-        assert sorted(together.tolist()) == sorted(used[i:i + batch].tolist())
+        together = torch.cat([local[r][i // world : (i + batch) // world] for r in range(world)])
+        assert sorted(together.tolist()) == sorted(used[i : i + batch].tolist())
     assert distributed.shard(perm, distributed.World()) is perm  # one process: untouched
 
 
@@ -34,9 +35,33 @@ def test_global_batch_must_split_evenly():
 
 
 def torchrun(*args, out, epochs, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ltbench", "train", "--dataset", "digits-lt", "--ratio", "10", "--backbone", "resnet8",
-           "--seed", "0", "--epochs", str(epochs), "--batch-size", "64", "--device", "cpu", "--out", str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ltbench",
+        "train",
+        "--dataset",
+        "digits-lt",
+        "--ratio",
+        "10",
+        "--backbone",
+        "resnet8",
+        "--seed",
+        "0",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *args,
+    ]
     return cmd, {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 

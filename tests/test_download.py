@@ -1,4 +1,5 @@
 """The real CIFAR download path, against archives generated here and served on 127.0.0.1."""
+
 import hashlib
 import http.server
 import io
@@ -40,11 +41,35 @@ def _py2_value(v) -> bytes:
     if isinstance(v, list):
         return b"](" + b"".join(_py2_value(x) for x in v) + b"e"
     assert isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim == 2
-    dtype = (b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R("
-             + _py2_int(3) + _py2_str(b"|") + b"NNN" + _py2_int(-1) + _py2_int(-1) + _py2_int(0) + b"tb")
-    return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _py2_int(0) + b"\x85" + _py2_str(b"b")
-            + b"\x87R(" + _py2_int(1) + _py2_int(v.shape[0]) + _py2_int(v.shape[1]) + b"\x86" + dtype
-            + b"\x89" + _py2_str(v.tobytes()) + b"tb")
+    dtype = (
+        b"cnumpy\ndtype\n"
+        + _py2_str(b"u1")
+        + _py2_int(0)
+        + _py2_int(1)
+        + b"\x87R("
+        + _py2_int(3)
+        + _py2_str(b"|")
+        + b"NNN"
+        + _py2_int(-1)
+        + _py2_int(-1)
+        + _py2_int(0)
+        + b"tb"
+    )
+    return (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        + _py2_int(0)
+        + b"\x85"
+        + _py2_str(b"b")
+        + b"\x87R("
+        + _py2_int(1)
+        + _py2_int(v.shape[0])
+        + _py2_int(v.shape[1])
+        + b"\x86"
+        + dtype
+        + b"\x89"
+        + _py2_str(v.tobytes())
+        + b"tb"
+    )
 
 
 def py2_pickle(d: dict) -> bytes:
@@ -53,8 +78,12 @@ def py2_pickle(d: dict) -> bytes:
     return b"\x80\x02}(" + b"".join(_py2_str(k.encode()) + _py2_value(v) for k, v in d.items()) + b"u."
 
 
-def make_cifar10_tarball(per_class=(30, 20, 12, 8, 6, 5, 4, 3, 3, 2), test_per_class=4, inner="cifar-10-batches-py",
-                         replace: dict | None = None) -> bytes:
+def make_cifar10_tarball(
+    per_class=(30, 20, 12, 8, 6, 5, 4, 3, 3, 2),
+    test_per_class=4,
+    inner="cifar-10-batches-py",
+    replace: dict | None = None,
+) -> bytes:
     """A tiny archive in the CIFAR-10 python format (5 train batches + test batch); ``replace``
     maps a batch name to raw bytes stored instead."""
     rng = np.random.RandomState(0)
@@ -63,6 +92,7 @@ def make_cifar10_tarball(per_class=(30, 20, 12, 8, 6, 5, 4, 3, 3, 2), test_per_c
     images = rng.randint(0, 256, size=(len(labels), 3072), dtype=np.uint8)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+
         def add(name, payload):
             blob = (replace or {}).get(name) or py2_pickle(payload)
             info = tarfile.TarInfo(f"{inner}/{name}")
@@ -70,8 +100,15 @@ def make_cifar10_tarball(per_class=(30, 20, 12, 8, 6, 5, 4, 3, 3, 2), test_per_c
             tar.addfile(info, io.BytesIO(blob))
 
         for i, part in enumerate(np.array_split(np.arange(len(labels)), 5)):
-            add(f"data_batch_{i + 1}", {"batch_label": f"training batch {i + 1} of 5", "labels": labels[part].tolist(),
-                                        "data": images[part], "filenames": [f"{j}.png" for j in part]})
+            add(
+                f"data_batch_{i + 1}",
+                {
+                    "batch_label": f"training batch {i + 1} of 5",
+                    "labels": labels[part].tolist(),
+                    "data": images[part],
+                    "filenames": [f"{j}.png" for j in part],
+                },
+            )
         tl = np.repeat(np.arange(10), test_per_class)
         add("test_batch", {"data": rng.randint(0, 256, size=(len(tl), 3072), dtype=np.uint8), "labels": tl.tolist()})
     return buf.getvalue()
@@ -223,9 +260,9 @@ def test_download_command_reports_md5_failure(server, tmp_path, cli):
     server.files["/c10.tar.gz"] = blob
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""
-data_dir: {tmp_path / 'data'}
+data_dir: {tmp_path / "data"}
 datasets:
-  cifar10: {{url: "{server.url('/c10.tar.gz')}", md5: "{'1' * 32}"}}
+  cifar10: {{url: "{server.url("/c10.tar.gz")}", md5: "{"1" * 32}"}}
 experiments:
   e: {{datasets: [cifar10], ratios: [10], methods: [ce], backbones: [resnet8]}}
 """)
@@ -285,10 +322,11 @@ def test_a_download_killed_midway_leaves_no_partial_file_after_the_next_run(serv
     server.files["/c10.tar.gz"] = blob
     server.files["/slow.tar.gz"] = bytes(3 << 20)  # half of it (more than one read block) comes, then nothing
     server.stall.add("/slow.tar.gz")
-    code = ("import sys; from ltbench.data.download import fetch; "
-            "fetch(sys.argv[1], sys.argv[2], '0' * 32, timeout=60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, server.url("/slow.tar.gz"), str(tmp_path / "c10.tar.gz")],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = "import sys; from ltbench.data.download import fetch; fetch(sys.argv[1], sys.argv[2], '0' * 32, timeout=60)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, server.url("/slow.tar.gz"), str(tmp_path / "c10.tar.gz")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         for _ in range(600):  # until the partial file has data
             parts = list(tmp_path.glob(".c10.tar.gz.*.part"))

@@ -1,4 +1,5 @@
 """The conda environments of the rules pin the same versions as pyproject.toml."""
+
 import re
 import tomllib
 
@@ -28,8 +29,19 @@ def test_every_env_pins_the_versions_of_pyproject():
             assert project.get(name) == version, f"{env.name}: {name}=={version}, pyproject has {project.get(name)}"
         # what the rules import: torch stack, pandas, plotting, sklearn (digits), scipy (t-tests), PIL (image
         # lists), yaml, jsonschema
-        for needed in ("torch", "torchvision", "pandas", "matplotlib", "seaborn", "scikit-learn", "scipy", "numpy",
-                       "pillow", "pyyaml", "jsonschema"):
+        for needed in (
+            "torch",
+            "torchvision",
+            "pandas",
+            "matplotlib",
+            "seaborn",
+            "scikit-learn",
+            "scipy",
+            "numpy",
+            "pillow",
+            "pyyaml",
+            "jsonschema",
+        ):
             assert needed in got, f"{env.name} lacks {needed}"
 
 
@@ -61,5 +73,6 @@ def test_every_third_party_import_of_the_package_is_pinned_in_the_envs():
         deps = yaml.safe_load(env.read_text())["dependencies"]
         got = pins(next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d))
         for module in sorted(third_party):
-            assert dist.get(module, module).lower() in got, f"{env.name} lacks {dist.get(module, module)} " \
-                                                            f"(imported as {module} by ltbench)"
+            assert dist.get(module, module).lower() in got, (
+                f"{env.name} lacks {dist.get(module, module)} (imported as {module} by ltbench)"
+            )

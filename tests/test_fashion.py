@@ -1,5 +1,6 @@
 """fashion-mnist: the IDX reader, where the files are found, integrity errors, the download path,
 Fashion-MNIST-LT counts, AutoAugment on 1-channel 28×28 images, and a cell trained on the real files."""
+
 import gzip
 import hashlib
 import json
@@ -22,8 +23,10 @@ from test_workflow import ROOT, job_counts, snakemake
 
 CANONICAL_R100 = [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
 REAL = all((fashion.DEBIAN_DIR / (f.name + ".gz")).is_file() for f in fashion.FILES.values())
-needs_real = pytest.mark.skipif(not REAL, reason=f"Fashion-MNIST not installed in {fashion.DEBIAN_DIR} "
-                                 f"(Debian: apt-get install {fashion.APT_PACKAGE})")
+needs_real = pytest.mark.skipif(
+    not REAL,
+    reason=f"Fashion-MNIST not installed in {fashion.DEBIAN_DIR} (Debian: apt-get install {fashion.APT_PACKAGE})",
+)
 
 
 def idx_bytes(a: np.ndarray) -> bytes:
@@ -36,8 +39,12 @@ def tiny_set(folder, gz=True, per_class=3, test_per_class=2):
     rng = np.random.RandomState(0)
     ty = np.repeat(np.arange(10), per_class).astype(np.uint8)
     sy = np.repeat(np.arange(10), test_per_class).astype(np.uint8)
-    arrays = {"train_x": rng.randint(0, 256, (len(ty), 28, 28)).astype(np.uint8), "train_y": ty,
-              "test_x": rng.randint(0, 256, (len(sy), 28, 28)).astype(np.uint8), "test_y": sy}
+    arrays = {
+        "train_x": rng.randint(0, 256, (len(ty), 28, 28)).astype(np.uint8),
+        "train_y": ty,
+        "test_x": rng.randint(0, 256, (len(sy), 28, 28)).astype(np.uint8),
+        "test_y": sy,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     table = {}
     for key, f in fashion.FILES.items():
@@ -66,13 +73,16 @@ def test_idx_reader_plain_and_gzip(tmp_path, gz):
         assert got.shape == a.shape and got.dtype.isnative
 
 
-@pytest.mark.parametrize("raw,match", [
-    (b"\x00\x00\x07\x01" + bytes(8), "not an IDX file"),
-    (b"\x01\x00\x08\x01" + bytes(8), "not an IDX file"),
-    (b"\x00\x00\x08\x03\x00\x00", "cut short"),
-    (idx_bytes(np.zeros((2, 2), np.uint8))[:-1], r"needs 16 bytes, the file has 15"),
-    (idx_bytes(np.zeros((2, 2), np.uint8)) + b"\x00", r"needs 16 bytes, the file has 17"),
-])
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        (b"\x00\x00\x07\x01" + bytes(8), "not an IDX file"),
+        (b"\x01\x00\x08\x01" + bytes(8), "not an IDX file"),
+        (b"\x00\x00\x08\x03\x00\x00", "cut short"),
+        (idx_bytes(np.zeros((2, 2), np.uint8))[:-1], r"needs 16 bytes, the file has 15"),
+        (idx_bytes(np.zeros((2, 2), np.uint8)) + b"\x00", r"needs 16 bytes, the file has 17"),
+    ],
+)
 def test_idx_reader_rejects_malformed_files(tmp_path, raw, match):
     (tmp_path / "bad").write_bytes(raw)
     with pytest.raises(ValueError, match=match):
@@ -110,9 +120,14 @@ def test_missing_files_say_how_to_get_them(tmp_path, no_debian):
     with pytest.raises(FileNotFoundError) as e:
         fashion.load(tmp_path, {})
     msg = str(e.value)
-    for part in ("apt-get install dataset-fashion-mnist", fashion.BASE_URL, "python -m ltbench download",
-                 "no-debian (no such folder)", "missing train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte",
-                 "datasets.fashion-mnist.root"):
+    for part in (
+        "apt-get install dataset-fashion-mnist",
+        fashion.BASE_URL,
+        "python -m ltbench download",
+        "no-debian (no such folder)",
+        "missing train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte",
+        "datasets.fashion-mnist.root",
+    ):
         assert part in msg, part
     assert "missing train-images" not in msg
     assert f"into {tmp_path / 'fashion-mnist'}" in msg  # where download puts them
@@ -128,9 +143,14 @@ def test_corrupt_file_names_the_file_expected_md5_and_remedy(tmp_path, no_debian
     with pytest.raises(DownloadError) as e:
         fashion.load(tmp_path, {})
     msg = str(e.value)
-    for part in (str(folder / "train-images-idx3-ubyte"), "2368 bytes", "47040016 bytes",
-                 "md5 f4a8712d7a061bf5bd6d2ca38dc4d50a", "apt-get install --reinstall dataset-fashion-mnist",
-                 fashion.BASE_URL + "train-images-idx3-ubyte.gz"):
+    for part in (
+        str(folder / "train-images-idx3-ubyte"),
+        "2368 bytes",
+        "47040016 bytes",
+        "md5 f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "apt-get install --reinstall dataset-fashion-mnist",
+        fashion.BASE_URL + "train-images-idx3-ubyte.gz",
+    ):
         assert part in msg, part
 
 
@@ -142,8 +162,11 @@ def test_flipped_byte_and_truncated_gzip_are_corrupt(tmp_path, monkeypatch, no_d
     raw = bytearray(gzip.decompress(labels.read_bytes()))
     raw[-1] ^= 1  # same size, other md5
     labels.write_bytes(gzip.compress(bytes(raw)))
-    with pytest.raises(DownloadError, match=f"t10k-labels-idx1-ubyte.gz is corrupt.*{table['test_y'].size} bytes "
-                                            f"with md5 {hashlib.md5(raw).hexdigest()}; the original"):
+    with pytest.raises(
+        DownloadError,
+        match=f"t10k-labels-idx1-ubyte.gz is corrupt.*{table['test_y'].size} bytes "
+        f"with md5 {hashlib.md5(raw).hexdigest()}; the original",
+    ):
         fashion.load(tmp_path, {})
     labels.write_bytes(gzip.compress(bytes(raw))[:-12])
     with pytest.raises(DownloadError, match="t10k-labels-idx1-ubyte.gz is corrupt.*cannot be decompressed"):
@@ -175,8 +198,11 @@ def test_download_fetches_upstream_gz_into_data_dir(tmp_path, monkeypatch, no_de
 def test_the_real_constants():
     assert data.get("fashion-mnist").url == "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
     assert [f.gz_md5 for f in fashion.FILES.values()] == [  # upstream's (and torchvision's) .gz md5s
-        "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-        "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]
+        "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "25c81989df183df01b3e8a0aad5dffbe",
+        "bef4ecab320f06d8554ea6380940ec79",
+        "bb300cfdad3c16e7a12a480ee83cd310",
+    ]
     assert [f.size for f in fashion.FILES.values()] == [47040016, 60008, 7840016, 10008]
 
 
@@ -184,8 +210,20 @@ def test_fashion_config_dry_runs_the_mini_reproduction(tmp_path):
     cfg = config.load(ROOT / "config" / "fashion.yaml")
     cells = config.cells(cfg)
     methods = {c.method for c in cells}
-    assert methods == {"ce", "balanced-softmax", "la", "ldam-drw", "crt", "tau-norm", "nbn", "baseline",
-                       "baseline+cbn", "baseline+cbn+sbn+dpl", "cbn-m1", "cbn-m2"}
+    assert methods == {
+        "ce",
+        "balanced-softmax",
+        "la",
+        "ldam-drw",
+        "crt",
+        "tau-norm",
+        "nbn",
+        "baseline",
+        "baseline+cbn",
+        "baseline+cbn+sbn+dpl",
+        "cbn-m1",
+        "cbn-m2",
+    }
     assert {(c.dataset, c.ratio, c.backbone) for c in cells} == {("fashion-mnist", "100", "resnet8")}
     assert len(cells) == 3 * (len(methods) - 2) + 2  # M = 1 and 2 (the accuracy-vs-M figure): one seed
     assert {e.get("figure") for e in cfg["experiments"].values()} >= {"ablation", "components"}
@@ -205,13 +243,21 @@ def test_fashion_config_reports_its_claims_and_figures(tmp_path):
     cfg = config.load(ROOT / "config" / "fashion.yaml", {"results_dir": str(tmp_path), "reports_dir": str(tmp_path)})
     synthetic.write_grid(cfg)
     aggregate.main([], tmp_path / "aggregate", cfg, existing=True)
-    page.main(tmp_path / "aggregate", tmp_path / "fashion.html", cfg, figures_dir=str(tmp_path / "figures"),
-              tables_dir=str(tmp_path / "tables"))
+    page.main(
+        tmp_path / "aggregate",
+        tmp_path / "fashion.html",
+        cfg,
+        figures_dir=str(tmp_path / "figures"),
+        tables_dir=str(tmp_path / "tables"),
+    )
     gains = pd.read_csv(tmp_path / "aggregate" / "gains.csv")
     gains = gains[gains["kind"] == "claim"]
     assert set(zip(gains["claim"], gains["experiment"])) == {
-        ("nbn-over-ce", "fashion_nbn"), ("bs-over-ce", "fashion_bs"), ("t2-cbn", "fashion_table2"),
-        ("t2-full", "fashion_table2")}
+        ("nbn-over-ce", "fashion_nbn"),
+        ("bs-over-ce", "fashion_bs"),
+        ("t2-cbn", "fashion_table2"),
+        ("t2-full", "fashion_table2"),
+    }
     assert (gains["n_method"] == 3).all() and (gains["n_over"] == 3).all()
     assert (tmp_path / "figures" / "fashion_table2" / "ablation_vs_baseline.png").is_file()
     assert (tmp_path / "figures" / "fashion_fig5" / "components.png").is_file()
@@ -220,6 +266,7 @@ def test_fashion_config_reports_its_claims_and_figures(tmp_path):
 
 # ---- AutoAugment on 1-channel 28×28 images: 784 pixels take the lookup-table path (> 256 pixels),
 # which the 1-channel 8×8 tests of test_augment.py do not reach. Color is the identity, as in torchvision.
+
 
 def _real_or_random(n, seed):
     if not REAL:
@@ -262,14 +309,19 @@ def test_crop_flip_on_grayscale_28x28_is_a_padded_crop():
     out = augment.random_crop_flip(x, 4, torch.Generator().manual_seed(0))
     assert out.shape == (20, 1, 28, 28) and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    views = {(oy, ox, f): padded[:, :, oy:oy + 28, ox:ox + 28].flip(3) if f else padded[:, :, oy:oy + 28, ox:ox + 28]
-             for oy in range(9) for ox in range(9) for f in (0, 1)}
+    views = {
+        (oy, ox, f): padded[:, :, oy : oy + 28, ox : ox + 28].flip(3) if f else padded[:, :, oy : oy + 28, ox : ox + 28]
+        for oy in range(9)
+        for ox in range(9)
+        for f in (0, 1)
+    }
     found = [[k for k, v in views.items() if torch.equal(v[i], out[i])] for i in range(20)]
     assert all(found), "an output is no 28×28 crop of the zero-padded image (flipped or not)"
     assert len({k[:2] for f in found for k in f}) > 5  # the offsets vary per sample
 
 
 # ---- the real files ----
+
 
 @needs_real
 def test_prepare_builds_fashion_mnist_lt_like_cifar_lt(tmp_path):
@@ -294,14 +346,37 @@ def test_a_cell_trains_on_the_real_files(tmp_path):
         tr = np.concatenate([np.where(z["train_y"] == c)[0][:100] for c in range(10)])
         te = np.concatenate([np.where(z["test_y"] == c)[0][:100] for c in range(10)])
         counts = np.bincount(z["train_y"][tr])
-        np.savez(tmp_path / "small.npz", train_x=z["train_x"][tr], train_y=z["train_y"][tr], test_x=z["test_x"][te],
-                 test_y=z["test_y"][te], counts=counts, subset_indices=z["subset_indices"][tr])
-    cfg = config.validate({"train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "warmup_epochs": 0, "device": "cpu"},
-                           "experiments": {"e": {"datasets": ["fashion-mnist"], "ratios": [100],
-                                                 "methods": ["ce", "baseline"], "backbones": ["resnet8"]}}})
+        np.savez(
+            tmp_path / "small.npz",
+            train_x=z["train_x"][tr],
+            train_y=z["train_y"][tr],
+            test_x=z["test_x"][te],
+            test_y=z["test_y"][te],
+            counts=counts,
+            subset_indices=z["subset_indices"][tr],
+        )
+    cfg = config.validate(
+        {
+            "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "warmup_epochs": 0, "device": "cpu"},
+            "experiments": {
+                "e": {
+                    "datasets": ["fashion-mnist"],
+                    "ratios": [100],
+                    "methods": ["ce", "baseline"],
+                    "backbones": ["resnet8"],
+                }
+            },
+        }
+    )
     # ce, and the baseline's strong view: crop + flip + AutoAugment on the grayscale images
     for method, epochs in (("ce", 2), ("baseline", 1)):
-        m = trainer.run(config.cell_spec(cfg, "fashion-mnist", method, "resnet8"), 100, 0, tmp_path / "small.npz",
-                        tmp_path / method, {"epochs": epochs})
+        m = trainer.run(
+            config.cell_spec(cfg, "fashion-mnist", method, "resnet8"),
+            100,
+            0,
+            tmp_path / "small.npz",
+            tmp_path / method,
+            {"epochs": epochs},
+        )
         assert m["train_counts"] == [100] * 9 + [60] and len(m["per_class_acc"]) == 10
         assert m["top1"] > {"ce": 40.0, "baseline": 15.0}[method], (method, m["top1"])  # chance: 10%

@@ -1,4 +1,5 @@
 """GPU claiming on a local multi-GPU machine: each process holds its own GPU while it runs."""
+
 import subprocess
 import sys
 import time
@@ -16,8 +17,9 @@ time.sleep(60)
 
 
 def holder(n, d):
-    p = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), n=n, d=str(d))],
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(root=str(ROOT), n=n, d=str(d))], stdout=subprocess.PIPE, text=True
+    )
     return p, int(p.stdout.readline())
 
 

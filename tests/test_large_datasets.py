@@ -3,6 +3,7 @@
 The tree has the real list formats (OLTR ``<path> <label>`` lines, iNat COCO-style json) with a
 long tail of 4 classes; ``expected`` overrides point the real dataset names at it.
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -55,15 +56,27 @@ def tree(tmp_path_factory):
             test_lines.append(f"{rel} {c}")
     (lists / "ImageNet_LT_train.txt").write_text("\n".join(train_lines) + "\n")
     (lists / "ImageNet_LT_test.txt").write_text("\n".join(test_lines) + "\n")
-    return {"root": root, "train_list": lists / "ImageNet_LT_train.txt", "test_list": lists / "ImageNet_LT_test.txt",
-            "base": base}
+    return {
+        "root": root,
+        "train_list": lists / "ImageNet_LT_train.txt",
+        "test_list": lists / "ImageNet_LT_test.txt",
+        "base": base,
+    }
 
 
 def options(tree, **over):
-    o = {"root": str(tree["root"]), "train_list": str(tree["train_list"]), "test_list": str(tree["test_list"]),
-         "expected": {"train": sum(TRAIN_COUNTS), "test": TEST_PER_CLASS * len(TRAIN_COUNTS),
-                      "classes": len(TRAIN_COUNTS), "ratio": 10},
-         "image_size": 16}
+    o = {
+        "root": str(tree["root"]),
+        "train_list": str(tree["train_list"]),
+        "test_list": str(tree["test_list"]),
+        "expected": {
+            "train": sum(TRAIN_COUNTS),
+            "test": TEST_PER_CLASS * len(TRAIN_COUNTS),
+            "classes": len(TRAIN_COUNTS),
+            "ratio": 10,
+        },
+        "image_size": 16,
+    }
     o.update(over)
     return o
 
@@ -77,6 +90,7 @@ def copy_list(tree, tmp_path, name, edit):
 
 
 # ---------------------------------------------------------------------------------------------- checks
+
 
 def test_registered_with_the_known_sizes():
     assert data.get("imagenet-lt").num_classes == 1000
@@ -128,6 +142,7 @@ def test_wrong_line_count_names_file_and_values(tree, tmp_path):
 def test_label_out_of_range_names_file_line_and_label(tree, tmp_path):
     def edit(lines):
         lines[4] = lines[4].rsplit(" ", 1)[0] + " 7"
+
     train_list = copy_list(tree, tmp_path, "train_list", edit)
     with pytest.raises(ListCheckError) as e:
         imagelists.check("imagenet-lt", 10, options(tree, train_list=train_list))
@@ -139,6 +154,7 @@ def test_malformed_line_names_file_and_line(tree, tmp_path):
     def edit(lines):
         lines[2] = "train/n0000/only_a_path.JPEG"
         lines[6] = "train/n0000/x.JPEG zero"
+
     train_list = copy_list(tree, tmp_path, "train_list", edit)
     with pytest.raises(ListCheckError) as e:
         imagelists.check("imagenet-lt", 10, options(tree, train_list=train_list))
@@ -170,10 +186,19 @@ def test_wrong_ratio_of_the_list(tree, tmp_path):
 
 def test_config_checks_at_dag_build(tree):
     exp = {"e": {"datasets": ["imagenet-lt"], "ratios": [100], "methods": ["ce"], "backbones": ["resnet50"]}}
-    cfg = config.validate({"experiments": exp, "datasets": {"imagenet-lt": {
-        "root": "/nowhere", "train_list": "/nowhere/a.txt", "test_list": "/nowhere/b.txt"}}})
-    with pytest.raises(ConfigError, match=r"experiments\.e\.ratios\[0\]: imagenet-lt's imbalance ratio is fixed "
-                                          r"by its lists at 256 .* got 100"):
+    cfg = config.validate(
+        {
+            "experiments": exp,
+            "datasets": {
+                "imagenet-lt": {"root": "/nowhere", "train_list": "/nowhere/a.txt", "test_list": "/nowhere/b.txt"}
+            },
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"experiments\.e\.ratios\[0\]: imagenet-lt's imbalance ratio is fixed "
+        r"by its lists at 256 .* got 100",
+    ):
         imagelists.check_config(cfg)
     cfg["experiments"]["e"]["ratios"] = [256]
     imagelists.check_config(cfg)  # the files are not read at DAG-build time
@@ -186,31 +211,50 @@ def test_config_checks_at_dag_build(tree):
 
 # ---------------------------------------------------------------------------------------------- iNat
 
+
 def test_inat_json_to_list(tmp_path, cli):
-    images = [{"id": 10 + i, "file_name": f"train_val2018/Plantae/{c}/{i}.jpg", "width": 8, "height": 8}
-              for i, c in enumerate([2, 0, 2, 1])]
+    images = [
+        {"id": 10 + i, "file_name": f"train_val2018/Plantae/{c}/{i}.jpg", "width": 8, "height": 8}
+        for i, c in enumerate([2, 0, 2, 1])
+    ]
     anns = [{"id": i, "image_id": 10 + i, "category_id": c} for i, c in enumerate([2, 0, 2, 1])][::-1]
-    (tmp_path / "train2018.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                                         "categories": [{"id": k} for k in range(3)]}))
+    (tmp_path / "train2018.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": k} for k in range(3)]})
+    )
     (tmp_path / "val2018.json").write_text(json.dumps({"images": images[:2], "annotations": anns[2:]}))
-    p = cli("inat-lists", "--train-json", tmp_path / "train2018.json", "--val-json", tmp_path / "val2018.json",
-            "--out-dir", tmp_path / "lists")
+    p = cli(
+        "inat-lists",
+        "--train-json",
+        tmp_path / "train2018.json",
+        "--val-json",
+        tmp_path / "val2018.json",
+        "--out-dir",
+        tmp_path / "lists",
+    )
     train_list = (tmp_path / "lists" / "iNaturalist18_train.txt").read_text().splitlines()
-    assert train_list == ["train_val2018/Plantae/2/0.jpg 2", "train_val2018/Plantae/0/1.jpg 0",
-                          "train_val2018/Plantae/2/2.jpg 2", "train_val2018/Plantae/1/3.jpg 1"]
+    assert train_list == [
+        "train_val2018/Plantae/2/0.jpg 2",
+        "train_val2018/Plantae/0/1.jpg 0",
+        "train_val2018/Plantae/2/2.jpg 2",
+        "train_val2018/Plantae/1/3.jpg 1",
+    ]
     assert (tmp_path / "lists" / "iNaturalist18_val.txt").read_text().splitlines() == train_list[:2]
     assert "test_list:" in p.stdout
     paths, labels, _ = imagelists.read_list(tmp_path / "lists" / "iNaturalist18_train.txt")
     assert labels.tolist() == [2, 0, 2, 1]
     # an image without annotation is an error naming the file and the image
     (tmp_path / "bad.json").write_text(json.dumps({"images": images, "annotations": anns[:-1]}))
-    with pytest.raises(ListCheckError, match=r"bad\.json: images\[0\] \(id 10, train_val2018/Plantae/2/0.jpg\) "
-                                             "has no annotation"):
+    with pytest.raises(
+        ListCheckError,
+        match=r"bad\.json: images\[0\] \(id 10, train_val2018/Plantae/2/0.jpg\) "
+        "has no annotation",
+    ):
         imagelists.inat_to_list(tmp_path / "bad.json", tmp_path / "x.txt")
     assert not (tmp_path / "x.txt").exists()
 
 
 # ---------------------------------------------------------------------------------------------- source
+
 
 @pytest.fixture(scope="module")
 def manifest(tree, tmp_path_factory):
@@ -220,8 +264,9 @@ def manifest(tree, tmp_path_factory):
 
 
 def test_source_batches_follow_the_order(tree, manifest):
-    src = make_source(manifest, torch.device("cpu"), data.get("imagenet-lt"), options(tree),
-                      {"batch_size": 5, "workers": 0})
+    src = make_source(
+        manifest, torch.device("cpu"), data.get("imagenet-lt"), options(tree), {"batch_size": 5, "workers": 0}
+    )
     assert isinstance(src, ImageListSource)
     assert len(src) == 18 and src.counts == TRAIN_COUNTS and src.settings["resize"] == 18
     assert src.settings["color_jitter"] is True  # ImageNet-LT's default
@@ -231,7 +276,7 @@ def test_source_batches_follow_the_order(tree, manifest):
     assert src.steps(11, 5) == len(batches) == 2
     for b, (xs, y) in enumerate(batches):
         assert len(xs) == 2 and all(x.shape == (5, 3, 16, 16) and x.dtype == torch.float32 for x in xs)
-        assert torch.equal(y, src.labels[order[5 * b:5 * b + 5]])
+        assert torch.equal(y, src.labels[order[5 * b : 5 * b + 5]])
         assert not torch.equal(xs[0], xs[1])  # two independent augmentations
     # the weak view's colours still tell the classes apart (normalization on the images' colours)
     xs, y = next(iter(src.epoch(torch.arange(18), 18, ["none"], gen)))
@@ -247,8 +292,9 @@ def test_source_is_deterministic_with_workers(tree, manifest):
     def epoch(workers):
         src = ImageListSource(manifest, torch.device("cpu"), "imagenet-lt", options(tree), 6, workers)
         gen = torch.Generator().manual_seed(3)
-        return [(torch.stack(xs), y) for xs, y in src.epoch(torch.randperm(18, generator=gen), 6,
-                                                            ["weak", "strong"], gen)]
+        return [
+            (torch.stack(xs), y) for xs, y in src.epoch(torch.randperm(18, generator=gen), 6, ["weak", "strong"], gen)
+        ]
 
     a, b = epoch(0), epoch(2)
     assert len(a) == len(b) == 3
@@ -267,11 +313,20 @@ def test_source_rejects_lists_changed_after_prepare(tree, tmp_path):
 
 
 def test_train_run_on_image_lists(tree, manifest, tmp_path):
-    cfg = config.validate({
-        "train": {"epochs": 2, "batch_size": 6, "lr": 0.05, "warmup_epochs": 0, "device": "cpu", "workers": 0},
-        "datasets": {"imagenet-lt": options(tree)},
-        "experiments": {"e": {"datasets": ["imagenet-lt"], "ratios": [10], "methods": ["balanced-softmax"],
-                              "backbones": ["resnet8"]}}})
+    cfg = config.validate(
+        {
+            "train": {"epochs": 2, "batch_size": 6, "lr": 0.05, "warmup_epochs": 0, "device": "cpu", "workers": 0},
+            "datasets": {"imagenet-lt": options(tree)},
+            "experiments": {
+                "e": {
+                    "datasets": ["imagenet-lt"],
+                    "ratios": [10],
+                    "methods": ["balanced-softmax"],
+                    "backbones": ["resnet8"],
+                }
+            },
+        }
+    )
     spec = config.cell_spec(cfg, "imagenet-lt", "balanced-softmax", "resnet8")
     m = train.run(spec, 10, 0, manifest, tmp_path)
     assert len(m["per_class_acc"]) == 4 and m["train_counts"] == TRAIN_COUNTS
@@ -281,11 +336,25 @@ def test_train_run_on_image_lists(tree, manifest, tmp_path):
 def test_cli_prepare_fails_clearly(tree, tmp_path):
     o = options(tree)
     o["expected"] = {**o["expected"], "test": 13}
-    cfg = {"experiments": {"e": {"datasets": ["imagenet-lt"], "ratios": [10], "methods": ["ce"],
-                                 "backbones": ["resnet8"]}}, "datasets": {"imagenet-lt": o}}
+    cfg = {
+        "experiments": {
+            "e": {"datasets": ["imagenet-lt"], "ratios": [10], "methods": ["ce"], "backbones": ["resnet8"]}
+        },
+        "datasets": {"imagenet-lt": o},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    p = run_cli("prepare", "--dataset", "imagenet-lt", "--ratio", 10, "--config", tmp_path / "c.yaml",
-                "--out", tmp_path / "m.lists.json", check=False)
+    p = run_cli(
+        "prepare",
+        "--dataset",
+        "imagenet-lt",
+        "--ratio",
+        10,
+        "--config",
+        tmp_path / "c.yaml",
+        "--out",
+        tmp_path / "m.lists.json",
+        check=False,
+    )
     assert p.returncode == 1
     assert "ltbench prepare: error: imagenet-lt: the image lists do not match" in p.stderr
     assert f"{tree['test_list']}: 12 images listed, expected 13" in p.stderr
@@ -293,6 +362,7 @@ def test_cli_prepare_fails_clearly(tree, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DAG
+
 
 def test_large_config_dry_run(tmp_path):
     p = snakemake("-n", "--cores", 1, "--configfile", ROOT / "config" / "large.yaml", cwd=tmp_path)
@@ -302,26 +372,60 @@ def test_large_config_dry_run(tmp_path):
     assert "prepare" not in jobs and "download" not in jobs
     cfg = config.load(ROOT / "config" / "large.yaml")
     spec = config.cell_spec(cfg, "imagenet-lt", "nbn", "resnext50_32x4d")
-    assert {k: spec["train"][k] for k in ("epochs", "lr", "batch_size", "weight_decay", "warmup_epochs")} == \
-        {"epochs": 90, "lr": 0.2, "batch_size": 512, "weight_decay": 5e-4, "warmup_epochs": 0}
+    assert {k: spec["train"][k] for k in ("epochs", "lr", "batch_size", "weight_decay", "warmup_epochs")} == {
+        "epochs": 90,
+        "lr": 0.2,
+        "batch_size": 512,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 0,
+    }
     assert config.cell_spec(cfg, "imagenet-lt", "baseline+cbn+sbn+dpl", "resnet50")["train"]["lr"] == 0.05
     assert config.cell_spec(cfg, "places-lt", "baseline", "resnet152")["train"]["pretrained"]
 
 
 def _overlay(tree, tmp_path, **dataset_over):
-    cfg = {"name": "fake", "results_dir": str(tmp_path / "results"), "reports_dir": str(tmp_path / "reports"),
-           "data_dir": str(tmp_path / "data"),
-           "train": {"epochs": 2, "batch_size": 6, "lr": 0.05, "warmup_epochs": 0, "device": "cpu", "workers": 1,
-                     "threads": 1, "checkpoint_every": 0},
-           "datasets": {"imagenet-lt": options(tree, **dataset_over)},
-           "experiments": {"fake": {"datasets": ["imagenet-lt"], "ratios": [10], "methods": ["baseline+cbn+sbn+dpl"],
-                                    "backbones": ["resnet8"], "seeds": [0]}}}
+    cfg = {
+        "name": "fake",
+        "results_dir": str(tmp_path / "results"),
+        "reports_dir": str(tmp_path / "reports"),
+        "data_dir": str(tmp_path / "data"),
+        "train": {
+            "epochs": 2,
+            "batch_size": 6,
+            "lr": 0.05,
+            "warmup_epochs": 0,
+            "device": "cpu",
+            "workers": 1,
+            "threads": 1,
+            "checkpoint_every": 0,
+        },
+        "datasets": {"imagenet-lt": options(tree, **dataset_over)},
+        "experiments": {
+            "fake": {
+                "datasets": ["imagenet-lt"],
+                "ratios": [10],
+                "methods": ["baseline+cbn+sbn+dpl"],
+                "backbones": ["resnet8"],
+                "seeds": [0],
+            }
+        },
+    }
     (tmp_path / "fake.yaml").write_text(yaml.safe_dump(cfg))
     return tmp_path / "fake.yaml"
 
 
 def test_dag_trains_on_the_fake_tree(tree, tmp_path):
-    target = tmp_path / "results" / "runs" / "imagenet-lt" / "r10" / "baseline+cbn+sbn+dpl" / "resnet8" / "s0" / "metrics.json"
+    target = (
+        tmp_path
+        / "results"
+        / "runs"
+        / "imagenet-lt"
+        / "r10"
+        / "baseline+cbn+sbn+dpl"
+        / "resnet8"
+        / "s0"
+        / "metrics.json"
+    )
     p = snakemake(target, "--cores", 2, "--configfile", _overlay(tree, tmp_path), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     jobs = job_counts(p.stdout + p.stderr)

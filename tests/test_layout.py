@@ -1,5 +1,6 @@
 """The package's shape: stage packages without import cycles, a torch-free DAG build, short
 functions, and the part catalog (what a config may name) equal to the registries in ltbench.nn."""
+
 from __future__ import annotations
 
 import ast
@@ -63,7 +64,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (c := visit(m)):
                 return c
         stack.pop()
@@ -96,10 +97,12 @@ def test_spec_and_data_never_import_the_later_stages():
 
 def test_building_the_dag_imports_no_torch():
     """What workflow/rules/common.smk imports, then the validation of the paper grid it runs."""
-    code = ("import sys; from ltbench.errors import ConfigError; from ltbench.spec import catalog, config; "
-            "from ltbench import data; cfg = config.load('config/config.yaml'); data.imagelists.check_config(cfg); "
-            "config.cells(cfg); print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'torchvision', 'matplotlib')))")
+    code = (
+        "import sys; from ltbench.errors import ConfigError; from ltbench.spec import catalog, config; "
+        "from ltbench import data; cfg = config.load('config/config.yaml'); data.imagelists.check_config(cfg); "
+        "config.cells(cfg); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'torchvision', 'matplotlib')))"
+    )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
@@ -116,9 +119,11 @@ def _functions():
 
 
 def test_no_function_is_longer_than_a_screen():
-    long = [f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path, node in _functions()
-            if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES and (path, node.name) not in LONG_ALLOWED]
+    long = [
+        f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path, node in _functions()
+        if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES and (path, node.name) not in LONG_ALLOWED
+    ]
     assert not long, "functions over {} lines:\n  {}".format(MAX_FUNCTION_LINES, "\n  ".join(long))
 
 
@@ -139,6 +144,7 @@ def test_function_local_imports_say_why():
 
 
 # --- the catalog of part names and defaults (torch-free) equals the registries ------------------------
+
 
 def test_catalog_names_equal_the_registries():
     from ltbench.nn import backbones, losses, norm, sampling

@@ -22,7 +22,9 @@ def test_step_profile_and_ratio_one():
     assert longtail_counts(4, 100, 1) == [100] * 4
 
 
-@pytest.mark.parametrize("ratio,profile,msg", [(0.5, "exp", "ratio must be >= 1"), (10, "zigzag", "unknown long-tail profile")])
+@pytest.mark.parametrize(
+    "ratio,profile,msg", [(0.5, "exp", "ratio must be >= 1"), (10, "zigzag", "unknown long-tail profile")]
+)
 def test_bad_counts_arguments_are_named(ratio, profile, msg):
     with pytest.raises(ValueError, match=msg):
         longtail_counts(10, 100, ratio, profile)

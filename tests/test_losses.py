@@ -1,4 +1,5 @@
 """Every loss against a closed form written in numpy (float64) on small random inputs."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +28,7 @@ def np_ce(z, y):
 def np_weights(n, kind, beta=0.9999):
     if kind == "none":
         return np.ones_like(n)
-    w = (1 - beta) / (1 - beta ** n) if kind == "cb" else 1.0 / n
+    w = (1 - beta) / (1 - beta**n) if kind == "cb" else 1.0 / n
     return w / w.sum() * len(n)
 
 
@@ -43,7 +44,7 @@ def np_per_sample(name, z, y, n, opts):
         ce = np_ce(z, y)
         return (1 - np.exp(-ce)) ** opts.get("gamma", 1.0) * ce
     if name == "ldam":
-        m = n ** -0.25
+        m = n**-0.25
         m = m * opts.get("max_m", 0.5) / m.max()
         zz = z.copy()
         zz[np.arange(len(y)), y] -= m[y]
@@ -61,9 +62,17 @@ def torch_call(loss, z, y, per_sample=False):
     return out.double().numpy()
 
 
-CASES = [("ce", {}), ("focal", {}), ("focal", {"gamma": 2.0}), ("focal", {"gamma": 0.5}),
-         ("ldam", {"drw": False}), ("ldam", {"drw": False, "max_m": 0.3, "s": 10.0}),
-         ("balanced_softmax", {}), ("logit_adjust", {}), ("logit_adjust", {"tau": 0.5})]
+CASES = [
+    ("ce", {}),
+    ("focal", {}),
+    ("focal", {"gamma": 2.0}),
+    ("focal", {"gamma": 0.5}),
+    ("ldam", {"drw": False}),
+    ("ldam", {"drw": False, "max_m": 0.3, "s": 10.0}),
+    ("balanced_softmax", {}),
+    ("logit_adjust", {}),
+    ("logit_adjust", {"tau": 0.5}),
+]
 
 
 def test_registry_names():
@@ -75,8 +84,9 @@ def test_class_weights(kind):
     w = losses.class_weights(torch.tensor(COUNTS), kind)
     np.testing.assert_allclose(w.numpy(), np_weights(COUNTS, kind), rtol=1e-5)
     assert w.dtype == torch.float32 and abs(w.sum().item() - K) < 1e-4
-    np.testing.assert_allclose(losses.class_weights(list(COUNTS), "cb", beta=0.9).numpy(),
-                               np_weights(COUNTS, "cb", beta=0.9), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.class_weights(list(COUNTS), "cb", beta=0.9).numpy(), np_weights(COUNTS, "cb", beta=0.9), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name,opts", CASES)
@@ -116,13 +126,14 @@ def test_special_cases_equal_ce(batch):
     for name, opts in (("focal", {"gamma": 0.0}), ("logit_adjust", {"tau": 0.0})):
         np.testing.assert_allclose(torch_call(losses.make(name, COUNTS, **opts), z, y, True), ce, rtol=1e-5, atol=1e-6)
     # τ = 1 logit adjustment is Balanced Softmax: log Σn cancels in the softmax
-    np.testing.assert_allclose(torch_call(losses.make("logit_adjust", COUNTS), z, y, True),
-                               np_ce(z + np.log(COUNTS), y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        torch_call(losses.make("logit_adjust", COUNTS), z, y, True), np_ce(z + np.log(COUNTS), y), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_ldam_margins():
     loss = losses.make("ldam", COUNTS, max_m=0.5)
-    m = COUNTS ** -0.25
+    m = COUNTS**-0.25
     np.testing.assert_allclose(loss.margins.numpy(), 0.5 * m / m.max(), rtol=1e-6)
     assert loss.margins.argmax().item() == K - 1 and abs(loss.margins.max().item() - 0.5) < 1e-7
 

@@ -5,6 +5,7 @@ distribution's externally managed Python (PEP 668) works; inside one it uses tha
 runs `make test` with Debian's own /usr/bin/python3 from a fresh clone (the full install path);
 these tests pin the Makefile's choices and the stock-interpreter mechanism cheaply.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 def make(*args, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHON", "MAKEFLAGS")}
     env.update(env_extra or {})
-    return subprocess.run(["make", "-f", str(ROOT / "Makefile"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["make", "-f", str(ROOT / "Makefile"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_outside_an_environment_make_creates_and_uses_dot_venv(tmp_path):
@@ -54,28 +56,36 @@ def test_a_python_without_venv_gets_the_package_to_install(tmp_path):
 
 
 def _externally_managed(python: str) -> bool:
-    code = ("import os, sys, sysconfig; print(sys.prefix == sys.base_prefix and "
-            "os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))")
+    code = (
+        "import os, sys, sysconfig; print(sys.prefix == sys.base_prefix and "
+        "os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))"
+    )
     return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
 
 
 STOCK = "/usr/bin/python3"
 
 
-@pytest.mark.skipif(not (os.path.exists(STOCK) and _externally_managed(STOCK)),
-                    reason=f"{STOCK} is not an externally managed interpreter (PEP 668) on this machine")
+@pytest.mark.skipif(
+    not (os.path.exists(STOCK) and _externally_managed(STOCK)),
+    reason=f"{STOCK} is not an externally managed interpreter (PEP 668) on this machine",
+)
 def test_the_venv_the_makefile_creates_from_an_externally_managed_python_accepts_pip(tmp_path):
     """pip refuses to install into the stock interpreter; into the `.venv` that make creates it installs."""
-    refused = subprocess.run([STOCK, "-m", "pip", "install", "--dry-run", "--no-index", "ltbench-absent"],
-                             capture_output=True, text=True)
+    refused = subprocess.run(
+        [STOCK, "-m", "pip", "install", "--dry-run", "--no-index", "ltbench-absent"], capture_output=True, text=True
+    )
     if "No module named pip" not in refused.stderr:
         assert "externally-managed-environment" in refused.stderr + refused.stdout
     p = make(".venv/bin/python", f"BASE_PYTHON={STOCK}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     venv_python = str(tmp_path / ".venv" / "bin" / "python")
     assert not _externally_managed(venv_python)
-    q = subprocess.run([venv_python, "-m", "pip", "install", "--dry-run", "--no-index", "ltbench-absent"],
-                       capture_output=True, text=True)
+    q = subprocess.run(
+        [venv_python, "-m", "pip", "install", "--dry-run", "--no-index", "ltbench-absent"],
+        capture_output=True,
+        text=True,
+    )
     assert "externally-managed-environment" not in q.stderr + q.stdout
     assert "No matching distribution found for ltbench-absent" in q.stderr
 

@@ -1,4 +1,5 @@
 """`python -m ltbench` re-executes itself once with glibc's malloc keeping freed memory (ltbench/malloc.py)."""
+
 import os
 import subprocess
 import sys
@@ -25,8 +26,9 @@ def _child_tunables(extra_env: dict) -> str:
     """GLIBC_TUNABLES as a process that calls malloc.reexec() first (as `python -m ltbench` does) sees it."""
     code = "import os, ltbench.malloc as m; m.reexec(); print(os.environ.get('GLIBC_TUNABLES'))"
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", malloc.OPT_OUT)}
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **extra_env}, capture_output=True,
-                       text=True, check=True)
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, check=True
+    )
     return p.stdout.strip()
 
 
@@ -40,6 +42,7 @@ def test_reexec_replaces_the_process_with_the_same_command_line():
 def test_reexec_failure_runs_on_with_a_warning(monkeypatch, capsys):
     def refuse(*args):
         raise PermissionError("not allowed")
+
     monkeypatch.setattr(malloc.os, "execve", refuse)
     monkeypatch.setattr(malloc, "tuned_environ", lambda environ: {"GLIBC_TUNABLES": malloc.TUNABLES})
     malloc.reexec()  # returns instead of raising

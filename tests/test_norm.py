@@ -5,6 +5,7 @@ CBN's forward against a direct per-component implementation of Eq. 7–16; the s
 against per-group ``nn.BatchNorm2d`` and a numpy hand computation; NBN against
 ``nn.BatchNorm2d`` with hand-computed affine parameters.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -47,6 +48,7 @@ def randomize_affine(layer: nn.Module) -> None:
 # CBN, M = 1 == BatchNorm2d
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("responsibilities", ["pixel", "sample"])
 def test_cbn_one_component_is_batchnorm(responsibilities):
     torch.manual_seed(0)
@@ -81,6 +83,7 @@ def test_cbn_one_component_is_batchnorm(responsibilities):
 # CBN EM == scikit-learn GaussianMixture(covariance_type="diag")
 # ---------------------------------------------------------------------------------------------
 
+
 def mixture_data(seed: int, sizes=(300, 200, 100), dim=4, spread=6.0):
     rng = np.random.default_rng(seed)
     centers = rng.normal(0.0, spread, size=(len(sizes), dim))
@@ -109,15 +112,25 @@ def test_cbn_em_matches_sklearn_gaussian_mixture():
     prior0 = np.full(M, 1.0 / M)
     iters = 6
 
-    gmm = GaussianMixture(M, covariance_type="diag", weights_init=prior0, means_init=mean0,
-                          precisions_init=1.0 / (var0 + EPS), reg_covar=EPS, max_iter=iters, tol=0.0,
-                          init_params="random", random_state=0)
+    gmm = GaussianMixture(
+        M,
+        covariance_type="diag",
+        weights_init=prior0,
+        means_init=mean0,
+        precisions_init=1.0 / (var0 + EPS),
+        reg_covar=EPS,
+        max_iter=iters,
+        tol=0.0,
+        init_params="random",
+        random_state=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # not converged after `iters` steps, on purpose
         gmm.fit(X)
 
-    layer = CompoundBatchNorm2d(C, num_components=M, prior_momentum=1.0, mean_momentum=1.0,
-                                var_momentum=1.0, unbiased_var=False)
+    layer = CompoundBatchNorm2d(
+        C, num_components=M, prior_momentum=1.0, mean_momentum=1.0, var_momentum=1.0, unbiased_var=False
+    )
     set_mixture(layer, prior0, mean0, var0)
     x = torch.tensor(X, dtype=torch.float32)[:, :, None, None]
     for step in range(iters):
@@ -157,6 +170,7 @@ def test_cbn_eval_responsibilities_match_predict_proba():
 # CBN, M > 1: a direct implementation of Eq. 7–16 (one P×M×C tensor, torch.distributions)
 # ---------------------------------------------------------------------------------------------
 
+
 def reference_cbn(x, prior, mean, var, weight, bias, responsibilities, train_stats, detach, training):
     """Direct Eq. 7–16 on points (P, C); returns (y, prior_new, mean_new, var_new) with momenta 0.1."""
     N, C, H, W = x.shape
@@ -185,14 +199,21 @@ def reference_cbn(x, prior, mean, var, weight, bias, responsibilities, train_sta
     return y, new_prior, new_mean, new_var
 
 
-@pytest.mark.parametrize("responsibilities,train_stats,detach", [
-    ("pixel", "batch", False), ("pixel", "batch", True), ("sample", "batch", False), ("pixel", "running", False),
-])
+@pytest.mark.parametrize(
+    "responsibilities,train_stats,detach",
+    [
+        ("pixel", "batch", False),
+        ("pixel", "batch", True),
+        ("sample", "batch", False),
+        ("pixel", "running", False),
+    ],
+)
 def test_cbn_compound_matches_direct_equations(responsibilities, train_stats, detach):
     torch.manual_seed(0)
     M, C = 3, 4
-    layer = CompoundBatchNorm2d(C, num_components=M, responsibilities=responsibilities,
-                                train_stats=train_stats, detach_responsibilities=detach)
+    layer = CompoundBatchNorm2d(
+        C, num_components=M, responsibilities=responsibilities, train_stats=train_stats, detach_responsibilities=detach
+    )
     prior = torch.tensor([0.5, 0.3, 0.2])
     mean = torch.randn(M, C)
     var = torch.rand(M, C) + 0.5
@@ -204,8 +225,9 @@ def test_cbn_compound_matches_direct_equations(responsibilities, train_stats, de
     x_ref = x.detach().clone().requires_grad_()
 
     y = layer(x)
-    y_ref, p_ref, m_ref, v_ref = reference_cbn(x_ref, prior, mean, var, weight, bias,
-                                               responsibilities, train_stats, detach, training=True)
+    y_ref, p_ref, m_ref, v_ref = reference_cbn(
+        x_ref, prior, mean, var, weight, bias, responsibilities, train_stats, detach, training=True
+    )
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (y_ref * g).sum().backward()
@@ -219,8 +241,9 @@ def test_cbn_compound_matches_direct_equations(responsibilities, train_stats, de
 
     layer.eval()
     x2 = torch.randn(3, C, 2, 2)
-    y_eval, *_ = reference_cbn(x2, p_ref, m_ref, v_ref, weight, bias, responsibilities, train_stats,
-                               detach, training=False)
+    y_eval, *_ = reference_cbn(
+        x2, p_ref, m_ref, v_ref, weight, bias, responsibilities, train_stats, detach, training=False
+    )
     close(layer(x2), y_eval)
 
 
@@ -257,12 +280,14 @@ def test_component_without_mass_keeps_running_statistics():
 # CBN initialization
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("responsibilities", ["pixel", "sample"])
 def test_first_batch_init_uses_distinct_batch_points(responsibilities):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 2, 2)
-    layer = CompoundBatchNorm2d(3, num_components=4, responsibilities=responsibilities,
-                                prior_momentum=0.0, mean_momentum=0.0, var_momentum=0.0)
+    layer = CompoundBatchNorm2d(
+        3, num_components=4, responsibilities=responsibilities, prior_momentum=0.0, mean_momentum=0.0, var_momentum=0.0
+    )
     assert not bool(layer.initialized)
     layer(x)  # momenta 0: the buffers keep their initial values
     points = x.permute(0, 2, 3, 1).reshape(-1, 3) if responsibilities == "pixel" else x.mean((2, 3))
@@ -294,6 +319,7 @@ def test_random_init_and_single_component_init():
 # SBN (split mode)
 # ---------------------------------------------------------------------------------------------
 
+
 def test_split_mode_group_statistics():
     torch.manual_seed(0)
     M, C = 3, 4
@@ -315,13 +341,15 @@ def test_split_mode_group_statistics():
     for k in (0, 2):
         xs = xn[gn == k]
         mu, var = xs.mean((0, 2, 3)), xs.var((0, 2, 3))
-        expect = w[k][:, None, None] * (xs - mu[:, None, None]) / np.sqrt(var + EPS)[:, None, None] \
-            + b[k][:, None, None]
+        expect = (
+            w[k][:, None, None] * (xs - mu[:, None, None]) / np.sqrt(var + EPS)[:, None, None] + b[k][:, None, None]
+        )
         np.testing.assert_allclose(yn[gn == k], expect, atol=1e-5, rtol=1e-4)
         n = xs.shape[0] * xs.shape[2] * xs.shape[3]
         np.testing.assert_allclose(layer.running_mean[k].numpy(), 0.9 * mean0[k].numpy() + 0.1 * mu, atol=1e-6)
-        np.testing.assert_allclose(layer.running_var[k].numpy(),
-                                   0.9 * var0[k].numpy() + 0.1 * var * n / (n - 1), atol=1e-6)
+        np.testing.assert_allclose(
+            layer.running_var[k].numpy(), 0.9 * var0[k].numpy() + 0.1 * var * n / (n - 1), atol=1e-6
+        )
     close(layer.running_mean[1], mean0[1], atol=0, rtol=0)  # empty group untouched
     close(layer.running_var[1], var0[1], atol=0, rtol=0)
     close(layer.running_prior, prior0, atol=0, rtol=0)  # split mode never updates the prior
@@ -342,8 +370,9 @@ def test_split_mode_group_statistics():
 
 def test_split_mode_ignored_in_eval_and_restored_after_exception():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.BatchNorm2d(4), CompoundBatchNorm2d(4, num_components=2),
-                          CompoundBatchNorm2d(4, num_components=2))
+    model = nn.Sequential(
+        nn.BatchNorm2d(4), CompoundBatchNorm2d(4, num_components=2), CompoundBatchNorm2d(4, num_components=2)
+    )
     x = torch.randn(6, 4, 3, 3)
     groups = torch.tensor([0, 1, 0, 1, 1, 0])
     model(x)  # initialize
@@ -383,6 +412,7 @@ def test_class_groups_uniform_by_index():
 # CBN em=False ("Baseline + SBN")
 # ---------------------------------------------------------------------------------------------
 
+
 def test_cbn_without_em_compound_path_is_batchnorm():
     torch.manual_seed(0)
     layer = CompoundBatchNorm2d(4, num_components=3, em=False)
@@ -410,6 +440,7 @@ def test_cbn_without_em_compound_path_is_batchnorm():
 # ---------------------------------------------------------------------------------------------
 # NBN
 # ---------------------------------------------------------------------------------------------
+
 
 def test_nbn_is_batchnorm_with_normalized_affine():
     torch.manual_seed(0)
@@ -463,8 +494,7 @@ def test_nbn_last_stage_shared_alpha(backbone, blocks):
     alphas = {id(m.alpha) for m in model.modules() if isinstance(m, NormalizedBatchNorm2d)}
     assert len(alphas) == 1
     assert sum(p.numel() for p in model.parameters()) == n_before + 1
-    assert all(type(m) is nn.BatchNorm2d for name, m in model.named_modules()
-               if "bn" in name and name not in replaced)
+    assert all(type(m) is nn.BatchNorm2d for name, m in model.named_modules() if "bn" in name and name not in replaced)
     out = model(torch.randn(2, 3, 8, 8))
     out.sum().backward()
     assert out.shape == (2, 10)
@@ -487,8 +517,10 @@ def test_last_stage_scopes_on_torchvision_resnets():
 
 def test_cifar_all_and_last_stage_all_scopes():
     model = norm.apply(models.build("resnet8", 10), "cbn", scope="last_stage_all", num_components=2)
-    assert {n for n, m in model.named_modules() if isinstance(m, CompoundBatchNorm2d)} == \
-        {"layer3.0.bn1", "layer3.0.bn2"}
+    assert {n for n, m in model.named_modules() if isinstance(m, CompoundBatchNorm2d)} == {
+        "layer3.0.bn1",
+        "layer3.0.bn2",
+    }
     model = norm.apply(models.build("resnet8", 10), "cbn", num_components=2)
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
     assert sum(isinstance(m, CompoundBatchNorm2d) for m in model.modules()) == 7
@@ -520,11 +552,15 @@ def test_nbn_alpha_modes_and_param_groups():
 # Model-level helpers
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,scope,options", [
-    ("cbn", "all", {"num_components": 3}),
-    ("nbn", "last_stage", {"alpha": "shared"}),
-    ("cbn", "all", {"num_components": 3, "em": False}),
-])
+
+@pytest.mark.parametrize(
+    "name,scope,options",
+    [
+        ("cbn", "all", {"num_components": 3}),
+        ("nbn", "last_stage", {"alpha": "shared"}),
+        ("cbn", "all", {"num_components": 3, "em": False}),
+    ],
+)
 def test_state_dict_round_trip(tmp_path, name, scope, options):
     torch.manual_seed(0)
     model = norm.apply(models.build("resnet8", 10), name, scope=scope, **options)

@@ -6,6 +6,7 @@ are this test's precondition and its caller: the test runs in a copy of the repo
 short demo (one experiment, one seed, two epochs) has run, so the commands see ``results/demo``.
 Commands that train get tiny epochs (``--epochs 1``); paths under /tmp go to the test's folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,9 @@ def test_readme_commands_are_parsed_with_their_reasons():
 
 
 def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True)
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, text=True
+    )
     if files.returncode != 0:
         shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".git", ".venv", "results", "reports", "data"))
         return
@@ -73,10 +75,20 @@ def test_every_offline_readme_command_runs_after_the_demo(tmp_path):
     cfg["experiments"] = {"demo": {**cfg["experiments"]["demo"], "seeds": [0], "methods": ["ce", "nbn"]}}
     cfg["train"]["epochs"] = 2
     (repo / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    demo = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/demo.yaml"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo),
+        "OMP_NUM_THREADS": "1",
+    }
+    demo = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/demo.yaml"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert demo.returncode == 0, demo.stderr[-3000:]
 
     skipped = []

@@ -1,5 +1,6 @@
 """Baselines as their authors ran them: NBN's head, CBN's statistics updates, the held-out validation
 split and τ selection, strong-view variants, and the published protocol."""
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +66,7 @@ def _toy_model():
 
         def forward(self, x):
             return self.fc(x)
+
     return Toy()
 
 
@@ -86,11 +88,17 @@ def test_tau_norm_selects_tau_on_validation_not_test(tmp_path, monkeypatch):
     calls = []
     real_val = sources.TensorSource.val
     monkeypatch.setattr(sources.TensorSource, "val", lambda self, *a: calls.append(1) or real_val(self, *a))
-    cfg = config.validate({"train": {"epochs": 2, "batch_size": 64, "device": "cpu", "checkpoint_every": 0},
-                           "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["tau-norm"],
-                                                 "backbones": ["resnet8"]}}})
-    m = trainer.run(config.cell_spec(cfg, "digits-lt", "tau-norm", "resnet8"), 10, 0, tmp_path / "d.npz",
-                    tmp_path / "run")
+    cfg = config.validate(
+        {
+            "train": {"epochs": 2, "batch_size": 64, "device": "cpu", "checkpoint_every": 0},
+            "experiments": {
+                "e": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["tau-norm"], "backbones": ["resnet8"]}
+            },
+        }
+    )
+    m = trainer.run(
+        config.cell_spec(cfg, "digits-lt", "tau-norm", "resnet8"), 10, 0, tmp_path / "d.npz", tmp_path / "run"
+    )
     assert calls and len(m["tau_val_accuracy"]) == 21
     assert m["tau_val_accuracy"][str(m["tau"])] == max(m["tau_val_accuracy"].values())
 
@@ -125,8 +133,19 @@ def test_strong_view_variants_fill_and_cutout():
 
 
 def _cfg(protocol, ms):
-    return config.validate({"experiments": {"e": {"datasets": ["cifar10"], "ratios": [100], "methods": ms,
-                                                  "backbones": ["resnet32"], "protocol": protocol}}})
+    return config.validate(
+        {
+            "experiments": {
+                "e": {
+                    "datasets": ["cifar10"],
+                    "ratios": [100],
+                    "methods": ms,
+                    "backbones": ["resnet32"],
+                    "protocol": protocol,
+                }
+            }
+        }
+    )
 
 
 def test_published_protocol_resolves_each_method_to_its_published_recipe():
@@ -136,8 +155,14 @@ def test_published_protocol_resolves_each_method_to_its_published_recipe():
     assert config.validate(cfg)["experiments"]["e"]["methods"] == ["ce@published", "ldam-drw@published"]
     spec = config.cell_spec(cfg, "cifar10", "ldam-drw@published", "resnet32")
     t = spec["train"]  # kaidic/LDAM-DRW cifar_train.py
-    assert (t["epochs"], t["lr"], t["batch_size"], t["weight_decay"], t["warmup_epochs"], t["warmup_per"]) == \
-        (200, 0.1, 128, 2e-4, 5, "epoch")
+    assert (t["epochs"], t["lr"], t["batch_size"], t["weight_decay"], t["warmup_epochs"], t["warmup_per"]) == (
+        200,
+        0.1,
+        128,
+        2e-4,
+        5,
+        "epoch",
+    )
     assert (t["schedule"], t["step_milestones"], t["step_factors"]) == ("step", [0.8, 0.9], [0.01, 0.0001])
     r = spec["recipe"]
     assert r["protocol"] == "published" and "kaidic/LDAM-DRW" in r["source"]
@@ -147,9 +172,19 @@ def test_published_protocol_resolves_each_method_to_its_published_recipe():
 
 
 def _published(dataset, method):
-    cfg = config.validate({"experiments": {"e": {"datasets": [dataset], "ratios": [100 if "cifar" in dataset else 256],
-                                                 "methods": [method], "backbones": ["resnet32"],
-                                                 "protocol": "published"}}})
+    cfg = config.validate(
+        {
+            "experiments": {
+                "e": {
+                    "datasets": [dataset],
+                    "ratios": [100 if "cifar" in dataset else 256],
+                    "methods": [method],
+                    "backbones": ["resnet32"],
+                    "protocol": "published",
+                }
+            }
+        }
+    )
     spec = config.cell_spec(cfg, dataset, method + "@published", "resnet32")
     return spec["train"], spec["recipe"]
 
@@ -160,8 +195,14 @@ def test_balanced_softmax_published_recipe(dataset, epochs, warmup):
     at batch 512 on the ρ = 200 set (ceil(13000 / 22) = 591, ceil(13000 / 19) = 685 epochs), warmup
     ceil(800 / B) epochs from lr 0.05 to 0.1, cosine to 0, wd 5e-4; AutoAugment CIFAR10Policy + Cutout."""
     t, r = _published(dataset, "balanced-softmax")
-    assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["nesterov"], t["weight_decay"]) == \
-        (epochs, 512, 0.1, 0.9, False, 5e-4)
+    assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["nesterov"], t["weight_decay"]) == (
+        epochs,
+        512,
+        0.1,
+        0.9,
+        False,
+        5e-4,
+    )
     assert (t["schedule"], t["warmup_epochs"], t["warmup_per"], t["warmup_start"]) == ("cosine", warmup, "epoch", 0.5)
     assert r["loss"]["name"] == "balanced_softmax" and r["augment"] == "autoaugment" and r["views"] == ["strong"]
     assert r["strong_view"] == {"policy": "cifar10_policy", "cutout": True}
@@ -169,14 +210,22 @@ def test_balanced_softmax_published_recipe(dataset, epochs, warmup):
 
 
 @pytest.mark.parametrize("method, loss, posthoc", [("la", "logit_adjust", None), ("la-posthoc", "ce", 1.0)])
-@pytest.mark.parametrize("dataset, epochs, warmup, decays", [("cifar10", 1241, 20, (604, 926, 1128)),
-                                                             ("cifar100", 1419, 22, (691, 1059, 1290))])
+@pytest.mark.parametrize(
+    "dataset, epochs, warmup, decays",
+    [("cifar10", 1241, 20, (604, 926, 1128)), ("cifar100", 1419, 22, (691, 1059, 1290))],
+)
 def test_logit_adjustment_published_recipes(method, loss, posthoc, dataset, epochs, warmup, decays):
     """google-research logit_adjustment/utils.py dataset_mappings + main.py: batch 128, lr 0.1, Nesterov
     momentum 0.9, Keras L2 1e-4 (= wd 2e-4), linear warmup, ×0.1 / 0.01 / 0.001 at the listed epochs, τ = 1."""
     t, r = _published(dataset, method)
-    assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["nesterov"], t["weight_decay"]) == \
-        (epochs, 128, 0.1, 0.9, True, 2e-4)
+    assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["nesterov"], t["weight_decay"]) == (
+        epochs,
+        128,
+        0.1,
+        0.9,
+        True,
+        2e-4,
+    )
     assert (t["schedule"], t["warmup_epochs"], t["warmup_per"], t["warmup_start"]) == ("step", warmup, "step", None)
     assert [round(f * epochs) for f in t["step_milestones"]] == list(decays)
     assert t["step_factors"] == [0.1, 0.01, 0.001]
@@ -189,8 +238,15 @@ def test_nbn_published_recipe_is_imagenet_lt_only():
     """yuxiangbao/NBN config/ImageNet_LT/resnet50_nbn.yaml: CE, SGD lr 0.2, momentum 0.9, wd 5e-4, batch
     512, cosine over 90 epochs, no warmup; last-stage NBN with one α; plain Linear head (no rectification)."""
     t, r = _published("imagenet-lt", "nbn")
-    assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["weight_decay"], t["schedule"], t["warmup_epochs"]) \
-        == (90, 512, 0.2, 0.9, 5e-4, "cosine", 0)
+    assert (
+        t["epochs"],
+        t["batch_size"],
+        t["lr"],
+        t["momentum"],
+        t["weight_decay"],
+        t["schedule"],
+        t["warmup_epochs"],
+    ) == (90, 512, 0.2, 0.9, 5e-4, "cosine", 0)
     assert r["loss"]["name"] == "ce" and r["logit_rectification"] is False
     assert r["norm"] == methods.recipe("nbn")["norm"] and r["norm"]["scope"] == "last_stage"
     assert "yuxiangbao/NBN" in r["source"] and r["datasets"] == ["imagenet-lt"]
@@ -201,17 +257,27 @@ def test_nbn_published_recipe_is_imagenet_lt_only():
 
 
 def test_recipe_dataset_train_overrides_the_recipe_train_for_its_dataset():
-    cfg = config.validate({"train": {"epochs": 7}, "methods": {"m": {"train": {"lr": 0.3}, "dataset_train":
-                                                                     {"cifar100": {"epochs": 9}}}},
-                           "experiments": {"e": {"datasets": ["cifar10", "cifar100"], "ratios": [100],
-                                                 "methods": ["m"], "backbones": ["resnet32"]}}})
+    cfg = config.validate(
+        {
+            "train": {"epochs": 7},
+            "methods": {"m": {"train": {"lr": 0.3}, "dataset_train": {"cifar100": {"epochs": 9}}}},
+            "experiments": {
+                "e": {"datasets": ["cifar10", "cifar100"], "ratios": [100], "methods": ["m"], "backbones": ["resnet32"]}
+            },
+        }
+    )
     assert config.cell_spec(cfg, "cifar100", "m", "resnet32")["train"]["epochs"] == 9
     assert config.cell_spec(cfg, "cifar10", "m", "resnet32")["train"]["epochs"] == 7
     assert config.cell_spec(cfg, "cifar100", "m", "resnet32")["train"]["lr"] == 0.3
     with pytest.raises(ConfigError, match="dataset_train"):
-        config.validate({"methods": {"m": {"dataset_train": {"cifar10": {"epochs": 0}}}},
-                         "experiments": {"e": {"datasets": ["cifar10"], "ratios": [100], "methods": ["m"],
-                                               "backbones": ["resnet32"]}}})
+        config.validate(
+            {
+                "methods": {"m": {"dataset_train": {"cifar10": {"epochs": 0}}}},
+                "experiments": {
+                    "e": {"datasets": ["cifar10"], "ratios": [100], "methods": ["m"], "backbones": ["resnet32"]}
+                },
+            }
+        )
 
 
 def test_published_protocol_without_a_published_recipe_is_a_config_error():
@@ -221,9 +287,18 @@ def test_published_protocol_without_a_published_recipe_is_a_config_error():
 
 def test_runs_table_has_a_protocol_column(tmp_path):
     def metrics(method, protocol):
-        return {"cell": {"dataset": "cifar10", "ratio": 100, "method": method, "backbone": "resnet32", "seed": 0},
-                "top1": 50.0, "many": 60.0, "medium": 50.0, "few": 40.0, "per_class_acc": [50.0] * 2,
-                "train_counts": [100, 1], "spec": {"recipe": {"protocol": protocol}}, "_path": str(tmp_path / method)}
+        return {
+            "cell": {"dataset": "cifar10", "ratio": 100, "method": method, "backbone": "resnet32", "seed": 0},
+            "top1": 50.0,
+            "many": 60.0,
+            "medium": 50.0,
+            "few": 40.0,
+            "per_class_acc": [50.0] * 2,
+            "train_counts": [100, 1],
+            "spec": {"recipe": {"protocol": protocol}},
+            "_path": str(tmp_path / method),
+        }
+
     runs, _ = aggregate.tables([metrics("ce", "controlled"), metrics("ce@published", "published")])
     assert dict(zip(runs.method, runs.protocol)) == {"ce": "controlled", "ce@published": "published"}
 
@@ -232,10 +307,16 @@ def test_ldamdrw_reference_is_table2_as_accuracy():
     from ltbench.analysis.reference import entries
 
     e = entries("ldamdrw2019").set_index(["method", "dataset", "ratio"])["value"]
-    errors = {("ce@published", "cifar10", 100): 29.64, ("ce@published", "cifar10", 10): 13.61,
-              ("ce@published", "cifar100", 100): 61.68, ("ce@published", "cifar100", 10): 44.30,
-              ("ldam-drw@published", "cifar10", 100): 22.97, ("ldam-drw@published", "cifar10", 10): 11.84,
-              ("ldam-drw@published", "cifar100", 100): 57.96, ("ldam-drw@published", "cifar100", 10): 41.29}
+    errors = {
+        ("ce@published", "cifar10", 100): 29.64,
+        ("ce@published", "cifar10", 10): 13.61,
+        ("ce@published", "cifar100", 100): 61.68,
+        ("ce@published", "cifar100", 10): 44.30,
+        ("ldam-drw@published", "cifar10", 100): 22.97,
+        ("ldam-drw@published", "cifar10", 10): 11.84,
+        ("ldam-drw@published", "cifar100", 100): 57.96,
+        ("ldam-drw@published", "cifar100", 10): 41.29,
+    }
     assert len(e) == len(errors)
     for key, err in errors.items():
         assert abs(e[key] - (100 - err)) < 1e-9, key

@@ -1,4 +1,5 @@
 """Reference data files: schema validation, error messages, and the transcribed numbers."""
+
 from __future__ import annotations
 
 import math
@@ -23,13 +24,19 @@ def cbn() -> pd.DataFrame:
 
 
 def cell(df, table, method, dataset, ratio, metric="top1"):
-    sel = df[(df.table == table) & (df.method == method) & (df.dataset == dataset) & (df.ratio == ratio)
-             & (df.metric == metric)]
+    sel = df[
+        (df.table == table)
+        & (df.method == method)
+        & (df.dataset == dataset)
+        & (df.ratio == ratio)
+        & (df.metric == metric)
+    ]
     assert len(sel) == 1, (table, method, dataset, ratio, metric, len(sel))
     return sel.iloc[0]
 
 
 # ---------------------------------------------------------------- packaged files
+
 
 def test_papers_lists_both_files():
     assert papers() == ["bsoftmax2020", "cbn2022", "ldamdrw2019", "nbn2025"]
@@ -60,6 +67,7 @@ def test_metadata():
 
 # ---------------------------------------------------------------- CBN numbers
 
+
 def test_entry_counts_per_table(cbn):
     assert cbn.groupby("table").size().to_dict() == {2: 30, 3: 32, 4: 66, 5: 8, 6: 6, 7: 12}
     # Table 4's '–' cells are null entries: LADE 3, ACE 2, DRO-LT 3, PaCo 3, DiVE 3, SSD 3, VS 4.
@@ -81,9 +89,16 @@ def test_table2_spot_checks(cbn):
 def test_table3_rows_and_spot_checks(cbn):
     t3 = cbn[cbn.table == 3]
     rows = dict(zip(t3.row, t3.method))
-    assert rows == {"I": "baseline", "II": "baseline+dt+rs", "III": "baseline+dt+rw", "IV": "baseline+dt+rw+rs",
-                    "V": "baseline+cbn", "VI": "baseline+cbn+dt+rs", "VII": "baseline+cbn+dt+rw",
-                    "VIII": "baseline+cbn+dt+rw+rs"}
+    assert rows == {
+        "I": "baseline",
+        "II": "baseline+dt+rs",
+        "III": "baseline+dt+rw",
+        "IV": "baseline+dt+rw+rs",
+        "V": "baseline+cbn",
+        "VI": "baseline+cbn+dt+rs",
+        "VII": "baseline+cbn+dt+rw",
+        "VIII": "baseline+cbn+dt+rw+rs",
+    }
     assert t3.groupby("row").size().eq(4).all() and set(t3.metric) == {"top1", "many", "medium", "few"}
     assert set(zip(t3.dataset, t3.ratio)) == {("cifar100", 100)}
     assert cell(cbn, 3, "baseline", "cifar100", 100, "top1").value == 49.66
@@ -127,8 +142,16 @@ def _md_tables(text: str) -> dict:
     out = {}
     name = lambda s: "baseline+cbn+sbn+dpl" if s.startswith("CBN") else s.lower().replace(" ", "")
     num = lambda s: None if s.strip() in ("–", "-") else float(s)
-    t3_methods = dict(I="baseline", II="baseline+dt+rs", III="baseline+dt+rw", IV="baseline+dt+rw+rs",
-                      V="baseline+cbn", VI="baseline+cbn+dt+rs", VII="baseline+cbn+dt+rw", VIII="baseline+cbn+dt+rw+rs")
+    t3_methods = dict(
+        I="baseline",
+        II="baseline+dt+rs",
+        III="baseline+dt+rw",
+        IV="baseline+dt+rw+rs",
+        V="baseline+cbn",
+        VI="baseline+cbn+dt+rs",
+        VII="baseline+cbn+dt+rw",
+        VIII="baseline+cbn+dt+rw+rs",
+    )
     for table in (2, 3, 4):
         block = text.split(f"Table {table} —")[1].split("\n\n")[0]
         for line in block.splitlines():
@@ -151,13 +174,16 @@ def _md_tables(text: str) -> dict:
 @pytest.mark.skipif(not PAPER_MD.exists(), reason="paper notes not available outside the project workspace")
 def test_every_number_matches_the_paper_notes(cbn):
     expected = _md_tables(PAPER_MD.read_text(encoding="utf-8"))
-    got = {(r.table, r.method, r.dataset, r.ratio, r.metric): (None if pd.isna(r.value) else r.value)
-           for r in cbn.itertuples()}
+    got = {
+        (r.table, r.method, r.dataset, r.ratio, r.metric): (None if pd.isna(r.value) else r.value)
+        for r in cbn.itertuples()
+    }
     assert len(expected) == 154
     assert got == expected
 
 
 # ---------------------------------------------------------------- claims
+
 
 def test_claims_and_qualitative_claims():
     data = load("cbn2022")
@@ -188,6 +214,7 @@ def test_claimed_gains_reproduce_table2_brackets():
 
 # ---------------------------------------------------------------- NBN
 
+
 def test_nbn_entries_are_null_and_not_reported():
     nbn = entries("nbn2025")
     assert len(nbn) == 14 and nbn.value.isna().all() and set(nbn.method) == {"nbn", "ce"}
@@ -208,6 +235,7 @@ def test_user_filled_nbn_file_loads_by_path(tmp_path):
 
 
 # ---------------------------------------------------------------- malformed files
+
 
 def _write(tmp_path, data, name="broken.yaml"):
     path = tmp_path / name
@@ -236,16 +264,19 @@ def test_wrong_type_names_file_entry_and_key(tmp_path, good):
         load(_write(tmp_path, good))
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda d: d["entries"][0].update(vlaue=1.0), r"entries\[0\].*'vlaue' was unexpected"),
-    (lambda d: d["entries"][1].update(dataset="cifar-10"), r"entries\[1\]\.dataset.*'cifar-10' is not one of"),
-    (lambda d: d["entries"][2].update(quoted="no"), r"entries\[2\]\.quoted.*is not of type 'boolean'"),
-    (lambda d: d["entries"][2].update(value=181.0), r"entries\[2\]\.value.*greater than the maximum"),
-    (lambda d: d["entries"][4].update(method="Baseline"), r"entries\[4\]\.method.*does not match"),
-    (lambda d: d["metadata"].pop("arxiv"), r"metadata.*'arxiv' is a required property"),
-    (lambda d: d["entries"].append(dict(d["entries"][0])), r"entries\[154\].*duplicates entries\[0\]"),
-    (lambda d: d["claims"][0].update(over="baseline+xyz"), r"claims\[0\].*no entry for method 'baseline\+xyz'"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["entries"][0].update(vlaue=1.0), r"entries\[0\].*'vlaue' was unexpected"),
+        (lambda d: d["entries"][1].update(dataset="cifar-10"), r"entries\[1\]\.dataset.*'cifar-10' is not one of"),
+        (lambda d: d["entries"][2].update(quoted="no"), r"entries\[2\]\.quoted.*is not of type 'boolean'"),
+        (lambda d: d["entries"][2].update(value=181.0), r"entries\[2\]\.value.*greater than the maximum"),
+        (lambda d: d["entries"][4].update(method="Baseline"), r"entries\[4\]\.method.*does not match"),
+        (lambda d: d["metadata"].pop("arxiv"), r"metadata.*'arxiv' is a required property"),
+        (lambda d: d["entries"].append(dict(d["entries"][0])), r"entries\[154\].*duplicates entries\[0\]"),
+        (lambda d: d["claims"][0].update(over="baseline+xyz"), r"claims\[0\].*no entry for method 'baseline\+xyz'"),
+    ],
+)
 def test_other_malformations_are_rejected(tmp_path, good, mutate, expected):
     mutate(good)
     with pytest.raises(ReferenceFileError, match=r"broken\.yaml(.|\n)*" + expected):

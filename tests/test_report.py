@@ -5,6 +5,7 @@ a designed offset, with a known spread over seeds; some cells are missing (one f
 others never ran). Aggregation, tables, figures and the HTML report then run once (module fixture) and
 the tests check the rendered numbers, Δs and verdicts in every output format.
 """
+
 from __future__ import annotations
 
 import html
@@ -22,14 +23,14 @@ from ltbench.analysis import aggregate
 from ltbench.report import page as report
 from ltbench.spec import config
 
-S_BASE = synthetic.scale("baseline")    # 0.5
-S = synthetic.scale("baseline+cbn")     # 0.3
+S_BASE = synthetic.scale("baseline")  # 0.5
+S = synthetic.scale("baseline+cbn")  # 0.3
 
 OFFSETS = {  # (dataset, ratio, method) -> offset from the paper's value, all metrics
-    ("cifar10", "100", "baseline"): 0.5,                 # Table 2: Δ +0.50 -> reproduced
-    ("cifar100", "100", "baseline+cbn"): -2.5,           # Table 2: Δ -2.50, outside the CI -> below
-    ("cifar10", "10", "baseline+cbn+sbn+dpl"): 1.8,      # Table 2: Δ +1.80 -> above
-    ("cifar100", "100", "baseline+dt+rw"): 1.2,          # Table 3 (III): Δ +1.20, inside the CI -> reproduced
+    ("cifar10", "100", "baseline"): 0.5,  # Table 2: Δ +0.50 -> reproduced
+    ("cifar100", "100", "baseline+cbn"): -2.5,  # Table 2: Δ -2.50, outside the CI -> below
+    ("cifar10", "10", "baseline+cbn+sbn+dpl"): 1.8,  # Table 2: Δ +1.80 -> above
+    ("cifar100", "100", "baseline+dt+rw"): 1.2,  # Table 3 (III): Δ +1.20, inside the CI -> reproduced
 }
 FAILED = ("cifar100", "50", "baseline+sbn", "resnet32")  # no run at all: seed 0 failed (log), seeds 1-2 not run
 PARTIAL = ("cifar10", "50", "baseline+cbn+sbn", "resnet32", 2)  # one seed missing: n = 2
@@ -38,20 +39,31 @@ PARTIAL = ("cifar10", "50", "baseline+cbn+sbn", "resnet32", 2)  # one seed missi
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
-    cfg = config.load(ROOT / "config" / "config.yaml",
-                      {"results_dir": str(tmp / "results"), "reports_dir": str(tmp / "reports")})
-    synthetic.write_grid(cfg, offset=lambda c, m: OFFSETS.get((c.dataset, c.ratio, c.method), 0.0),
-                         skip=[FAILED, PARTIAL])
+    cfg = config.load(
+        ROOT / "config" / "config.yaml", {"results_dir": str(tmp / "results"), "reports_dir": str(tmp / "reports")}
+    )
+    synthetic.write_grid(
+        cfg, offset=lambda c, m: OFFSETS.get((c.dataset, c.ratio, c.method), 0.0), skip=[FAILED, PARTIAL]
+    )
     log = tmp / "results" / aggregate.TRAIN_LOG.format(path="cifar100/r50/baseline+sbn/resnet32/s0")
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("epoch 1/400 loss 4.1\nFloatingPointError: cifar100 r50 baseline+sbn resnet32 s0: training loss "
-                   "became nan at epoch 3\n")
+    log.write_text(
+        "epoch 1/400 loss 4.1\nFloatingPointError: cifar100 r50 baseline+sbn resnet32 s0: training loss "
+        "became nan at epoch 3\n"
+    )
     agg = tmp / "results" / "aggregate"
     aggregate.main([], agg, cfg, existing=True)
     out = tmp / "reports" / "paper.html"
     report.main(agg, out, cfg, figures_dir=str(tmp / "results" / "figures"), tables_dir=str(tmp / "results" / "tables"))
-    return {"cfg": cfg, "tmp": tmp, "agg": agg, "html": out.read_text(), "out": out,
-            "tables": tmp / "results" / "tables", "figures": tmp / "results" / "figures"}
+    return {
+        "cfg": cfg,
+        "tmp": tmp,
+        "agg": agg,
+        "html": out.read_text(),
+        "out": out,
+        "tables": tmp / "results" / "tables",
+        "figures": tmp / "results" / "figures",
+    }
 
 
 def csv(grid, name):
@@ -68,6 +80,7 @@ def row(df, **kw):
 
 # ---------------------------------------------------------------- aggregate: statistics and verdicts
 
+
 def test_cells_status_lists_failed_and_not_run(grid):
     cells = csv(grid, "cells.csv")
     assert len(cells) == 525  # 345 controlled + 180 published-protocol cells
@@ -83,8 +96,19 @@ def test_cells_status_lists_failed_and_not_run(grid):
 def test_runs_csv_has_every_knob_and_provenance(grid):
     runs = csv(grid, "runs.csv")
     assert len(runs) == 521 * 4
-    for col in ("recipe.norm.options.num_components", "train.epochs", "train.lr", "dataset_options.subset_seed",
-                "git_commit", "env.torch", "device", "wall_time_s", "n_train", "run_dir", "experiments"):
+    for col in (
+        "recipe.norm.options.num_components",
+        "train.epochs",
+        "train.lr",
+        "dataset_options.subset_seed",
+        "git_commit",
+        "env.torch",
+        "device",
+        "wall_time_s",
+        "n_train",
+        "run_dir",
+        "experiments",
+    ):
         assert col in runs.columns, col
     assert set(runs[runs.protocol == "controlled"]["train.epochs"]) == {400}
     # LDAM-DRW; + Kang's 10 stage epochs; Balanced Softmax (CIFAR-10 / -100); logit adjustment (CIFAR-10 / -100)
@@ -104,7 +128,7 @@ def test_comparison_numbers_and_verdicts(grid):
     assert r.seeds_test == "TOST" and r.seeds_needed > 3
     assert row(t2, dataset="cifar10", ratio="100", method="baseline+cbn").verdict == "reproduced"  # Δ 0, std 0.3
     r = row(t2, dataset="cifar100", ratio="100", method="baseline+cbn")
-    half = 4.302652729749462 * S / math.sqrt(3)   # 95 % Student t, 2 degrees of freedom
+    half = 4.302652729749462 * S / math.sqrt(3)  # 95 % Student t, 2 degrees of freedom
     assert r.delta == pytest.approx(-2.5) and r.verdict == "below"
     assert r.ci_high == pytest.approx(52.16 - 2.5 + half)
     assert row(t2, dataset="cifar10", ratio="10", method="baseline+cbn+sbn+dpl").verdict == "above"
@@ -112,15 +136,25 @@ def test_comparison_numbers_and_verdicts(grid):
     assert r.verdict == "missing" and r["n"] == 0 and math.isnan(r["mean"])
     r = row(t2, dataset="cifar10", ratio="50", method="baseline+cbn+sbn")
     assert r["n"] == 2 and r.seeds == "0 1" and r.verdict == "inconclusive" and r.seeds_needed == 3
-    assert t2.verdict.value_counts().to_dict() == {"reproduced": 25, "inconclusive": 2, "below": 1, "above": 1,
-                                                   "missing": 1}
+    assert t2.verdict.value_counts().to_dict() == {
+        "reproduced": 25,
+        "inconclusive": 2,
+        "below": 1,
+        "above": 1,
+        "missing": 1,
+    }
     # Table 3: the Few column of row III lies 1.2 above the paper, outside our 95 % interval [0.455, 1.945]
     r = row(comp[comp.experiment == "cbn_table3"], method="baseline+dt+rw", metric="few")
     assert r.paper_value == 35.21 and r.delta == pytest.approx(1.2) and r.verdict == "above"
     # Table 4: quoted rows never rerun; CBN judged against Table 4's own numbers (60.0 where Table 2 says 58.13)
     t4 = comp[comp.experiment == "cbn_table4"]
-    assert t4.verdict.value_counts().to_dict() == {"quoted": 39, "not reported": 21, "reproduced": 4, "below": 1,
-                                                   "above": 1}  # above: CIFAR-10-LT ρ=10, +1.80 as in Table 2
+    assert t4.verdict.value_counts().to_dict() == {
+        "quoted": 39,
+        "not reported": 21,
+        "reproduced": 4,
+        "below": 1,
+        "above": 1,
+    }  # above: CIFAR-10-LT ρ=10, +1.80 as in Table 2
     r = row(t4, dataset="cifar100", ratio="50", method="baseline+cbn+sbn+dpl")
     assert r.paper_value == 60.0 and r["mean"] == pytest.approx(58.13) and r.verdict == "below"
     assert "inconsistency" in r.note
@@ -143,19 +177,21 @@ def test_gains_with_t_tests(grid):
     m = len(t2)
     holm = (pd.Series([(m - k) * p for k, p in enumerate(t2.p_value)]).clip(upper=1).cummax()).tolist()
     assert t2.p_holm.tolist() == pytest.approx(holm) and m == 29
-    assert r.p_value < 0.05 < r.p_holm and r.gain_verdict == "not significant"   # significant only before Holm
-    assert r.seeds_test == "t-test" and r.seeds_needed > 3                       # at α / 29
-    r = row(g, claim="t2-cbn", dataset="cifar100", ratio="100")   # baseline+cbn 2.5 below the paper: gain 0
+    assert r.p_value < 0.05 < r.p_holm and r.gain_verdict == "not significant"  # significant only before Holm
+    assert r.seeds_test == "t-test" and r.seeds_needed > 3  # at α / 29
+    r = row(g, claim="t2-cbn", dataset="cifar100", ratio="100")  # baseline+cbn 2.5 below the paper: gain 0
     assert r.gain == pytest.approx(0.0, abs=1e-9) and r.gain_verdict == "no gain"
     assert -1 < r.equiv_low < 0 < r.equiv_high < 1 and r.equiv_p < 0.05
     assert row(g, claim="t2-cbn", dataset="cifar100", ratio="50").gain_verdict == "supported"
-    r = row(g, claim="t2-sbn", dataset="cifar100", ratio="50")   # baseline+sbn never ran there
+    r = row(g, claim="t2-sbn", dataset="cifar100", ratio="50")  # baseline+sbn never ran there
     assert r.gain_verdict == "untested" and "no runs of 'baseline+sbn'" in r.explanation
-    r = row(g, claim="t3-rw-many")          # the paper's gain is negative: a negative gain supports it
+    r = row(g, claim="t3-rw-many")  # the paper's gain is negative: a negative gain supports it
     assert r.paper_gain < 0 and r.gain < 0 and r.expected_sign == -1 and r.gain_verdict == "supported"
     assert set(g.experiment) == {"cbn_table2", "cbn_table3", "nbn_cifar", "ldamdrw_table2"}
     claims = g[g.kind == "claim"]
-    assert len(claims[claims.experiment == "cbn_table2"]) == 5 * 6 and len(claims[claims.experiment == "nbn_cifar"]) == 6
+    assert (
+        len(claims[claims.experiment == "cbn_table2"]) == 5 * 6 and len(claims[claims.experiment == "nbn_cifar"]) == 6
+    )
     assert len(claims[claims.experiment == "ldamdrw_table2"]) == 4  # LDAM-DRW over ERM, published protocol
     # the ablation heatmap's numbers: every method over the first one on every cell (top-1), its own Holm family
     abl = g[g.kind == "ablation"]
@@ -163,6 +199,7 @@ def test_gains_with_t_tests(grid):
 
 
 # ---------------------------------------------------------------- tables in the paper's layout
+
 
 class _Cells(HTMLParser):
     """The rows of the first <table class='paper-table'>: [(th text, [(td class, td text), ...]), ...]."""
@@ -211,19 +248,24 @@ def html_rows(text: str) -> list:
 def test_table2_html_layout_numbers_and_verdicts(grid):
     rows = html_rows((grid["tables"] / "cbn_table2.html").read_text())
     names = [r[0].split(" | ")[0] for r in rows]
-    assert names == ["Baseline", "Baseline + SBN", "Baseline + CBN", "Baseline + CBN + SBN", "Baseline + CBN + SBN + DPL"]
+    assert names == [
+        "Baseline",
+        "Baseline + SBN",
+        "Baseline + CBN",
+        "Baseline + CBN + SBN",
+        "Baseline + CBN + SBN + DPL",
+    ]
     base = rows[0][1]
-    assert len(base) == 6   # CIFAR-10-LT ρ=100, 50, 10 | CIFAR-100-LT ρ=100, 50, 10
+    assert len(base) == 6  # CIFAR-10-LT ρ=100, 50, 10 | CIFAR-100-LT ρ=100, 50, 10
     cls, text = base[0]
-    assert cls == "v-inconclusive" and text.startswith("82.37 ± 0.50 | paper 81.87 · Δ +0.50 | inconclusive · "
-                                                       "needs ")
+    assert cls == "v-inconclusive" and text.startswith("82.37 ± 0.50 | paper 81.87 · Δ +0.50 | inconclusive · needs ")
     assert text.endswith(" seeds (TOST)")
     assert base[1] == ("v-reproduced", "84.65 ± 0.50 | paper 84.65 · Δ 0.00 | reproduced")
-    cls, text = rows[2][1][3]   # Baseline + CBN, CIFAR-100-LT ρ=100
+    cls, text = rows[2][1][3]  # Baseline + CBN, CIFAR-100-LT ρ=100
     assert cls == "v-below" and text == "49.66 ± 0.30 | paper 52.16 · Δ −2.50 | below"
-    cls, text = rows[1][1][4]   # Baseline + SBN, CIFAR-100-LT ρ=50: no run
+    cls, text = rows[1][1][4]  # Baseline + SBN, CIFAR-100-LT ρ=50: no run
     assert cls == "v-missing" and text == "missing | paper 52.44 | missing"
-    cls, text = rows[3][1][1]   # Baseline + CBN + SBN, CIFAR-10-LT ρ=50: seed 2 missing, seeds 0-1 = paper −0.3, +0
+    cls, text = rows[3][1][1]  # Baseline + CBN + SBN, CIFAR-10-LT ρ=50: seed 2 missing, seeds 0-1 = paper −0.3, +0
     assert text == "87.06 ± 0.21 n=2/3 | paper 87.21 · Δ −0.15 | inconclusive · needs 3 seeds (TOST)"
     assert rows[4][1][2][0] == "v-above" and "Δ +1.80" in rows[4][1][2][1]
 
@@ -261,17 +303,24 @@ def test_markdown_and_latex_carry_the_same_numbers(grid):
     assert r"$+0.50$ ? {\scriptsize (needs" in tex
     assert r"\textit{missing}" in tex and r"{\scriptsize (n=2)}" in tex
     md3 = (grid["tables"] / "cbn_table3.md").read_text()
-    assert "CIFAR-100-LT ρ=100 Few" in md3 and "| III. Baseline + DT + RW | paper | 50.56 | 62.49 | 52.08 | 35.21 |" in md3
+    assert (
+        "CIFAR-100-LT ρ=100 Few" in md3 and "| III. Baseline + DT + RW | paper | 50.56 | 62.49 | 52.08 | 35.21 |" in md3
+    )
 
 
 # ---------------------------------------------------------------- figures and the HTML page
 
+
 def test_figures_written_per_experiment(grid):
     f = grid["figures"]
-    expected = {"cbn_table2": {"ablation_vs_baseline", "ablation_vs_paper", "groups", "per_class"},
-                "cbn_table3": {"groups", "per_class"}, "cbn_table4": {"groups", "per_class"},
-                "cbn_fig5": {"components", "groups", "per_class"}, "cbn_fig6": {"backbones", "groups", "per_class"},
-                "nbn_cifar": {"groups", "per_class"}}
+    expected = {
+        "cbn_table2": {"ablation_vs_baseline", "ablation_vs_paper", "groups", "per_class"},
+        "cbn_table3": {"groups", "per_class"},
+        "cbn_table4": {"groups", "per_class"},
+        "cbn_fig5": {"components", "groups", "per_class"},
+        "cbn_fig6": {"backbones", "groups", "per_class"},
+        "nbn_cifar": {"groups", "per_class"},
+    }
     for exp, kinds in expected.items():
         assert {p.stem for p in (f / exp).glob("*.png")} == kinds, exp
         assert {p.stem for p in (f / exp).glob("*.svg")} == kinds, exp
@@ -282,10 +331,19 @@ def test_figures_written_per_experiment(grid):
 def test_report_page_summary_first_then_sections(grid):
     h = grid["html"]
     assert "Partial grid: 521 of 525 cells finished — 1 failed, 3 not run" in h
-    order = [h.index(s) for s in ("Summary of verdicts", "id='exp-cbn_table2'", "id='exp-nbn_cifar'",
-                                  "id='missing'", "id='details'", "id='provenance'")]
+    order = [
+        h.index(s)
+        for s in (
+            "Summary of verdicts",
+            "id='exp-cbn_table2'",
+            "id='exp-nbn_cifar'",
+            "id='missing'",
+            "id='details'",
+            "id='provenance'",
+        )
+    ]
     assert order == sorted(order)
-    summary = h[h.index("Summary of verdicts"):h.index("<nav")]
+    summary = h[h.index("Summary of verdicts") : h.index("<nav")]
     t2 = re.search(r"exp-cbn_table2'>cbn_table2</a>.*?</tr>", summary).group(0)
     # reproduced, inconclusive, below, above, single run, missing, not reported, quoted |
     # supported, no gain, not significant, contradicted, untested
@@ -293,17 +351,24 @@ def test_report_page_summary_first_then_sections(grid):
     assert counts[:8] == ["25", "2", "1", "1", "0", "1", "0", "0"] and "86 / 90" in t2
     assert int(counts[12]) == 1 and sum(map(int, counts[8:13])) == 30
     assert re.search(r"2 of 75 cells inconclusive; 1 more seed would decide 1 of them, \d+ more all 2", summary)
-    t2_section = h[h.index("id='exp-cbn_table2'"):h.index("id='exp-cbn_table3'")]
-    assert re.search(r"2 of 29 cells inconclusive; .*; 10 of 29 claimed gains not significant; \d+ more seeds "
-                     r"would decide", t2_section)
-    missing = h[h.index("id='missing'"):h.index("id='details'")]
+    t2_section = h[h.index("id='exp-cbn_table2'") : h.index("id='exp-cbn_table3'")]
+    assert re.search(
+        r"2 of 29 cells inconclusive; .*; 10 of 29 claimed gains not significant; \d+ more seeds "
+        r"would decide",
+        t2_section,
+    )
+    missing = h[h.index("id='missing'") : h.index("id='details'")]
     assert "training loss became nan at epoch 3" in missing and missing.count("<tr><td") == 4
     assert "status-failed" in missing and "status-not-run" in missing
-    prov = h[h.index("id='provenance'"):]
+    prov = h[h.index("id='provenance'") :]
     assert "521.00 GPU-hours" in prov and "NVIDIA H100" in prov and "0123456789ab" in prov
     assert f"hash {__import__('ltbench').io.config_hash(grid['cfg'])}" in prov
     assert "CBN open detail 8" in h and "recipe.norm.options.responsibilities" in h
-    assert h.count("data:image/png;base64,") == len(list(grid["figures"].rglob("*.png"))) == 20 and "src=\"http" not in h and "<script" not in h
+    assert (
+        h.count("data:image/png;base64,") == len(list(grid["figures"].rglob("*.png"))) == 20
+        and 'src="http' not in h
+        and "<script" not in h
+    )
 
 
 @pytest.fixture(scope="module")
@@ -312,23 +377,26 @@ def chromium():
 
     binary = browser.find_chromium()
     if binary is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium); the report is not checked in "
-                    "a browser")
+        pytest.skip(
+            "chromium is not installed (Debian: apt-get install chromium); the report is not checked in a browser"
+        )
     return binary
 
 
 def test_report_renders_in_headless_chromium(grid, chromium, tmp_path):
     import browser
 
-    js = ("JSON.stringify({title: document.title, images: document.images.length, "
-          "broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length, "
-          "tables: document.querySelectorAll('table.paper-table').length, "
-          "width: document.documentElement.scrollWidth})")
+    js = (
+        "JSON.stringify({title: document.title, images: document.images.length, "
+        "broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length, "
+        "tables: document.querySelectorAll('table.paper-table').length, "
+        "width: document.documentElement.scrollWidth})"
+    )
     res = browser.load(grid["out"].as_uri(), evaluate=js, binary=chromium)
     assert res.errors == []
     info = json.loads(res.evaluated)
     assert info["title"] == "ltbench report: paper" and info["images"] == 20 and info["broken"] == 0
-    assert info["tables"] >= 6 + 3     # one paper-layout table per experiment + the claimed-gains grids
+    assert info["tables"] >= 6 + 3  # one paper-layout table per experiment + the claimed-gains grids
     assert info["width"] <= 1280 + 20  # nothing wider than the window
     assert res.screenshot[:8] == b"\x89PNG\r\n\x1a\n" and len(res.screenshot) > 100_000
     (tmp_path / "report.png").write_bytes(res.screenshot)
@@ -339,8 +407,10 @@ def test_browser_check_catches_console_errors(chromium, tmp_path):
     import browser
 
     page = tmp_path / "bad.html"
-    page.write_text("<!doctype html><title>x</title><img src='missing.png'>"
-                    "<script>console.error('boom'); undefinedFunction();</script>")
+    page.write_text(
+        "<!doctype html><title>x</title><img src='missing.png'>"
+        "<script>console.error('boom'); undefinedFunction();</script>"
+    )
     errors = browser.load(page.as_uri(), binary=chromium).errors
     assert any("console.error: boom" in e for e in errors)
     assert any("undefinedFunction" in e for e in errors)
@@ -349,10 +419,13 @@ def test_browser_check_catches_console_errors(chromium, tmp_path):
 
 # ---------------------------------------------------------------- one source: the report renders the aggregate's files
 
+
 def _small(tmp_path):
     """The demo's table2 experiment with synthetic metrics for 3 seeds, aggregated."""
-    cfg = config.load(ROOT / "config" / "demo.yaml", {"results_dir": str(tmp_path / "results"),
-                                                      "reports_dir": str(tmp_path / "reports")})
+    cfg = config.load(
+        ROOT / "config" / "demo.yaml",
+        {"results_dir": str(tmp_path / "results"), "reports_dir": str(tmp_path / "reports")},
+    )
     cfg["experiments"] = {"table2": {**cfg["experiments"]["table2"], "seeds": [0, 1, 2], "ratios": [10]}}
     paths = synthetic.write_grid(cfg)
     return cfg, paths, tmp_path / "results" / "aggregate"
@@ -381,21 +454,24 @@ def test_report_table_cells_are_the_summary_csv_values(tmp_path):
     assert shown["Baseline + CBN"].startswith("12.35 ± ")
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda m: m.update(top1=float("nan")), "top1 is NaN"),
-    (lambda m: m.update(top1=None), "top1 is null"),
-    (lambda m: m.update(per_class_acc=m["per_class_acc"][:-1]), "per_class_acc has 9 classes but train_counts 10"),
-    (lambda m: m.update(schema_version=2), "schema_version is 2; this ltbench reads version 1"),
-    (lambda m: m.pop("schema_version"), "schema_version is None"),
-    (lambda m: m["cell"].pop("backbone"), "'cell' lacks ['backbone']"),
-    (lambda m: m.pop("few"), "no 'few' entry"),
-    (None, "unreadable"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda m: m.update(top1=float("nan")), "top1 is NaN"),
+        (lambda m: m.update(top1=None), "top1 is null"),
+        (lambda m: m.update(per_class_acc=m["per_class_acc"][:-1]), "per_class_acc has 9 classes but train_counts 10"),
+        (lambda m: m.update(schema_version=2), "schema_version is 2; this ltbench reads version 1"),
+        (lambda m: m.pop("schema_version"), "schema_version is None"),
+        (lambda m: m["cell"].pop("backbone"), "'cell' lacks ['backbone']"),
+        (lambda m: m.pop("few"), "no 'few' entry"),
+        (None, "unreadable"),
+    ],
+)
 def test_an_invalid_metrics_json_is_a_failed_cell_with_its_reason(tmp_path, mutate, reason):
     cfg, paths, agg = _small(tmp_path)
     bad = next(p for p in paths if "/baseline+cbn/" in str(p) and p.parent.name == "s1")
     if mutate is None:
-        bad.write_text('{"schema_version": 1, "top1": 5')   # a write cut short
+        bad.write_text('{"schema_version": 1, "top1": 5')  # a write cut short
     else:
         m = json.loads(bad.read_text())
         mutate(m)
@@ -406,11 +482,11 @@ def test_an_invalid_metrics_json_is_a_failed_cell_with_its_reason(tmp_path, muta
     assert (failed.method, failed.seed) == ("baseline+cbn", 1) and reason in failed.detail
     assert failed.log == str(bad)
     runs = out["runs.csv"]
-    assert len(runs[(runs.method == "baseline+cbn")]) == 2 * 4   # seeds 0 and 2 only, never a NaN row
+    assert len(runs[(runs.method == "baseline+cbn")]) == 2 * 4  # seeds 0 and 2 only, never a NaN row
     s = out["summary.csv"]
     assert set(s[s.method == "baseline+cbn"]["n"]) == {2}
     page, _ = _render(cfg, agg, tmp_path)
-    missing = page[page.index("id='missing'"):page.index("id='details'")]
+    missing = page[page.index("id='missing'") : page.index("id='details'")]
     assert "invalid metrics.json" in missing and html.escape(reason) in missing
 
 
@@ -431,11 +507,16 @@ def test_a_truncated_runs_csv_is_an_error_with_nonzero_exit(tmp_path, cut, capsy
     aggregate.main([], agg, cfg, existing=True)
     text = (agg / "runs.csv").read_text()
     lines = text.splitlines(keepends=True)
-    cutted = {"empty": "", "mid_line": text[: len(text) // 2], "a_run": "".join(lines[:-4]),
-              "header_only_summary_kept": lines[0]}[cut]
+    cutted = {
+        "empty": "",
+        "mid_line": text[: len(text) // 2],
+        "a_run": "".join(lines[:-4]),
+        "header_only_summary_kept": lines[0],
+    }[cut]
     (agg / "runs.csv").write_text(cutted)
-    rc = cli.main(["report", "--aggregate-dir", str(agg), "--out", str(tmp_path / "r.html"),
-                   "--config-json", json.dumps(cfg)])
+    rc = cli.main(
+        ["report", "--aggregate-dir", str(agg), "--out", str(tmp_path / "r.html"), "--config-json", json.dumps(cfg)]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "runs.csv" in err and "rerun `ltbench aggregate`" in err, err
     assert not (tmp_path / "r.html").exists()

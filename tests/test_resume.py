@@ -9,6 +9,7 @@ by a retry. A damaged checkpoint (checksum) or one without every key is moved as
 restarts; a second trainer of a locked cell exits naming the holder; an unwritable output directory
 is an error before any training.
 """
+
 import errno
 import json
 import os
@@ -37,15 +38,46 @@ VOLATILE = {"wall_time_s", "train_time_s", "images_per_s", "finished_at", "envir
 
 
 def cell_cmd(data, out, epochs=EPOCHS, lr=0.1, method=METHOD):
-    spec = {"train": {"epochs": epochs, "batch_size": 64, "lr": lr, "warmup_epochs": 1, "weight_decay": 5e-4,
-                      "device": "cpu", "checkpoint_every": CHECKPOINT_EVERY, "threads": 1},
-            "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method],
-                                  "backbones": ["resnet8"]}}}
+    spec = {
+        "train": {
+            "epochs": epochs,
+            "batch_size": 64,
+            "lr": lr,
+            "warmup_epochs": 1,
+            "weight_decay": 5e-4,
+            "device": "cpu",
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "threads": 1,
+        },
+        "experiments": {
+            "e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method], "backbones": ["resnet8"]}
+        },
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = out.parent / f"{out.name}.yaml"
     cfg.write_text(yaml.safe_dump(spec))
-    return [sys.executable, "-m", "ltbench", "train", "--config", str(cfg), "--dataset", "digits-lt", "--ratio",
-            "10", "--method", method, "--backbone", "resnet8", "--seed", "0", "--data", str(data), "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "ltbench",
+        "train",
+        "--config",
+        str(cfg),
+        "--dataset",
+        "digits-lt",
+        "--ratio",
+        "10",
+        "--method",
+        method,
+        "--backbone",
+        "resnet8",
+        "--seed",
+        "0",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
 
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -141,8 +173,13 @@ def test_sigkill_at_random_points_and_preemption_signals_resume_every_time_and_m
     watcher = threading.Thread(target=watch_metrics, args=(out, stop, seen), daemon=True)
     watcher.start()
     last = None  # (epoch, step) of the checkpoint on disk
-    for sig, where in ((signal.SIGKILL, "epoch"), (signal.SIGTERM, "epoch"), (signal.SIGKILL, "startup"),
-                       (signal.SIGUSR1, "epoch"), (signal.SIGKILL, "epoch")):
+    for sig, where in (
+        (signal.SIGKILL, "epoch"),
+        (signal.SIGTERM, "epoch"),
+        (signal.SIGKILL, "startup"),
+        (signal.SIGUSR1, "epoch"),
+        (signal.SIGKILL, "epoch"),
+    ):
         why = f"{signal.Signals(sig).name} at {where}, after checkpoint {last} (LTBENCH_KILL_SEED={seed})"
         run = Run(cell_cmd(data, out))
         if where == "startup":  # importing, loading the data or the checkpoint, or the first steps
@@ -163,8 +200,9 @@ def test_sigkill_at_random_points_and_preemption_signals_resume_every_time_and_m
         if sig == signal.SIGKILL:
             assert rc == -signal.SIGKILL, why
             # the checkpoint it resumed from, or a newer periodic one
-            assert on_disk == last or (on_disk[1] == 0 and on_disk[0] % CHECKPOINT_EVERY == 0
-                                       and on_disk > (last or (0, 0))), (why, on_disk)
+            assert on_disk == last or (
+                on_disk[1] == 0 and on_disk[0] % CHECKPOINT_EVERY == 0 and on_disk > (last or (0, 0))
+            ), (why, on_disk)
         else:  # checkpointed where it was, exit 75 (EX_TEMPFAIL: retry to resume)
             assert rc == 75, (why, run.stderr())
             assert f"signal {int(sig)}" in run.stderr() and "run the same command again to resume" in run.stderr()
@@ -185,9 +223,14 @@ def test_sigkill_at_random_points_and_preemption_signals_resume_every_time_and_m
 def _spec(method="ce", **train):
     from ltbench.spec import config
 
-    c = config.validate({"train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 1, "device": "cpu", **train},
-                         "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method],
-                                               "backbones": ["resnet8"]}}})
+    c = config.validate(
+        {
+            "train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 1, "device": "cpu", **train},
+            "experiments": {
+                "e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method], "backbones": ["resnet8"]}
+            },
+        }
+    )
     return config.cell_spec(c, "digits-lt", method, "resnet8")
 
 
@@ -204,8 +247,13 @@ def test_unreadable_checkpoint_and_stale_temp_files(reference, tmp_path):
     (out / "notes.txt").write_text("not ours")
     got = train.run(_spec(), 10, 0, data, out)
     assert got["per_class_acc"] == ref["per_class_acc"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt.unreadable", "metrics.json", "model.pt",
-                                                      "notes.txt", "train.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt.unreadable",
+        "metrics.json",
+        "model.pt",
+        "notes.txt",
+        "train.jsonl",
+    ]
 
 
 def test_divergence_stops_with_a_diagnostic_and_a_retry_does_not_retrain(reference, tmp_path):
@@ -233,6 +281,7 @@ def test_divergence_stops_with_a_diagnostic_and_a_retry_does_not_retrain(referen
 
 
 # ---- damaged checkpoints, the cell lock, unwritable outputs ----
+
 
 def test_checkpoint_checksum_and_required_keys(tmp_path):
     path = tmp_path / "checkpoint.pt"

@@ -1,4 +1,5 @@
 """Epoch samplers: determinism, length, valid indices and the drawing distributions."""
+
 import numpy as np
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_class_then_instance_frequencies(labels, name, q):
     idx = draw(name, labels, 7, EPOCHS).numpy()
     y = labels.numpy()
     total = len(idx)
-    p_class = COUNTS ** q / (COUNTS ** q).sum()
+    p_class = COUNTS**q / (COUNTS**q).sum()
     per_class = np.bincount(y[idx], minlength=len(COUNTS))
     assert chi2(per_class, total * p_class) < 40  # df = 5; p ≈ 1e-7
     # each instance: P(class) / n_class, so draws within a class are uniform
@@ -85,17 +86,17 @@ def test_class_aware_is_kangs_class_cycle_with_four_per_visit():
     idx = _class_aware(y)
     assert len(idx) == sampling.epoch_length("class_aware", y) == 10 * 4
     lab = y[idx].tolist()
-    visits = [lab[i:i + 4] for i in range(0, len(lab), 4)]
+    visits = [lab[i : i + 4] for i in range(0, len(lab), 4)]
     assert all(len(set(v)) == 1 for v in visits)
     present = [0, 1, 2, 4]
     visit_cls = [v[0] for v in visits]
     for i in range(0, len(visit_cls) - len(present) + 1, len(present)):
-        assert sorted(visit_cls[i:i + len(present)]) == present
+        assert sorted(visit_cls[i : i + len(present)]) == present
     for c in present:
         seq = idx[y[idx] == c].tolist()
         members = sorted(torch.nonzero(y == c).squeeze(1).tolist())
         for i in range(0, len(seq) - counts[c] + 1, counts[c]):
-            assert sorted(seq[i:i + counts[c]]) == members
+            assert sorted(seq[i : i + counts[c]]) == members
     assert torch.equal(idx, _class_aware(y)) and not torch.equal(idx, _class_aware(y, 1))
     assert sampling.epoch_length("uniform", y) == len(y)
 

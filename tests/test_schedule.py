@@ -1,11 +1,11 @@
 """The learning-rate schedule (ltbench.training.schedule): warmup per step or per epoch, then the schedule."""
+
 import pytest
 
 from ltbench.spec import config
 from ltbench.training.schedule import lr_lambda
 
-T = {"epochs": 10, "warmup_epochs": 2, "warmup_per": "step", "step_milestones": [0.5, 0.8],
-     "step_factors": [0.1, 0.01]}
+T = {"epochs": 10, "warmup_epochs": 2, "warmup_per": "step", "step_milestones": [0.5, 0.8], "step_factors": [0.1, 0.01]}
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
@@ -22,8 +22,15 @@ def test_lr_schedule_shapes(schedule):
 
 def test_warmup_per_epoch_ramps_once_per_epoch_as_ldam_drw():
     """LDAM-DRW: lr × (e+1)/5 in epochs e = 0..4, constant within an epoch, then the step schedule."""
-    t = {**T, "epochs": 200, "warmup_epochs": 5, "warmup_per": "epoch", "schedule": "step",
-         "step_milestones": [0.8, 0.9], "step_factors": [0.01, 0.0001]}
+    t = {
+        **T,
+        "epochs": 200,
+        "warmup_epochs": 5,
+        "warmup_per": "epoch",
+        "schedule": "step",
+        "step_milestones": [0.8, 0.9],
+        "step_factors": [0.01, 0.0001],
+    }
     f = lr_lambda(t, steps_per_epoch=7)
     for e in range(5):
         assert [f(e * 7 + i) for i in range(7)] == [pytest.approx((e + 1) / 5)] * 7
@@ -35,8 +42,9 @@ def test_warmup_per_epoch_ramps_once_per_epoch_as_ldam_drw():
 
 
 def test_warmup_per_is_a_config_knob_defaulting_to_step():
-    base = {"experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"],
-                                  "backbones": ["resnet8"]}}}
+    base = {
+        "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"], "backbones": ["resnet8"]}}
+    }
     assert config.validate(base)["train"]["warmup_per"] == "step"
     assert config.validate({**base, "train": {"warmup_per": "epoch"}})["train"]["warmup_per"] == "epoch"
     with pytest.raises(Exception, match="warmup_per"):
@@ -52,14 +60,20 @@ def test_warmup_start_ramps_from_a_fraction_of_the_peak_as_balanced_softmax():
         assert [f(e * 3 + i) for i in range(3)] == [pytest.approx(0.5 + 0.5 * e / 4)] * 3
     assert f(4 * 3) == pytest.approx(1.0) and f(20 * 3 - 1) < 0.01
     s = lr_lambda({**t, "warmup_per": "step"}, steps_per_epoch=3)  # per step: 0.5 + 0.5·k/12
-    assert [s(k) for k in (0, 6, 11, 12)] == [pytest.approx(0.5), pytest.approx(0.75), pytest.approx(0.5 + 0.5 * 11 / 12), 1.0]
+    assert [s(k) for k in (0, 6, 11, 12)] == [
+        pytest.approx(0.5),
+        pytest.approx(0.75),
+        pytest.approx(0.5 + 0.5 * 11 / 12),
+        1.0,
+    ]
     # null (the default) keeps the ramp that reaches the peak inside the warmup
     assert lr_lambda({**t, "warmup_start": None}, steps_per_epoch=3)(0) == pytest.approx(0.25)
 
 
 def test_warmup_start_is_a_config_knob_defaulting_to_null():
-    base = {"experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"],
-                                  "backbones": ["resnet8"]}}}
+    base = {
+        "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["ce"], "backbones": ["resnet8"]}}
+    }
     assert config.validate(base)["train"]["warmup_start"] is None
     with pytest.raises(Exception, match="warmup_start"):
         config.validate({**base, "train": {"warmup_start": 1.5}})

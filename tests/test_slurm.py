@@ -4,6 +4,7 @@ The cluster tests need a running SLURM with a GPU GRES and root: .ci/slurm-test.
 slurm-wlm and munge, starts a single-node cluster, sets LTBENCH_SLURM=1 and runs this file (CI runs
 it after `make test`, where these tests are skipped). The profile tests at the end need no cluster.
 """
+
 import json
 import os
 import re
@@ -30,7 +31,8 @@ VOLATILE = {"wall_time_s", "train_time_s", "images_per_s", "finished_at", "envir
 needs_cluster = pytest.mark.skipif(
     not os.environ.get("LTBENCH_SLURM"),
     reason="needs a running SLURM with a GPU GRES: run by `bash .ci/slurm-test.sh` (as root; it installs "
-           "slurm-wlm and munge and starts a single-node cluster), as CI does after `make test`")
+    "slurm-wlm and munge and starts a single-node cluster), as CI does after `make test`",
+)
 
 
 def env():
@@ -50,8 +52,15 @@ def demo_config(base: Path, methods=METHODS, extra_methods=None) -> Path:
     cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     cfg.update(results_dir=str(base / "results"), reports_dir=str(base / "reports"), data_dir=str(base / "data"))
     cfg["train"].update(epochs=EPOCHS, device="cpu")
-    cfg["experiments"] = {"demo": {"datasets": ["digits-lt"], "ratios": [10], "methods": list(methods),
-                                   "backbones": ["resnet8"], "seeds": [0]}}
+    cfg["experiments"] = {
+        "demo": {
+            "datasets": ["digits-lt"],
+            "ratios": [10],
+            "methods": list(methods),
+            "backbones": ["resnet8"],
+            "seeds": [0],
+        }
+    }
     cfg["methods"] = {**cfg.get("methods", {}), **(extra_methods or {})}
     cfg["resources"] = {"train": {"gpu": 1, "runtime": 10, "mem_mb": 1000}, "default": {"runtime": 10}}
     base.mkdir(parents=True, exist_ok=True)
@@ -126,8 +135,14 @@ def cluster():
 def test_demo_through_slurm_equals_a_local_run_and_resumes_a_preempted_cell(cluster, tmp_path):
     # the reference: the same config run locally
     local_cfg = demo_config(tmp_path / "local")
-    p = subprocess.run(snakemake_cmd("--cores", 2, "--configfile", local_cfg), cwd=tmp_path / "local", env=env(),
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        snakemake_cmd("--cores", 2, "--configfile", local_cfg),
+        cwd=tmp_path / "local",
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     local_jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", p.stdout + p.stderr, re.M)}
     local_jobs.pop("all"), local_jobs.pop("total")
@@ -137,14 +152,23 @@ def test_demo_through_slurm_equals_a_local_run_and_resumes_a_preempted_cell(clus
     sig, scancel_opts = profile_signal()
     log_path = base / "snakemake.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(snakemake_cmd(*slurm_args(cfg)), cwd=base, env=env(), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            snakemake_cmd(*slurm_args(cfg)),
+            cwd=base,
+            env=env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         # once the CBN cell trains inside its SLURM job, send what the time limit would send
         train_log = base / "results" / "logs" / "train" / "digits-lt" / "r10" / PREEMPTED / "resnet8" / "s0.log"
         wait_for_line(train_log, f"epoch 2/{EPOCHS} ", proc, timeout=240)
-        running = [jid for jid, state, comment in sq("%i", "%T", "%k")
-                   if state == "RUNNING" and comment.endswith(f"_{PREEMPTED}_resnet8_0")]
+        running = [
+            jid
+            for jid, state, comment in sq("%i", "%T", "%k")
+            if state == "RUNNING" and comment.endswith(f"_{PREEMPTED}_resnet8_0")
+        ]
         assert len(running) == 1, sq("%i", "%T", "%k")
         subprocess.run(["scancel", f"--signal={sig}", *scancel_opts, running[0]], check=True)
         rc = proc.wait(timeout=420)
@@ -191,10 +215,19 @@ def test_demo_through_slurm_equals_a_local_run_and_resumes_a_preempted_cell(clus
 @needs_cluster
 def test_a_diverging_cell_fails_in_slurm_is_reported_and_never_aggregated(cluster, tmp_path):
     base = tmp_path / "diverge"
-    cfg = demo_config(base, methods=["ce-diverge"],
-                      extra_methods={"ce-diverge": {"extends": "ce", "train": {"lr": 1.0e6, "warmup_epochs": 0}}})
-    p = subprocess.run(snakemake_cmd(*slurm_args(cfg), "--retries", 1), cwd=base, env=env(), capture_output=True,
-                       text=True, timeout=300)  # a failed job must not be waited on forever
+    cfg = demo_config(
+        base,
+        methods=["ce-diverge"],
+        extra_methods={"ce-diverge": {"extends": "ce", "train": {"lr": 1.0e6, "warmup_epochs": 0}}},
+    )
+    p = subprocess.run(
+        snakemake_cmd(*slurm_args(cfg), "--retries", 1),
+        cwd=base,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # a failed job must not be waited on forever
     out = p.stdout + p.stderr
     assert p.returncode != 0, out[-3000:]
     jobs = submissions(out)
@@ -218,6 +251,7 @@ def test_a_diverging_cell_fails_in_slurm_is_reported_and_never_aggregated(cluste
 
 # ---- the profile itself (no cluster needed) ----
 
+
 def test_profile_requests_and_fault_tolerance_settings():
     prof = yaml.safe_load((PROFILE / "config.yaml").read_text())
     assert prof["executor"] == "slurm" and prof["use-conda"] is True
@@ -239,13 +273,23 @@ def test_train_jobs_get_resources_per_dataset_and_backbone(tmp_path):
     """What each job would ask SLURM for (a dry run with the profile; sbatch is not called)."""
     cfg = yaml.safe_load(demo_config(tmp_path).read_text())
     cfg["experiments"]["demo"]["backbones"] = ["resnet8", "resnet20"]
-    cfg["resources"] = {"default": {"runtime": 7, "mem_mb": 1500},
-                        "train": {"gpu": 1, "runtime": 30},
-                        "cells": [{"backbones": ["resnet20"], "runtime": 90, "mem_mb": 6000, "gpu_model": "a100"},
-                                  {"datasets": ["digits-lt"], "backbones": ["resnet20"], "gpu": 2}]}
+    cfg["resources"] = {
+        "default": {"runtime": 7, "mem_mb": 1500},
+        "train": {"gpu": 1, "runtime": 30},
+        "cells": [
+            {"backbones": ["resnet20"], "runtime": 90, "mem_mb": 6000, "gpu_model": "a100"},
+            {"datasets": ["digits-lt"], "backbones": ["resnet20"], "gpu": 2},
+        ],
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    p = subprocess.run(snakemake_cmd("-n", *slurm_args(tmp_path / "config.yaml")), cwd=tmp_path, env=env(),
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        snakemake_cmd("-n", *slurm_args(tmp_path / "config.yaml")),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     jobs = {}
     for block in re.split(r"\n(?=rule \w+:)", p.stdout):
@@ -270,6 +314,12 @@ def test_unknown_names_in_resource_cells_are_config_errors(tmp_path):
     cfg = yaml.safe_load(demo_config(tmp_path).read_text())
     cfg["resources"] = {"cells": [{"backbones": ["resnet9000"], "runtime": 5}]}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
-    p = subprocess.run(snakemake_cmd("-n", "--cores", 1, "--configfile", tmp_path / "bad.yaml"), cwd=tmp_path,
-                       env=env(), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        snakemake_cmd("-n", "--cores", 1, "--configfile", tmp_path / "bad.yaml"),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0 and "resources.cells[0].backbones[0]: unknown backbone 'resnet9000'" in p.stdout + p.stderr

@@ -1,5 +1,6 @@
 """One training step (ltbench.training.step): the views × paths it computes and its loss, the one
 definition the trainer, `ltbench bench` and `ltbench plan` share."""
+
 import pytest
 import torch
 
@@ -12,7 +13,11 @@ def test_step_logits_and_passes():
     assert methods.step_logits(methods.recipe("ce")) == ["compound/weak"]
     assert methods.step_logits(methods.recipe("baseline+cbn+sbn")) == ["compound/strong", "split/strong"]
     assert methods.step_logits(methods.recipe("baseline+cbn+sbn+dpl")) == [
-        "compound/weak", "compound/strong", "split/weak", "split/strong"]  # DPL: every pair for Eq. 19
+        "compound/weak",
+        "compound/strong",
+        "split/weak",
+        "split/strong",
+    ]  # DPL: every pair for Eq. 19
     assert [methods.passes(methods.recipe(m)) for m in ("ce", "baseline+cbn+sbn", "baseline+cbn+sbn+dpl")] == [1, 2, 4]
 
 
@@ -39,8 +44,10 @@ def test_step_loss_is_the_mean_classification_loss_plus_the_weighted_consistency
 
 def test_consistency_loss_stops_gradients_at_the_weak_view():
     torch.manual_seed(0)
-    z = {k: torch.randn(6, 4, requires_grad=True) for k in
-         ("compound/weak", "compound/strong", "split/weak", "split/strong")}
+    z = {
+        k: torch.randn(6, 4, requires_grad=True)
+        for k in ("compound/weak", "compound/strong", "split/weak", "split/strong")
+    }
     loss = step.consistency_loss(z, "cross")
     loss.backward()
     assert z["compound/weak"].grad is None or not z["compound/weak"].grad.any()
@@ -48,5 +55,7 @@ def test_consistency_loss_stops_gradients_at_the_weak_view():
     assert z["compound/strong"].grad.abs().sum() > 0 and z["split/strong"].grad.abs().sum() > 0
     # closed form: −½[cos(c_s, s_w) + cos(s_s, c_w)]
     cos = torch.nn.functional.cosine_similarity
-    expect = -0.5 * (cos(z["compound/strong"], z["split/weak"]).mean() + cos(z["split/strong"], z["compound/weak"]).mean())
+    expect = -0.5 * (
+        cos(z["compound/strong"], z["split/weak"]).mean() + cos(z["split/strong"], z["compound/weak"]).mean()
+    )
     assert loss.item() == pytest.approx(expect.item())

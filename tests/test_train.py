@@ -21,9 +21,15 @@ def prepared(tmp_path_factory):
 
 
 def spec(method="ce", recipe=None, **train_overrides):
-    c = config.validate({"train": {**FAST, **train_overrides}, "methods": {method: recipe} if recipe else {},
-                         "experiments": {"e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method],
-                                               "backbones": ["resnet8"]}}})
+    c = config.validate(
+        {
+            "train": {**FAST, **train_overrides},
+            "methods": {method: recipe} if recipe else {},
+            "experiments": {
+                "e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method], "backbones": ["resnet8"]}
+            },
+        }
+    )
     return config.cell_spec(c, "digits-lt", method, "resnet8")
 
 
@@ -32,8 +38,20 @@ def test_digits_lt_beats_chance_and_writes_metrics(prepared, tmp_path):
     assert m["top1"] > 50.0  # chance is 10%
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["top1"] == m["top1"]
-    for key in ("many", "medium", "few", "per_class_acc", "train_counts", "seeds", "spec", "code",
-                "environment", "device", "wall_time_s", "images_per_s"):
+    for key in (
+        "many",
+        "medium",
+        "few",
+        "per_class_acc",
+        "train_counts",
+        "seeds",
+        "spec",
+        "code",
+        "environment",
+        "device",
+        "wall_time_s",
+        "images_per_s",
+    ):
         assert key in on_disk, key
     assert on_disk["seeds"] == {"train": 0, "subset": 0}
     assert on_disk["train_counts"] == data.counts_for("digits-lt", 10)
@@ -42,7 +60,11 @@ def test_digits_lt_beats_chance_and_writes_metrics(prepared, tmp_path):
     assert abs(sum(on_disk["per_class_acc"]) / 10 - on_disk["top1"]) < 1e-9
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
     assert len(lines) == FAST["epochs"] and json.loads(lines[-1])["top1"] == m["top1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model.pt", "train.jsonl"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "metrics.json",
+        "model.pt",
+        "train.jsonl",
+    ]  # no temp files left
 
 
 def test_same_cell_twice_is_identical_on_cpu(prepared, tmp_path):
@@ -63,8 +85,25 @@ def test_divergence_is_a_clear_error_and_writes_nothing(prepared, tmp_path):
 
 
 def test_train_command(prepared, tmp_path, cli):
-    p = cli("train", "--dataset", "digits-lt", "--ratio", 10, "--backbone", "resnet8", "--epochs", 2,
-            "--batch-size", 64, "--data", prepared, "--out", tmp_path / "cell", "--seed", 3)
+    p = cli(
+        "train",
+        "--dataset",
+        "digits-lt",
+        "--ratio",
+        10,
+        "--backbone",
+        "resnet8",
+        "--epochs",
+        2,
+        "--batch-size",
+        64,
+        "--data",
+        prepared,
+        "--out",
+        tmp_path / "cell",
+        "--seed",
+        3,
+    )
     out = json.loads(p.stdout)
     assert set(out) >= {"top1", "many", "medium", "few"}
     assert "epoch 2/2" in p.stderr  # progress lines when not on a terminal
@@ -73,12 +112,14 @@ def test_train_command(prepared, tmp_path, cli):
     # `python -m ltbench` ran with glibc's malloc keeping freed memory (ltbench/malloc.py), and says so
     if malloc.tuned_environ({}) is not None:
         assert malloc.TUNABLES in m["environment"]["glibc_tunables"]
-    bad = cli("train", "--dataset", "digits-lt", "--ratio", 10, "--method", "nope", "--out", tmp_path / "x",
-              check=False)
+    bad = cli(
+        "train", "--dataset", "digits-lt", "--ratio", 10, "--method", "nope", "--out", tmp_path / "x", check=False
+    )
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
 
 
 # ---- methods through the training loop ----
+
 
 @pytest.mark.parametrize("method", methods.available())
 def test_every_builtin_method_trains_and_records_its_recipe(prepared, tmp_path, method):
@@ -90,7 +131,14 @@ def test_every_builtin_method_trains_and_records_its_recipe(prepared, tmp_path, 
     if methods.recipe(method)["strong_view"]["cutout"]:  # Cutout's 16-px hole covers a whole 8 × 8 digit
         only = {**(only or {}), "strong_view": {**methods.recipe(method)["strong_view"], "cutout": False}}
     s = spec(method, only, checkpoint_every=0)
-    m = train.run(s, 10, 0, prepared, tmp_path, overrides={"epochs": epochs, "warmup_epochs": 1, "lr": 0.05, "batch_size": min(64, s["train"]["batch_size"])})
+    m = train.run(
+        s,
+        10,
+        0,
+        prepared,
+        tmp_path,
+        overrides={"epochs": epochs, "warmup_epochs": 1, "lr": 0.05, "batch_size": min(64, s["train"]["batch_size"])},
+    )
     assert m["top1"] > 20.0, m["top1"]  # chance is 10%
     r = m["spec"]["recipe"]
     assert r == {**methods.recipe(method), **(only or {})}  # every resolved knob, norm and loss defaults included
@@ -106,8 +154,12 @@ def test_every_builtin_method_trains_and_records_its_recipe(prepared, tmp_path, 
         assert any(k.endswith("running_prior") for k in state)
     # which code ran CBN's per-pixel path (C kernels or torch; none without such layers)
     o = r["norm"]["options"]
-    per_pixel = r["norm"]["name"] == "cbn" and o.get("num_components", 4) > 1 and o.get("em", True) and \
-        o.get("responsibilities", "pixel") == "pixel"
+    per_pixel = (
+        r["norm"]["name"] == "cbn"
+        and o.get("num_components", 4) > 1
+        and o.get("em", True)
+        and o.get("responsibilities", "pixel") == "pixel"
+    )
     assert m["environment"]["cbn_kernel"] == (cbn_cpu.describe() if per_pixel else None)
 
 
@@ -137,8 +189,11 @@ def test_classifier_stage_backbone_mode(prepared, tmp_path):
     backbone = [k for k in ce if not k.startswith("fc.")]
     stats = [k for k in backbone if k.endswith(("running_mean", "running_var"))]
     assert all(torch.equal(ce[k], got["eval"][f"backbone.{k}"]) for k in backbone)
-    assert all(torch.equal(ce[k], got["train"][f"backbone.{k}"]) for k in backbone if k not in stats
-               and not k.endswith("num_batches_tracked"))
+    assert all(
+        torch.equal(ce[k], got["train"][f"backbone.{k}"])
+        for k in backbone
+        if k not in stats and not k.endswith("num_batches_tracked")
+    )
     assert all(not torch.equal(ce[k], got["train"][f"backbone.{k}"]) for k in stats)
 
 
@@ -149,6 +204,7 @@ def _cell(s, prepared, out):
 
 class _SignalAfter(train._Signals):
     """Pretends SIGUSR1 arrived after ``n`` training steps."""
+
     n = 7
 
     def __enter__(self):
@@ -187,6 +243,11 @@ def test_preempted_run_resumes_bit_identically(prepared, tmp_path, monkeypatch, 
 
 @pytest.mark.slow
 def test_balanced_softmax_improves_few_shot_accuracy_over_cross_entropy(prepared, tmp_path):
-    few = {m: [train.run(spec(m, epochs=20, checkpoint_every=0), 10, s, prepared, tmp_path / f"{m}{s}")["few"]
-               for s in (0, 1, 2)] for m in ("ce", "balanced-softmax")}
+    few = {
+        m: [
+            train.run(spec(m, epochs=20, checkpoint_every=0), 10, s, prepared, tmp_path / f"{m}{s}")["few"]
+            for s in (0, 1, 2)
+        ]
+        for m in ("ce", "balanced-softmax")
+    }
     assert sum(few["balanced-softmax"]) / 3 > sum(few["ce"]) / 3 + 2.0, few

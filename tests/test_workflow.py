@@ -1,4 +1,5 @@
 """The Snakemake DAG: the paper grid dry-runs without data; the demo runs end to end."""
+
 import itertools
 import json
 import os
@@ -17,8 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def snakemake(*args, cwd, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def job_counts(stdout: str) -> dict:
@@ -65,8 +72,9 @@ def test_bad_config_fails_at_dag_build_naming_the_key(tmp_path):
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    cfg.update(results_dir=str(tmp_path / "results"), reports_dir=str(tmp_path / "reports"),
-               data_dir=str(tmp_path / "data"))
+    cfg.update(
+        results_dir=str(tmp_path / "results"), reports_dir=str(tmp_path / "reports"), data_dir=str(tmp_path / "data")
+    )
     cfg["train"]["epochs"] = 4
     cfg["experiments"] = {"demo": cfg["experiments"]["demo"]}  # the other experiments: `make demo`
     cfg["experiments"]["demo"]["seeds"] = [0, 1]
@@ -108,8 +116,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
 def test_lint_is_clean(tmp_path):
     p = snakemake("--lint", "--configfile", ROOT / "config" / "demo.yaml", cwd=tmp_path, timeout=120)
-    assert p.returncode == 0 and "Congratulations, your workflow is in a good condition" in p.stdout + p.stderr, \
+    assert p.returncode == 0 and "Congratulations, your workflow is in a good condition" in p.stdout + p.stderr, (
         p.stdout + p.stderr
+    )
 
 
 def test_shell_metacharacters_in_a_path_are_refused_at_dag_build(tmp_path):
@@ -130,14 +139,33 @@ def test_paths_with_spaces_work_quoted(tmp_path):
     for d in ("workflow", "ltbench", "config", "envs"):
         (repo / d).symlink_to(ROOT / d)
     cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    cfg.update(results_dir=str(tmp_path / "res dir"), reports_dir=str(tmp_path / "rep dir"),
-               data_dir=str(tmp_path / "data dir"))
+    cfg.update(
+        results_dir=str(tmp_path / "res dir"),
+        reports_dir=str(tmp_path / "rep dir"),
+        data_dir=str(tmp_path / "data dir"),
+    )
     (tmp_path / "sp.yaml").write_text(yaml.safe_dump(cfg))
     target = tmp_path / "res dir" / "data" / "digits-lt_r10_s0.npz"
     env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}  # ltbench only via the rule's prefix
-    p = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), str(target),
-                        "--cores", "1", "--configfile", str(tmp_path / "sp.yaml")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo / "Snakefile"),
+            str(target),
+            "--cores",
+            "1",
+            "--configfile",
+            str(tmp_path / "sp.yaml"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert target.is_file() and (tmp_path / "res dir" / "logs" / "prepare" / "digits-lt_r10_s0.log").is_file()
     p = snakemake("-n", "-p", "--cores", 1, "--configfile", tmp_path / "sp.yaml", cwd=tmp_path)

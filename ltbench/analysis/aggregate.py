@@ -35,6 +35,7 @@ A ``metrics.json`` carries ``schema_version`` (:data:`SCHEMA_VERSION`, written b
 null / NaN / out-of-range accuracy or per-class lists of the wrong length is never aggregated: its
 cell is listed as failed with the reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -114,8 +115,9 @@ def check_metrics(m) -> str | None:
         return "not a JSON object"
     version = m.get("schema_version")
     if version != SCHEMA_VERSION:
-        return (f"schema_version is {version!r}; this ltbench reads version {SCHEMA_VERSION}"
-                + (" (written by an older ltbench or another program?)" if version is None else ""))
+        return f"schema_version is {version!r}; this ltbench reads version {SCHEMA_VERSION}" + (
+            " (written by an older ltbench or another program?)" if version is None else ""
+        )
     if m.get("failure"):  # a finished run that failed a check (a collapse: train.collapse_share)
         return str(m["failure"])
     for key in ("cell", *METRICS, "per_class_acc", "train_counts"):
@@ -156,14 +158,27 @@ def _flat(v):
 
 def _run_base(m: Mapping) -> dict:
     c, code = m["cell"], m.get("code", {})
-    base = {"dataset": c["dataset"], "ratio": format_ratio(c["ratio"]), "method": c["method"],
-            "protocol": m.get("spec", {}).get("recipe", {}).get("protocol", "controlled"), "backbone": c["backbone"], "seed": c["seed"], "subset_seed": m.get("seeds", {}).get("subset"),
-            "spec_hash": m.get("spec_hash"), "git_commit": code.get("git_commit"),
-            "git_dirty": code.get("git_dirty"), "ltbench_version": code.get("ltbench"),
-            "device": m.get("device"), "wall_time_s": m.get("wall_time_s"),
-            "train_time_s": m.get("train_time_s"), "images_per_s": m.get("images_per_s"),
-            "n_train": int(sum(m["train_counts"])), "reported_epoch": m.get("reported_epoch"),
-            "finished_at": m.get("finished_at"), "run_dir": str(Path(m["_path"]).parent)}
+    base = {
+        "dataset": c["dataset"],
+        "ratio": format_ratio(c["ratio"]),
+        "method": c["method"],
+        "protocol": m.get("spec", {}).get("recipe", {}).get("protocol", "controlled"),
+        "backbone": c["backbone"],
+        "seed": c["seed"],
+        "subset_seed": m.get("seeds", {}).get("subset"),
+        "spec_hash": m.get("spec_hash"),
+        "git_commit": code.get("git_commit"),
+        "git_dirty": code.get("git_dirty"),
+        "ltbench_version": code.get("ltbench"),
+        "device": m.get("device"),
+        "wall_time_s": m.get("wall_time_s"),
+        "train_time_s": m.get("train_time_s"),
+        "images_per_s": m.get("images_per_s"),
+        "n_train": int(sum(m["train_counts"])),
+        "reported_epoch": m.get("reported_epoch"),
+        "finished_at": m.get("finished_at"),
+        "run_dir": str(Path(m["_path"]).parent),
+    }
     base.update({f"env.{k}": v for k, v in sorted(m.get("environment", {}).items())})
     return base
 
@@ -183,17 +198,29 @@ def tables(metrics: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     for m in metrics:
         base = {**_run_base(m), **diag_columns(m)}
         spec = m.get("spec", {})
-        knobs = {k: _flat(v) for k, v in iter_knobs({"recipe": spec.get("recipe", {}), "train": spec.get("train", {}),
-                                                     "dataset_options": spec.get("dataset_options", {})})}
+        knobs = {
+            k: _flat(v)
+            for k, v in iter_knobs(
+                {
+                    "recipe": spec.get("recipe", {}),
+                    "train": spec.get("train", {}),
+                    "dataset_options": spec.get("dataset_options", {}),
+                }
+            )
+        }
         runs += [{**base, "metric": metric, "value": m[metric], **knobs} for metric in METRICS]
         groups = m.get("class_groups") or [""] * len(m["train_counts"])
         for k, (acc, n, g) in enumerate(zip(m["per_class_acc"], m["train_counts"], groups, strict=True)):
-            per_class.append({**{k2: base[k2] for k2 in (*KEYS, "seed")}, "class": k, "train_count": n,
-                              "group": g, "acc": acc})
+            per_class.append(
+                {**{k2: base[k2] for k2 in (*KEYS, "seed")}, "class": k, "train_count": n, "group": g, "acc": acc}
+            )
     # with no finished run yet, the tables still have their key columns (a readable, empty CSV)
     runs_df = pd.DataFrame(runs) if runs else pd.DataFrame(columns=[*KEYS, "seed", "metric", "value"])
-    per_class_df = (pd.DataFrame(per_class) if per_class
-                    else pd.DataFrame(columns=[*KEYS, "seed", "class", "train_count", "group", "acc"]))
+    per_class_df = (
+        pd.DataFrame(per_class)
+        if per_class
+        else pd.DataFrame(columns=[*KEYS, "seed", "class", "train_count", "group", "acc"])
+    )
     if not runs_df.empty:
         dup = runs_df[runs_df.duplicated([*KEYS, "seed", "metric"], keep=False)]
         if len(dup):
@@ -212,8 +239,11 @@ def summary_table(runs: pd.DataFrame, cfg: Mapping | None = None) -> pd.DataFram
         s = compare.summarize_any(r[compare.RUN_COLUMNS] if not r.empty else r)
         s.insert(0, "experiment", name)
         frames.append(s)
-    out = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) \
+    out = (
+        pd.concat([f for f in frames if not f.empty], ignore_index=True)
+        if any(not f.empty for f in frames)
         else pd.DataFrame(columns=["experiment", *compare.SUMMARY_COLUMNS])
+    )
     out["ratio"] = out["ratio"].map(format_ratio)
     out["seeds"] = out["seeds"].map(lambda v: " ".join(map(str, v)))
     return out[["experiment", *KEYS, "metric", "mean", "std", "n", "ci_low", "ci_high", "ci_level", "seeds"]]
@@ -253,8 +283,11 @@ def _invalid_row(bad: Mapping, key: tuple | None, experiments: str = "") -> dict
 def _finished_keys(runs: pd.DataFrame) -> list[tuple]:
     if runs.empty:
         return []
-    return list(dict.fromkeys(_key(*k) for k in zip(runs["dataset"], runs["ratio"], runs["method"],
-                                                     runs["backbone"], runs["seed"])))
+    return list(
+        dict.fromkeys(
+            _key(*k) for k in zip(runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"])
+        )
+    )
 
 
 def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = ()) -> pd.DataFrame:
@@ -278,13 +311,24 @@ def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = (
             rows.append(_invalid_row(bad, key, exps))
         else:
             failed = log.exists()
-            rows.append(dict(zip([*KEYS, "seed"], key), experiments=exps, status="failed" if failed else "not run",
-                             detail=_log_detail(log) if failed else "", log=str(log) if failed else ""))
+            rows.append(
+                dict(
+                    zip([*KEYS, "seed"], key),
+                    experiments=exps,
+                    status="failed" if failed else "not run",
+                    detail=_log_detail(log) if failed else "",
+                    log=str(log) if failed else "",
+                )
+            )
     if cfg is None:
-        rows += [dict(zip([*KEYS, "seed"], k), experiments="", status="finished", detail="", log="")
-                 for k in sorted(done)]
-    rows += [_invalid_row(b, _key(*(b["cell"][k] for k in (*KEYS, "seed"))) if b["cell"] else None)
-             for b in invalid if b["path"] not in used]
+        rows += [
+            dict(zip([*KEYS, "seed"], k), experiments="", status="finished", detail="", log="") for k in sorted(done)
+        ]
+    rows += [
+        _invalid_row(b, _key(*(b["cell"][k] for k in (*KEYS, "seed"))) if b["cell"] else None)
+        for b in invalid
+        if b["path"] not in used
+    ]
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
@@ -333,15 +377,26 @@ def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: 
         raise ValueError("no metrics.json files given (pass them, or --existing with the config)")
     good, invalid = load_metrics(paths)
     for b in invalid:
-        print(f"ltbench aggregate: {b['path']}: not aggregated, listed as a failed cell: {b['reason']}",
-              file=sys.stderr)
+        print(
+            f"ltbench aggregate: {b['path']}: not aggregated, listed as a failed cell: {b['reason']}", file=sys.stderr
+        )
     runs, per_class = tables(good)
     if cfg is not None and not runs.empty:
         member = membership(cfg)
-        runs.insert(5, "experiments", [" ".join(member.get(k, [])) for k in zip(
-            runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"].astype(int))])
-    out = {"runs.csv": runs, "per_class.csv": per_class, "summary.csv": summary_table(runs, cfg),
-           "cells.csv": cell_status(cfg, runs, invalid)}
+        runs.insert(
+            5,
+            "experiments",
+            [
+                " ".join(member.get(k, []))
+                for k in zip(runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"].astype(int))
+            ],
+        )
+    out = {
+        "runs.csv": runs,
+        "per_class.csv": per_class,
+        "summary.csv": summary_table(runs, cfg),
+        "cells.csv": cell_status(cfg, runs, invalid),
+    }
     if cfg is not None:
         out["comparison.csv"], out["gains.csv"] = comparisons(runs, cfg)
     for name, df in out.items():

@@ -28,6 +28,7 @@ An inconclusive cell also gets the seeds that would decide it at 80 % power
 else the one-sample t-test against the paper's value). Quoted entries that we did run are judged like
 any other.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,9 @@ def _check_runs(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs[RUN_COLUMNS].astype({"ratio": "float64", "value": "float64"})
     bad = runs[runs["value"].isna()]
     if len(bad):
-        raise ValueError("runs contain NaN values (failed runs?); drop or fix them first:\n"
-                         + bad.head(10).to_string(index=False))
+        raise ValueError(
+            "runs contain NaN values (failed runs?); drop or fix them first:\n" + bad.head(10).to_string(index=False)
+        )
     dup = runs[runs.duplicated(CELL_KEYS + ["seed"], keep=False)]
     if len(dup):
         raise ValueError("runs contain more than one value per cell and seed:\n" + dup.head(10).to_string(index=False))
@@ -109,12 +111,27 @@ def equivalence(d: float, se: float, df: float, margin: float, alpha: float = AL
 
 
 def _no_decision(verdict: str) -> dict:
-    return {"verdict": verdict, "tost_low": math.nan, "tost_high": math.nan, "tost_p": math.nan,
-            "seeds_needed": None, "seeds_test": ""}
+    return {
+        "verdict": verdict,
+        "tost_low": math.nan,
+        "tost_high": math.nan,
+        "tost_p": math.nan,
+        "seeds_needed": None,
+        "seeds_test": "",
+    }
 
 
-def judge(paper_value: float, mean: float, std: float, n: int, ci_low: float = math.nan,
-          ci_high: float = math.nan, quoted: bool = False, margin: float = MARGIN, alpha: float = ALPHA) -> dict:
+def judge(
+    paper_value: float,
+    mean: float,
+    std: float,
+    n: int,
+    ci_low: float = math.nan,
+    ci_high: float = math.nan,
+    quoted: bool = False,
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
+) -> dict:
     """Verdict of one cell (the rule is in this module's docstring) with its numbers: ``verdict``,
     ``tost_low`` / ``tost_high`` (the 90 % interval of Δ), ``tost_p``, and for an inconclusive cell
     ``seeds_needed`` (None when more than :data:`power.MAX_SEEDS`) and ``seeds_test``."""
@@ -139,14 +156,23 @@ def judge(paper_value: float, mean: float, std: float, n: int, ci_low: float = m
     return out
 
 
-def verdict(paper_value: float, mean: float, std: float, n: int, ci_low: float = math.nan,
-            ci_high: float = math.nan, quoted: bool = False, margin: float = MARGIN) -> str:
+def verdict(
+    paper_value: float,
+    mean: float,
+    std: float,
+    n: int,
+    ci_low: float = math.nan,
+    ci_high: float = math.nan,
+    quoted: bool = False,
+    margin: float = MARGIN,
+) -> str:
     """The verdict alone (see :func:`judge`)."""
     return judge(paper_value, mean, std, n, ci_low, ci_high, quoted, margin)["verdict"]
 
 
-def compare(summary: pd.DataFrame, reference_df: pd.DataFrame, margin: float = MARGIN,
-            alpha: float = ALPHA) -> pd.DataFrame:
+def compare(
+    summary: pd.DataFrame, reference_df: pd.DataFrame, margin: float = MARGIN, alpha: float = ALPHA
+) -> pd.DataFrame:
     """One row per reference entry: our statistics next to the paper's value, Δ and a verdict.
 
     ``summary`` is the output of :func:`summarize`; ``reference_df`` the output of
@@ -170,15 +196,26 @@ def compare(summary: pd.DataFrame, reference_df: pd.DataFrame, margin: float = M
     out["n"] = out["n"].fillna(0).astype("int64")
     out["delta"] = out["mean"] - out["paper_value"]
     out["margin"] = float(margin)
-    judged = pd.DataFrame([judge(r.paper_value, r.mean, r.std, r.n, r.ci_low, r.ci_high, bool(r.quoted), margin,
-                                 alpha) for r in out.itertuples(index=False)],
-                          columns=list(_no_decision("")), index=out.index)
+    judged = pd.DataFrame(
+        [
+            judge(r.paper_value, r.mean, r.std, r.n, r.ci_low, r.ci_high, bool(r.quoted), margin, alpha)
+            for r in out.itertuples(index=False)
+        ],
+        columns=list(_no_decision("")),
+        index=out.index,
+    )
     judged["seeds_needed"] = judged["seeds_needed"].astype("Int64")
     return pd.concat([out, judged], axis=1)
 
 
-def decision_line(df: pd.DataFrame, undecided: str = "inconclusive", verdict_col: str = "verdict",
-                  judged: tuple = JUDGED, n_cols: tuple = ("n",), noun: str = "cells") -> str:
+def decision_line(
+    df: pd.DataFrame,
+    undecided: str = "inconclusive",
+    verdict_col: str = "verdict",
+    judged: tuple = JUDGED,
+    n_cols: tuple = ("n",),
+    noun: str = "cells",
+) -> str:
     """One sentence on how many rows are undecided and how many more seeds would decide them, e.g.
     "12 of 18 cells inconclusive; 3 more seeds would decide 6 of them, 25 more all 12".
 
@@ -211,6 +248,7 @@ def decision_line(df: pd.DataFrame, undecided: str = "inconclusive", verdict_col
 # An experiment (a named entry of the config's ``experiments``) is a grid: datasets × ratios × methods ×
 # backbones × seeds, optionally naming the paper table it reproduces (``reference: {paper, table}``).
 # The functions below restrict runs and reference entries to one experiment and judge them.
+
 
 def margin_of(exp: Mapping, cfg: Mapping | None = None) -> float:
     """The experiment's equivalence margin: its own ``margin``, else the config's, else :data:`MARGIN`."""
@@ -254,19 +292,28 @@ def entries_in_scope(ref: pd.DataFrame | None, exp: Mapping) -> pd.DataFrame:
     """Reference entries whose dataset, ratio and backbone are among the experiment's (any method)."""
     if ref is None or ref.empty:
         return pd.DataFrame(columns=list(ref.columns) if ref is not None else ["table", *CELL_KEYS, "value"])
-    m = (ref["dataset"].isin(exp["datasets"]) & ref["ratio"].astype(float).isin(_ratios(exp))
-         & ref["backbone"].isin(exp["backbones"]))
+    m = (
+        ref["dataset"].isin(exp["datasets"])
+        & ref["ratio"].astype(float).isin(_ratios(exp))
+        & ref["backbone"].isin(exp["backbones"])
+    )
     return ref[m].reset_index(drop=True)
 
 
 def experiment_runs(runs: pd.DataFrame, exp: Mapping) -> pd.DataFrame:
     """The runs (columns :data:`RUN_COLUMNS`) of the experiment's cells and seeds, values not NaN."""
     if runs.empty:
-        return pd.DataFrame({c: pd.Series(dtype="float64" if c in ("ratio", "value") else "object")
-                             for c in RUN_COLUMNS})
+        return pd.DataFrame(
+            {c: pd.Series(dtype="float64" if c in ("ratio", "value") else "object") for c in RUN_COLUMNS}
+        )
     r = runs.astype({"ratio": "float64"})
-    m = (r["dataset"].isin(exp["datasets"]) & r["ratio"].isin(_ratios(exp)) & r["method"].isin(exp["methods"])
-         & r["backbone"].isin(exp["backbones"]) & r["seed"].astype(int).isin([int(s) for s in exp["seeds"]]))
+    m = (
+        r["dataset"].isin(exp["datasets"])
+        & r["ratio"].isin(_ratios(exp))
+        & r["method"].isin(exp["methods"])
+        & r["backbone"].isin(exp["backbones"])
+        & r["seed"].astype(int).isin([int(s) for s in exp["seeds"]])
+    )
     return _check_runs(r[m].dropna(subset=["value"]))
 
 
@@ -277,12 +324,28 @@ def summarize_any(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     return summarize(runs, level)
 
 
-COMPARISON_STATS = ["paper_value", "mean", "std", "n", "ci_low", "ci_high", "seeds", "delta", "margin", "tost_low",
-                    "tost_high", "tost_p", "verdict", "seeds_needed", "seeds_test"]
+COMPARISON_STATS = [
+    "paper_value",
+    "mean",
+    "std",
+    "n",
+    "ci_low",
+    "ci_high",
+    "seeds",
+    "delta",
+    "margin",
+    "tost_low",
+    "tost_high",
+    "tost_p",
+    "verdict",
+    "seeds_needed",
+    "seeds_test",
+]
 
 
-def compare_experiment(runs: pd.DataFrame, name: str, exp: Mapping, margin: float = MARGIN,
-                       level: float = 0.95) -> pd.DataFrame:
+def compare_experiment(
+    runs: pd.DataFrame, name: str, exp: Mapping, margin: float = MARGIN, level: float = 0.95
+) -> pd.DataFrame:
     """:func:`compare` for the reference entries in the experiment's scope (see :func:`entries_in_scope`),
     with our statistics over the experiment's seeds; column ``experiment`` first. Empty without reference."""
     scope = entries_in_scope(reference_table(exp), exp)

@@ -20,6 +20,7 @@ Verdicts (``gain_verdict``): ``supported`` (the paper's sign, Holm-adjusted p < 
 (the opposite sign, adjusted p < α), ``no gain`` (not significant and equivalent within ± margin),
 ``not significant`` (neither), ``untested`` (no test: fewer than two seeds on a side, or no variance).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,18 +37,57 @@ from ltbench.analysis.reference import entries, load
 ALPHA = power.ALPHA
 CI_LEVEL = 0.95  # the Welch interval of a gain (welch_ci_low / welch_ci_high)
 GAIN_VERDICTS = ("supported", "no gain", "not significant", "contradicted", "untested")
-GAIN_COLUMNS = ["claim", "table", "description", "dataset", "ratio", "backbone", "metric", "method", "over",
-                "n_method", "n_over", "mean_method", "mean_over", "sd_method", "sd_over", "sd_diff", "gain",
-                "paper_gain", "welch_t", "welch_p", "welch_ci_low", "welch_ci_high", "paired_t", "paired_p", "explanation"]
-JUDGED_COLUMNS = ["expected_sign", "test", "p_value", "p_holm", "margin", "equiv_low", "equiv_high", "equiv_p",
-                  "gain_verdict", "seeds_needed", "seeds_test"]
+GAIN_COLUMNS = [
+    "claim",
+    "table",
+    "description",
+    "dataset",
+    "ratio",
+    "backbone",
+    "metric",
+    "method",
+    "over",
+    "n_method",
+    "n_over",
+    "mean_method",
+    "mean_over",
+    "sd_method",
+    "sd_over",
+    "sd_diff",
+    "gain",
+    "paper_gain",
+    "welch_t",
+    "welch_p",
+    "welch_ci_low",
+    "welch_ci_high",
+    "paired_t",
+    "paired_p",
+    "explanation",
+]
+JUDGED_COLUMNS = [
+    "expected_sign",
+    "test",
+    "p_value",
+    "p_holm",
+    "margin",
+    "equiv_low",
+    "equiv_high",
+    "equiv_p",
+    "gain_verdict",
+    "seeds_needed",
+    "seeds_test",
+]
 EXPERIMENT_COLUMNS = ["experiment", "kind", *GAIN_COLUMNS, *JUDGED_COLUMNS]
 
 
 def _cell_values(runs: pd.DataFrame, cell: Mapping, method: str) -> pd.Series:
-    sel = runs[(runs["dataset"] == cell["dataset"]) & (runs["ratio"] == cell["ratio"])
-               & (runs["method"] == method) & (runs["backbone"] == cell["backbone"])
-               & (runs["metric"] == cell["metric"])]
+    sel = runs[
+        (runs["dataset"] == cell["dataset"])
+        & (runs["ratio"] == cell["ratio"])
+        & (runs["method"] == method)
+        & (runs["backbone"] == cell["backbone"])
+        & (runs["metric"] == cell["metric"])
+    ]
     return sel.set_index("seed")["value"].sort_index()
 
 
@@ -55,23 +95,40 @@ def _paper_value(reference_df: pd.DataFrame | None, table, cell: Mapping, method
     if reference_df is None:
         return math.nan
     r = reference_df
-    sel = ((r["dataset"] == cell["dataset"]) & (r["ratio"] == cell["ratio"]) & (r["method"] == method)
-           & (r["backbone"] == cell["backbone"]) & (r["metric"] == cell["metric"]))
+    sel = (
+        (r["dataset"] == cell["dataset"])
+        & (r["ratio"] == cell["ratio"])
+        & (r["method"] == method)
+        & (r["backbone"] == cell["backbone"])
+        & (r["metric"] == cell["metric"])
+    )
     if table is not None and "table" in r.columns:
         sel &= (r["table"] == table).fillna(False)
     vals = r.loc[sel, "value"]
     if len(vals) > 1:
-        raise ValueError(f"reference has {len(vals)} entries for {method!r} at {dict(cell)} in table {table!r};"
-                         " give the claim a table number")
+        raise ValueError(
+            f"reference has {len(vals)} entries for {method!r} at {dict(cell)} in table {table!r};"
+            " give the claim a table number"
+        )
     return float(vals.iloc[0]) if len(vals) else math.nan
 
 
 def _tests(a: pd.Series, b: pd.Series, names: tuple[str, str]) -> dict:
     """Welch and paired t-tests of two methods' per-seed values, and why one is missing."""
-    why = [f"no runs of {n!r}" if len(v) == 0 else f"only {len(v)} run of {n!r}: t-tests need n >= 2"
-           for n, v in zip(names, (a, b)) if len(v) < 2]
-    out = dict(welch_t=math.nan, welch_p=math.nan, welch_ci_low=math.nan, welch_ci_high=math.nan, paired_t=math.nan,
-               paired_p=math.nan, sd_diff=math.nan)
+    why = [
+        f"no runs of {n!r}" if len(v) == 0 else f"only {len(v)} run of {n!r}: t-tests need n >= 2"
+        for n, v in zip(names, (a, b))
+        if len(v) < 2
+    ]
+    out = dict(
+        welch_t=math.nan,
+        welch_p=math.nan,
+        welch_ci_low=math.nan,
+        welch_ci_high=math.nan,
+        paired_t=math.nan,
+        paired_p=math.nan,
+        sd_diff=math.nan,
+    )
     if len(a) < 2 or len(b) < 2:
         return {**out, "explanation": "; ".join(why)}
     x, y = a.to_numpy(), b.to_numpy()
@@ -100,17 +157,31 @@ def _claim_row(runs: pd.DataFrame, c: Mapping, cell: Mapping, reference_df: pd.D
     sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else math.nan  # noqa: E731
     pa = _paper_value(reference_df, c["table"], cell, c["method"])
     pb = _paper_value(reference_df, c["table"], cell, c["over"])
-    return {"claim": c["id"], "table": c["table"], "description": c.get("description", ""),
-            "dataset": cell["dataset"], "ratio": cell["ratio"], "backbone": cell["backbone"],
-            "metric": cell["metric"], "method": c["method"], "over": c["over"], "n_method": len(a), "n_over": len(b),
-            "mean_method": a.mean() if len(a) else math.nan, "mean_over": b.mean() if len(b) else math.nan,
-            "sd_method": sd(a), "sd_over": sd(b),
-            "gain": (a.mean() - b.mean()) if len(a) and len(b) else math.nan, "paper_gain": pa - pb,
-            **_tests(a, b, (c["method"], c["over"]))}
+    return {
+        "claim": c["id"],
+        "table": c["table"],
+        "description": c.get("description", ""),
+        "dataset": cell["dataset"],
+        "ratio": cell["ratio"],
+        "backbone": cell["backbone"],
+        "metric": cell["metric"],
+        "method": c["method"],
+        "over": c["over"],
+        "n_method": len(a),
+        "n_over": len(b),
+        "mean_method": a.mean() if len(a) else math.nan,
+        "mean_over": b.mean() if len(b) else math.nan,
+        "sd_method": sd(a),
+        "sd_over": sd(b),
+        "gain": (a.mean() - b.mean()) if len(a) and len(b) else math.nan,
+        "paper_gain": pa - pb,
+        **_tests(a, b, (c["method"], c["over"])),
+    }
 
 
-def gains(runs: pd.DataFrame, claims: str | Iterable[Mapping],
-          reference_df: pd.DataFrame | None = None) -> pd.DataFrame:
+def gains(
+    runs: pd.DataFrame, claims: str | Iterable[Mapping], reference_df: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Measured vs claimed gain of ``method`` over ``over`` for each claim and cell (columns :data:`GAIN_COLUMNS`).
 
     ``claims`` is a paper id (its ``claims`` and, unless ``reference_df`` is given, its entries are
@@ -129,13 +200,15 @@ def gains(runs: pd.DataFrame, claims: str | Iterable[Mapping],
         if reference_df is None:
             reference_df = entries(paper)
     runs = compare._check_runs(runs)
-    rows = [_claim_row(runs, c, {**cell, "backbone": c["backbone"], "metric": c.get("metric", "top1")},
-                       reference_df) for c in claims for cell in c["cells"]]
+    rows = [
+        _claim_row(runs, c, {**cell, "backbone": c["backbone"], "metric": c.get("metric", "top1")}, reference_df)
+        for c in claims
+        for cell in c["cells"]
+    ]
     return pd.DataFrame(rows, columns=GAIN_COLUMNS)
 
 
-def gain_verdict(gain: float, p: float, equivalent: bool = False, expected_sign: int = 1,
-                 alpha: float = ALPHA) -> str:
+def gain_verdict(gain: float, p: float, equivalent: bool = False, expected_sign: int = 1, alpha: float = ALPHA) -> str:
     """The verdict of one claimed gain from its (Holm-adjusted) p-value and its equivalence test
     (rule in the module docstring); ``untested`` without a p-value."""
     if p is None or pd.isna(p) or pd.isna(gain):
@@ -150,15 +223,26 @@ def _se_df(r) -> tuple[float, float, float, float]:
     if not pd.isna(r.paired_p):
         n = r.n_method
         return r.sd_diff / math.sqrt(n), n - 1, r.sd_diff, 1.0
-    v1, v2 = r.sd_method ** 2 / r.n_method, r.sd_over ** 2 / r.n_over
-    df = (v1 + v2) ** 2 / (v1 ** 2 / (r.n_method - 1) + v2 ** 2 / (r.n_over - 1))
+    v1, v2 = r.sd_method**2 / r.n_method, r.sd_over**2 / r.n_over
+    df = (v1 + v2) ** 2 / (v1**2 / (r.n_method - 1) + v2**2 / (r.n_over - 1))
     scale, df_per = power.welch_scale(r.sd_method, r.sd_over)
     return math.sqrt(v1 + v2), df, scale, df_per
 
 
 def _judge_row(r, sign: int, p_holm: float, margin: float, alpha: float, family: int) -> dict:
-    out = dict(expected_sign=sign, test="", p_value=math.nan, p_holm=p_holm, margin=margin, equiv_low=math.nan,
-               equiv_high=math.nan, equiv_p=math.nan, gain_verdict="untested", seeds_needed=None, seeds_test="")
+    out = dict(
+        expected_sign=sign,
+        test="",
+        p_value=math.nan,
+        p_holm=p_holm,
+        margin=margin,
+        equiv_low=math.nan,
+        equiv_high=math.nan,
+        equiv_p=math.nan,
+        gain_verdict="untested",
+        seeds_needed=None,
+        seeds_test="",
+    )
     if pd.isna(r.paired_p) and pd.isna(r.welch_p):
         return out
     out["test"], out["p_value"] = ("paired t", r.paired_p) if not pd.isna(r.paired_p) else ("Welch t", r.welch_p)
@@ -166,24 +250,30 @@ def _judge_row(r, sign: int, p_holm: float, margin: float, alpha: float, family:
     out["equiv_low"], out["equiv_high"], out["equiv_p"] = compare.equivalence(r.gain, se, df, margin, alpha)
     out["gain_verdict"] = gain_verdict(r.gain, p_holm, out["equiv_p"] < alpha, sign, alpha)
     if out["gain_verdict"] == "not significant":
-        out["seeds_needed"], out["seeds_test"] = power.seeds_to_decide(r.gain, scale, margin, df_per, alpha,
-                                                                       alpha / max(family, 1))
+        out["seeds_needed"], out["seeds_test"] = power.seeds_to_decide(
+            r.gain, scale, margin, df_per, alpha, alpha / max(family, 1)
+        )
     return out
 
 
-def judge_gains(g: pd.DataFrame, signs: list[int], margin: float = compare.MARGIN,
-                alpha: float = ALPHA) -> pd.DataFrame:
+def judge_gains(
+    g: pd.DataFrame, signs: list[int], margin: float = compare.MARGIN, alpha: float = ALPHA
+) -> pd.DataFrame:
     """:func:`gains` rows with :data:`JUDGED_COLUMNS`; the rows are one Holm family."""
     p = [r.paired_p if not pd.isna(r.paired_p) else r.welch_p for r in g.itertuples(index=False)]
     adjusted = power.holm(p)
     family = sum(not pd.isna(x) for x in p)
-    judged = pd.DataFrame([_judge_row(r, s, ph, margin, alpha, family) for r, s, ph in
-                           zip(g.itertuples(index=False), signs, adjusted)], columns=JUDGED_COLUMNS, index=g.index)
+    judged = pd.DataFrame(
+        [_judge_row(r, s, ph, margin, alpha, family) for r, s, ph in zip(g.itertuples(index=False), signs, adjusted)],
+        columns=JUDGED_COLUMNS,
+        index=g.index,
+    )
     judged["seeds_needed"] = judged["seeds_needed"].astype("Int64")
     return pd.concat([g, judged], axis=1)
 
 
 # ---------------------------------------------------------------- the claims of an experiment
+
 
 def _expected_sign(claim: Mapping, ref: pd.DataFrame) -> int:
     """+1 or -1: the sign of the paper's mean gain over the claim's own cells (+1 without numbers)."""
@@ -191,8 +281,10 @@ def _expected_sign(claim: Mapping, ref: pd.DataFrame) -> int:
     diffs = []
     for cell in claim["cells"]:
         cell = {**cell, "backbone": claim["backbone"], "metric": metric}
-        diffs.append(_paper_value(ref, claim["table"], cell, claim["method"])
-                     - _paper_value(ref, claim["table"], cell, claim["over"]))
+        diffs.append(
+            _paper_value(ref, claim["table"], cell, claim["method"])
+            - _paper_value(ref, claim["table"], cell, claim["over"])
+        )
     diffs = [d for d in diffs if not math.isnan(d)]
     return -1 if diffs and sum(diffs) < 0 else 1
 
@@ -201,9 +293,11 @@ def _claim_targets(c: Mapping, exp: Mapping, reference_free: bool) -> list[tuple
     if reference_free:
         return [(d, r, b) for d in exp["datasets"] for r in exp["ratios"] for b in exp["backbones"]]
     ratios = {float(r) for r in exp["ratios"]}
-    return [(cell["dataset"], cell["ratio"], c["backbone"]) for cell in c["cells"]
-            if cell["dataset"] in exp["datasets"] and float(cell["ratio"]) in ratios
-            and c["backbone"] in exp["backbones"]]
+    return [
+        (cell["dataset"], cell["ratio"], c["backbone"])
+        for cell in c["cells"]
+        if cell["dataset"] in exp["datasets"] and float(cell["ratio"]) in ratios and c["backbone"] in exp["backbones"]
+    ]
 
 
 def experiment_claims(exp: Mapping) -> list[dict]:
@@ -238,8 +332,9 @@ def experiment_claims(exp: Mapping) -> list[dict]:
     return out
 
 
-def experiment_gains(runs: pd.DataFrame, name: str, exp: Mapping, margin: float = compare.MARGIN,
-                     alpha: float = ALPHA) -> pd.DataFrame:
+def experiment_gains(
+    runs: pd.DataFrame, name: str, exp: Mapping, margin: float = compare.MARGIN, alpha: float = ALPHA
+) -> pd.DataFrame:
     """:func:`gains` for :func:`experiment_claims` on the experiment's runs, judged by :func:`judge_gains`
     (one Holm family). Columns :data:`EXPERIMENT_COLUMNS` (``kind`` = ``claim``)."""
     claims = experiment_claims(exp)
@@ -252,21 +347,43 @@ def experiment_gains(runs: pd.DataFrame, name: str, exp: Mapping, margin: float 
     return g
 
 
-def gains_over(runs: pd.DataFrame, name: str, exp: Mapping, margin: float = compare.MARGIN,
-               alpha: float = ALPHA, kind: str = "ablation") -> pd.DataFrame:
+def gains_over(
+    runs: pd.DataFrame,
+    name: str,
+    exp: Mapping,
+    margin: float = compare.MARGIN,
+    alpha: float = ALPHA,
+    kind: str = "ablation",
+) -> pd.DataFrame:
     """The ablation grid: every other method of the experiment against its first method on every cell
     and metric (expected sign +), one Holm family; columns :data:`EXPERIMENT_COLUMNS` (``kind`` =
     ``ablation``, or ``sensitivity`` for an experiment with ``figure: sensitivity``: one method per
     reading of an open detail against the baseline)."""
     over = exp["methods"][0]
-    claims = [{"id": f"{m}-over-{over}", "table": None, "description": f"{m} over {over}", "method": m,
-               "over": over, "backbone": b, "metric": metric,
-               "cells": [{"dataset": d, "ratio": r} for d in exp["datasets"] for r in exp["ratios"]]}
-              for metric in ("top1",) for b in exp["backbones"] for m in exp["methods"] if m != over]
+    claims = [
+        {
+            "id": f"{m}-over-{over}",
+            "table": None,
+            "description": f"{m} over {over}",
+            "method": m,
+            "over": over,
+            "backbone": b,
+            "metric": metric,
+            "cells": [{"dataset": d, "ratio": r} for d in exp["datasets"] for r in exp["ratios"]],
+        }
+        for metric in ("top1",)
+        for b in exp["backbones"]
+        for m in exp["methods"]
+        if m != over
+    ]
     if not claims:
         return pd.DataFrame(columns=EXPERIMENT_COLUMNS)
-    g = judge_gains(gains(compare.experiment_runs(runs, exp), claims, None), [1] * sum(len(c["cells"]) for c in claims),
-                    margin, alpha)
+    g = judge_gains(
+        gains(compare.experiment_runs(runs, exp), claims, None),
+        [1] * sum(len(c["cells"]) for c in claims),
+        margin,
+        alpha,
+    )
     g.insert(0, "kind", kind)
     g.insert(0, "experiment", name)
     return g

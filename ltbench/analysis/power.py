@@ -16,6 +16,7 @@ P(T₋ < −t₁₋α) − 1, T± ~ noncentral t(df, (d ± margin)·√n / scale
 (the two events overlap) that is tight once the power is near 80 %. :func:`seeds_needed` is the
 smallest ``n`` reaching the target power (80 %), assuming the observed ``d`` and ``scale`` are true.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,14 +41,15 @@ def difference_power(d: float, scale: float, n: int, df_per: float = 1.0, alpha:
     return float(stats.nct.sf(tc, df, nc) + stats.nct.cdf(-tc, df, nc))
 
 
-def equivalence_power(d: float, scale: float, margin: float, n: int, df_per: float = 1.0,
-                      alpha: float = ALPHA) -> float:
+def equivalence_power(
+    d: float, scale: float, margin: float, n: int, df_per: float = 1.0, alpha: float = ALPHA
+) -> float:
     """Power (lower bound) of the TOST for |true value| < ``margin`` when the true value is ``d``."""
     df = _df(n, df_per)
     se = scale / math.sqrt(n)
     tc = stats.t.ppf(1 - alpha, df)
-    above_lower = stats.nct.sf(tc, df, (d + margin) / se)     # (d̂ + margin)/se > t: d̂ above −margin
-    below_upper = stats.nct.cdf(-tc, df, (d - margin) / se)   # (d̂ − margin)/se < −t: d̂ below +margin
+    above_lower = stats.nct.sf(tc, df, (d + margin) / se)  # (d̂ + margin)/se > t: d̂ above −margin
+    below_upper = stats.nct.cdf(-tc, df, (d - margin) / se)  # (d̂ − margin)/se < −t: d̂ below +margin
     return max(0.0, float(above_lower + below_upper - 1))
 
 
@@ -66,8 +68,14 @@ def seeds_needed(power_at: Callable[[int], float], target: float = TARGET_POWER,
     return hi
 
 
-def seeds_to_decide(d: float, scale: float, margin: float, df_per: float = 1.0, alpha: float = ALPHA,
-                    alpha_difference: float | None = None) -> tuple[int | None, str]:
+def seeds_to_decide(
+    d: float,
+    scale: float,
+    margin: float,
+    df_per: float = 1.0,
+    alpha: float = ALPHA,
+    alpha_difference: float | None = None,
+) -> tuple[int | None, str]:
     """Seeds that decide an undecided estimate at 80 % power, and which test decides it.
 
     When |d| < margin the question is equivalence: the TOST at ``margin`` (level ``alpha``); otherwise
@@ -84,8 +92,8 @@ def seeds_to_decide(d: float, scale: float, margin: float, df_per: float = 1.0, 
 
 def welch_scale(s1: float, s2: float) -> tuple[float, float]:
     """(scale, df_per) of Welch's test with equal n per method from the two methods' standard deviations."""
-    v = s1 ** 2 + s2 ** 2
-    w = s1 ** 4 + s2 ** 4
+    v = s1**2 + s2**2
+    w = s1**4 + s2**4
     return math.sqrt(v), (v * v / w if w > 0 else 1.0)
 
 

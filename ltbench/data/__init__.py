@@ -5,6 +5,7 @@ the head-class size ``n_max`` used by the long-tail profile, normalization const
 padding, and functions that fetch and load the balanced originals. ``prepare`` writes one
 ``.npz`` per (dataset, ratio, subset seed) with uint8 images in (N, C, H, W) layout.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -75,8 +76,9 @@ def prepared_path(results_dir: str | Path, dataset: str, ratio: float | str, sub
     dataset the manifest of its checked lists (no subset)."""
     if getattr(get(dataset), "image_lists", False):
         return imagelists.manifest_path(results_dir, dataset, format_ratio(ratio))
-    return Path(PREPARED_PATTERN.format(results_dir=results_dir, dataset=dataset, ratio=format_ratio(ratio),
-                                        subset=subset_seed))
+    return Path(
+        PREPARED_PATTERN.format(results_dir=results_dir, dataset=dataset, ratio=format_ratio(ratio), subset=subset_seed)
+    )
 
 
 def get(name: str) -> DatasetSpec:
@@ -91,8 +93,10 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 def counts_for(name: str, ratio: float, profile: str = "exp") -> list[int]:
     spec = get(name)
     if getattr(spec, "image_lists", False):
-        raise ConfigError(f"{name}'s per-class counts come from its training list, not from a ratio; "
-                         "`python -m ltbench prepare` checks the list and writes them to its manifest")
+        raise ConfigError(
+            f"{name}'s per-class counts come from its training list, not from a ratio; "
+            "`python -m ltbench prepare` checks the list and writes them to its manifest"
+        )
     return longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
 
 
@@ -110,15 +114,30 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
     train_x, train_y, test_x, test_y = spec.load(Path(data_dir), options)
     idx = longtail_indices(train_y, counts, subset_seed)
     val = heldout_val_indices(train_y, idx, int(options.get("val_per_class", VAL_PER_CLASS)), subset_seed)
-    info = {"dataset": name, "ratio": ratio, "profile": profile, "subset_seed": subset_seed,
-            "counts": counts, "train_total": int(len(idx)), "test_total": int(len(test_y)),
-            "val_total": int(len(val))}
+    info = {
+        "dataset": name,
+        "ratio": ratio,
+        "profile": profile,
+        "subset_seed": subset_seed,
+        "counts": counts,
+        "train_total": int(len(idx)),
+        "test_total": int(len(test_y)),
+        "val_total": int(len(val)),
+    }
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, train_x=train_x[idx], train_y=train_y[idx].astype(np.int64),
-                     test_x=test_x, test_y=test_y.astype(np.int64), counts=np.asarray(counts),
-                     subset_indices=idx, val_x=train_x[val], val_y=train_y[val].astype(np.int64),
-                     val_indices=val)
+            np.savez(
+                f,
+                train_x=train_x[idx],
+                train_y=train_y[idx].astype(np.int64),
+                test_x=test_x,
+                test_y=test_y.astype(np.int64),
+                counts=np.asarray(counts),
+                subset_indices=idx,
+                val_x=train_x[val],
+                val_y=train_y[val].astype(np.int64),
+                val_indices=val,
+            )
     return info
 
 

@@ -4,6 +4,7 @@ Every sample draws its own random parameters (crop offset, flip, ...), unlike to
 batched transforms which apply one draw to the whole batch. Randomness comes from an explicit
 ``torch.Generator`` so that runs are reproducible.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None = None,
-                     flip: bool = True) -> torch.Tensor:
+def random_crop_flip(
+    x: torch.Tensor, padding: int, generator: torch.Generator | None = None, flip: bool = True
+) -> torch.Tensor:
     """Per-sample ``RandomCrop(H, padding, fill=0)`` followed by ``RandomHorizontalFlip()``."""
     n, _, h, w = x.shape
     dev = x.device
@@ -85,12 +87,27 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 # not from the random draws) are skipped.
 # ---------------------------------------------------------------------------------------------
 
-OP_NAMES = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-            "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
+OP_NAMES = (
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+)
 _OP = {name: i for i, name in enumerate(OP_NAMES)}
 _GEOMETRIC = frozenset(_OP[k] for k in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"))
-_POINTWISE = frozenset(_OP[k] for k in ("Brightness", "Contrast", "Posterize", "Solarize", "AutoContrast",
-                                   "Equalize", "Invert"))
+_POINTWISE = frozenset(
+    _OP[k] for k in ("Brightness", "Contrast", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
+)
 _BLEND = frozenset(_OP[k] for k in ("Color", "Sharpness"))
 
 # torchvision.transforms.AutoAugment._get_policies: ((op, probability, magnitude bin), x2).
@@ -183,17 +200,26 @@ _DEG2RAD = math.pi / 180.0  # CPython's math.radians multiplies by this constant
 _RAD2DEG = 180.0 / math.pi  # ... and math.degrees by this one
 
 
-def magnitude_bins(op: str, image_size: tuple[int, int],
-                   num_bins: int = NUM_MAGNITUDE_BINS) -> tuple[torch.Tensor, bool]:
+def magnitude_bins(
+    op: str, image_size: tuple[int, int], num_bins: int = NUM_MAGNITUDE_BINS
+) -> tuple[torch.Tensor, bool]:
     """``AutoAugment._augmentation_space(num_bins, (H, W))[op]``: (float64 magnitudes, signed).
 
     The values are torchvision's float32 (or int) bins widened to float64, i.e. exactly the
     ``float(magnitudes[bin].item())`` that torchvision passes to its ops.
     """
     h, w = image_size
-    lin = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150.0 / 331.0 * w,
-           "TranslateY": 150.0 / 331.0 * h, "Rotate": 30.0, "Brightness": 0.9, "Color": 0.9,
-           "Contrast": 0.9, "Sharpness": 0.9}
+    lin = {
+        "ShearX": 0.3,
+        "ShearY": 0.3,
+        "TranslateX": 150.0 / 331.0 * w,
+        "TranslateY": 150.0 / 331.0 * h,
+        "Rotate": 30.0,
+        "Brightness": 0.9,
+        "Color": 0.9,
+        "Contrast": 0.9,
+        "Sharpness": 0.9,
+    }
     if op in lin:
         return torch.linspace(0.0, lin[op], num_bins).double(), True
     if op == "Posterize":
@@ -219,10 +245,12 @@ def _policy_table(policy: str, h: int, w: int, device: torch.device):
             mags.append(float(bins[b]) if b is not None else 0.0)
             signed.append(s)
     shape = (len(POLICIES[policy]), 2)
-    return (torch.tensor(ops, device=device).view(shape),
-            torch.tensor(probs, dtype=torch.float32, device=device).view(shape),
-            torch.tensor(mags, dtype=torch.float64, device=device).view(shape),
-            torch.tensor(signed, device=device).view(shape))
+    return (
+        torch.tensor(ops, device=device).view(shape),
+        torch.tensor(probs, dtype=torch.float32, device=device).view(shape),
+        torch.tensor(mags, dtype=torch.float64, device=device).view(shape),
+        torch.tensor(signed, device=device).view(shape),
+    )
 
 
 class AutoAugmentDraw(NamedTuple):
@@ -232,13 +260,19 @@ class AutoAugmentDraw(NamedTuple):
     ``OP_NAMES``) of slot 1 and slot 2, ``-1`` where the op's probability coin said no;
     ``magnitudes``: (N, 2) float64 signed magnitudes as torchvision passes them to its ops.
     """
+
     subpolicy: torch.Tensor
     ops: torch.Tensor
     magnitudes: torch.Tensor
 
 
-def sample_autoaugment(n: int, image_size: tuple[int, int], generator: torch.Generator | None = None,
-                       policy: str = "cifar10", device: torch.device | str | None = None) -> AutoAugmentDraw:
+def sample_autoaugment(
+    n: int,
+    image_size: tuple[int, int],
+    generator: torch.Generator | None = None,
+    policy: str = "cifar10",
+    device: torch.device | str | None = None,
+) -> AutoAugmentDraw:
     """Draw every sample's sub-policy, apply coins and magnitude signs independently.
 
     Same distribution as torchvision's ``AutoAugment.get_params`` per image: sub-policy
@@ -260,8 +294,12 @@ def sample_autoaugment(n: int, image_size: tuple[int, int], generator: torch.Gen
     return AutoAugmentDraw(sub, ops, mags)
 
 
-def autoaugment(x: torch.Tensor, generator: torch.Generator | None = None, policy: str = "cifar10",
-                fill: float | Sequence[float] = 0) -> torch.Tensor:
+def autoaugment(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    policy: str = "cifar10",
+    fill: float | Sequence[float] = 0,
+) -> torch.Tensor:
     """Per-sample torchvision ``AutoAugment(policy, NEAREST, fill)`` on a uint8 (N, C, H, W) batch.
 
     Every sample draws its own sub-policy, apply coins and magnitude signs (torchvision draws
@@ -273,8 +311,9 @@ def autoaugment(x: torch.Tensor, generator: torch.Generator | None = None, polic
     return apply_autoaugment(x, draw, policy, fill)
 
 
-def apply_autoaugment(x: torch.Tensor, draw: AutoAugmentDraw, policy: str | None = "cifar10",
-                      fill: float | Sequence[float] = 0) -> torch.Tensor:
+def apply_autoaugment(
+    x: torch.Tensor, draw: AutoAugmentDraw, policy: str | None = "cifar10", fill: float | Sequence[float] = 0
+) -> torch.Tensor:
     """Apply drawn AutoAugment parameters: slot 1, then slot 2, per sample.
 
     ``policy`` only restricts the op families computed per slot to those its table can
@@ -282,8 +321,11 @@ def apply_autoaugment(x: torch.Tensor, draw: AutoAugmentDraw, policy: str | None
     """
     _check_image_batch(x)
     for slot in range(2):
-        present = frozenset(range(len(OP_NAMES))) if policy is None else \
-            frozenset(_OP[sub[slot][0]] for sub in POLICIES[getattr(policy, "value", policy)])
+        present = (
+            frozenset(range(len(OP_NAMES)))
+            if policy is None
+            else frozenset(_OP[sub[slot][0]] for sub in POLICIES[getattr(policy, "value", policy)])
+        )
         x = _apply_slot(x, draw.ops[:, slot], draw.magnitudes[:, slot], fill, present)
     return x.contiguous()
 
@@ -310,8 +352,10 @@ def _make_op(name: str):
         return _apply_slot(x, ops, m, fill, frozenset((op_id,))).contiguous()
 
     op.__name__ = name
-    op.__doc__ = (f"torchvision's AutoAugment ``{name}`` with a per-sample magnitude (a float or an "
-                  f"(N,) tensor, the value ``_apply_op`` receives) on a uint8 (N, C, H, W) batch.")
+    op.__doc__ = (
+        f"torchvision's AutoAugment ``{name}`` with a per-sample magnitude (a float or an "
+        f"(N,) tensor, the value ``_apply_op`` receives) on a uint8 (N, C, H, W) batch."
+    )
     return op
 
 
@@ -438,8 +482,11 @@ def _slot_blend(xf, gray, ops, mag, present) -> torch.Tensor:
     r, one_minus_r = _blend_factors(mag)
     # (r * img + (1 - r) * degenerate): two float32 products, then their sum, as in torchvision
     out = xf * r[:, None, None, None]
-    out += degenerate.mul_(one_minus_r[:, None, None, None]) if degenerate.shape == out.shape \
+    out += (
+        degenerate.mul_(one_minus_r[:, None, None, None])
+        if degenerate.shape == out.shape
         else degenerate * one_minus_r[:, None, None, None]
+    )
     return out.clamp_(0, 255).to(torch.uint8)
 
 
@@ -537,8 +584,9 @@ STRONG_POLICIES: dict[str, dict] = {"torchvision": {"fill": 0}, "cifar10_policy"
 CUTOUT_HOLES, CUTOUT_LENGTH = 1, 16  # Balanced Softmax's CIFAR pipeline: Cutout(n_holes=1, length=16)
 
 
-def cutout(x: torch.Tensor, generator: torch.Generator | None = None, holes: int = CUTOUT_HOLES,
-           length: int = CUTOUT_LENGTH) -> torch.Tensor:
+def cutout(
+    x: torch.Tensor, generator: torch.Generator | None = None, holes: int = CUTOUT_HOLES, length: int = CUTOUT_LENGTH
+) -> torch.Tensor:
     """Per-sample Cutout (DeVries & Taylor 2017) on a uint8 (N, C, H, W) batch: ``holes`` squares of
     side ``length`` with uniform integer centres (y, x), rows clip(y − L/2, 0, H) … clip(y + L/2, 0, H)
     (end excluded) and likewise columns, set to 0 — the reference applies it after ToTensor, before
@@ -556,8 +604,13 @@ def cutout(x: torch.Tensor, generator: torch.Generator | None = None, holes: int
     return x * keep.to(x.dtype)
 
 
-def strong_view(x: torch.Tensor, generator: torch.Generator | None = None, policy: str = "torchvision",
-                use_cutout: bool = False, table: str = "cifar10") -> torch.Tensor:
+def strong_view(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    policy: str = "torchvision",
+    use_cutout: bool = False,
+    table: str = "cifar10",
+) -> torch.Tensor:
     """The strong view after crop+flip: AutoAugment variant ``policy`` (:data:`STRONG_POLICIES`) of the
     policy table ``table``, then Cutout(1 hole, 16 px) when ``use_cutout``."""
     if policy not in STRONG_POLICIES:

@@ -3,6 +3,7 @@
 Training order is torchvision's (data_batch_1..5, or the single ``train`` file), which the
 long-tail subset construction depends on.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -23,10 +24,22 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 # name -> (archive, md5, extracted folder, train files, test file, label key)
 FILES = {
-    "cifar10": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
-                [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels"),
-    "cifar100": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
-                 ["train"], "test", "fine_labels"),
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "labels",
+    ),
+    "cifar100": (
+        "cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python",
+        ["train"],
+        "test",
+        "fine_labels",
+    ),
 }
 
 
@@ -73,8 +86,7 @@ class _BatchUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR batch never "
-                                         "contains") from None
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR batch never contains") from None
 
 
 def read_batch(path: Path) -> dict:
@@ -83,8 +95,10 @@ def read_batch(path: Path) -> dict:
         with open(path, "rb") as f:
             d = _BatchUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DownloadError(f"refusing to read {path}: {e}; it is not a CIFAR python batch. Delete "
-                            f"{path.parent} (and the archive next to it) and download the original again") from None
+        raise DownloadError(
+            f"refusing to read {path}: {e}; it is not a CIFAR python batch. Delete "
+            f"{path.parent} (and the archive next to it) and download the original again"
+        ) from None
     if not isinstance(d, dict):
         raise DownloadError(f"{path} holds a {type(d).__name__}, not a CIFAR batch dict")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -111,8 +125,20 @@ def load(name: str, data_dir: Path, options: dict):
 
 
 for _name, _classes, _nmax in (("cifar10", 10, 5000), ("cifar100", 100, 500)):
-    register(DatasetSpec(
-        name=_name, num_classes=_classes, n_max=_nmax, image_size=32, channels=3, mean=MEAN, std=STD,
-        padding=4, load=lambda d, o, n=_name: load(n, d, o),
-        fetch=lambda d, o, n=_name: download(n, d, o),
-        url=BASE_URL + FILES[_name][0], md5=FILES[_name][1], needs_download=True))
+    register(
+        DatasetSpec(
+            name=_name,
+            num_classes=_classes,
+            n_max=_nmax,
+            image_size=32,
+            channels=3,
+            mean=MEAN,
+            std=STD,
+            padding=4,
+            load=lambda d, o, n=_name: load(n, d, o),
+            fetch=lambda d, o, n=_name: download(n, d, o),
+            url=BASE_URL + FILES[_name][0],
+            md5=FILES[_name][1],
+            needs_download=True,
+        )
+    )

@@ -5,6 +5,7 @@ Real data with no download, for the demo and the end-to-end tests. A fixed balan
 training pool (≥ 124 per class) from which the long-tailed subset (``n_max`` = 120) is drawn
 exactly like CIFAR-LT. Pixel values 0..16 are scaled to 0..255.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,6 +31,18 @@ def load(data_dir: Path, options: dict):
     return images[~test_mask], y[~test_mask], images[test_mask], y[test_mask]
 
 
-SPEC = register(DatasetSpec(
-    name="digits-lt", num_classes=10, n_max=120, image_size=8, channels=1,
-    mean=(0.3053,), std=(0.3759,), padding=1, many_threshold=50, few_threshold=20, load=load))
+SPEC = register(
+    DatasetSpec(
+        name="digits-lt",
+        num_classes=10,
+        n_max=120,
+        image_size=8,
+        channels=1,
+        mean=(0.3053,),
+        std=(0.3759,),
+        padding=1,
+        many_threshold=50,
+        few_threshold=20,
+        load=load,
+    )
+)

@@ -6,6 +6,7 @@ and only then renamed into place. Temporary files carry the host and process id 
 those of a process that died (kill -9, a node failure) are removed by the next run. What lands
 in place has the user's umask (a shared data directory stays shared).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,7 @@ def remove_stale(folder: Path, name: str) -> list[Path]:
     removed = []
     own = _tmp_prefix(name).rsplit(".", 2)[0] + "."  # .<name>.<host>.
     for p in Path(folder).glob(f".{name}.*"):
-        pid = p.name[len(own):].split(".")[0] if p.name.startswith(own) else ""
+        pid = p.name[len(own) :].split(".")[0] if p.name.startswith(own) else ""
         try:
             dead = not _alive(int(pid)) if pid.isdigit() else time.time() - p.lstat().st_mtime > STALE_AFTER_S
         except OSError:
@@ -90,24 +91,30 @@ def fetch(url: str, dest: Path, md5: str, timeout: float = 60.0, progress: bool 
                         out.write(block)
                         done += len(block)
                         if progress and total:
-                            print(f"\r{dest.name}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="",
-                                  file=sys.stderr)
+                            print(f"\r{dest.name}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", file=sys.stderr)
                     if progress:
                         print(file=sys.stderr)
                     if total and done != total:
-                        raise DownloadError(f"download of {url} ended after {done} of {total} bytes; "
-                                            "run the command again to retry")
+                        raise DownloadError(
+                            f"download of {url} ended after {done} of {total} bytes; run the command again to retry"
+                        )
             except http.client.HTTPException as e:  # IncompleteRead: the connection closed mid-way
-                raise DownloadError(f"download of {url} was cut off ({type(e).__name__}: {e}); nothing was "
-                                    "kept. Run the command again to retry") from None
+                raise DownloadError(
+                    f"download of {url} was cut off ({type(e).__name__}: {e}); nothing was "
+                    "kept. Run the command again to retry"
+                ) from None
             except (urllib.error.URLError, OSError) as e:
-                raise DownloadError(f"could not download {url}: {e}. Check the network, or set the "
-                                    "dataset's 'url' in the config to a reachable mirror") from e
+                raise DownloadError(
+                    f"could not download {url}: {e}. Check the network, or set the "
+                    "dataset's 'url' in the config to a reachable mirror"
+                ) from e
         got = md5sum(tmp)
         if got != md5:
-            raise DownloadError(f"md5 mismatch for {url}: expected {md5}, got {got}. The file is corrupted "
-                                "or the mirror serves a different file; nothing was kept. Retry, or point "
-                                "the dataset's 'url' at a mirror of the original archive")
+            raise DownloadError(
+                f"md5 mismatch for {url}: expected {md5}, got {got}. The file is corrupted "
+                "or the mirror serves a different file; nothing was kept. Retry, or point "
+                "the dataset's 'url' at a mirror of the original archive"
+            )
         os.chmod(tmp, 0o666 & ~_umask())
         tmp.replace(dest)
         return dest
@@ -133,8 +140,10 @@ def safe_extract(archive: Path, target: Path, expect: str | None = None) -> Path
         _extract(archive, tmp)
         if expect is not None and not (tmp / expect).is_dir():
             found = ", ".join(sorted(p.name for p in tmp.iterdir())[:5]) or "nothing"
-            raise DownloadError(f"{archive} does not contain {expect}/ (it has: {found}); nothing was extracted. "
-                                "Is it the right archive? Check the dataset's url and md5 in the config")
+            raise DownloadError(
+                f"{archive} does not contain {expect}/ (it has: {found}); nothing was extracted. "
+                "Is it the right archive? Check the dataset's url and md5 in the config"
+            )
         tmp.replace(target)
         return target
     finally:
@@ -150,8 +159,10 @@ def _extract(archive: Path, tmp: Path) -> None:
             for m in members:
                 dest = (tmp / m.name).resolve()
                 if not (m.isfile() or m.isdir()) or (dest != root and root not in dest.parents):
-                    raise DownloadError(f"refusing to extract {archive}: member {m.name!r} would be "
-                                        "written outside the target directory or is not a plain file")
+                    raise DownloadError(
+                        f"refusing to extract {archive}: member {m.name!r} would be "
+                        "written outside the target directory or is not a plain file"
+                    )
             # the "data" filter where Python has it (3.11.4+, 3.12); the checks above refuse the rest
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp, members=members, **safe)

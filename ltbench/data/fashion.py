@@ -13,6 +13,7 @@ canonical upstream URLs if no folder has them, checking upstream's ``.gz`` md5s.
 the *decompressed* content (size and md5): Debian re-compressed the files, so their ``.gz`` md5s
 differ from upstream's while the IDX content is identical.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -34,21 +35,25 @@ BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # the 
 
 
 class IdxFile(NamedTuple):
-    name: str    # file name without .gz
-    md5: str     # of the decompressed IDX content
-    size: int    # bytes of the decompressed IDX content
+    name: str  # file name without .gz
+    md5: str  # of the decompressed IDX content
+    size: int  # bytes of the decompressed IDX content
     gz_md5: str  # of upstream's .gz (the download path)
 
 
 FILES = {
-    "train_x": IdxFile("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a", 47_040_016,
-                       "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-    "train_y": IdxFile("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9", 60_008,
-                       "25c81989df183df01b3e8a0aad5dffbe"),
-    "test_x": IdxFile("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a", 7_840_016,
-                      "bef4ecab320f06d8554ea6380940ec79"),
-    "test_y": IdxFile("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965", 10_008,
-                      "bb300cfdad3c16e7a12a480ee83cd310"),
+    "train_x": IdxFile(
+        "train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a", 47_040_016, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
+    ),
+    "train_y": IdxFile(
+        "train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9", 60_008, "25c81989df183df01b3e8a0aad5dffbe"
+    ),
+    "test_x": IdxFile(
+        "t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a", 7_840_016, "bef4ecab320f06d8554ea6380940ec79"
+    ),
+    "test_y": IdxFile(
+        "t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965", 10_008, "bb300cfdad3c16e7a12a480ee83cd310"
+    ),
 }
 
 # IDX type byte -> element type (big-endian), as in the MNIST file format description
@@ -91,13 +96,17 @@ def candidates(data_dir: Path, options: dict) -> list[Path]:
 
 
 def _download_hint(data_dir: Path, options: dict) -> str:
-    return (f"run `python -m ltbench download --dataset {NAME}` to download them from {BASE_URL} into "
-            f"{candidates(data_dir, options)[-1]}")
+    return (
+        f"run `python -m ltbench download --dataset {NAME}` to download them from {BASE_URL} into "
+        f"{candidates(data_dir, options)[-1]}"
+    )
 
 
 def how_to_get(data_dir: Path, options: dict) -> str:
-    return (f"install Debian's package (`apt-get install {APT_PACKAGE}`, files in {DEBIAN_DIR}), or "
-            f"{_download_hint(data_dir, options)}, or set datasets.{NAME}.root to a folder holding them")
+    return (
+        f"install Debian's package (`apt-get install {APT_PACKAGE}`, files in {DEBIAN_DIR}), or "
+        f"{_download_hint(data_dir, options)}, or set datasets.{NAME}.root to a folder holding them"
+    )
 
 
 def _find(folder: Path) -> dict[str, Path]:
@@ -119,8 +128,10 @@ def locate(data_dir: Path, options: dict) -> dict[str, Path]:
             return found
         missing = [FILES[k].name + "[.gz]" for k in FILES if k not in found]
         searched.append(f"{folder} (missing {', '.join(missing)})" if folder.is_dir() else f"{folder} (no such folder)")
-    raise FileNotFoundError(f"{NAME}: the IDX files were not found; searched {'; '.join(searched)}. To get them, "
-                            f"{how_to_get(data_dir, options)}")
+    raise FileNotFoundError(
+        f"{NAME}: the IDX files were not found; searched {'; '.join(searched)}. To get them, "
+        f"{how_to_get(data_dir, options)}"
+    )
 
 
 def verified(path: Path, key: str, data_dir: Path, options: dict) -> bytes:
@@ -134,20 +145,28 @@ def verified(path: Path, key: str, data_dir: Path, options: dict) -> bytes:
         got = hashlib.md5(raw).hexdigest()
         if len(raw) == f.size and got == f.md5:
             return raw
-        problem = (f"decompressed content is {len(raw)} bytes with md5 {got}; the original {f.name} is "
-                   f"{f.size} bytes with md5 {f.md5}")
-    raise DownloadError(f"{NAME}: {path} is corrupt or not the original Fashion-MNIST file: {problem}. "
-                        f"Replace it: reinstall the package (`apt-get install --reinstall {APT_PACKAGE}`) if it "
-                        f"is Debian's, or delete it and {_download_hint(data_dir, options)} (upstream URL: "
-                        f"{BASE_URL}{f.name}.gz)")
+        problem = (
+            f"decompressed content is {len(raw)} bytes with md5 {got}; the original {f.name} is "
+            f"{f.size} bytes with md5 {f.md5}"
+        )
+    raise DownloadError(
+        f"{NAME}: {path} is corrupt or not the original Fashion-MNIST file: {problem}. "
+        f"Replace it: reinstall the package (`apt-get install --reinstall {APT_PACKAGE}`) if it "
+        f"is Debian's, or delete it and {_download_hint(data_dir, options)} (upstream URL: "
+        f"{BASE_URL}{f.name}.gz)"
+    )
 
 
 def load(data_dir: Path, options: dict):
     """(train_x, train_y, test_x, test_y): uint8 images (N, 1, 28, 28), int64 labels."""
     paths = locate(data_dir, options)
     arrays = {k: parse_idx(verified(p, k, data_dir, options), str(p)) for k, p in paths.items()}
-    return (arrays["train_x"][:, None], arrays["train_y"].astype(np.int64),
-            arrays["test_x"][:, None], arrays["test_y"].astype(np.int64))
+    return (
+        arrays["train_x"][:, None],
+        arrays["train_y"].astype(np.int64),
+        arrays["test_x"][:, None],
+        arrays["test_y"].astype(np.int64),
+    )
 
 
 def download(data_dir: Path, options: dict) -> Path:
@@ -155,8 +174,10 @@ def download(data_dir: Path, options: dict) -> Path:
     are an error, not silently replaced); else fetch upstream's ``.gz`` files into ``root`` or
     ``<data_dir>/fashion-mnist``. Returns the folder."""
     if options.get("md5"):
-        raise ConfigError(f"datasets.{NAME}.md5: not used; the four files are checked against the built-in md5s "
-                          "of their decompressed content (and upstream's .gz md5s when downloaded)")
+        raise ConfigError(
+            f"datasets.{NAME}.md5: not used; the four files are checked against the built-in md5s "
+            "of their decompressed content (and upstream's .gz md5s when downloaded)"
+        )
     try:
         paths = locate(data_dir, options)
     except FileNotFoundError:
@@ -181,10 +202,24 @@ MEAN, STD = (0.2860,), (0.3530,)
 
 # Many/Few thresholds: CIFAR-100-LT's 100/20 (of n_max = 500) scaled by n_max (6000 / 500 = 12), so
 # that at ρ = 100 the classes split 4 many / 3 medium / 3 few instead of 8 many and no few classes.
-SPEC = register(DatasetSpec(
-    name=NAME, num_classes=10, n_max=6000, image_size=28, channels=1, mean=MEAN, std=STD,
-    # CIFAR-LT's RandomCrop padding of 4 (zero fill) kept: a shift of up to 4 of 28 pixels (CIFAR:
-    # of 32). Like CIFAR's objects, Fashion-MNIST's items fill the frame (73% of the training images
-    # have ink in their top 4 rows), so crops cut an item's edge about as often as on CIFAR.
-    padding=4, many_threshold=1200, few_threshold=240, load=load, fetch=download,
-    url=BASE_URL, needs_download=True))
+SPEC = register(
+    DatasetSpec(
+        name=NAME,
+        num_classes=10,
+        n_max=6000,
+        image_size=28,
+        channels=1,
+        mean=MEAN,
+        std=STD,
+        # CIFAR-LT's RandomCrop padding of 4 (zero fill) kept: a shift of up to 4 of 28 pixels (CIFAR:
+        # of 32). Like CIFAR's objects, Fashion-MNIST's items fill the frame (73% of the training images
+        # have ink in their top 4 rows), so crops cut an item's edge about as often as on CIFAR.
+        padding=4,
+        many_threshold=1200,
+        few_threshold=240,
+        load=load,
+        fetch=download,
+        url=BASE_URL,
+        needs_download=True,
+    )
+)

@@ -20,6 +20,7 @@ or test tree): ImageNet-LT 115,846 train / 20,000 val / 50,000 test, 1000 classe
 min 5); Places-LT 62,500 / 7,300 / 36,500, 365 classes (max 4980, min 5); iNaturalist 2018
 437,513 train / 24,426 val (used as test), 8142 classes (max 1000, min 2).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,11 +48,10 @@ SPLITS = ("train", "test", "val")
 MAX_EXAMPLES = 5
 
 
-
-
 @dataclass(frozen=True)
 class ImageListSpec(DatasetSpec):
     """A dataset whose splits are image lists under a user-provided root (no subsampling)."""
+
     image_lists: bool = True
     train_size: int = 0
     test_size: int = 0
@@ -61,21 +61,60 @@ class ImageListSpec(DatasetSpec):
     list_files: tuple[str, ...] = ()  # the usual file names, for error messages and docs
 
 
-IMAGENET_LT = register(ImageListSpec(
-    name="imagenet-lt", num_classes=1000, n_max=1280, image_size=224, channels=3,
-    mean=IMAGENET_MEAN, std=IMAGENET_STD, padding=0, train_size=115846, test_size=50000,
-    val_size=20000, ratio=256, color_jitter=True,
-    list_files=("ImageNet_LT_train.txt", "ImageNet_LT_test.txt", "ImageNet_LT_val.txt")))
-PLACES_LT = register(ImageListSpec(
-    name="places-lt", num_classes=365, n_max=4980, image_size=224, channels=3,
-    mean=IMAGENET_MEAN, std=IMAGENET_STD, padding=0, train_size=62500, test_size=36500,
-    val_size=7300, ratio=996, color_jitter=False,
-    list_files=("Places_LT_train.txt", "Places_LT_test.txt", "Places_LT_val.txt")))
-INAT2018 = register(ImageListSpec(
-    name="inat2018", num_classes=8142, n_max=1000, image_size=224, channels=3,
-    mean=INAT_MEAN, std=INAT_STD, padding=0, train_size=437513, test_size=24426,
-    val_size=None, ratio=500, color_jitter=False,
-    list_files=("iNaturalist18_train.txt", "iNaturalist18_val.txt")))
+IMAGENET_LT = register(
+    ImageListSpec(
+        name="imagenet-lt",
+        num_classes=1000,
+        n_max=1280,
+        image_size=224,
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        padding=0,
+        train_size=115846,
+        test_size=50000,
+        val_size=20000,
+        ratio=256,
+        color_jitter=True,
+        list_files=("ImageNet_LT_train.txt", "ImageNet_LT_test.txt", "ImageNet_LT_val.txt"),
+    )
+)
+PLACES_LT = register(
+    ImageListSpec(
+        name="places-lt",
+        num_classes=365,
+        n_max=4980,
+        image_size=224,
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        padding=0,
+        train_size=62500,
+        test_size=36500,
+        val_size=7300,
+        ratio=996,
+        color_jitter=False,
+        list_files=("Places_LT_train.txt", "Places_LT_test.txt", "Places_LT_val.txt"),
+    )
+)
+INAT2018 = register(
+    ImageListSpec(
+        name="inat2018",
+        num_classes=8142,
+        n_max=1000,
+        image_size=224,
+        channels=3,
+        mean=INAT_MEAN,
+        std=INAT_STD,
+        padding=0,
+        train_size=437513,
+        test_size=24426,
+        val_size=None,
+        ratio=500,
+        color_jitter=False,
+        list_files=("iNaturalist18_train.txt", "iNaturalist18_val.txt"),
+    )
+)
 
 
 def is_image_list(name: str) -> bool:
@@ -85,8 +124,13 @@ def is_image_list(name: str) -> bool:
 def expected(name: str, options: Mapping[str, Any] | None = None) -> dict:
     """Known sizes of ``name`` with ``options['expected']`` overrides: train/test/val/classes/ratio."""
     spec = DATASETS.get(name)
-    out = {"train": spec.train_size, "test": spec.test_size, "val": spec.val_size,
-           "classes": spec.num_classes, "ratio": float(spec.ratio)}
+    out = {
+        "train": spec.train_size,
+        "test": spec.test_size,
+        "val": spec.val_size,
+        "classes": spec.num_classes,
+        "ratio": float(spec.ratio),
+    }
     out.update((options or {}).get("expected") or {})
     out["ratio"] = float(out["ratio"])
     return out
@@ -98,11 +142,14 @@ def transform_options(name: str, options: Mapping[str, Any] | None = None) -> di
     options = options or {}
     size = int(options.get("image_size") or spec.image_size)
     resize = options.get("resize")
-    return {"image_size": size,
-            "resize": int(resize) if resize else int(round(size * 256 / 224)),
-            "color_jitter": bool(options.get("color_jitter", spec.color_jitter)),
-            "autoaugment_policy": options.get("autoaugment_policy", "imagenet"),
-            "mean": list(spec.mean), "std": list(spec.std)}
+    return {
+        "image_size": size,
+        "resize": int(resize) if resize else int(round(size * 256 / 224)),
+        "color_jitter": bool(options.get("color_jitter", spec.color_jitter)),
+        "autoaugment_policy": options.get("autoaugment_policy", "imagenet"),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
 
 
 def manifest_path(results_dir: str | Path, name: str, ratio_str: str) -> Path:
@@ -115,6 +162,7 @@ def ratio_matches(a: float, b: float) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # config checks (DAG-build time: no file is read)
+
 
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Image-list datasets used by an experiment need root/train_list/test_list, and the
@@ -132,21 +180,25 @@ def check_config(cfg: Mapping[str, Any]) -> None:
                         f"config key experiments.{ename}.ratios[{i}]: {d}'s imbalance ratio is fixed by its "
                         f"lists at {want:g} (n_max / n_min; nothing is subsampled), got {r:g}; use "
                         f"ratios: [{want:g}] for {d} (put it in an experiment of its own), or set "
-                        f"datasets.{d}.expected.ratio for a custom list")
+                        f"datasets.{d}.expected.ratio for a custom list"
+                    )
 
 
 def require_options(name: str, opts: Mapping[str, Any]) -> None:
     spec = DATASETS.get(name)
     for key in ("root", "train_list", "test_list"):
         if not opts.get(key):
-            hint = {"root": "the image root that the list paths are relative to",
-                    "train_list": f"the training list, e.g. {spec.list_files[0]}",
-                    "test_list": f"the test list, e.g. {spec.list_files[1]}"}[key]
+            hint = {
+                "root": "the image root that the list paths are relative to",
+                "train_list": f"the training list, e.g. {spec.list_files[0]}",
+                "test_list": f"the test list, e.g. {spec.list_files[1]}",
+            }[key]
             raise ConfigError(f"config key datasets.{name}.{key}: required for {name} ({hint})")
 
 
 # --------------------------------------------------------------------------------------------
 # lists
+
 
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -185,8 +237,7 @@ def read_list(path: str | Path) -> tuple[list[str], np.ndarray, list[int]]:
             lines.append(no)
     if bad:
         more = f"\n  ... and {len(bad) - MAX_EXAMPLES} more malformed lines" if len(bad) > MAX_EXAMPLES else ""
-        raise ListCheckError(f"{len(bad)} malformed line(s) in {path}:\n  " +
-                             "\n  ".join(bad[:MAX_EXAMPLES]) + more)
+        raise ListCheckError(f"{len(bad)} malformed line(s) in {path}:\n  " + "\n  ".join(bad[:MAX_EXAMPLES]) + more)
     return paths, np.asarray(labels, dtype=np.int64), lines
 
 
@@ -214,27 +265,36 @@ def _check_split(name: str, split: str, file: Path, root: Path, exp: Mapping, pr
     K = exp["classes"]
     key = f"datasets.{name}.expected.{split}"
     if exp.get(split) is not None and len(paths) != exp[split]:
-        problems.append(f"{file}: {len(paths)} images listed, expected {exp[split]} for the {split} split "
-                        f"of {name} (override with {key} for a custom list)")
+        problems.append(
+            f"{file}: {len(paths)} images listed, expected {exp[split]} for the {split} split "
+            f"of {name} (override with {key} for a custom list)"
+        )
     out_of_range = np.flatnonzero((labels < 0) | (labels >= K))
     if len(out_of_range):
         ex = ", ".join(f"{file}:{lines[i]}: label {labels[i]}" for i in out_of_range[:MAX_EXAMPLES])
-        problems.append(f"{file}: {len(out_of_range)} label(s) out of range 0..{K - 1} ({name} has {K} "
-                        f"classes; datasets.{name}.expected.classes), first: {ex}")
+        problems.append(
+            f"{file}: {len(out_of_range)} label(s) out of range 0..{K - 1} ({name} has {K} "
+            f"classes; datasets.{name}.expected.classes), first: {ex}"
+        )
         counts = None
     else:
         counts = np.bincount(labels, minlength=K)
         absent = np.flatnonzero(counts == 0)
         if len(absent):
-            problems.append(f"{file}: {K - len(absent)} of {K} classes have images; classes without any: "
-                            f"{', '.join(map(str, absent[:10].tolist()))}{' ...' if len(absent) > 10 else ''}")
+            problems.append(
+                f"{file}: {K - len(absent)} of {K} classes have images; classes without any: "
+                f"{', '.join(map(str, absent[:10].tolist()))}{' ...' if len(absent) > 10 else ''}"
+            )
     miss = missing_files(root, paths)
     if miss:
         ex = ", ".join(f"{paths[i]} ({file.name}:{lines[i]})" for i in miss[:MAX_EXAMPLES])
-        problems.append(f"{file}: {len(miss)} of {len(paths)} listed images missing under root {root}; "
-                        f"first: {ex}")
-    return {"file": str(file.resolve()), "sha256": sha256(file), "images": len(paths),
-            "counts": counts.tolist() if counts is not None else None}
+        problems.append(f"{file}: {len(miss)} of {len(paths)} listed images missing under root {root}; first: {ex}")
+    return {
+        "file": str(file.resolve()),
+        "sha256": sha256(file),
+        "images": len(paths),
+        "counts": counts.tolist() if counts is not None else None,
+    }
 
 
 def check(name: str, ratio: float, options: Mapping[str, Any]) -> dict:
@@ -243,8 +303,10 @@ def check(name: str, ratio: float, options: Mapping[str, Any]) -> dict:
     require_options(name, options)
     exp = expected(name, options)
     if not ratio_matches(ratio, exp["ratio"]):
-        raise ConfigError(f"{name}: ratio {ratio:g} requested, but {name}'s ratio is fixed by its lists at "
-                          f"{exp['ratio']:g} (datasets.{name}.expected.ratio)")
+        raise ConfigError(
+            f"{name}: ratio {ratio:g} requested, but {name}'s ratio is fixed by its lists at "
+            f"{exp['ratio']:g} (datasets.{name}.expected.ratio)"
+        )
     root = Path(options["root"])
     if not root.is_dir():
         raise ListCheckError(f"datasets.{name}.root: image root {root} is not a directory")
@@ -259,26 +321,41 @@ def check(name: str, ratio: float, options: Mapping[str, Any]) -> dict:
     if counts is not None and min(counts) > 0:
         measured = max(counts) / min(counts)
         if not ratio_matches(measured, exp["ratio"]):
-            problems.append(f"{options['train_list']}: class sizes {max(counts)} (max) / {min(counts)} (min) give "
-                            f"ratio {measured:.4g}, expected {exp['ratio']:g} for {name} "
-                            f"(datasets.{name}.expected.ratio)")
+            problems.append(
+                f"{options['train_list']}: class sizes {max(counts)} (max) / {min(counts)} (min) give "
+                f"ratio {measured:.4g}, expected {exp['ratio']:g} for {name} "
+                f"(datasets.{name}.expected.ratio)"
+            )
     if problems:
-        raise ListCheckError(f"{name}: the image lists do not match (no training was started):\n- " +
-                             "\n- ".join(problems))
-    return {"format": MANIFEST_FORMAT, "dataset": name, "ratio": float(ratio), "measured_ratio": measured,
-            "root": str(root.resolve()), "num_classes": exp["classes"], "counts": counts,
-            "test_counts": splits["test"]["counts"],
-            "lists": {s: {k: v[k] for k in ("file", "sha256", "images")} for s, v in splits.items()},
-            "expected": exp}
+        raise ListCheckError(
+            f"{name}: the image lists do not match (no training was started):\n- " + "\n- ".join(problems)
+        )
+    return {
+        "format": MANIFEST_FORMAT,
+        "dataset": name,
+        "ratio": float(ratio),
+        "measured_ratio": measured,
+        "root": str(root.resolve()),
+        "num_classes": exp["classes"],
+        "counts": counts,
+        "test_counts": splits["test"]["counts"],
+        "lists": {s: {k: v[k] for k in ("file", "sha256", "images")} for s, v in splits.items()},
+        "expected": exp,
+    }
 
 
 def prepare(name: str, ratio: float, out: str | Path, options: Mapping[str, Any]) -> dict:
     """Check the lists and write the manifest atomically (the train rule's input)."""
     manifest = check(name, ratio, options)
     io.write_json(out, manifest)
-    return {"dataset": name, "ratio": ratio, "counts": manifest["counts"], "manifest": str(out),
-            "train_total": manifest["lists"]["train"]["images"],
-            "test_total": manifest["lists"]["test"]["images"]}
+    return {
+        "dataset": name,
+        "ratio": ratio,
+        "counts": manifest["counts"],
+        "manifest": str(out),
+        "train_total": manifest["lists"]["train"]["images"],
+        "test_total": manifest["lists"]["test"]["images"],
+    }
 
 
 def load_manifest(path: str | Path) -> tuple[dict, dict[str, tuple[list[str], np.ndarray]]]:
@@ -294,8 +371,10 @@ def load_manifest(path: str | Path) -> tuple[dict, dict[str, tuple[list[str], np
     for split in [s for s in ("train", "test", "val") if s in manifest["lists"]]:  # val: when configured
         entry = manifest["lists"][split]
         if not Path(entry["file"]).is_file() or sha256(entry["file"]) != entry["sha256"]:
-            raise ListCheckError(f"{entry['file']}: the {split} list changed or vanished since {path} was written "
-                                 f"(sha256 {entry['sha256'][:12]}...); delete {path} and run prepare again")
+            raise ListCheckError(
+                f"{entry['file']}: the {split} list changed or vanished since {path} was written "
+                f"(sha256 {entry['sha256'][:12]}...); delete {path} and run prepare again"
+            )
         p, y, _ = read_list(entry["file"])
         splits[split] = (p, y)
     return manifest, splits
@@ -303,6 +382,7 @@ def load_manifest(path: str | Path) -> tuple[dict, dict[str, tuple[list[str], np
 
 # --------------------------------------------------------------------------------------------
 # iNaturalist 2018 json → list
+
 
 def inat_to_list(json_path: str | Path, out: str | Path) -> dict:
     """Write ``file_name category_id`` lines (in the json's image order) for a COCO-style iNat file."""
@@ -315,8 +395,10 @@ def inat_to_list(json_path: str | Path, out: str | Path) -> dict:
         raise ListCheckError(f"{json_path}: not valid JSON ({e})") from None
     for key in ("images", "annotations"):
         if not isinstance(d.get(key), list):
-            raise ListCheckError(f"{json_path}: no '{key}' list (a COCO-style iNaturalist file has images and "
-                                 "annotations; test2018.json has no labels)")
+            raise ListCheckError(
+                f"{json_path}: no '{key}' list (a COCO-style iNaturalist file has images and "
+                "annotations; test2018.json has no labels)"
+            )
     label: dict[Any, int] = {}
     for i, a in enumerate(d["annotations"]):
         try:
@@ -343,8 +425,15 @@ def inat_to_list(json_path: str | Path, out: str | Path) -> dict:
     known = {im["id"] for im in d["images"]}
     orphans = [k for k in label if k not in known]
     if orphans:
-        raise ListCheckError(f"{json_path}: {len(orphans)} annotation(s) refer to unknown image ids, "
-                             f"first: {orphans[:MAX_EXAMPLES]}")
+        raise ListCheckError(
+            f"{json_path}: {len(orphans)} annotation(s) refer to unknown image ids, first: {orphans[:MAX_EXAMPLES]}"
+        )
     io.write_text(out, "\n".join(lines) + "\n")
-    return {"json": str(json_path), "out": str(out), "images": len(lines), "classes": len(counts),
-            "max": max(counts.values(), default=0), "min": min(counts.values(), default=0)}
+    return {
+        "json": str(json_path),
+        "out": str(out),
+        "images": len(lines),
+        "classes": len(counts),
+        "max": max(counts.values(), default=0),
+        "min": min(counts.values(), default=0),
+    }

@@ -4,6 +4,7 @@ Per-class counts follow an exponential ("exp") or a two-level ("step") profile w
 ratio ρ = n_max / n_min; images are chosen by shuffling each class's indices with one NumPy
 RNG seeded once (the *subset* seed, kept separate from the training seed).
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -8,6 +8,7 @@ synchronisation. :class:`ImageListSource` (ImageNet-LT, Places-LT, iNaturalist 2
 image files in DataLoader workers with the same interface; :func:`make_source` picks one by the
 prepared file's type.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,7 @@ DEFAULT_STRONG_VIEW = {"policy": "torchvision", "cutout": False}  # recipe.stron
 class TensorSource:
     strong_view = DEFAULT_STRONG_VIEW  # the trainer sets the recipe's
 
-    def __init__(self, data_file, device: torch.device, mean: Sequence[float], std: Sequence[float],
-                 padding: int):
+    def __init__(self, data_file, device: torch.device, mean: Sequence[float], std: Sequence[float], padding: int):
         with np.load(data_file) as z:
             self.train_x = torch.from_numpy(z["train_x"]).to(device)
             self.train_y = torch.from_numpy(z["train_y"]).to(device)
@@ -62,12 +62,13 @@ class TensorSource:
             raise ValueError(f"unknown view {kind!r}; known: weak, strong, none")
         return augment.normalize(x, self.mean, self.std)
 
-    def epoch(self, order: torch.Tensor, batch_size: int, views: Sequence[str],
-              gen: torch.Generator) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    def epoch(
+        self, order: torch.Tensor, batch_size: int, views: Sequence[str], gen: torch.Generator
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Batches of ``order``; a last batch of one sample is dropped (BatchNorm needs two)."""
         n = len(order)
         for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             if len(idx) < 2:
                 break
             x = self.train_x[idx]
@@ -78,32 +79,45 @@ class TensorSource:
 
     def test(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.test_y), batch_size):
-            yield augment.normalize(self.test_x[i:i + batch_size], self.mean, self.std), self.test_y[i:i + batch_size]
+            yield (
+                augment.normalize(self.test_x[i : i + batch_size], self.mean, self.std),
+                self.test_y[i : i + batch_size],
+            )
 
     def val(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out validation split in batches (never the test set); a clear error if absent."""
         if self.val_y is None or len(self.val_y) == 0:
-            raise ValueError(f"{self.data_file} has no validation split (val_x/val_y); run `python -m ltbench "
-                             "prepare` again (datasets.<name>.val_per_class > 0) to select τ on it")
+            raise ValueError(
+                f"{self.data_file} has no validation split (val_x/val_y); run `python -m ltbench "
+                "prepare` again (datasets.<name>.val_per_class > 0) to select τ on it"
+            )
         for i in range(0, len(self.val_y), batch_size):
-            yield augment.normalize(self.val_x[i:i + batch_size], self.mean, self.std), self.val_y[i:i + batch_size]
+            yield augment.normalize(self.val_x[i : i + batch_size], self.mean, self.std), self.val_y[i : i + batch_size]
 
 
 # ---------------------------------------------------------------------------------------------
 # Image-list datasets (ImageNet-LT, Places-LT, iNaturalist 2018)
+
 
 def make_source(data_file, device: torch.device, dspec, options=None, train=None):
     """The source for a prepared file: an image-list manifest (``*.lists.json``) gives an
     :class:`ImageListSource`, anything else (the ``.npz`` of CIFAR / digits) a :class:`TensorSource`."""
     if str(data_file).endswith(MANIFEST_SUFFIX):
         train = train or {}
-        return ImageListSource(data_file, device, dspec.name, options or {},
-                               batch_size=int(train.get("batch_size", 128)), workers=int(train.get("workers", 0)))
+        return ImageListSource(
+            data_file,
+            device,
+            dspec.name,
+            options or {},
+            batch_size=int(train.get("batch_size", 128)),
+            workers=int(train.get("workers", 0)),
+        )
     return TensorSource(data_file, device, dspec.mean, dspec.std, dspec.padding)
 
 
-def _resized_crop_params(rng: np.random.Generator, width: int, height: int,
-                         scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)) -> tuple[int, int, int, int]:
+def _resized_crop_params(
+    rng: np.random.Generator, width: int, height: int, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)
+) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.get_params`` (same algorithm) drawing from ``rng``: (i, j, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -215,12 +229,14 @@ class ImageListSource:
 
     strong_view = DEFAULT_STRONG_VIEW  # the trainer sets the recipe's
 
-    def __init__(self, manifest_file, device: torch.device, dataset: str, options: dict,
-                 batch_size: int = 128, workers: int = 0):
+    def __init__(
+        self, manifest_file, device: torch.device, dataset: str, options: dict, batch_size: int = 128, workers: int = 0
+    ):
         self.manifest, splits = imagelists.load_manifest(manifest_file)
         if self.manifest["dataset"] != dataset:
-            raise imagelists.ListCheckError(f"{manifest_file} is a manifest of {self.manifest['dataset']}, "
-                                            f"not {dataset}")
+            raise imagelists.ListCheckError(
+                f"{manifest_file} is a manifest of {self.manifest['dataset']}, not {dataset}"
+            )
         t = imagelists.transform_options(dataset, options)
         self.settings = t
         self.device = device
@@ -233,12 +249,22 @@ class ImageListSource:
         self.val_y = torch.from_numpy(splits["val"][1]).to(device) if "val" in splits else None
         self.manifest_file = manifest_file
         self.test_batch_size = batch_size
-        self.files = ImageFiles(self.manifest["root"], {s: p for s, (p, _) in splits.items()},
-                                t["image_size"], t["resize"], t["color_jitter"])
+        self.files = ImageFiles(
+            self.manifest["root"],
+            {s: p for s, (p, _) in splits.items()},
+            t["image_size"],
+            t["resize"],
+            t["color_jitter"],
+        )
         self._plan = _Plan()
         self._loader = torch.utils.data.DataLoader(
-            self.files, batch_sampler=self._plan, num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None)
+            self.files,
+            batch_sampler=self._plan,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            worker_init_fn=_worker_init if workers > 0 else None,
+        )
         self._busy = False
 
     def __len__(self) -> int:
@@ -259,18 +285,19 @@ class ImageListSource:
         finally:
             self._busy = False
 
-    def epoch(self, order: torch.Tensor, batch_size: int, views: Sequence[str],
-              gen: torch.Generator) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    def epoch(
+        self, order: torch.Tensor, batch_size: int, views: Sequence[str], gen: torch.Generator
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Batches of ``order``; a last batch of one sample is dropped (BatchNorm needs two)."""
         for v in views:
             if v not in ("weak", "strong", "none"):
                 raise ValueError(f"unknown view {v!r}; known: weak, strong, none")
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device).item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
         idx_cpu = order.tolist()
         kinds = tuple(views)
         batches = []
         for i in range(0, len(idx_cpu), batch_size):
-            chunk = idx_cpu[i:i + batch_size]
+            chunk = idx_cpu[i : i + batch_size]
             if len(chunk) < 2:
                 break
             batches.append([("train", k, seed, i + j, kinds) for j, k in enumerate(chunk)])
@@ -278,10 +305,11 @@ class ImageListSource:
             out = []
             for v, x in zip(views, xs):
                 if v == "strong":
-                    x = augment.strong_view(x, gen, self.strong_view["policy"], self.strong_view["cutout"],
-                                            table=self.policy)
+                    x = augment.strong_view(
+                        x, gen, self.strong_view["policy"], self.strong_view["cutout"], table=self.policy
+                    )
                 out.append(augment.normalize(x, self.mean, self.std))
-            yield out, self.train_y[order[b * batch_size:(b + 1) * batch_size]]
+            yield out, self.train_y[order[b * batch_size : (b + 1) * batch_size]]
 
     def steps(self, n: int, batch_size: int) -> int:
         return n // batch_size + (1 if n % batch_size >= 2 else 0)
@@ -292,8 +320,10 @@ class ImageListSource:
     def val(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The dataset's own val list (configured as val_list), test-time transform; an error without one."""
         if self.val_y is None:
-            raise ValueError(f"{self.manifest['dataset']} has no validation list in {self.manifest_file} (configure "
-                             "datasets.<name>.val_list and run prepare again); τ is never selected on the test set")
+            raise ValueError(
+                f"{self.manifest['dataset']} has no validation list in {self.manifest_file} (configure "
+                "datasets.<name>.val_list and run prepare again); τ is never selected on the test set"
+            )
         yield from self._split("val", self.val_y, batch_size)
 
     def _split(self, split: str, labels: torch.Tensor, batch_size: int | None):
@@ -301,4 +331,4 @@ class ImageListSource:
         n = len(labels)
         batches = [[(split, k, 0, k, ("none",)) for k in range(i, min(i + bs, n))] for i in range(0, n, bs)]
         for b, (x,) in enumerate(self._run(batches)):
-            yield augment.normalize(x, self.mean, self.std), labels[b * bs:(b + 1) * bs]
+            yield augment.normalize(x, self.mean, self.std), labels[b * bs : (b + 1) * bs]

@@ -18,6 +18,7 @@ implementation with one warning), ``torch`` (never these kernels), ``c`` (these 
 :func:`describe` says which is in use (``metrics.json`` records it). CUDA tensors and channels_last
 input always take the torch implementation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,8 +95,9 @@ def build() -> Path:
     os.close(fd)
     try:
         try:
-            proc = subprocess.run([_compiler(), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                  timeout=300)
+            proc = subprocess.run(
+                [_compiler(), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+            )
         except (OSError, subprocess.SubprocessError) as e:
             raise RuntimeError(f"cannot run the C compiler {_compiler()!r}: {e}") from e
         if proc.returncode != 0:
@@ -118,8 +120,7 @@ def _load() -> None:
     except (RuntimeError, OSError) as e:
         if mode == "c":
             raise RuntimeError(f"LTBENCH_CBN_KERNEL=c but the CBN CPU kernels are unavailable: {e}") from e
-        warnings.warn(f"CBN CPU kernels unavailable, using the torch implementation: {e}", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(f"CBN CPU kernels unavailable, using the torch implementation: {e}", RuntimeWarning, stacklevel=3)
         _state = f"torch ({str(e).splitlines()[0]})"
         return
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -184,20 +185,35 @@ def _call(fn, x: torch.Tensor, M: int, K: int, **tensors: torch.Tensor | None) -
     logits: N·M·L; shift: C; cst: M; w, wr: M·K·C; wd: M·2·C; part: threads·M·2C, float64)."""
     N, C = x.shape[:2]
     L, nt = x.numel() // max(N * C, 1), torch.get_num_threads()
-    size = {"x": N * C * L, "g": N * C * L, "out": N * C * L, "r": N * M * L, "da": N * M * L, "logits": N * M * L,
-            "shift": C,
-            "cst": M, "w": M * K * C, "wr": M * K * C, "wd": M * 2 * C, "part": nt * M * 2 * C}
+    size = {
+        "x": N * C * L,
+        "g": N * C * L,
+        "out": N * C * L,
+        "r": N * M * L,
+        "da": N * M * L,
+        "logits": N * M * L,
+        "shift": C,
+        "cst": M,
+        "w": M * K * C,
+        "wr": M * K * C,
+        "wd": M * 2 * C,
+        "part": nt * M * 2 * C,
+    }
     for name, t in {"x": x, **tensors}.items():
         dtype = torch.float64 if name == "part" else torch.float32
-        if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()
-                              or t.numel() != size[name]):
-            raise ValueError(f"cbn_cpu.{fn.__name__}: {name} must be a contiguous {dtype} CPU tensor of "
-                             f"{size[name]} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if t is not None and (
+            t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != size[name]
+        ):
+            raise ValueError(
+                f"cbn_cpu.{fn.__name__}: {name} must be a contiguous {dtype} CPU tensor of "
+                f"{size[name]} elements, got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
     fn(*(_p(t) for t in [x, *tensors.values()]), N, C, L, M, nt)
 
 
-def quad(x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, w: torch.Tensor, cst: torch.Tensor
-         ) -> torch.Tensor:
+def quad(
+    x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, w: torch.Tensor, cst: torch.Tensor
+) -> torch.Tensor:
     """(N, M, L): cst_k + Σ_c xc (w[k,0] + w[k,1] xc) [+ g (w[k,2] xc + w[k,3])], w: (M, 2 or 4, C)."""
     M = w.shape[0]
     out = x.new_empty((x.shape[0], M, x.numel() // (x.shape[0] * x.shape[1])))
@@ -213,10 +229,29 @@ def moments(x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, r: tor
     return part.sum(0).to(torch.float32)
 
 
-def mix(x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, r: torch.Tensor, da: torch.Tensor | None,
-        wr: torch.Tensor, wd: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def mix(
+    x: torch.Tensor,
+    g: torch.Tensor | None,
+    shift: torch.Tensor,
+    r: torch.Tensor,
+    da: torch.Tensor | None,
+    wr: torch.Tensor,
+    wd: torch.Tensor | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """out (like x) = B + A xc [+ G g]: A, B, G = Σ_k r_k wr[k, 0/1/2] (+ Σ_k da_k wd[k, 0/1])."""
     M = r.shape[1]
-    _call(_lib.cbn_mix, x, M, 2 if g is None else 3, g=g, shift=_f32(shift), r=r, da=da, wr=_f32(wr),
-          wd=None if wd is None else _f32(wd), out=out)
+    _call(
+        _lib.cbn_mix,
+        x,
+        M,
+        2 if g is None else 3,
+        g=g,
+        shift=_f32(shift),
+        r=r,
+        da=da,
+        wr=_f32(wr),
+        wd=None if wd is None else _f32(wd),
+        out=out,
+    )
     return out

@@ -36,6 +36,7 @@ Choices the papers leave open, made here:
   weight (``losses.class_weights``, cb with β = 0.9999 or inverse), Σ w_y l_i / Σ w_y; any
   weighting configured on the criterion itself is not applied in this stage.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -49,8 +50,10 @@ from ltbench.spec.methods import DEFAULT_RECIPE
 
 STAGES = Registry("decoupled classifier")
 BACKBONE_MODES = ("train", "eval")
-POST_HOC = ("τ-normalization (classifier: tau_norm) is post hoc and has no training step; "
-            "skip the classifier-stage epochs and call eval_model")
+POST_HOC = (
+    "τ-normalization (classifier: tau_norm) is post hoc and has no training step; "
+    "skip the classifier-stage epochs and call eval_model"
+)
 
 
 def _options(dt: Mapping[str, Any]) -> dict:
@@ -62,8 +65,12 @@ def classifier_layers(model: nn.Module) -> tuple[nn.Linear, nn.Module | None]:
     fc = model.fc
     if isinstance(fc, nn.Linear):
         return fc, None
-    if (isinstance(fc, nn.Sequential) and len(fc) == 2 and isinstance(fc[0], nn.Linear)
-            and isinstance(fc[1], nn.BatchNorm1d)):
+    if (
+        isinstance(fc, nn.Sequential)
+        and len(fc) == 2
+        and isinstance(fc[0], nn.Linear)
+        and isinstance(fc[1], nn.BatchNorm1d)
+    ):
         return fc[0], fc[1]
     raise TypeError(f"model.fc must be nn.Linear or nn.Sequential(nn.Linear, nn.BatchNorm1d); got {fc}")
 
@@ -206,9 +213,15 @@ def setup_stage(model: nn.Module, dt: Mapping[str, Any], num_classes: int) -> nn
     return stage.setup(linear, dt, num_classes)
 
 
-def stage_loss(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               criterion: losses.Loss, dt: Mapping[str, Any], counts: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def stage_loss(
+    model: nn.Module,
+    head: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: losses.Loss,
+    dt: Mapping[str, Any],
+    counts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, logits) of one classifier-stage batch; gradients reach only ``head``.
 
     Features come from the backbone in ``dt["backbone_mode"]`` (train: batch statistics, running
@@ -221,8 +234,9 @@ def stage_loss(model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tens
     if not stage.trainable:
         raise RuntimeError(POST_HOC)
     if dt["backbone_mode"] not in BACKBONE_MODES:
-        raise ValueError(f"decoupled.backbone_mode must be one of {', '.join(BACKBONE_MODES)}, "
-                         f"not {dt['backbone_mode']!r}")
+        raise ValueError(
+            f"decoupled.backbone_mode must be one of {', '.join(BACKBONE_MODES)}, not {dt['backbone_mode']!r}"
+        )
     model.train(dt["backbone_mode"] == "train")
     _, rect = classifier_layers(model)
     if rect is not None:

@@ -20,6 +20,7 @@ the logits' device, without host synchronisation.
 
 Registered losses: ``ce``, ``focal``, ``ldam``, ``balanced_softmax``, ``logit_adjust``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -44,7 +45,7 @@ def class_weights(counts: torch.Tensor | Sequence[float], kind: str, beta: float
     if kind == "none":
         return torch.ones(n.shape, dtype=torch.float32, device=n.device)
     if kind == "cb":
-        w = (1.0 - beta) / (1.0 - beta ** n)
+        w = (1.0 - beta) / (1.0 - beta**n)
     elif kind == "inverse":
         w = 1.0 / n
     else:
@@ -139,8 +140,16 @@ class LDAM(Loss):
     Before the first :meth:`set_epoch` call a DRW loss is in its uniform phase.
     """
 
-    def __init__(self, counts, max_m: float = 0.5, s: float = 30.0, drw: bool = True,
-                 drw_epoch_fraction: float = 0.8, weighting: str | None = None, beta: float = 0.9999):
+    def __init__(
+        self,
+        counts,
+        max_m: float = 0.5,
+        s: float = 30.0,
+        drw: bool = True,
+        drw_epoch_fraction: float = 0.8,
+        weighting: str | None = None,
+        beta: float = 0.9999,
+    ):
         if weighting is None:
             weighting = "cb" if drw else "none"
         super().__init__(counts, weighting, beta)

@@ -20,6 +20,7 @@ Model-level helpers: :func:`apply` (replace a model's BatchNorm2d layers in a sc
 :func:`rectify_logits` (NBN's logit rectification), :func:`class_groups` and :func:`split_mode`
 (CBN's split path).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,6 +56,7 @@ def _choice(what: str, value: Any, allowed: tuple) -> Any:
 # --------------------------------------------------------------------------------------------
 # Fused CBN kernels: one autograd Function, hand-derived backward, no full-size copies of x
 # --------------------------------------------------------------------------------------------
+
 
 class _Layout:
     """A 4-D tensor (N, C, H, W) seen without a copy as (N, C, L) (contiguous input: channel dim 1)
@@ -117,6 +119,7 @@ class _Mixture(NamedTuple):
     """The running mixture as the E-step and the output need it, in coordinates shifted by ``shift``:
     log r_ik = const_k + Σ_c (xc_ic² w2_kc + xc_ic w1_kc) − logsumexp, xc = x − shift, with
     w2 = −½/(σ²+ε), w1 = (μ−shift)/(σ²+ε) (Eq. 8–9 in log space); ``estep`` = [w1 | w2] (M, 2C)."""
+
     shift: torch.Tensor
     estep: torch.Tensor
     const: torch.Tensor
@@ -124,8 +127,7 @@ class _Mixture(NamedTuple):
     center: torch.Tensor
 
 
-def _mixture(prior: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
-             shift: torch.Tensor) -> _Mixture:
+def _mixture(prior: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, shift: torch.Tensor) -> _Mixture:
     v = var + eps
     prec = v.reciprocal()
     mc = mean - shift
@@ -133,8 +135,9 @@ def _mixture(prior: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: fl
     return _Mixture(shift, torch.cat([mc * prec, -0.5 * prec], 1), const, prec, mc)
 
 
-def _affine(weight: torch.Tensor, bias: torch.Tensor, mean_c: torch.Tensor, var: torch.Tensor, eps: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _affine(
+    weight: torch.Tensor, bias: torch.Tensor, mean_c: torch.Tensor, var: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """γ (x − μ)/sqrt(σ² + ε) + β = xc·scale + offset with xc = x − shift, mean_c = μ − shift: (inv_std, scale, offset)."""
     inv = torch.rsqrt(var + eps)
     scale = weight * inv
@@ -186,8 +189,14 @@ def _pixel_estep_fused(x: torch.Tensor, mix: _Mixture) -> torch.Tensor:
     return _flush(_softmax(cbn_cpu.quad(x, None, mix.shift, mix.estep.view(M, 2, C), mix.const), 1))
 
 
-def _mixed_affine(lay: _Layout, r: torch.Tensor, xc: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def _mixed_affine(
+    lay: _Layout,
+    r: torch.Tensor,
+    xc: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eq. 16 per point: y_i = (Σ_k r_ik scale_k) ⊙ xc_i + Σ_k r_ik offset_k (one matmul, one multiply-add)."""
     C = scale.shape[1]
     t = lay.to_points(r, torch.cat([scale, offset], 1))
@@ -211,8 +220,7 @@ def _pooled_r(pc: torch.Tensor, mix: _Mixture) -> torch.Tensor:
     return _flush(torch.softmax(torch.cat([pc, pc * pc], 1) @ mix.estep.t() + mix.const, 1))
 
 
-def _stat_grads(ctx, dscale: torch.Tensor, doff: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stat_grads(ctx, dscale: torch.Tensor, doff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From ∂L/∂scale, ∂L/∂offset (M, C) with scale = γ/sqrt(v+ε), offset = β − m·scale: ∂L/∂γ and
     D1 = ∂L/∂μ̃ / n, D2 = ∂L/∂σ̃² / n, zero where the normalization did not use the batch statistics
     (running stats, dead component)."""
@@ -274,8 +282,9 @@ class _CompoundFunction(torch.autograd.Function):
         # the output is written into its own 4-D tensor, not returned as a view of a 3-D one: autograd
         # forbids in-place ops (ReLU(inplace=True) after the norm, torchvision's Bottleneck) on views
         # created inside a custom Function
-        y4 = torch.empty(lay.shape, dtype=torch.promote_types(x.dtype, ctx.scale.dtype), device=x.device,
-                         memory_format=lay.format)
+        y4 = torch.empty(
+            lay.shape, dtype=torch.promote_types(x.dtype, ctx.scale.dtype), device=x.device, memory_format=lay.format
+        )
         if fused:
             cbn_cpu.mix(x, None, s, r, None, torch.stack([ctx.scale, ctx.offset], 1), None, out=y4)
         elif mode == "pixel":
@@ -331,8 +340,9 @@ def _pixel_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
         da = _dlogits(ctx, r, dr, lay.c)
         mix = ctx.mix
         zero = torch.zeros_like(ctx.scale)
-        w = torch.cat([torch.cat([ctx.scale, 2.0 * d2, lin], 1),
-                       torch.cat([zero, -mix.prec, mix.center * mix.prec], 1)], 0)
+        w = torch.cat(
+            [torch.cat([ctx.scale, 2.0 * d2, lin], 1), torch.cat([zero, -mix.prec, mix.center * mix.prec], 1)], 0
+        )
         t = lay.to_points(torch.cat([r, da], lay.c), w)
     else:
         t = lay.to_points(r, torch.cat([ctx.scale, 2.0 * d2, lin], 1))
@@ -385,6 +395,7 @@ def _sample_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 # CBN
 # --------------------------------------------------------------------------------------------
+
 
 class CompoundBatchNorm2d(nn.Module):
     """Compound Batch Normalization (Cheng et al. 2022, Eq. 7–16) with the SBN split path (Sec. 3.3).
@@ -446,11 +457,22 @@ class CompoundBatchNorm2d(nn.Module):
 
     split_groups: torch.Tensor | None
 
-    def __init__(self, num_features: int, num_components: int = 4, eps: float = 1e-5,
-                 prior_momentum: float = 0.1, mean_momentum: float = 0.1, var_momentum: float = 0.1,
-                 responsibilities: str = "pixel", train_stats: str = "batch", init: str = "first_batch",
-                 init_std: float = 0.1, detach_responsibilities: bool = False, em: bool = True,
-                 unbiased_var: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        num_components: int = 4,
+        eps: float = 1e-5,
+        prior_momentum: float = 0.1,
+        mean_momentum: float = 0.1,
+        var_momentum: float = 0.1,
+        responsibilities: str = "pixel",
+        train_stats: str = "batch",
+        init: str = "first_batch",
+        init_std: float = 0.1,
+        detach_responsibilities: bool = False,
+        em: bool = True,
+        unbiased_var: bool = True,
+    ):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
@@ -489,11 +511,13 @@ class CompoundBatchNorm2d(nn.Module):
             self.register_buffer("global_running_var", torch.ones(C))
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
-                f"momenta(prior, mean, var)=({self.prior_momentum}, {self.mean_momentum}, {self.var_momentum}), "
-                f"responsibilities={self.responsibilities_mode}, train_stats={self.train_stats}, "
-                f"init={self.init}, detach_responsibilities={self.detach_responsibilities}, em={self.em}, "
-                f"unbiased_var={self.unbiased_var}")
+        return (
+            f"{self.num_features}, num_components={self.num_components}, eps={self.eps}, "
+            f"momenta(prior, mean, var)=({self.prior_momentum}, {self.mean_momentum}, {self.var_momentum}), "
+            f"responsibilities={self.responsibilities_mode}, train_stats={self.train_stats}, "
+            f"init={self.init}, detach_responsibilities={self.detach_responsibilities}, em={self.em}, "
+            f"unbiased_var={self.unbiased_var}"
+        )
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -632,8 +656,9 @@ class CompoundBatchNorm2d(nn.Module):
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
         prior, mean, var = buffers or (self.running_prior, self.running_mean, self.running_var)
-        return _CompoundFunction.apply(x, weight, bias, prior, mean, var, r, mode, batch_stats,
-                                       self.detach_responsibilities, self.eps, shift)
+        return _CompoundFunction.apply(
+            x, weight, bias, prior, mean, var, r, mode, batch_stats, self.detach_responsibilities, self.eps, shift
+        )
 
     def _train_compound(self, x: torch.Tensor) -> torch.Tensor:
         """One moving-average EM step on x (Eq. 8–15) and the compound output (Eq. 16)."""
@@ -664,9 +689,15 @@ class CompoundBatchNorm2d(nn.Module):
         """``em=False`` compound path with momenta BatchNorm cannot express: BatchNorm over the batch."""
         self.num_batches_tracked.add_(1)
         gm, gv = self.global_running_mean[None], self.global_running_var[None]
-        y, n, mean, var = self._apply_fn(x, x.new_ones(x.shape[0], 1), "fixed", True,
-                                         weight=self.global_weight[None], bias=self.global_bias[None],
-                                         buffers=(self.running_prior[:1], gm, gv))
+        y, n, mean, var = self._apply_fn(
+            x,
+            x.new_ones(x.shape[0], 1),
+            "fixed",
+            True,
+            weight=self.global_weight[None],
+            bias=self.global_bias[None],
+            buffers=(self.running_prior[:1], gm, gv),
+        )
         with torch.no_grad():
             self._update(gm, gv, n, mean, var, n > 0)
         return y
@@ -683,8 +714,9 @@ class CompoundBatchNorm2d(nn.Module):
         xf = lay.flat(x)
         if self.responsibilities_mode == "pixel" and _fused(x, scale, offset, mix.estep):
             r = _pixel_estep_fused(xf, mix)
-            return cbn_cpu.mix(xf, None, mix.shift, r, None, torch.stack([scale, offset], 1), None,
-                               out=torch.empty_like(x))
+            return cbn_cpu.mix(
+                xf, None, mix.shift, r, None, torch.stack([scale, offset], 1), None, out=torch.empty_like(x)
+            )
         if self.responsibilities_mode == "pixel":
             z, r = _pixel_estep(lay, xf, mix)
             return lay.unflat(_mixed_affine(lay, r, lay.narrow(z, 0, x.shape[1]), scale, offset))
@@ -699,14 +731,20 @@ class CompoundBatchNorm2d(nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
-                mix = _mixture(self.running_prior, self.running_mean, self.running_var, self.eps,
-                               self._running_shift())
+                mix = _mixture(self.running_prior, self.running_mean, self.running_var, self.eps, self._running_shift())
                 _, scale, offset = _affine(self.weight, self.bias, mix.center, self.running_var, self.eps)
             self._eval_cache = (key, mix, scale, offset)
         return self._eval_cache[1:]
 
-    def _update(self, running_mean: torch.Tensor, running_var: torch.Tensor, n: torch.Tensor,
-                mean: torch.Tensor, var: torch.Tensor, alive: torch.Tensor) -> None:
+    def _update(
+        self,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        n: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        alive: torch.Tensor,
+    ) -> None:
         """Eq. 14–15 in place for the components in ``alive`` (others keep their values)."""
         if self.unbiased_var:
             var = var * _bessel(n)[:, None]
@@ -718,6 +756,7 @@ class CompoundBatchNorm2d(nn.Module):
 # --------------------------------------------------------------------------------------------
 # NBN
 # --------------------------------------------------------------------------------------------
+
 
 class NormalizedBatchNorm2d(nn.BatchNorm2d):
     """Normalizing Batch Normalization (Bao et al. 2025, public code).
@@ -735,8 +774,14 @@ class NormalizedBatchNorm2d(nn.BatchNorm2d):
         alpha_weight_decay: whether the magnitudes get weight decay (read by :func:`param_groups`).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, alpha: str = "shared",
-                 alpha_weight_decay: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        alpha: str = "shared",
+        alpha_weight_decay: bool = True,
+    ):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.alpha_mode = _choice("alpha", alpha, ALPHA_MODES)
         self.alpha_weight_decay = alpha_weight_decay
@@ -768,6 +813,7 @@ class NormalizedBatchNorm2d(nn.BatchNorm2d):
 # Registry
 # --------------------------------------------------------------------------------------------
 
+
 @NORMS.register("bn")
 def batchnorm(num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> nn.Module:
     """Plain ``nn.BatchNorm2d``."""
@@ -792,6 +838,7 @@ def factory(name: str = "bn", options: Mapping[str, Any] | None = None) -> Calla
 # --------------------------------------------------------------------------------------------
 # Model surgery
 # --------------------------------------------------------------------------------------------
+
 
 def _is_bn(module: nn.Module) -> bool:
     return type(module) is nn.BatchNorm2d  # layers installed by `apply` (NBN included) are left alone
@@ -867,8 +914,10 @@ def param_groups(model: nn.Module, weight_decay: float, alpha_weight_decay: bool
     """
     no_decay = {id(p) for p in _alpha_parameters(model, alpha_weight_decay)}
     params = list(model.parameters())  # shared parameters appear once
-    groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 

@@ -23,6 +23,7 @@ class j is drawn with probability p_j = n_j^q / Σ_k n_k^q, then an instance of 
 
 Classes without training images are never drawn.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -38,7 +39,7 @@ SAMPLERS = Registry("sampler")
 def class_sizes(labels: torch.Tensor) -> torch.Tensor:
     """n_{y_i} for every sample i (the size of its class), from a sort: no host synchronisation."""
     ordered = torch.sort(labels).values
-    return (torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels))
+    return torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
 
 
 def class_power(labels: torch.Tensor, generator: torch.Generator, q: float) -> torch.Tensor:
@@ -92,7 +93,8 @@ def _cycle_positions(n: torch.Tensor, length: int, generator: torch.Generator) -
     block = torch.div(p, n[:, None], rounding_mode="floor")
     complete = (block + 1) * n[:, None] <= width
     key = torch.where(complete, block.double(), float(width)) + torch.rand(
-        (K, width), generator=generator, device=dev, dtype=torch.float64)
+        (K, width), generator=generator, device=dev, dtype=torch.float64
+    )
     rank = torch.empty_like(p)
     rank.scatter_(1, key.argsort(dim=1), p.clone())  # position of each column in the sorted order
     return (rank - block * n[:, None])[:, :length]

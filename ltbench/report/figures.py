@@ -26,6 +26,7 @@ table layout (``comparison.csv``); ``runs.csv`` gives the per-seed dots and the 
 Every function returns the PNG path, or raises :class:`Skip` with the reason when the data for the
 figure is not there (no finished run, no model file, no M...); the report lists skipped figures.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,17 @@ from ltbench import io  # noqa: E402
 from ltbench.analysis import compare  # noqa: E402
 from ltbench.analysis.aggregate import METRICS  # noqa: E402
 from ltbench.data.longtail import format_ratio  # noqa: E402
-from ltbench.report.tables import (M_KNOB, NORM_KNOB, Layout, dataset_name, fmt_delta, method_name,  # noqa: E402
-                                   metric_name, of_experiment, safe_name)
+from ltbench.report.tables import (
+    M_KNOB,
+    NORM_KNOB,
+    Layout,
+    dataset_name,
+    fmt_delta,
+    method_name,  # noqa: E402
+    metric_name,
+    of_experiment,
+    safe_name,
+)
 from ltbench.spec.catalog import backbone_depth  # noqa: E402
 
 DPI = 110
@@ -73,8 +83,12 @@ def select(df: pd.DataFrame, exp: Mapping, seeds: bool = True) -> pd.DataFrame:
     if df.empty:
         return df
     ratio = df["ratio"].astype(float)
-    m = (df["dataset"].isin(exp["datasets"]) & ratio.isin({float(r) for r in exp["ratios"]})
-         & df["method"].isin(exp["methods"]) & df["backbone"].isin(exp["backbones"]))
+    m = (
+        df["dataset"].isin(exp["datasets"])
+        & ratio.isin({float(r) for r in exp["ratios"]})
+        & df["method"].isin(exp["methods"])
+        & df["backbone"].isin(exp["backbones"])
+    )
     if seeds and "seed" in df.columns:
         m &= df["seed"].astype(int).isin([int(s) for s in exp["seeds"]])
     return df[m].copy()
@@ -87,15 +101,21 @@ def _cell_label(d: str, r, backbone: str | None = None) -> str:
 
 def _panel_col(df: pd.DataFrame, exp: Mapping) -> pd.Series:
     several = len(exp["backbones"]) > 1
-    return pd.Series([_cell_label(d, r, b if several else None)
-                      for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"])], index=df.index)
+    return pd.Series(
+        [_cell_label(d, r, b if several else None) for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"])],
+        index=df.index,
+    )
 
 
 def _panel_order(exp: Mapping, present) -> list[str]:
     """Panel labels in the config's order (datasets, then ratios, then backbones), those present only."""
     several = len(exp["backbones"]) > 1
-    labels = [_cell_label(d, r, b if several else None) for d in exp["datasets"] for r in exp["ratios"]
-              for b in exp["backbones"]]
+    labels = [
+        _cell_label(d, r, b if several else None)
+        for d in exp["datasets"]
+        for r in exp["ratios"]
+        for b in exp["backbones"]
+    ]
     present = set(present)
     return [lb for lb in dict.fromkeys(labels) if lb in present]
 
@@ -118,6 +138,7 @@ def _palette(methods: list[str]) -> dict[str, tuple]:
 
 # ---------------------------------------------------------------- generic figures
 
+
 def _grid(n_panels: int, width: float, height: float, ncols: int = 3):
     ncols = min(ncols, n_panels)
     nrows = -(-n_panels // ncols)
@@ -135,8 +156,16 @@ def _legend_below(fig, axes, title: str | None = None, ncol: int = 4):
             if lb not in labels:
                 handles.append(h)
                 labels.append(lb)
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(ncol, len(labels)),
-               frameon=False, title=title, fontsize=8)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(ncol, len(labels)),
+        frameon=False,
+        title=title,
+        fontsize=8,
+    )
 
 
 def _finish_panels(fig, axes, n_panels: int, ylabel: str, title: str, path: Path) -> Path:
@@ -175,18 +204,28 @@ def fig_groups(summary: pd.DataFrame, name: str, exp: Mapping, path: Path) -> Pa
     width = 0.8 / len(order)
     for ax, panel in zip(axes, panels):
         for k, m in enumerate(order):
-            pts = [(i - 0.4 + width * (k + 0.5), stats.loc[(panel, m, metric)]) for i, metric in enumerate(METRICS)
-                   if (panel, m, metric) in stats.index]
+            pts = [
+                (i - 0.4 + width * (k + 0.5), stats.loc[(panel, m, metric)])
+                for i, metric in enumerate(METRICS)
+                if (panel, m, metric) in stats.index
+            ]
             if pts:
-                ax.bar([x for x, _ in pts], [st["mean"] for _, st in pts], width=width * 0.95, color=pal[m],
-                       label=method_name(m), yerr=[st["err"] for _, st in pts],
-                       error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#333"})
+                ax.bar(
+                    [x for x, _ in pts],
+                    [st["mean"] for _, st in pts],
+                    width=width * 0.95,
+                    color=pal[m],
+                    label=method_name(m),
+                    yerr=[st["err"] for _, st in pts],
+                    error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "#333"},
+                )
         ax.set_xticks(range(len(METRICS)), [metric_name(m, True) for m in METRICS])
         ax.set_title(panel, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    return _finish_panels(fig, axes, len(panels), "accuracy (%)",
-                          "Accuracy overall and by class group (mean ± std over seeds)", path)
+    return _finish_panels(
+        fig, axes, len(panels), "accuracy (%)", "Accuracy overall and by class group (mean ± std over seeds)", path
+    )
 
 
 def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
@@ -194,8 +233,9 @@ def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     if s.empty:
         raise Skip("no finished run")
     s["panel"] = _panel_col(s, exp)
-    d = s.groupby(["panel", "method", "class"], as_index=False).agg(acc=("acc", "mean"),
-                                                                   train_count=("train_count", "first"))
+    d = s.groupby(["panel", "method", "class"], as_index=False).agg(
+        acc=("acc", "mean"), train_count=("train_count", "first")
+    )
     order = _method_order(exp, d["method"])
     pal = _palette(order)
     panels = _panel_order(exp, s["panel"])
@@ -204,23 +244,42 @@ def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
         for m in order:
             g = d[(d["panel"] == panel) & (d["method"] == m)].sort_values(["train_count", "class"])
             if len(g):
-                ax.plot(g["train_count"], g["acc"], marker="o", markersize=2.5, linewidth=1.0, color=pal[m],
-                        label=method_name(m), alpha=0.9)
+                ax.plot(
+                    g["train_count"],
+                    g["acc"],
+                    marker="o",
+                    markersize=2.5,
+                    linewidth=1.0,
+                    color=pal[m],
+                    label=method_name(m),
+                    alpha=0.9,
+                )
         _log_x(ax)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("training images of the class (log scale)")
         ax.grid(alpha=0.3)
-    return _finish_panels(fig, axes, len(panels), "test accuracy (%)",
-                          "Per-class accuracy vs training count (mean over seeds)", path)
+    return _finish_panels(
+        fig, axes, len(panels), "test accuracy (%)", "Per-class accuracy vs training count (mean over seeds)", path
+    )
 
 
 # ---------------------------------------------------------------- CBN Figure 5 and Figure 6
 
+
 def _errorbars(ax, stats: pd.DataFrame, dots: pd.DataFrame, color, label, jitter=0.0):
     """Mean ± std at ``stats["x"]`` (summary rows), each seed's value at ``dots["x"]`` (runs rows)."""
     stats = stats.sort_values("x")
-    ax.errorbar(stats["x"] + jitter, stats["mean"], yerr=stats["err"], marker="o", capsize=3, color=color,
-                label=label, linewidth=1.6, markersize=5)
+    ax.errorbar(
+        stats["x"] + jitter,
+        stats["mean"],
+        yerr=stats["err"],
+        marker="o",
+        capsize=3,
+        color=color,
+        label=label,
+        linewidth=1.6,
+        markersize=5,
+    )
     ax.scatter(dots["x"] + jitter, dots["value"], s=9, color=color, alpha=0.35, linewidths=0)
 
 
@@ -255,8 +314,10 @@ def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Ma
     fig, axes = plt.subplots(1, 4, figsize=(13.5, 3.3), sharex=True)
     for ax, metric in zip(axes, METRICS):
         for k, sname in enumerate(series):
-            sel, dsel = s[(s["metric"] == metric) & (s["series"] == sname)], dots[(dots["metric"] == metric)
-                                                                                 & (dots["series"] == sname)]
+            sel, dsel = (
+                s[(s["metric"] == metric) & (s["series"] == sname)],
+                dots[(dots["metric"] == metric) & (dots["series"] == sname)],
+            )
             if len(sel):
                 _errorbars(ax, sel, dsel, colors[sname], sname, jitter=0.06 * (k - (len(series) - 1) / 2))
         ax.set_title(metric_name(metric, True))
@@ -265,16 +326,18 @@ def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Ma
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(series)), bbox_to_anchor=(0.5, -0.12),
-               frameon=False)
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(4, len(series)), bbox_to_anchor=(0.5, -0.12), frameon=False
+    )
     methods = ", ".join(f"M={m}: {meth}" for m, meth in sorted(set(zip(s["x"], s["method"]))))
     fig.suptitle("Accuracy vs number of CBN components M (mean ± std over seeds; dots: seeds)", y=1.02)
     fig.text(0.5, -0.2, methods, ha="center", fontsize=8, color="#555", wrap=True)
     return save(fig, path)
 
 
-def fig_backbones(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path,
-                  metric: str = "top1") -> Path:
+def fig_backbones(
+    summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1"
+) -> Path:
     s = _summary(summary, name, exp, metric)
     if s.empty:
         raise Skip("no finished run")
@@ -295,8 +358,14 @@ def fig_backbones(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Map
         for k, m in enumerate(order):
             sel = s[(s["panel"] == panel) & (s["method"] == m)]
             if len(sel):
-                _errorbars(ax, sel, dots[(dots["panel"] == panel) & (dots["method"] == m)], pal[m], method_name(m),
-                           jitter=0.05 * (k - (len(order) - 1) / 2))
+                _errorbars(
+                    ax,
+                    sel,
+                    dots[(dots["panel"] == panel) & (dots["method"] == m)],
+                    pal[m],
+                    method_name(m),
+                    jitter=0.05 * (k - (len(order) - 1) / 2),
+                )
         ax.set_xticks(range(len(backbones)), backbones)
         ax.set_title(panel)
         ax.set_xlabel("backbone")
@@ -309,12 +378,25 @@ def fig_backbones(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Map
 
 # ---------------------------------------------------------------- ablation heatmaps
 
+
 def _heatmap(values: pd.DataFrame, annot: pd.DataFrame, title: str, cbar: str, path: Path) -> Path:
     lim = np.nanmax(np.abs(values.to_numpy(dtype=float))) if values.notna().any().any() else 1.0
     lim = max(lim, 0.5)
     fig, ax = plt.subplots(figsize=(1.25 * values.shape[1] + 3.2, 0.48 * values.shape[0] + 1.6))
-    sns.heatmap(values.astype(float), annot=annot.to_numpy(), fmt="", cmap="RdBu", center=0, vmin=-lim, vmax=lim,
-                linewidths=0.5, linecolor="white", cbar_kws={"label": cbar}, ax=ax, annot_kws={"fontsize": 8})
+    sns.heatmap(
+        values.astype(float),
+        annot=annot.to_numpy(),
+        fmt="",
+        cmap="RdBu",
+        center=0,
+        vmin=-lim,
+        vmax=lim,
+        linewidths=0.5,
+        linecolor="white",
+        cbar_kws={"label": cbar},
+        ax=ax,
+        annot_kws={"fontsize": 8},
+    )
     ax.set_facecolor("#e6e6e6")  # NaN cells
     ax.set_xlabel("")
     ax.set_ylabel("")
@@ -340,20 +422,30 @@ def fig_ablation_baseline(gains: pd.DataFrame, name: str, exp: Mapping, path: Pa
     if g.empty or g["gain"].isna().all():
         raise Skip(f"no method has finished runs next to {over!r}")
     several_b = len(exp["backbones"]) > 1
-    g = g.assign(row=[method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"])],
-                 col=[_cell_label(d, float(r)) for d, r in zip(g["dataset"], g["ratio"])],
-                 a=[_gain_mark(r) for r in g.itertuples(index=False)])
+    g = g.assign(
+        row=[method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"])],
+        col=[_cell_label(d, float(r)) for d, r in zip(g["dataset"], g["ratio"])],
+        a=[_gain_mark(r) for r in g.itertuples(index=False)],
+    )
     rows, cols = list(dict.fromkeys(g["row"])), list(dict.fromkeys(g["col"]))
     vals = g.pivot(index="row", columns="col", values="gain").reindex(index=rows, columns=cols)
     annot = g.pivot(index="row", columns="col", values="a").reindex(index=rows, columns=cols).fillna("–")
-    return _heatmap(vals, annot, f"Gain over {method_name(over)} ({metric_name(metric, False)}, points; "
-                    f"* Holm-adjusted p < {compare.ALPHA:g}, = no gain)", "Δ top-1 vs baseline (points)", path)
+    return _heatmap(
+        vals,
+        annot,
+        f"Gain over {method_name(over)} ({metric_name(metric, False)}, points; "
+        f"* Holm-adjusted p < {compare.ALPHA:g}, = no gain)",
+        "Δ top-1 vs baseline (points)",
+        path,
+    )
 
 
 def fig_ablation_paper(layout: Layout, path: Path) -> Path:
     rows, vals, ann = [], [], []
-    cols = [_cell_label(d, r) + (f" {metric_name(m, True)}" if len(layout.metrics) > 1 else "")
-            for d, r, m in layout.columns]
+    cols = [
+        _cell_label(d, r) + (f" {metric_name(m, True)}" if len(layout.metrics) > 1 else "")
+        for d, r, m in layout.columns
+    ]
     mark = {"reproduced": "✓", "inconclusive": "?", "below": "↓", "above": "↑"}
     for i, row in enumerate(layout.rows):
         cells = [layout.cells[(i, j)] for j in range(len(layout.columns))]
@@ -361,22 +453,36 @@ def fig_ablation_paper(layout: Layout, path: Path) -> Path:
             continue
         rows.append(layout.row_title(row))
         vals.append([c.delta if c.n and not pd.isna(c.paper) else np.nan for c in cells])
-        ann.append([f"{fmt_delta(c.delta)}{mark.get(c.verdict, '')}" if c.n and not pd.isna(c.paper) else
-                    ("missing" if not c.n and not pd.isna(c.paper) else "–") for c in cells])
+        ann.append(
+            [
+                f"{fmt_delta(c.delta)}{mark.get(c.verdict, '')}"
+                if c.n and not pd.isna(c.paper)
+                else ("missing" if not c.n and not pd.isna(c.paper) else "–")
+                for c in cells
+            ]
+        )
     if not rows:
-        raise Skip("the paper reports none of this experiment's cells that have finished runs "
-                   "(reference-free layout)" if layout.reference_free else
-                   "no finished run of a cell the paper reports")
+        raise Skip(
+            "the paper reports none of this experiment's cells that have finished runs (reference-free layout)"
+            if layout.reference_free
+            else "no finished run of a cell the paper reports"
+        )
     v = pd.DataFrame(vals, index=rows, columns=cols)
     a = pd.DataFrame(ann, index=rows, columns=cols)
-    return _heatmap(v, a, "Ours − paper (points; ✓ reproduced, ? inconclusive, ↓ below, ↑ above)",
-                    "Δ vs paper (points)", path)
+    return _heatmap(
+        v, a, "Ours − paper (points; ✓ reproduced, ? inconclusive, ↓ below, ↑ above)", "Δ vs paper (points)", path
+    )
 
 
 # ---------------------------------------------------------------- sensitivity to the open details
 
-VERDICT_STYLE = {"supported": ("#1a7f37", "o"), "contradicted": ("#c62828", "o"), "no gain": ("#1f5fa8", "D"),
-                 "not significant": ("#777777", "o"), "untested": ("#bbbbbb", "x")}
+VERDICT_STYLE = {
+    "supported": ("#1a7f37", "o"),
+    "contradicted": ("#c62828", "o"),
+    "no gain": ("#1f5fa8", "D"),
+    "not significant": ("#777777", "o"),
+    "untested": ("#bbbbbb", "x"),
+}
 
 
 def failure_notes(cells: pd.DataFrame | None, exp: Mapping) -> dict[tuple[str, str], str]:
@@ -392,13 +498,16 @@ def failure_notes(cells: pd.DataFrame | None, exp: Mapping) -> dict[tuple[str, s
         if bad.empty:
             continue
         detail = bad["detail"].fillna("").astype(str)
-        kinds = sorted({"diverged" if "diverged" in d else "collapsed" if "collapsed" in d else "error" for d in detail})
+        kinds = sorted(
+            {"diverged" if "diverged" in d else "collapsed" if "collapsed" in d else "error" for d in detail}
+        )
         notes[(panel, method)] = f"failed in {len(bad)} of {len(grp)} seeds ({', '.join(kinds)})"
     return notes
 
 
-def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1",
-                    cells: pd.DataFrame | None = None) -> Path:
+def fig_sensitivity(
+    gains: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1", cells: pd.DataFrame | None = None
+) -> Path:
     """Each method's (= each reading's) Δ top-1 over the experiment's first method with the 95 % Welch
     interval and the verdict, as ``gains.csv`` (``kind`` = ``sensitivity``) has them: one panel per
     (dataset, ratio, backbone), one row per method. A reading with failed cells (``cells.csv``: diverged,
@@ -411,8 +520,9 @@ def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, me
     g = g.assign(panel=_panel_col(g, exp))
     panels = _panel_order(exp, g["panel"])
     order = _method_order(exp, g["method"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.42 * len(order) + 1.6),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), 0.42 * len(order) + 1.6), squeeze=False, sharey=True
+    )
     notes = failure_notes(cells, {**exp, "name": name})
     for ax, panel in zip(axes[0], panels):
         sub = g[g["panel"] == panel].set_index("method").reindex(order)
@@ -420,28 +530,41 @@ def fig_sensitivity(gains: pd.DataFrame, name: str, exp: Mapping, path: Path, me
             note = notes.get((panel, m))
             if pd.isna(r["gain"]):
                 if note:
-                    ax.annotate(note, (0.02, y), xycoords=("axes fraction", "data"), va="center", fontsize=8,
-                                color=VERDICT_STYLE["contradicted"][0], fontweight="bold")
+                    ax.annotate(
+                        note,
+                        (0.02, y),
+                        xycoords=("axes fraction", "data"),
+                        va="center",
+                        fontsize=8,
+                        color=VERDICT_STYLE["contradicted"][0],
+                        fontweight="bold",
+                    )
                 continue
             color, marker = VERDICT_STYLE.get(r["gain_verdict"], VERDICT_STYLE["untested"])
             lo, hi = r["welch_ci_low"], r["welch_ci_high"]
             err = [[r["gain"] - lo], [hi - r["gain"]]] if not (pd.isna(lo) or pd.isna(hi)) else None
             ax.errorbar(r["gain"], y, xerr=err, fmt=marker, color=color, capsize=3)
             label = f"{fmt_delta(r['gain'])} {r['gain_verdict']}" + (f"; {note}" if note else "")
-            ax.annotate(label, (r["gain"], y), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=7,
-                        color=color)
+            ax.annotate(
+                label, (r["gain"], y), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=7, color=color
+            )
         ax.axvline(0.0, color="black", lw=0.8)
         ax.set_yticks(range(len(order)), [method_name(m) for m in order])
         ax.set_ylim(len(order) - 0.5, -0.7)
         ax.set_title(panel)
         ax.set_xlabel(f"Δ {metric_name(metric, False)} vs {method_name(over)} (points)")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"Sensitivity: each reading's gain over {method_name(over)} (95 % Welch interval; verdict: "
-                 f"Holm-adjusted test over the readings)", y=1.02, fontsize=10)
+    fig.suptitle(
+        f"Sensitivity: each reading's gain over {method_name(over)} (95 % Welch interval; verdict: "
+        f"Holm-adjusted test over the readings)",
+        y=1.02,
+        fontsize=10,
+    )
     return save(fig, path)
 
 
 # ---------------------------------------------------------------- BN weight / bias norms (NBN's motivation)
+
 
 def _last_stage_prefixes(keys: list[str]) -> str | None:
     stages = sorted({int(m.group(1)) for k in keys if (m := re.match(r"layer(\d+)\.", k))})
@@ -452,7 +575,7 @@ def _nbn_affine(state: Mapping, p: str):
     """NBN's effective (w, b) of the layer ``p``, computed by the layer itself from its saved state."""
     from ltbench.nn.norm import NormalizedBatchNorm2d  # torch: only when a model.pt is read
 
-    own = {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".") and "." not in k[len(p) + 1:]}
+    own = {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".") and "." not in k[len(p) + 1 :]}
     layer = NormalizedBatchNorm2d(own["weight"].numel(), alpha="separate" if "alpha_bias" in own else "per_layer")
     layer.load_state_dict(own)
     return layer.effective_affine()
@@ -477,8 +600,14 @@ def norm_layers(state: Mapping) -> list[dict]:
         kind = "nbn" if f"{p}.alpha" in state else "cbn" if f"{p}.running_prior" in state else "bn"
         with torch.no_grad():
             w, b = _nbn_affine(state, p) if kind == "nbn" else (state[f"{p}.weight"], state[f"{p}.bias"])
-        out.append({"layer": p, "kind": kind, "abs_w": w.float().abs().flatten().numpy(),
-                    "abs_b": b.float().abs().flatten().numpy()})
+        out.append(
+            {
+                "layer": p,
+                "kind": kind,
+                "abs_w": w.float().abs().flatten().numpy(),
+                "abs_b": b.float().abs().flatten().numpy(),
+            }
+        )
     return out
 
 
@@ -501,10 +630,22 @@ def norms_frame(runs: pd.DataFrame, exp: Mapping) -> pd.DataFrame:
         for layer in norm_layers(state):
             for what in ("abs_w", "abs_b"):
                 for v in layer[what]:
-                    rows.append((r.dataset, r.ratio, r.method, r.backbone, r.seed, layer["layer"], layer["kind"],
-                                 what, float(v)))
-    return pd.DataFrame(rows, columns=["dataset", "ratio", "method", "backbone", "seed", "layer", "kind", "what",
-                                       "value"])
+                    rows.append(
+                        (
+                            r.dataset,
+                            r.ratio,
+                            r.method,
+                            r.backbone,
+                            r.seed,
+                            layer["layer"],
+                            layer["kind"],
+                            what,
+                            float(v),
+                        )
+                    )
+    return pd.DataFrame(
+        rows, columns=["dataset", "ratio", "method", "backbone", "seed", "layer", "kind", "what", "value"]
+    )
 
 
 def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
@@ -514,7 +655,9 @@ def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     if d.empty:
         raise Skip("no model.pt next to the runs' metrics.json")
     several_b = len(exp["backbones"]) > 1
-    d["panel"] = [_cell_label(a, b, c if several_b else None) for a, b, c in zip(d["dataset"], d["ratio"], d["backbone"])]
+    d["panel"] = [
+        _cell_label(a, b, c if several_b else None) for a, b, c in zip(d["dataset"], d["ratio"], d["backbone"])
+    ]
     kinds = d.groupby("method")["kind"].agg(lambda k: "/".join(sorted(set(k))))
     order = _method_order(exp, d["method"])
     d["method_label"] = [f"{m} ({kinds[m]})" for m in d["method"]]
@@ -525,12 +668,24 @@ def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     layers = list(dict.fromkeys(d["layer"]))
     pal = dict(zip(hue_order, _palette(order).values()))
     for i, panel in enumerate(panels):
-        for j, (what, label) in enumerate((("abs_w", "|effective weight| per channel"),
-                                           ("abs_b", "|effective bias| per channel"))):
+        for j, (what, label) in enumerate(
+            (("abs_w", "|effective weight| per channel"), ("abs_b", "|effective bias| per channel"))
+        ):
             ax = axes[i][j]
             sub = pos[(pos["panel"] == panel) & (pos["what"] == what)]
-            sns.boxplot(data=sub, x="layer", y="value", hue="method_label", order=layers, hue_order=hue_order,
-                        ax=ax, fliersize=1.5, linewidth=0.8, palette=pal, legend=(i == 0 and j == 1))
+            sns.boxplot(
+                data=sub,
+                x="layer",
+                y="value",
+                hue="method_label",
+                order=layers,
+                hue_order=hue_order,
+                ax=ax,
+                fliersize=1.5,
+                linewidth=0.8,
+                palette=pal,
+                legend=(i == 0 and j == 1),
+            )
             ax.set_yscale("log")
             ax.set_title(f"{panel}: {label}", fontsize=9)
             ax.set_xlabel("")
@@ -541,8 +696,11 @@ def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     if leg is not None:
         leg.set_title("method (layer kinds)")
         sns.move_legend(axes[0][1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8)
-    fig.suptitle("Normalization layers of the last stage: effective per-channel |weight| and |bias| "
-                 "(log scale; all seeds pooled)", y=1.0 + 0.04 / len(panels))
+    fig.suptitle(
+        "Normalization layers of the last stage: effective per-channel |weight| and |bias| "
+        "(log scale; all seeds pooled)",
+        y=1.0 + 0.04 / len(panels),
+    )
     fig.tight_layout()
     return save(fig, path)
 
@@ -551,43 +709,46 @@ def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
 
 CAPTIONS = {
     "groups": "Top-1 (Total) and many / medium / few accuracy per method: bars are the mean over seeds, "
-              "error bars the standard deviation over seeds.",
+    "error bars the standard deviation over seeds.",
     "per_class": "Per-class test accuracy (mean over seeds) against the class's number of training images "
-                 "(log scale): the long tail is on the left.",
+    "(log scale): the long tail is on the left.",
     "components": "CBN Figure 5: accuracy against the number of Gaussian components M, overall and per class "
-                  "group; mean ± std over seeds, each seed a dot. The paper claims M > 1 beats M = 1 and no gain "
-                  "beyond M = 4.",
+    "group; mean ± std over seeds, each seed a dot. The paper claims M > 1 beats M = 1 and no gain "
+    "beyond M = 4.",
     "backbones": "CBN Figure 6: top-1 per backbone depth, mean ± std over seeds (each seed a dot). The paper "
-                 "claims CBN beats BN at every depth.",
+    "claims CBN beats BN at every depth.",
     "ablation_vs_baseline": "The ablation grid: each method's top-1 gain over the experiment's first method per "
-                            "(dataset, ratio), in points; * marks a significant gain (paired t-test across seeds, "
-                            "Welch's when the seeds differ; Holm-adjusted p < 0.05 over the grid), = a gain shown "
-                            "to be within ± the margin (no gain). Grey: no finished runs.",
+    "(dataset, ratio), in points; * marks a significant gain (paired t-test across seeds, "
+    "Welch's when the seeds differ; Holm-adjusted p < 0.05 over the grid), = a gain shown "
+    "to be within ± the margin (no gain). Grey: no finished runs.",
     "ablation_vs_paper": "The ablation grid against the paper: Δ = ours − paper per cell, in points, with the verdict "
-                         "(✓ reproduced: the 90 % interval of Δ inside ± the margin; ? inconclusive; ↓ below; "
-                         "↑ above).",
+    "(✓ reproduced: the 90 % interval of Δ inside ± the margin; ? inconclusive; ↓ below; "
+    "↑ above).",
     "sensitivity": "Sensitivity to the paper's open details: each method's (one reading of one detail, one "
-                   "factor at a time) top-1 gain over the experiment's first method, in points, with its 95 % "
-                   "Welch interval across seeds and the verdict of gains.csv (paired t-test across seeds, Welch's "
-                   "when the seeds differ; Holm-adjusted over the readings; 'no gain': within ± the margin). A "
-                   "reading whose cells failed (diverged or collapsed) is labelled so on its row.",
+    "factor at a time) top-1 gain over the experiment's first method, in points, with its 95 % "
+    "Welch interval across seeds and the verdict of gains.csv (paired t-test across seeds, Welch's "
+    "when the seeds differ; Holm-adjusted over the readings; 'no gain': within ± the margin). A "
+    "reading whose cells failed (diverged or collapsed) is labelled so on its row.",
     "bn_norms": "NBN's motivation: the distribution over channels of the effective per-channel |weight| and |bias| "
-                "of the last stage's normalization layers (log scale, all seeds pooled), read from each run's "
-                "model.pt. BN: γ, β; NBN: its effective α·γ/‖γ‖₂ and α·β/‖β‖₂; CBN: every component's γ_k, β_k. The legend "
-                "names the layer kinds each method has in this stage.",
+    "of the last stage's normalization layers (log scale, all seeds pooled), read from each run's "
+    "model.pt. BN: γ, β; NBN: its effective α·γ/‖γ‖₂ and α·β/‖β‖₂; CBN: every component's γ_k, β_k. The legend "
+    "names the layer kinds each method has in this stage.",
 }
 
 
-def experiment_figures(name: str, exp: Mapping, data: Mapping[str, pd.DataFrame], layout: Layout,
-                       out_dir: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+def experiment_figures(
+    name: str, exp: Mapping, data: Mapping[str, pd.DataFrame], layout: Layout, out_dir: Path
+) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
     """Draw every figure that applies to the experiment into ``out_dir/<experiment>/`` from the aggregate
     tables ``data`` (runs, per_class, summary, gains: :func:`ltbench.report.page.load_aggregate`).
 
     Returns (drawn: [(kind, png path)], skipped: [(kind, reason)]). Kinds are the keys of CAPTIONS."""
     runs, summary, gains = data["runs"], data["summary"], data.get("gains", pd.DataFrame())
     d = Path(out_dir) / safe_name(name)
-    jobs = [("groups", lambda p: fig_groups(summary, name, exp, p)),
-            ("per_class", lambda p: fig_per_class(data["per_class"], exp, p))]
+    jobs = [
+        ("groups", lambda p: fig_groups(summary, name, exp, p)),
+        ("per_class", lambda p: fig_per_class(data["per_class"], exp, p)),
+    ]
     kind = exp.get("figure")
     if kind == "components":
         jobs.insert(0, ("components", lambda p: fig_components(summary, runs, name, exp, p)))
@@ -596,8 +757,10 @@ def experiment_figures(name: str, exp: Mapping, data: Mapping[str, pd.DataFrame]
     elif kind == "sensitivity":
         jobs.insert(0, ("sensitivity", lambda p: fig_sensitivity(gains, name, exp, p, cells=data.get("cells"))))
     elif kind == "ablation":
-        jobs[:0] = [("ablation_vs_baseline", lambda p: fig_ablation_baseline(gains, name, exp, p)),
-                    ("ablation_vs_paper", lambda p: fig_ablation_paper(layout, p))]
+        jobs[:0] = [
+            ("ablation_vs_baseline", lambda p: fig_ablation_baseline(gains, name, exp, p)),
+            ("ablation_vs_paper", lambda p: fig_ablation_paper(layout, p)),
+        ]
     if NORM_KNOB in runs.columns and "nbn" in set(select(runs, exp).get(NORM_KNOB, [])):
         jobs.append(("bn_norms", lambda p: fig_bn_norms(runs, exp, p)))
     drawn, skipped = [], []

@@ -19,6 +19,7 @@ and LaTeX under ``tables_dir`` and its figures (:mod:`ltbench.report.figures`) a
 
 The page needs no network and no JavaScript.
 """
+
 from __future__ import annotations
 
 import base64
@@ -84,8 +85,10 @@ table.summary{font-size:.8rem}table.summary th,table.summary td{padding:.2rem .3
 
 # ---------------------------------------------------------------- inputs
 
-REQUIRED = {"runs": [*KEYS, "seed", "metric", "value"], "summary": ["experiment", *KEYS, "metric", "mean", "std", "n",
-                                                                   "seeds"]}
+REQUIRED = {
+    "runs": [*KEYS, "seed", "metric", "value"],
+    "summary": ["experiment", *KEYS, "metric", "mean", "std", "n", "seeds"],
+}
 
 
 def _read(path: Path, required: list[str] | None = None) -> pd.DataFrame:
@@ -97,8 +100,10 @@ def _read(path: Path, required: list[str] | None = None) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); rerun `ltbench aggregate`") from None
     if required and (missing := [c for c in required if c not in df.columns]):
-        raise ConfigError(f"{path} lacks the column(s) {missing} (empty, truncated or not written by "
-                          "`ltbench aggregate`); rerun `ltbench aggregate`")
+        raise ConfigError(
+            f"{path} lacks the column(s) {missing} (empty, truncated or not written by "
+            "`ltbench aggregate`); rerun `ltbench aggregate`"
+        )
     return df
 
 
@@ -108,20 +113,34 @@ def check_aggregate(data: Mapping[str, pd.DataFrame], d: Path) -> None:
     runs, summary = data["runs"], data["summary"]
     cut = runs[runs[[*KEYS, "seed", "metric", "value"]].isna().any(axis=1)]
     if len(cut):
-        raise ConfigError(f"{d / 'runs.csv'}: {len(cut)} row(s) lack a key or value (truncated?), first at line "
-                          f"{cut.index[0] + 2}; rerun `ltbench aggregate`")
+        raise ConfigError(
+            f"{d / 'runs.csv'}: {len(cut)} row(s) lack a key or value (truncated?), first at line "
+            f"{cut.index[0] + 2}; rerun `ltbench aggregate`"
+        )
     per_run = runs.groupby([*KEYS, "seed"], dropna=False)["metric"].nunique()
     if (per_run != len(METRICS)).any():
         bad = per_run[per_run != len(METRICS)].index[0]
-        raise ConfigError(f"{d / 'runs.csv'}: the run {bad} has {per_run[bad]} of the {len(METRICS)} metrics "
-                          "(truncated?); rerun `ltbench aggregate`")
-    have = set(zip(runs["dataset"], runs["ratio"].map(lambda r: format_ratio(float(r))), runs["method"],
-                   runs["backbone"], runs["metric"], runs["seed"].astype(int)))
+        raise ConfigError(
+            f"{d / 'runs.csv'}: the run {bad} has {per_run[bad]} of the {len(METRICS)} metrics "
+            "(truncated?); rerun `ltbench aggregate`"
+        )
+    have = set(
+        zip(
+            runs["dataset"],
+            runs["ratio"].map(lambda r: format_ratio(float(r))),
+            runs["method"],
+            runs["backbone"],
+            runs["metric"],
+            runs["seed"].astype(int),
+        )
+    )
     for r in summary.itertuples(index=False):
         for seed in str(r.seeds).split():
             if (r.dataset, format_ratio(float(r.ratio)), r.method, r.backbone, r.metric, int(seed)) not in have:
-                raise ConfigError(f"{d / 'summary.csv'} counts seed {seed} of {r.method} {r.dataset} ρ={r.ratio} "
-                                  f"{r.backbone} that {d / 'runs.csv'} lacks (truncated?); rerun `ltbench aggregate`")
+                raise ConfigError(
+                    f"{d / 'summary.csv'} counts seed {seed} of {r.method} {r.dataset} ρ={r.ratio} "
+                    f"{r.backbone} that {d / 'runs.csv'} lacks (truncated?); rerun `ltbench aggregate`"
+                )
 
 
 def load_aggregate(aggregate_dir: Path) -> dict[str, pd.DataFrame]:
@@ -144,13 +163,20 @@ def experiments_of(cfg: Mapping | None, runs: pd.DataFrame) -> dict[str, dict]:
         return dict(cfg["experiments"])
     if runs.empty:
         return {}
-    return {"all": {"description": "Every run in the aggregate (no config given).",
-                    "datasets": sorted(set(runs["dataset"])), "ratios": sorted({float(r) for r in runs["ratio"]}),
-                    "methods": list(dict.fromkeys(runs["method"])), "backbones": sorted(set(runs["backbone"])),
-                    "seeds": sorted({int(s) for s in runs["seed"]})}}
+    return {
+        "all": {
+            "description": "Every run in the aggregate (no config given).",
+            "datasets": sorted(set(runs["dataset"])),
+            "ratios": sorted({float(r) for r in runs["ratio"]}),
+            "methods": list(dict.fromkeys(runs["method"])),
+            "backbones": sorted(set(runs["backbone"])),
+            "seeds": sorted({int(s) for s in runs["seed"]}),
+        }
+    }
 
 
 # ---------------------------------------------------------------- small HTML helpers
+
 
 def esc(v) -> str:
     return html.escape("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
@@ -162,16 +188,21 @@ def _anchor(name: str) -> str:
 
 def _img(path: Path, caption: str) -> str:
     b64 = base64.b64encode(Path(path).read_bytes()).decode()
-    return (f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{b64}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
 
 
 def _plain_table(df: pd.DataFrame, left: tuple[str, ...] = ()) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
     body = []
     for row in df.itertuples(index=False):
-        body.append("<tr>" + "".join(f"<td class='{'l' if c in left else ''}'>{esc(v)}</td>"
-                                     for c, v in zip(df.columns, row)) + "</tr>")
+        body.append(
+            "<tr>"
+            + "".join(f"<td class='{'l' if c in left else ''}'>{esc(v)}</td>" for c, v in zip(df.columns, row))
+            + "</tr>"
+        )
     return f"<table class='plain'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -191,26 +222,33 @@ def _fmt_p(p) -> str:
 
 # ---------------------------------------------------------------- sections
 
+
 def _status(cells: pd.DataFrame, runs: pd.DataFrame, cfg: Mapping | None) -> str:
     counts = cells["status"].value_counts().to_dict() if not cells.empty else {}
     failed, notrun = counts.get("failed", 0), counts.get("not run", 0)
     if cfg is None:
         n_runs = runs[[*KEYS, "seed"]].drop_duplicates().shape[0] if not runs.empty else 0
         bad = f", {failed} failed (<a href='#missing'>listed below</a>)" if failed else ""
-        return (f"<div class='banner {'partial' if failed else 'complete'}'>{n_runs} finished runs{bad} (no config "
-                "given: the expected grid is unknown).</div>")
+        return (
+            f"<div class='banner {'partial' if failed else 'complete'}'>{n_runs} finished runs{bad} (no config "
+            "given: the expected grid is unknown).</div>"
+        )
     total, fin = len(cells), counts.get("finished", 0)
     if fin == total:
         return f"<div class='banner complete'>Complete: all {total} cells of the grid finished.</div>"
     cls = "partial" if fin else "empty"
-    return (f"<div class='banner {cls}'>Partial grid: {fin} of {total} cells finished — {failed} failed, "
-            f"{notrun} not run. Missing cells are marked <em>missing</em> in the tables and listed in "
-            f"<a href='#missing'>Missing and failed cells</a>.</div>")
+    return (
+        f"<div class='banner {cls}'>Partial grid: {fin} of {total} cells finished — {failed} failed, "
+        f"{notrun} not run. Missing cells are marked <em>missing</em> in the tables and listed in "
+        f"<a href='#missing'>Missing and failed cells</a>.</div>"
+    )
 
 
 def _counts_tds(counts: Mapping[str, int], order: list[str], prefix: str) -> str:
-    return "".join(f"<td class='{'zero' if not counts.get(v) else prefix + v.replace(' ', '-')}'>{counts.get(v, 0)}"
-                   "</td>" for v in order)
+    return "".join(
+        f"<td class='{'zero' if not counts.get(v) else prefix + v.replace(' ', '-')}'>{counts.get(v, 0)}</td>"
+        for v in order
+    )
 
 
 def _summary_row(name: str, exp: Mapping, lay: tables.Layout, g: pd.DataFrame, cells: pd.DataFrame) -> str:
@@ -223,20 +261,27 @@ def _summary_row(name: str, exp: Mapping, lay: tables.Layout, g: pd.DataFrame, c
     what = (f"{ref['paper']}" + (f" Table {ref['table']}" if ref.get("table") else "")) if ref else "–"
     if ref and lay.reference_free:
         what += " (layout only)"
-    return (f"<tr><td class='l'><a href='#{_anchor(name)}'>{esc(name)}</a></td><td class='l'>{esc(what)}</td>"
-            f"<td class='l'>{esc(exp.get('figure') or '–')}</td><td>{done}</td>"
-            f"{_counts_tds(lay.verdict_counts(), VERDICT_ORDER, 'n-')}{_counts_tds(gc, GAIN_ORDER, 'g-')}</tr>")
+    return (
+        f"<tr><td class='l'><a href='#{_anchor(name)}'>{esc(name)}</a></td><td class='l'>{esc(what)}</td>"
+        f"<td class='l'>{esc(exp.get('figure') or '–')}</td><td>{done}</td>"
+        f"{_counts_tds(lay.verdict_counts(), VERDICT_ORDER, 'n-')}{_counts_tds(gc, GAIN_ORDER, 'g-')}</tr>"
+    )
 
 
 def _summary_table(layouts: dict, gains: pd.DataFrame, exps: dict, cells: pd.DataFrame) -> str:
-    rows = [_summary_row(name, exp, layouts[name], tables.of_experiment(gains, name), cells)
-            for name, exp in exps.items()]
-    head = ("<tr><th rowspan='2'>experiment</th><th rowspan='2'>paper table</th><th rowspan='2'>figure</th>"
-            "<th rowspan='2'>cells finished</th>"
-            f"<th colspan='{len(VERDICT_ORDER)}'>paper numbers</th><th colspan='{len(GAIN_ORDER)}'>claimed gains"
-            "</th></tr><tr>" + "".join(f"<th>{v}</th>" for v in VERDICT_ORDER + GAIN_ORDER) + "</tr>")
-    return (f"<div class='scroll'><table class='plain summary'><thead>{head}</thead><tbody>{''.join(rows)}</tbody>"
-            "</table></div>")
+    rows = [
+        _summary_row(name, exp, layouts[name], tables.of_experiment(gains, name), cells) for name, exp in exps.items()
+    ]
+    head = (
+        "<tr><th rowspan='2'>experiment</th><th rowspan='2'>paper table</th><th rowspan='2'>figure</th>"
+        "<th rowspan='2'>cells finished</th>"
+        f"<th colspan='{len(VERDICT_ORDER)}'>paper numbers</th><th colspan='{len(GAIN_ORDER)}'>claimed gains"
+        "</th></tr><tr>" + "".join(f"<th>{v}</th>" for v in VERDICT_ORDER + GAIN_ORDER) + "</tr>"
+    )
+    return (
+        f"<div class='scroll'><table class='plain summary'><thead>{head}</thead><tbody>{''.join(rows)}</tbody>"
+        "</table></div>"
+    )
 
 
 def _summary_sentence(layouts: dict) -> str:
@@ -246,17 +291,21 @@ def _summary_sentence(layouts: dict) -> str:
             tot[k] = tot.get(k, 0) + v
     judged = sum(tot.get(k, 0) for k in compare.JUDGED)
     if not any(tot.values()):
-        return ("<p>No experiment has a paper number in its scope: the tables show our numbers in the papers' "
-                "layout without verdicts.</p>")
+        return (
+            "<p>No experiment has a paper number in its scope: the tables show our numbers in the papers' "
+            "layout without verdicts.</p>"
+        )
     shown = ", ".join(f"<span class='n-{v.replace(' ', '-')}'>{tot.get(v, 0)} {v}</span>" for v in compare.JUDGED)
-    return (f"<p>Of the paper numbers in scope, <b>{judged}</b> have finished runs: {shown}; "
-            f"<span class='n-missing'>{tot.get('missing', 0)} missing</span> (not run or failed); "
-            f"{tot.get('quoted', 0)} are quoted by the paper from other publications and "
-            f"{tot.get('not reported', 0)} not reported. <b>Reproduced</b> means equivalence was shown: the 90 % "
-            "interval of ours − paper lies inside ± the margin (two one-sided tests, α = 0.05); "
-            "<b>inconclusive</b>: the paper's value is inside our 95 % interval but the seeds do not show "
-            "equivalence; <b>below</b> / <b>above</b>: our 95 % interval excludes it; <b>single run</b>: one "
-            "seed, no interval.</p>")
+    return (
+        f"<p>Of the paper numbers in scope, <b>{judged}</b> have finished runs: {shown}; "
+        f"<span class='n-missing'>{tot.get('missing', 0)} missing</span> (not run or failed); "
+        f"{tot.get('quoted', 0)} are quoted by the paper from other publications and "
+        f"{tot.get('not reported', 0)} not reported. <b>Reproduced</b> means equivalence was shown: the 90 % "
+        "interval of ours − paper lies inside ± the margin (two one-sided tests, α = 0.05); "
+        "<b>inconclusive</b>: the paper's value is inside our 95 % interval but the seeds do not show "
+        "equivalence; <b>below</b> / <b>above</b>: our 95 % interval excludes it; <b>single run</b>: one "
+        "seed, no interval.</p>"
+    )
 
 
 def decision_lines(comparison: pd.DataFrame, gains: pd.DataFrame) -> str:
@@ -266,23 +315,35 @@ def decision_lines(comparison: pd.DataFrame, gains: pd.DataFrame) -> str:
         lines.append(compare.decision_line(comparison))
     if not gains.empty:
         tested = tuple(v for v in GAIN_ORDER if v != "untested")
-        lines.append(compare.decision_line(gains, "not significant", "gain_verdict", tested, ("n_method", "n_over"),
-                                           "claimed gains"))
+        lines.append(
+            compare.decision_line(
+                gains, "not significant", "gain_verdict", tested, ("n_method", "n_over"), "claimed gains"
+            )
+        )
     lines = [x for x in lines if x]
-    return ("<p class='decide'>" + "; ".join(esc(x) for x in lines) + " (more seeds per cell for 80 % power, "
-            "assuming the observed difference and spread; claimed gains at Holm's strictest level).</p>") \
-        if lines else ""
+    return (
+        (
+            "<p class='decide'>" + "; ".join(esc(x) for x in lines) + " (more seeds per cell for 80 % power, "
+            "assuming the observed difference and spread; claimed gains at Holm's strictest level).</p>"
+        )
+        if lines
+        else ""
+    )
 
 
 def _gain_td(r) -> str:
     v = r.gain_verdict
     ours = "–" if pd.isna(r.gain) else tables.fmt_delta(r.gain, minus="−")
-    paper = ("" if pd.isna(r.paper_gain) else
-             f"<span class='paper'>paper {tables.fmt_delta(r.paper_gain, minus='−')}</span><br>")
+    paper = (
+        ""
+        if pd.isna(r.paper_gain)
+        else f"<span class='paper'>paper {tables.fmt_delta(r.paper_gain, minus='−')}</span><br>"
+    )
     test = ""
     if isinstance(r.test, str) and r.test:
-        test = (f"<span class='paper'>p {_fmt_p(r.p_value)}, Holm {_fmt_p(r.p_holm)} "
-                f"({esc(r.test.split()[0])})</span><br>")
+        test = (
+            f"<span class='paper'>p {_fmt_p(r.p_value)}, Holm {_fmt_p(r.p_holm)} ({esc(r.test.split()[0])})</span><br>"
+        )
     need = ""
     if v == "not significant" and isinstance(r.seeds_test, str) and r.seeds_test:
         n = f"> {power.MAX_SEEDS}" if pd.isna(r.seeds_needed) else int(r.seeds_needed)
@@ -292,8 +353,10 @@ def _gain_td(r) -> str:
         tip += f"; 90% interval of the gain [{r.equiv_low:.2f}, {r.equiv_high:.2f}] vs margin ± {r.margin:g}"
     if isinstance(r.explanation, str) and r.explanation:
         tip += f"; {r.explanation}"
-    return (f"<td class='gain-{v.replace(' ', '-')}' title='{esc(tip)}'><span class='ours'>{ours}</span><br>"
-            f"{paper}{test}<span class='verdict'>{esc(v)}</span>{need}</td>")
+    return (
+        f"<td class='gain-{v.replace(' ', '-')}' title='{esc(tip)}'><span class='ours'>{ours}</span><br>"
+        f"{paper}{test}<span class='verdict'>{esc(v)}</span>{need}</td>"
+    )
 
 
 def _gains_html(g: pd.DataFrame, exp: Mapping) -> str:
@@ -301,10 +364,16 @@ def _gains_html(g: pd.DataFrame, exp: Mapping) -> str:
     if g.empty:
         return ""
     several_b = len(exp["backbones"]) > 1
-    col_of = lambda r: (f"{tables.dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}"  # noqa: E731
-                        + (f" · {r.backbone}" if several_b else ""))
-    order = [f"{tables.dataset_name(d)} ρ={format_ratio(r)}" + (f" · {b}" if several_b else "")
-             for d in exp["datasets"] for r in exp["ratios"] for b in exp["backbones"]]
+    col_of = lambda r: (
+        f"{tables.dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}"  # noqa: E731
+        + (f" · {r.backbone}" if several_b else "")
+    )
+    order = [
+        f"{tables.dataset_name(d)} ρ={format_ratio(r)}" + (f" · {b}" if several_b else "")
+        for d in exp["datasets"]
+        for r in exp["ratios"]
+        for b in exp["backbones"]
+    ]
     present = {col_of(r) for r in g.itertuples(index=False)}
     cols = [c for c in dict.fromkeys(order) if c in present]
     claims: dict[str, dict] = {}
@@ -314,21 +383,31 @@ def _gains_html(g: pd.DataFrame, exp: Mapping) -> str:
     for entry in claims.values():
         r0 = entry["row"]
         metric = "" if r0.metric == "top1" else f" <span class='tag'>{esc(tables.metric_name(r0.metric, True))}</span>"
-        head = (f"<th class='method'>{esc(r0.description)}{metric}<br><code>{esc(r0.method)}</code> over "
-                f"<code>{esc(r0.over)}</code></th>")
-        body.append("<tr>" + head + "".join(_gain_td(entry["cells"][c]) if c in entry["cells"]
-                                            else "<td class='gain-none'>–</td>" for c in cols) + "</tr>")
+        head = (
+            f"<th class='method'>{esc(r0.description)}{metric}<br><code>{esc(r0.method)}</code> over "
+            f"<code>{esc(r0.over)}</code></th>"
+        )
+        body.append(
+            "<tr>"
+            + head
+            + "".join(
+                _gain_td(entry["cells"][c]) if c in entry["cells"] else "<td class='gain-none'>–</td>" for c in cols
+            )
+            + "</tr>"
+        )
     headrow = "<tr><th class='method'>claim</th>" + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>"
     a = f"{compare.ALPHA:g}"
-    return ("<h3>Claimed gains</h3><p class='desc'>Our gain = mean(method) − mean(over) over seeds, in points, next "
-            "to the paper's; p from the paired t-test by seed (Welch's when the seeds differ or the pairing is "
-            "degenerate) and Holm's correction across this experiment's claims. <b>supported</b>: the paper's sign "
-            f"and Holm-adjusted p &lt; {a}; <b>contradicted</b>: the opposite sign, adjusted p &lt; {a}; <b>no "
-            "gain</b>: not significant and the 90 % interval of the gain lies inside ± the margin (two one-sided "
-            "tests); <b>not significant</b>: neither, with the seeds per method that would decide it at 80 % "
-            "power; <b>untested</b>: fewer than two seeds on a side. Hover for n, the interval and why a test is "
-            "missing.</p>"
-            + f"<table class='paper-table gains'><thead>{headrow}</thead><tbody>{''.join(body)}</tbody></table>")
+    return (
+        "<h3>Claimed gains</h3><p class='desc'>Our gain = mean(method) − mean(over) over seeds, in points, next "
+        "to the paper's; p from the paired t-test by seed (Welch's when the seeds differ or the pairing is "
+        "degenerate) and Holm's correction across this experiment's claims. <b>supported</b>: the paper's sign "
+        f"and Holm-adjusted p &lt; {a}; <b>contradicted</b>: the opposite sign, adjusted p &lt; {a}; <b>no "
+        "gain</b>: not significant and the 90 % interval of the gain lies inside ± the margin (two one-sided "
+        "tests); <b>not significant</b>: neither, with the seeds per method that would decide it at 80 % "
+        "power; <b>untested</b>: fewer than two seeds on a side. Hover for n, the interval and why a test is "
+        "missing.</p>"
+        + f"<table class='paper-table gains'><thead>{headrow}</thead><tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 def _missing_html(cells: pd.DataFrame) -> str:
@@ -343,19 +422,26 @@ def _missing_html(cells: pd.DataFrame) -> str:
         cls = "status-" + r.status.replace(" ", "-")
         detail = esc(r.detail) if isinstance(r.detail, str) else ""
         log = f"<br><code>{esc(r.log)}</code>" if isinstance(r.log, str) and r.log else ""
-        rows.append(f"<tr><td class='l'>{esc(r.dataset)}</td><td>{esc(r.ratio)}</td><td class='l'>{esc(r.method)}"
-                    f"</td><td class='l'>{esc(r.backbone)}</td><td>{esc(r.seed)}</td><td class='l'>"
-                    f"{esc(r.experiments)}</td><td class='l {cls}'>{esc(r.status)}</td><td class='l'>{detail}{log}"
-                    "</td></tr>")
-    out.append(f"<p>{len(miss)} of {len(cells)} cells have no usable metrics.json. <em>failed</em>: the training "
-               "job ran and its log ends with the error below, or its metrics.json is invalid or records a failed "
-               "check such as a collapse onto one class (the reason and the file are given; it is not aggregated); "
-               "<em>not run</em>: no job has run yet (e.g. it depends on a "
-               "failed download, or the run was interrupted). Rerun with <code>snakemake --keep-going</code>; "
-               "finished cells are not retrained.</p>")
-    out.append("<table class='plain'><thead><tr><th>dataset</th><th>ratio</th><th>method</th><th>backbone</th>"
-               "<th>seed</th><th>experiments</th><th>status</th><th>detail</th></tr></thead><tbody>"
-               + "".join(rows) + "</tbody></table>")
+        rows.append(
+            f"<tr><td class='l'>{esc(r.dataset)}</td><td>{esc(r.ratio)}</td><td class='l'>{esc(r.method)}"
+            f"</td><td class='l'>{esc(r.backbone)}</td><td>{esc(r.seed)}</td><td class='l'>"
+            f"{esc(r.experiments)}</td><td class='l {cls}'>{esc(r.status)}</td><td class='l'>{detail}{log}"
+            "</td></tr>"
+        )
+    out.append(
+        f"<p>{len(miss)} of {len(cells)} cells have no usable metrics.json. <em>failed</em>: the training "
+        "job ran and its log ends with the error below, or its metrics.json is invalid or records a failed "
+        "check such as a collapse onto one class (the reason and the file are given; it is not aggregated); "
+        "<em>not run</em>: no job has run yet (e.g. it depends on a "
+        "failed download, or the run was interrupted). Rerun with <code>snakemake --keep-going</code>; "
+        "finished cells are not retrained.</p>"
+    )
+    out.append(
+        "<table class='plain'><thead><tr><th>dataset</th><th>ratio</th><th>method</th><th>backbone</th>"
+        "<th>seed</th><th>experiments</th><th>status</th><th>detail</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
     return "".join(out)
 
 
@@ -377,8 +463,10 @@ def open_details(runs: pd.DataFrame) -> pd.DataFrame:
             values = f"{groups[0][0]}: all {len(groups[0][1])} methods"
         else:
             big = max(range(len(groups)), key=lambda i: len(groups[i][1]))
-            values = "; ".join(f"{v}: all other methods ({len(ms)})" if i == big and len(ms) > 3 else
-                               f"{v}: {', '.join(ms)}" for i, (v, ms) in enumerate(groups))
+            values = "; ".join(
+                f"{v}: all other methods ({len(ms)})" if i == big and len(ms) > 3 else f"{v}: {', '.join(ms)}"
+                for i, (v, ms) in enumerate(groups)
+            )
         rows.append({"setting": key, "what the papers leave open": what, "value used (methods)": values})
     return pd.DataFrame(rows)
 
@@ -398,24 +486,34 @@ def experiment_choices(exps: Mapping) -> pd.DataFrame:
     """Open details that are experiment choices (CBN open detail 8: Figure 5's M values, Figure 6's data)."""
     rows = []
     for name, exp in exps.items():
-        cells = ", ".join(f"{tables.dataset_name(d)} ρ={format_ratio(r)}" for d in exp["datasets"] for r in exp["ratios"])
+        cells = ", ".join(
+            f"{tables.dataset_name(d)} ρ={format_ratio(r)}" for d in exp["datasets"] for r in exp["ratios"]
+        )
         if exp.get("figure") == "components":
-            rows.append({"setting": f"experiments.{name}", "what the papers leave open":
-                         "CBN open detail 8: the M values and the imbalance ratio of Figure 5.",
-                         "value used (methods)": f"{cells}; methods {', '.join(exp['methods'])}"})
+            rows.append(
+                {
+                    "setting": f"experiments.{name}",
+                    "what the papers leave open": "CBN open detail 8: the M values and the imbalance ratio of Figure 5.",
+                    "value used (methods)": f"{cells}; methods {', '.join(exp['methods'])}",
+                }
+            )
         elif exp.get("figure") == "backbones":
-            rows.append({"setting": f"experiments.{name}", "what the papers leave open":
-                         "CBN open detail 8: the dataset of Figure 6 (and what 'BN' and 'CBN' are).",
-                         "value used (methods)": f"{cells}; {' vs '.join(exp['methods'])}; "
-                                                 f"{', '.join(exp['backbones'])}"})
+            rows.append(
+                {
+                    "setting": f"experiments.{name}",
+                    "what the papers leave open": "CBN open detail 8: the dataset of Figure 6 (and what 'BN' and 'CBN' are).",
+                    "value used (methods)": f"{cells}; {' vs '.join(exp['methods'])}; {', '.join(exp['backbones'])}",
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
     meta: dict[str, str] = {"report generated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     rv = io.code_version()
-    meta["report code"] = f"ltbench {rv['ltbench']}, git {(rv['git_commit'] or 'unknown')[:12]}" + \
-        (" (local changes)" if rv.get("git_dirty") else "")
+    meta["report code"] = f"ltbench {rv['ltbench']}, git {(rv['git_commit'] or 'unknown')[:12]}" + (
+        " (local changes)" if rv.get("git_dirty") else ""
+    )
     if cfg is not None:
         meta["config"] = f"{cfg.get('name')} (hash {io.config_hash(cfg)}), results in {cfg.get('results_dir')}"
     if not runs.empty:
@@ -426,12 +524,20 @@ def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
             commits.append(f"{label}{' (local changes)' if dirty is True or str(dirty) == 'True' else ''}: {n} runs")
         meta["code of the runs"] = "; ".join(commits)
         env_cols = [c for c in r.columns if c.startswith("env.") and c not in ("env.host", "env.platform")]
-        envs = r[env_cols].fillna("").astype(str).agg(lambda row: ", ".join(
-            f"{c[4:]} {v}" for c, v in zip(env_cols, row) if v), axis=1).value_counts()
+        envs = (
+            r[env_cols]
+            .fillna("")
+            .astype(str)
+            .agg(lambda row: ", ".join(f"{c[4:]} {v}" for c, v in zip(env_cols, row) if v), axis=1)
+            .value_counts()
+        )
         meta["environment"] = "; ".join(f"{e} ({n} runs)" for e, n in envs.items())
         if "env.platform" in r.columns:
-            meta["platform / hosts"] = "; ".join(sorted(set(r["env.platform"].dropna().astype(str)))) + " / " + \
-                ", ".join(sorted(set(r.get("env.host", pd.Series(dtype=str)).dropna().astype(str))))
+            meta["platform / hosts"] = (
+                "; ".join(sorted(set(r["env.platform"].dropna().astype(str))))
+                + " / "
+                + ", ".join(sorted(set(r.get("env.host", pd.Series(dtype=str)).dropna().astype(str))))
+            )
         gpu = r.get("env.gpu", pd.Series(index=r.index, dtype=object))
         dev = [f"{d}{' (' + str(g) + ')' if isinstance(g, str) and g else ''}" for d, g in zip(r["device"], gpu)]
         meta["devices"] = "; ".join(f"{d}: {n} runs" for d, n in pd.Series(dev).value_counts().items())
@@ -439,66 +545,93 @@ def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
         gpu_h, cpu_h = r.loc[cuda, "wall_time_s"].sum() / 3600, r.loc[~cuda, "wall_time_s"].sum() / 3600
         meta["compute spent"] = f"{gpu_h:.2f} GPU-hours, {cpu_h:.3f} CPU-hours (wall time of the finished runs)"
         meta["runs"] = str(len(r))
-    return "<table class='plain meta'>" + "".join(f"<tr><th>{esc(k)}</th><td class='l'>{esc(v)}</td></tr>"
-                                                  for k, v in meta.items()) + "</table>"
+    return (
+        "<table class='plain meta'>"
+        + "".join(f"<tr><th>{esc(k)}</th><td class='l'>{esc(v)}</td></tr>" for k, v in meta.items())
+        + "</table>"
+    )
 
 
 # ---------------------------------------------------------------- the page
 
+
 def _head(name: str, exps: Mapping, cells: pd.DataFrame, runs: pd.DataFrame, cfg: Mapping | None) -> list[str]:
-    papers = sorted({e['reference']['paper'] for e in exps.values() if e.get('reference')})
-    return [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>ltbench report: {esc(name)}</title><style>{CSS}{tables.TABLE_CSS}</style></head><body>",
-            f"<h1>ltbench report: {esc(name)}</h1>",
-            f"<p class='sub'>{len(exps)} experiments" + (f" reproducing {', '.join(papers)}" if papers else "")
-            + f" · generated {esc(time.strftime('%Y-%m-%d %H:%M'))}</p>", _status(cells, runs, cfg)]
+    papers = sorted({e["reference"]["paper"] for e in exps.values() if e.get("reference")})
+    return [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>ltbench report: {esc(name)}</title><style>{CSS}{tables.TABLE_CSS}</style></head><body>",
+        f"<h1>ltbench report: {esc(name)}</h1>",
+        f"<p class='sub'>{len(exps)} experiments"
+        + (f" reproducing {', '.join(papers)}" if papers else "")
+        + f" · generated {esc(time.strftime('%Y-%m-%d %H:%M'))}</p>",
+        _status(cells, runs, cfg),
+    ]
 
 
 def _toc(exps: Mapping, cells: pd.DataFrame) -> str:
-    toc = [f"<li><a href='#{_anchor(n)}'>{esc(n)}</a>"
-           + (f" — {esc(_short(e['description']))}" if e.get("description") else "") + "</li>" for n, e in exps.items()]
-    toc += ["<li><a href='#missing'>Missing and failed cells</a></li>" if not cells.empty else "",
-            "<li><a href='#details'>Unspecified paper details and the values used</a></li>",
-            "<li><a href='#provenance'>Provenance</a></li>"]
+    toc = [
+        f"<li><a href='#{_anchor(n)}'>{esc(n)}</a>"
+        + (f" — {esc(_short(e['description']))}" if e.get("description") else "")
+        + "</li>"
+        for n, e in exps.items()
+    ]
+    toc += [
+        "<li><a href='#missing'>Missing and failed cells</a></li>" if not cells.empty else "",
+        "<li><a href='#details'>Unspecified paper details and the values used</a></li>",
+        "<li><a href='#provenance'>Provenance</a></li>",
+    ]
     return "<nav class='toc'><b>Contents</b><ul>" + "".join(toc) + "</ul></nav>"
 
 
-def _experiment_section(ename: str, exp: Mapping, lay: tables.Layout, data: Mapping[str, pd.DataFrame],
-                        figures_dir: Path, tables_dir: Path) -> list[str]:
+def _experiment_section(
+    ename: str, exp: Mapping, lay: tables.Layout, data: Mapping[str, pd.DataFrame], figures_dir: Path, tables_dir: Path
+) -> list[str]:
     claims = tables.of_experiment(data.get("gains"), ename)
     claims = claims[claims["kind"] == "claim"] if not claims.empty else claims
     parts = [f"<h2 id='{_anchor(ename)}'>{esc(lay.title)}</h2>"]
     if exp.get("description"):
         parts.append(f"<p class='desc'>{esc(exp['description'])}</p>")
-    n_cells = (len(exp["datasets"]) * len(exp["ratios"]) * len(exp["methods"]) * len(exp["backbones"])
-               * len(exp["seeds"]))
-    parts.append(f"<p class='sub'>{len(exp['datasets'])} datasets × {len(exp['ratios'])} ratios × "
-                 f"{len(exp['methods'])} methods × {len(exp['backbones'])} backbones × {len(exp['seeds'])} seeds "
-                 f"= {n_cells} cells; protocol: {esc(exp.get('protocol', 'controlled'))}.</p>")
+    n_cells = (
+        len(exp["datasets"]) * len(exp["ratios"]) * len(exp["methods"]) * len(exp["backbones"]) * len(exp["seeds"])
+    )
+    parts.append(
+        f"<p class='sub'>{len(exp['datasets'])} datasets × {len(exp['ratios'])} ratios × "
+        f"{len(exp['methods'])} methods × {len(exp['backbones'])} backbones × {len(exp['seeds'])} seeds "
+        f"= {n_cells} cells; protocol: {esc(exp.get('protocol', 'controlled'))}.</p>"
+    )
     parts.append(decision_lines(tables.of_experiment(data.get("comparison"), ename), claims))
     paths = tables.write(lay, tables_dir)
     parts.append(tables.to_html(lay) + tables.legend_html(lay))
-    parts.append("<details><summary>Markdown and LaTeX of this table</summary>"
-                 f"<p class='skip'>Also written to {esc(paths['md'])}, {esc(paths['tex'])} and "
-                 f"{esc(paths['html'])}.</p><pre>{esc(tables.to_markdown(lay))}</pre>"
-                 f"<pre>{esc(tables.to_latex(lay))}</pre></details>")
+    parts.append(
+        "<details><summary>Markdown and LaTeX of this table</summary>"
+        f"<p class='skip'>Also written to {esc(paths['md'])}, {esc(paths['tex'])} and "
+        f"{esc(paths['html'])}.</p><pre>{esc(tables.to_markdown(lay))}</pre>"
+        f"<pre>{esc(tables.to_latex(lay))}</pre></details>"
+    )
     parts.append(_gains_html(claims, exp))
     drawn, skipped = figures.experiment_figures(ename, exp, data, lay, figures_dir)
     if drawn:
         parts.append("<h3>Figures</h3>")
     parts += [_img(path, figures.CAPTIONS[kind]) for kind, path in drawn]
     if skipped:
-        parts.append("<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped)
-                     + ".</p>")
+        parts.append(
+            "<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped) + ".</p>"
+        )
     parts.append(diagnostics_html(data["runs"], exp))
     return parts
 
 
-DIAG_TABLE = {"value": "top-1 (reported)", "diag.top1_running": "top-1 running mixture (sample)",
-              "diag.top1_batch_stats": "top-1 batch statistics (sample)", "diag.min_prior": "smallest prior",
-              "diag.mean_spread": "spread of means", "diag.confident_share": "share of pixels r > 0.9",
-              "diag.grad_norm_max": "max gradient norm", "diag.nonfinite_steps": "non-finite steps"}
+DIAG_TABLE = {
+    "value": "top-1 (reported)",
+    "diag.top1_running": "top-1 running mixture (sample)",
+    "diag.top1_batch_stats": "top-1 batch statistics (sample)",
+    "diag.min_prior": "smallest prior",
+    "diag.mean_spread": "spread of means",
+    "diag.confident_share": "share of pixels r > 0.9",
+    "diag.grad_norm_max": "max gradient norm",
+    "diag.nonfinite_steps": "non-finite steps",
+}
 
 
 def _fmt_diag(v) -> str:
@@ -518,33 +651,46 @@ def diagnostics_html(runs: pd.DataFrame, exp: Mapping) -> str:
     order = {m: i for i, m in enumerate(exp["methods"])}
     r = r.assign(_o=r["method"].map(order)).sort_values(["dataset", "ratio", "backbone", "_o", "seed"])
     cols = [c for c in DIAG_TABLE if c in r.columns]
-    t = pd.DataFrame({"cell": [f"{d} ρ={ra} {b}" for d, ra, b in zip(r["dataset"], r["ratio"], r["backbone"])],
-                      "method": r["method"], "seed": r["seed"].astype(int),
-                      **{DIAG_TABLE[c]: [_fmt_diag(v) for v in r[c]] for c in cols}})
-    return ("<h3>CBN diagnostics</h3><p class='desc'>Per run with CBN layers, at the end of training "
-            "(ltbench/training/diagnostics.py): top-1 on a fixed test sample with the running mixture (eval mode, "
-            "what is reported) and with each test batch's own statistics (a large gap: the running statistics do "
-            "not match training); the smallest running prior over the layers (≈ 0: a collapsed component); the "
-            "spread of the component means (mean over layers and channels of std_k μ_k / sqrt(mean_k σ²_k)); the "
-            "share of pixels whose largest responsibility exceeds 0.9; the largest gradient norm of a step and "
-            "the steps with a non-finite loss.</p>" + _plain_table(t, left=("cell", "method")))
+    t = pd.DataFrame(
+        {
+            "cell": [f"{d} ρ={ra} {b}" for d, ra, b in zip(r["dataset"], r["ratio"], r["backbone"])],
+            "method": r["method"],
+            "seed": r["seed"].astype(int),
+            **{DIAG_TABLE[c]: [_fmt_diag(v) for v in r[c]] for c in cols},
+        }
+    )
+    return (
+        "<h3>CBN diagnostics</h3><p class='desc'>Per run with CBN layers, at the end of training "
+        "(ltbench/training/diagnostics.py): top-1 on a fixed test sample with the running mixture (eval mode, "
+        "what is reported) and with each test batch's own statistics (a large gap: the running statistics do "
+        "not match training); the smallest running prior over the layers (≈ 0: a collapsed component); the "
+        "spread of the component means (mean over layers and channels of std_k μ_k / sqrt(mean_k σ²_k)); the "
+        "share of pixels whose largest responsibility exceeds 0.9; the largest gradient norm of a step and "
+        "the steps with a non-finite loss.</p>" + _plain_table(t, left=("cell", "method"))
+    )
 
 
 def _tail(runs: pd.DataFrame, cells: pd.DataFrame, exps: Mapping, cfg: Mapping | None) -> list[str]:
     parts = [_missing_html(cells)]
-    details = pd.concat([open_details(runs) if not runs.empty else pd.DataFrame(), experiment_choices(exps)],
-                        ignore_index=True)
+    details = pd.concat(
+        [open_details(runs) if not runs.empty else pd.DataFrame(), experiment_choices(exps)], ignore_index=True
+    )
     parts.append("<h2 id='details'>Unspecified paper details and the values used</h2>")
     if details.empty:
         parts.append("<p>No finished run yet.</p>")
     else:
-        parts.append("<p class='desc'>Every detail the papers leave open is a named knob; the values below are "
-                     "what the finished runs used (from their metrics.json), per method.</p>")
+        parts.append(
+            "<p class='desc'>Every detail the papers leave open is a named knob; the values below are "
+            "what the finished runs used (from their metrics.json), per method.</p>"
+        )
         parts.append(_plain_table(details, left=tuple(details.columns)))
     parts.append("<h2 id='provenance'>Provenance</h2>" + _provenance(runs, cfg))
     if cfg is not None:
-        parts.append("<details><summary>Configuration (validated, with defaults)</summary><pre>"
-                     + esc(json.dumps(cfg, indent=2)) + "</pre></details>")
+        parts.append(
+            "<details><summary>Configuration (validated, with defaults)</summary><pre>"
+            + esc(json.dumps(cfg, indent=2))
+            + "</pre></details>"
+        )
     return parts + ["</body></html>"]
 
 
@@ -558,16 +704,24 @@ def render(data: Mapping[str, pd.DataFrame], cfg: Mapping | None, figures_dir: P
     parts = _head((cfg or {}).get("name", "ltbench"), exps, cells, runs, cfg)
     parts.append("<h2 id='summary'>Summary of verdicts</h2>")
     if exps:
-        parts += [_summary_sentence(layouts), decision_lines(data.get("comparison", pd.DataFrame()), claims),
-                  _summary_table(layouts, claims, exps, cells)]
+        parts += [
+            _summary_sentence(layouts),
+            decision_lines(data.get("comparison", pd.DataFrame()), claims),
+            _summary_table(layouts, claims, exps, cells),
+        ]
     parts.append(_toc(exps, cells))
     for ename, exp in exps.items():
         parts += _experiment_section(ename, exp, layouts[ename], data, figures_dir, tables_dir)
     return "".join(parts + _tail(runs, cells, exps, cfg))
 
 
-def main(aggregate_dir: Path, out: Path, cfg: dict | None = None, figures_dir: str | None = None,
-         tables_dir: str | None = None) -> None:
+def main(
+    aggregate_dir: Path,
+    out: Path,
+    cfg: dict | None = None,
+    figures_dir: str | None = None,
+    tables_dir: str | None = None,
+) -> None:
     data = load_aggregate(aggregate_dir)
     stem = Path(out).with_suffix("")
     figures_d = Path(figures_dir) if figures_dir else stem / "figures"

@@ -16,6 +16,7 @@ metric set then comes from the paper's table when there is one, else top-1 per (
 Total/Many/Medium/Few for a single column. Figure 5's rows are named by their number of CBN components
 M, read from the resolved recipe column of ``runs.csv``.
 """
+
 from __future__ import annotations
 
 import html
@@ -34,26 +35,78 @@ from ltbench.data.longtail import format_ratio
 
 M_KNOB = "recipe.norm.options.num_components"
 NORM_KNOB = "recipe.norm.name"
-DATASET_NAMES = {"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT", "digits-lt": "digits-LT",
-                 "imagenet-lt": "ImageNet-LT", "places-lt": "Places-LT", "inat2018": "iNaturalist 2018"}
+DATASET_NAMES = {
+    "cifar10": "CIFAR-10-LT",
+    "cifar100": "CIFAR-100-LT",
+    "digits-lt": "digits-LT",
+    "imagenet-lt": "ImageNet-LT",
+    "places-lt": "Places-LT",
+    "inat2018": "iNaturalist 2018",
+}
 # Display names of the methods the reference files name in lowercase (the papers' spelling).
-METHOD_NAMES = {"mislas": "MiSLAS", "lade": "LADE", "ace": "ACE", "dro-lt": "DRO-LT", "paco": "PaCo",
-                "dive": "DiVE", "ssd": "SSD", "ib+focal": "IB + Focal", "vs": "VS", "tcm": "TCM",
-                "disalign": "DisAlign", "gistnet": "GistNet", "ce": "Cross-entropy", "focal": "Focal",
-                "cb-focal": "CB-Focal", "ldam-drw": "LDAM-DRW", "balanced-softmax": "Balanced Softmax",
-                "la": "Logit adjustment (loss)", "la-posthoc": "Logit adjustment (post hoc)", "crt": "cRT",
-                "tau-norm": "τ-norm", "lws": "LWS", "nbn": "NBN"}
-_TOKENS = {"baseline": "Baseline", "cbn": "CBN", "sbn": "SBN", "dpl": "DPL", "dt": "DT", "rw": "RW", "rs": "RS",
-           "bn": "BN", "nbn": "NBN", "ce": "CE"}
-VERDICT_MARK = {"reproduced": "✓", "inconclusive": "?", "below": "↓", "above": "↑", "single run": "(1 run)",
-                "missing": "missing", "not reported": "n/r", "quoted": "quoted"}
-VERDICT_TEX = {"reproduced": r"$\checkmark$", "inconclusive": "?", "below": r"$\downarrow$", "above": r"$\uparrow$",
-               "single run": r"\textit{(1 run)}", "missing": r"\textit{missing}", "not reported": r"\textit{n/r}",
-               "quoted": r"\textit{quoted}"}
-RULE = ("✓ reproduced: the 90 % interval of Δ lies inside ± the margin (equivalence shown, TOST α = 0.05); "
-        "? inconclusive: the paper's value is inside our 95 % interval but equivalence is not shown (the seeds "
-        "that would decide it at 80 % power are given); ↓ below / ↑ above: our 95 % interval excludes the "
-        "paper's value; (1 run): a single seed, no interval")
+METHOD_NAMES = {
+    "mislas": "MiSLAS",
+    "lade": "LADE",
+    "ace": "ACE",
+    "dro-lt": "DRO-LT",
+    "paco": "PaCo",
+    "dive": "DiVE",
+    "ssd": "SSD",
+    "ib+focal": "IB + Focal",
+    "vs": "VS",
+    "tcm": "TCM",
+    "disalign": "DisAlign",
+    "gistnet": "GistNet",
+    "ce": "Cross-entropy",
+    "focal": "Focal",
+    "cb-focal": "CB-Focal",
+    "ldam-drw": "LDAM-DRW",
+    "balanced-softmax": "Balanced Softmax",
+    "la": "Logit adjustment (loss)",
+    "la-posthoc": "Logit adjustment (post hoc)",
+    "crt": "cRT",
+    "tau-norm": "τ-norm",
+    "lws": "LWS",
+    "nbn": "NBN",
+}
+_TOKENS = {
+    "baseline": "Baseline",
+    "cbn": "CBN",
+    "sbn": "SBN",
+    "dpl": "DPL",
+    "dt": "DT",
+    "rw": "RW",
+    "rs": "RS",
+    "bn": "BN",
+    "nbn": "NBN",
+    "ce": "CE",
+}
+VERDICT_MARK = {
+    "reproduced": "✓",
+    "inconclusive": "?",
+    "below": "↓",
+    "above": "↑",
+    "single run": "(1 run)",
+    "missing": "missing",
+    "not reported": "n/r",
+    "quoted": "quoted",
+}
+VERDICT_TEX = {
+    "reproduced": r"$\checkmark$",
+    "inconclusive": "?",
+    "below": r"$\downarrow$",
+    "above": r"$\uparrow$",
+    "single run": r"\textit{(1 run)}",
+    "missing": r"\textit{missing}",
+    "not reported": r"\textit{n/r}",
+    "quoted": r"\textit{quoted}",
+}
+RULE = (
+    "✓ reproduced: the 90 % interval of Δ lies inside ± the margin (equivalence shown, TOST α = 0.05); "
+    "? inconclusive: the paper's value is inside our 95 % interval but equivalence is not shown (the seeds "
+    "that would decide it at 80 % power are given); ↓ below / ↑ above: our 95 % interval excludes the "
+    "paper's value; (1 run): a single seed, no interval"
+)
 
 
 def method_name(method: str) -> str:
@@ -104,13 +157,13 @@ class Cell:
     ci_high: float = math.nan
     seeds: list = field(default_factory=list)
     paper: float = math.nan
-    in_reference: bool = False   # the paper's table has an entry for this cell (its value may be null)
+    in_reference: bool = False  # the paper's table has an entry for this cell (its value may be null)
     quoted: bool = False
     delta: float = math.nan
-    verdict: str | None = None   # compare.judge's verdict for entries of the paper, None for cells it lacks
-    note: str | None = None      # the reference entry's note (footnote)
+    verdict: str | None = None  # compare.judge's verdict for entries of the paper, None for cells it lacks
+    note: str | None = None  # the reference entry's note (footnote)
     margin: float = math.nan
-    tost_low: float = math.nan   # 90 % interval of Δ (the equivalence test)
+    tost_low: float = math.nan  # 90 % interval of Δ (the equivalence test)
     tost_high: float = math.nan
     seeds_needed: float = math.nan  # seeds that decide an inconclusive cell (NaN + seeds_test: > MAX_SEEDS)
     seeds_test: str = ""
@@ -127,9 +180,9 @@ class Cell:
 class Row:
     method: str
     backbone: str
-    label: str | None           # the paper's row label (Table 3: I–VIII)
+    label: str | None  # the paper's row label (Table 3: I–VIII)
     in_experiment: bool
-    quoted: bool                # every paper entry of this row is quoted from another publication
+    quoted: bool  # every paper entry of this row is quoted from another publication
     display: str | None = None  # overrides the method's display name (e.g. "CBN (M = 4)" in Figure 5's table)
 
     @property
@@ -143,7 +196,7 @@ class Layout:
     description: str
     paper: str | None
     table: str | None
-    columns: list[tuple[str, float, str]]   # (dataset, ratio, metric)
+    columns: list[tuple[str, float, str]]  # (dataset, ratio, metric)
     rows: list[Row]
     cells: dict[tuple[int, int], Cell]
     seeds: list[int]
@@ -156,8 +209,11 @@ class Layout:
         if self.paper is None:
             return f"Experiment {self.experiment}"
         where = f"{self.paper} Table {self.table}" if self.table else self.paper
-        lay = " (the paper's layout, our numbers only: the paper reports none of these cells)" \
-            if self.reference_free else ""
+        lay = (
+            " (the paper's layout, our numbers only: the paper reports none of these cells)"
+            if self.reference_free
+            else ""
+        )
         return f"Experiment {self.experiment} — {where}{lay}"
 
     @property
@@ -221,8 +277,15 @@ def _layout_rows(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) ->
         for method, backbone in dict.fromkeys(zip(scope["method"], scope["backbone"])):
             sub = scope[(scope["method"] == method) & (scope["backbone"] == backbone)]
             labels = [lb for lb in sub["row"] if _label(lb)]
-            rows.append(Row(method, backbone, labels[0] if labels else None, method in exp["methods"],
-                            bool(sub["quoted"].astype(str).str.lower().eq("true").all())))
+            rows.append(
+                Row(
+                    method,
+                    backbone,
+                    labels[0] if labels else None,
+                    method in exp["methods"],
+                    bool(sub["quoted"].astype(str).str.lower().eq("true").all()),
+                )
+            )
             seen.add((method, backbone))
     elif ref is not None:  # reference-free: the experiment's methods in the paper table's order
         order = {m: i for i, m in enumerate(dict.fromkeys(ref["method"]))}
@@ -277,8 +340,13 @@ def _component_names(rows: list[Row], runs: pd.DataFrame | None) -> None:
             row.display = f"CBN (M = {m})" if name == row.method else f"CBN (M = {m}: {name})"
 
 
-def build(name: str, exp: Mapping, summary: pd.DataFrame, comparison: pd.DataFrame | None = None,
-          runs: pd.DataFrame | None = None) -> Layout:
+def build(
+    name: str,
+    exp: Mapping,
+    summary: pd.DataFrame,
+    comparison: pd.DataFrame | None = None,
+    runs: pd.DataFrame | None = None,
+) -> Layout:
     """The layout of one experiment from the aggregate's ``summary.csv`` and ``comparison.csv`` (all
     experiments; this one's rows are selected) and, for Figure 5's row names, ``runs.csv``."""
     ref = compare.reference_table(exp)  # the paper table's structure: row order and labels
@@ -288,23 +356,40 @@ def build(name: str, exp: Mapping, summary: pd.DataFrame, comparison: pd.DataFra
     rows = _layout_rows(exp, ref, scope)
     stats, paper = _by_cell(of_experiment(summary, name)), _by_cell(scope)
     notes: list[str] = []
-    cells = {(i, j): _fill(Cell(), stats.get(key), paper.get(key), notes)
-             for i, row in enumerate(rows) for j, (d, ratio, metric) in enumerate(columns)
-             for key in [(row.method, row.backbone, d, ratio, metric)]}
+    cells = {
+        (i, j): _fill(Cell(), stats.get(key), paper.get(key), notes)
+        for i, row in enumerate(rows)
+        for j, (d, ratio, metric) in enumerate(columns)
+        for key in [(row.method, row.backbone, d, ratio, metric)]
+    }
     # drop paper rows with nothing to show in these columns (e.g. a quoted method reported elsewhere only)
-    keep = [i for i, row in enumerate(rows) if row.in_experiment
-            or any(not pd.isna(cells[(i, j)].paper) or cells[(i, j)].n for j in range(len(columns)))]
+    keep = [
+        i
+        for i, row in enumerate(rows)
+        if row.in_experiment or any(not pd.isna(cells[(i, j)].paper) or cells[(i, j)].n for j in range(len(columns)))
+    ]
     cells = {(k, j): cells[(i, j)] for k, i in enumerate(keep) for j in range(len(columns))}
     rows = [rows[i] for i in keep]
     if exp.get("figure") == "components":
         _component_names(rows, runs)
     ref_exp = exp.get("reference") or {}
-    return Layout(name, exp.get("description", ""), ref_exp.get("paper"), compare.table_label(ref_exp.get("table")),
-                  columns, rows, cells, [int(s) for s in exp["seeds"]], len(exp["backbones"]) > 1,
-                  ref is not None and scope.empty, notes)
+    return Layout(
+        name,
+        exp.get("description", ""),
+        ref_exp.get("paper"),
+        compare.table_label(ref_exp.get("table")),
+        columns,
+        rows,
+        cells,
+        [int(s) for s in exp["seeds"]],
+        len(exp["backbones"]) > 1,
+        ref is not None and scope.empty,
+        notes,
+    )
 
 
 # ---------------------------------------------------------------- header structure
+
 
 def _header_levels(lay: Layout) -> list[list[tuple[str, int]]]:
     """Header rows as [(label, colspan)], top to bottom: dataset, ratio, metric (when several)."""
@@ -345,6 +430,7 @@ def _ours_text(c: Cell, expected_n: int, pm: str = " ± ") -> str:
 
 # ---------------------------------------------------------------- Markdown
 
+
 def _margins(lay: Layout) -> str:
     ms = sorted({c.margin for c in lay.cells.values() if not pd.isna(c.margin)})
     return "/".join(f"{m:g}" for m in ms) or f"{compare.MARGIN:g}"
@@ -369,35 +455,58 @@ def to_markdown(lay: Layout) -> str:
     for rows the paper reports (Δ followed by the verdict: ✓ reproduced, ↓ below, ↑ above)."""
     n_exp = len(lay.seeds)
     head = ["Method", ""] + [_flat_header(lay, j) for j in range(len(lay.columns))]
-    lines = [f"**{lay.title}**", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join([":---", ":---"] + ["---:"] * len(lay.columns)) + "|"]
+    lines = [
+        f"**{lay.title}**",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join([":---", ":---"] + ["---:"] * len(lay.columns)) + "|",
+    ]
     for i, row in enumerate(lay.rows):
         cells = [lay.cells[(i, j)] for j in range(len(lay.columns))]
         title = lay.row_title(row).replace("|", "\\|")
         sub = []
         if _has_paper(lay, i):
-            sub.append(("paper" + (" (quoted)" if row.quoted else ""),
-                        [fmt_paper(c.paper) if c.in_reference else "" for c in cells]))
+            sub.append(
+                (
+                    "paper" + (" (quoted)" if row.quoted else ""),
+                    [fmt_paper(c.paper) if c.in_reference else "" for c in cells],
+                )
+            )
         if row.in_experiment or any(c.n for c in cells):
             sub.append((f"ours ({n_exp} seeds)" if n_exp > 1 else "ours", [_ours_text(c, n_exp) for c in cells]))
             if _has_paper(lay, i):
                 sub.append(("Δ", [_delta_md(c) for c in cells]))
         for k, (kind, vals) in enumerate(sub):
             lines.append("| " + " | ".join([title if k == 0 else "", kind] + vals) + " |")
-    lines += ["", f"Ours: mean ± std over seeds {', '.join(map(str, lay.seeds))} (n = number of finished seeds where "
-              f"fewer). Δ = ours − paper; {_rule(lay)}; n/r = not reported by the paper; quoted = the paper "
-              "copies the number from another publication."]
+    lines += [
+        "",
+        f"Ours: mean ± std over seeds {', '.join(map(str, lay.seeds))} (n = number of finished seeds where "
+        f"fewer). Δ = ours − paper; {_rule(lay)}; n/r = not reported by the paper; quoted = the paper "
+        "copies the number from another publication.",
+    ]
     lines += [f"- Note: {n}" for n in lay.notes]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- LaTeX
 
+
 def _tex(s: str) -> str:
     out = s
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                 ("ρ", r"$\rho$"), ("τ", r"$\tau$"), ("Δ", r"$\Delta$"), ("–", "--"), ("·", r"$\cdot$"),
-                 ("±", r"$\pm$"), ("−", "-")):
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("_", r"\_"),
+        ("#", r"\#"),
+        ("ρ", r"$\rho$"),
+        ("τ", r"$\tau$"),
+        ("Δ", r"$\Delta$"),
+        ("–", "--"),
+        ("·", r"$\cdot$"),
+        ("±", r"$\pm$"),
+        ("−", "-"),
+    ):
         out = out.replace(a, b)
     return out
 
@@ -427,8 +536,12 @@ def to_latex(lay: Layout) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs, amssymb}) in the paper's layout."""
     n_exp = len(lay.seeds)
     ncol = len(lay.columns)
-    out = [f"% {lay.title}", r"% needs \usepackage{booktabs,amssymb}", r"\begin{tabular}{ll" + "r" * ncol + "}",
-           r"\toprule"]
+    out = [
+        f"% {lay.title}",
+        r"% needs \usepackage{booktabs,amssymb}",
+        r"\begin{tabular}{ll" + "r" * ncol + "}",
+        r"\toprule",
+    ]
     levels = _header_levels(lay)
     for k, level in enumerate(levels):
         cells, rules, col = [], [], 3
@@ -444,26 +557,42 @@ def to_latex(lay: Layout) -> str:
         cells = [lay.cells[(i, j)] for j in range(ncol)]
         sub = []
         if _has_paper(lay, i):
-            sub.append(("paper" + (" (quoted)" if row.quoted else ""),
-                        [fmt_paper(c.paper) if c.in_reference and not pd.isna(c.paper) else
-                         ("--" if c.in_reference else "") for c in cells]))
+            sub.append(
+                (
+                    "paper" + (" (quoted)" if row.quoted else ""),
+                    [
+                        fmt_paper(c.paper)
+                        if c.in_reference and not pd.isna(c.paper)
+                        else ("--" if c.in_reference else "")
+                        for c in cells
+                    ],
+                )
+            )
         if row.in_experiment or any(c.n for c in cells):
             sub.append(("ours", [_ours_tex(c, n_exp) for c in cells]))
             if _has_paper(lay, i):
                 sub.append((r"$\Delta$", [_delta_tex(c) for c in cells]))
         for k, (kind, vals) in enumerate(sub):
-            out.append(" & ".join([_tex(lay.row_title(row)) if k == 0 else "", kind if kind.startswith("$")
-                                   else _tex(kind)] + vals) + r" \\")
+            out.append(
+                " & ".join(
+                    [_tex(lay.row_title(row)) if k == 0 else "", kind if kind.startswith("$") else _tex(kind)] + vals
+                )
+                + r" \\"
+            )
         if i + 1 < len(lay.rows) and len(sub) > 1:
             out.append(r"\addlinespace")
-    out += [r"\bottomrule", r"\end{tabular}",
-            f"% ours: mean $\\pm$ std over seeds {', '.join(map(str, lay.seeds))}; Delta = ours - paper",
-            f"% {_rule(lay)}"]
+    out += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        f"% ours: mean $\\pm$ std over seeds {', '.join(map(str, lay.seeds))}; Delta = ours - paper",
+        f"% {_rule(lay)}",
+    ]
     out += [f"% note: {n}" for n in lay.notes]
     return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------- HTML
+
 
 def _td(c: Cell, expected_n: int, row: Row) -> str:
     cls = ["v-" + (c.verdict or ("ours" if c.n else "missing")).replace(" ", "-")]
@@ -490,16 +619,19 @@ def _td(c: Cell, expected_n: int, row: Row) -> str:
     elif c.in_reference:
         pv = fmt_paper(c.paper) if not pd.isna(c.paper) else "n/r"
         q = " quoted" if c.quoted else ""
-        d = (f" · Δ {fmt_delta(c.delta, minus='−')}" if c.n and not pd.isna(c.delta) else "")
+        d = f" · Δ {fmt_delta(c.delta, minus='−')}" if c.n and not pd.isna(c.delta) else ""
         parts.append(f"<span class='paper'>paper{q} {pv}{d}</span>")
         if c.verdict:
             need = c.seeds_text()
-            parts.append(f"<span class='verdict'>{html.escape(c.verdict)}</span>"
-                         + (f"<span class='need'> · {html.escape(need)}</span>" if need else ""))
+            parts.append(
+                f"<span class='verdict'>{html.escape(c.verdict)}</span>"
+                + (f"<span class='need'> · {html.escape(need)}</span>" if need else "")
+            )
     if not parts:
         parts.append("<span class='none'>–</span>")
-    return (f"<td class='{' '.join(cls)}' title='{html.escape('; '.join(tip), quote=True)}'>"
-            + "<br>".join(parts) + "</td>")
+    return (
+        f"<td class='{' '.join(cls)}' title='{html.escape('; '.join(tip), quote=True)}'>" + "<br>".join(parts) + "</td>"
+    )
 
 
 def to_html(lay: Layout) -> str:
@@ -508,18 +640,24 @@ def to_html(lay: Layout) -> str:
     n_exp = len(lay.seeds)
     out = [f"<table class='paper-table' data-experiment='{html.escape(lay.experiment, quote=True)}'><thead>"]
     for k, level in enumerate(levels):
-        first = (f"<th rowspan='{len(levels)}' class='method'>Method</th>" if k == 0 else "")
-        out.append("<tr>" + first + "".join(f"<th colspan='{span}'>{html.escape(lbl)}</th>" for lbl, span in level)
-                   + "</tr>")
+        first = f"<th rowspan='{len(levels)}' class='method'>Method</th>" if k == 0 else ""
+        out.append(
+            "<tr>" + first + "".join(f"<th colspan='{span}'>{html.escape(lbl)}</th>" for lbl, span in level) + "</tr>"
+        )
     out.append("</thead><tbody>")
     for i, row in enumerate(lay.rows):
-        label = (f"<span class='rowlabel'>{html.escape(row.label)}</span> " if row.label else "")
+        label = f"<span class='rowlabel'>{html.escape(row.label)}</span> " if row.label else ""
         bb = f" <span class='bb'>{html.escape(row.backbone)}</span>" if lay.several_backbones else ""
         q = " <span class='quoted-tag'>quoted</span>" if row.quoted and not row.in_experiment else ""
-        head = (f"<th class='method'>{label}{html.escape(row.name)}{bb}{q}"
-                f"<br><code>{html.escape(row.method)}</code></th>")
-        out.append(f"<tr class='{'quoted-row' if row.quoted and not row.in_experiment else ''}'>" + head
-                   + "".join(_td(lay.cells[(i, j)], n_exp, row) for j in range(len(lay.columns))) + "</tr>")
+        head = (
+            f"<th class='method'>{label}{html.escape(row.name)}{bb}{q}<br><code>{html.escape(row.method)}</code></th>"
+        )
+        out.append(
+            f"<tr class='{'quoted-row' if row.quoted and not row.in_experiment else ''}'>"
+            + head
+            + "".join(_td(lay.cells[(i, j)], n_exp, row) for j in range(len(lay.columns)))
+            + "</tr>"
+        )
     out.append("</tbody></table>")
     if lay.notes:
         out.append("<ul class='notes'>" + "".join(f"<li>{html.escape(n)}</li>" for n in lay.notes) + "</ul>")
@@ -529,11 +667,16 @@ def to_html(lay: Layout) -> str:
 def write(lay: Layout, out_dir: Path) -> dict[str, Path]:
     """``<out_dir>/<experiment>.{html,md,tex}`` (atomic); returns {format: path}."""
     stem = safe_name(lay.experiment)
-    doc = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(lay.title)}</title>"
-           f"<style>{TABLE_CSS}</style></head><body><h1>{html.escape(lay.title)}</h1>{to_html(lay)}"
-           f"{legend_html(lay)}</body></html>")
-    paths = {"html": Path(out_dir) / f"{stem}.html", "md": Path(out_dir) / f"{stem}.md",
-             "tex": Path(out_dir) / f"{stem}.tex"}
+    doc = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(lay.title)}</title>"
+        f"<style>{TABLE_CSS}</style></head><body><h1>{html.escape(lay.title)}</h1>{to_html(lay)}"
+        f"{legend_html(lay)}</body></html>"
+    )
+    paths = {
+        "html": Path(out_dir) / f"{stem}.html",
+        "md": Path(out_dir) / f"{stem}.md",
+        "tex": Path(out_dir) / f"{stem}.tex",
+    }
     io.write_text(paths["html"], doc)
     io.write_text(paths["md"], to_markdown(lay))
     io.write_text(paths["tex"], to_latex(lay))
@@ -547,20 +690,26 @@ def safe_name(name: str) -> str:
 
 def legend_html(lay: Layout | None = None) -> str:
     if lay is not None and not any(c.in_reference for c in lay.cells.values()):
-        return ("<p class='legend'>Cells: our mean ± std over seeds " + ", ".join(map(str, lay.seeds))
-                + " (n shown where fewer seeds finished; hover for the seeds and the 95 % confidence interval)"
-                + ("; the paper reports none of these cells" if lay.paper else "") + ".</p>")
+        return (
+            "<p class='legend'>Cells: our mean ± std over seeds "
+            + ", ".join(map(str, lay.seeds))
+            + " (n shown where fewer seeds finished; hover for the seeds and the 95 % confidence interval)"
+            + ("; the paper reports none of these cells" if lay.paper else "")
+            + ".</p>"
+        )
     margin = _margins(lay) if lay is not None else f"{compare.MARGIN:g}"
-    return ("<p class='legend'><span class='v-reproduced'>reproduced</span> the 90 % interval of Δ lies inside "
-            f"± {margin} point (equivalence shown) · <span class='v-inconclusive'>inconclusive</span> the paper's "
-            "value is inside our 95 % interval but equivalence is not shown (with the seeds that would decide it "
-            "at 80 % power) · <span class='v-below'>below</span> / <span class='v-above'>above</span> our 95 % "
-            "interval excludes the paper's value · <span class='v-single-run'>single run</span> one seed, no "
-            "interval · <span class='v-missing'>missing</span> no finished run · <span class='v-not-reported'>n/r</span> "
-            "not reported by the paper · <span class='v-quoted'>quoted</span> the paper copies it from another "
-            "publication · <span class='v-ours'>ours only</span> the paper has no such cell. Cells: our mean "
-            "± std over seeds (n shown where fewer seeds finished), then the paper's value and Δ = ours − paper; "
-            "hover for the seeds and the confidence interval.</p>")
+    return (
+        "<p class='legend'><span class='v-reproduced'>reproduced</span> the 90 % interval of Δ lies inside "
+        f"± {margin} point (equivalence shown) · <span class='v-inconclusive'>inconclusive</span> the paper's "
+        "value is inside our 95 % interval but equivalence is not shown (with the seeds that would decide it "
+        "at 80 % power) · <span class='v-below'>below</span> / <span class='v-above'>above</span> our 95 % "
+        "interval excludes the paper's value · <span class='v-single-run'>single run</span> one seed, no "
+        "interval · <span class='v-missing'>missing</span> no finished run · <span class='v-not-reported'>n/r</span> "
+        "not reported by the paper · <span class='v-quoted'>quoted</span> the paper copies it from another "
+        "publication · <span class='v-ours'>ours only</span> the paper has no such cell. Cells: our mean "
+        "± std over seeds (n shown where fewer seeds finished), then the paper's value and Δ = ours − paper; "
+        "hover for the seeds and the confidence interval.</p>"
+    )
 
 
 TABLE_CSS = """

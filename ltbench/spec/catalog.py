@@ -9,6 +9,7 @@ Next to the defaults, :data:`NORM_OPTIONS` and :data:`LOSS_OPTIONS` give each op
 range as JSON-schema fragments; :func:`ltbench.spec.config.check_recipe` validates every resolved
 recipe against them when the DAG is built and in the CLI, naming the method, the key and the value.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,20 @@ import re
 
 NORMS: dict[str, dict] = {
     "bn": {"eps": 1e-05, "momentum": 0.1},
-    "cbn": {"num_components": 4, "eps": 1e-05, "prior_momentum": 0.1, "mean_momentum": 0.1,
-            "var_momentum": 0.1, "responsibilities": "pixel", "train_stats": "batch", "init": "first_batch",
-            "init_std": 0.1, "detach_responsibilities": False, "em": True, "unbiased_var": True},
+    "cbn": {
+        "num_components": 4,
+        "eps": 1e-05,
+        "prior_momentum": 0.1,
+        "mean_momentum": 0.1,
+        "var_momentum": 0.1,
+        "responsibilities": "pixel",
+        "train_stats": "batch",
+        "init": "first_batch",
+        "init_std": 0.1,
+        "detach_responsibilities": False,
+        "em": True,
+        "unbiased_var": True,
+    },
     "nbn": {"eps": 1e-05, "momentum": 0.1, "alpha": "shared", "alpha_weight_decay": True},
 }
 
@@ -37,13 +49,26 @@ MAX_COMPONENTS = 64  # CBN Figure 5 sweeps a handful; 1e9 would try to allocate 
 
 NORM_OPTIONS: dict[str, dict[str, dict]] = {
     "bn": {"eps": _EPS, "momentum": {"type": ["number", "null"], "minimum": 0, "maximum": 1}},
-    "cbn": {"num_components": {"type": "integer", "minimum": 1, "maximum": MAX_COMPONENTS}, "eps": _EPS,
-            "prior_momentum": _MOMENTUM, "mean_momentum": _MOMENTUM, "var_momentum": _MOMENTUM,
-            "responsibilities": {"enum": ["pixel", "sample"]}, "train_stats": {"enum": ["batch", "running"]},
-            "init": {"enum": ["first_batch", "random"]}, "init_std": {"type": "number", "minimum": 0},
-            "detach_responsibilities": _BOOL, "em": _BOOL, "unbiased_var": _BOOL},
-    "nbn": {"eps": _EPS, "momentum": _MOMENTUM, "alpha": {"enum": ["shared", "per_layer", "separate"]},
-            "alpha_weight_decay": _BOOL},
+    "cbn": {
+        "num_components": {"type": "integer", "minimum": 1, "maximum": MAX_COMPONENTS},
+        "eps": _EPS,
+        "prior_momentum": _MOMENTUM,
+        "mean_momentum": _MOMENTUM,
+        "var_momentum": _MOMENTUM,
+        "responsibilities": {"enum": ["pixel", "sample"]},
+        "train_stats": {"enum": ["batch", "running"]},
+        "init": {"enum": ["first_batch", "random"]},
+        "init_std": {"type": "number", "minimum": 0},
+        "detach_responsibilities": _BOOL,
+        "em": _BOOL,
+        "unbiased_var": _BOOL,
+    },
+    "nbn": {
+        "eps": _EPS,
+        "momentum": _MOMENTUM,
+        "alpha": {"enum": ["shared", "per_layer", "separate"]},
+        "alpha_weight_decay": _BOOL,
+    },
 }
 
 _WEIGHTING = {"enum": ["none", "cb", "inverse"]}
@@ -52,9 +77,14 @@ LOSS_OPTIONS: dict[str, dict[str, dict]] = {
     "ce": {"weighting": _WEIGHTING, "beta": _BETA},
     "balanced_softmax": {"weighting": _WEIGHTING, "beta": _BETA},
     "focal": {"gamma": {"type": "number", "minimum": 0}, "weighting": _WEIGHTING, "beta": _BETA},
-    "ldam": {"max_m": {"type": "number", "exclusiveMinimum": 0}, "s": {"type": "number", "exclusiveMinimum": 0},
-             "drw": _BOOL, "drw_epoch_fraction": {"type": "number", "minimum": 0, "maximum": 1},
-             "weighting": {"enum": [None, "none", "cb", "inverse"]}, "beta": _BETA},
+    "ldam": {
+        "max_m": {"type": "number", "exclusiveMinimum": 0},
+        "s": {"type": "number", "exclusiveMinimum": 0},
+        "drw": _BOOL,
+        "drw_epoch_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+        "weighting": {"enum": [None, "none", "cb", "inverse"]},
+        "beta": _BETA,
+    },
     "logit_adjust": {"tau": {"type": "number", "minimum": 0}, "weighting": _WEIGHTING, "beta": _BETA},
 }
 
@@ -69,9 +99,17 @@ SAMPLERS: tuple[str, ...] = ("uniform", "class_balanced", "sqrt", "class_aware")
 
 HEADS: tuple[str, ...] = ("linear", "cosine")
 
-BACKBONES: tuple[str, ...] = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-                              "resnet50", "resnet152", "resnext50_32x4d")
-
+BACKBONES: tuple[str, ...] = (
+    "resnet8",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet50",
+    "resnet152",
+    "resnext50_32x4d",
+)
 
 
 def backbone_depth(backbone: str) -> float:
@@ -82,5 +120,4 @@ def backbone_depth(backbone: str) -> float:
 
 
 # kind of part → its names (and options), as methods.check and the error messages use them
-PARTS: dict[str, object] = {"norm": NORMS, "loss": LOSSES, "sampler": SAMPLERS, "head": HEADS,
-                            "backbone": BACKBONES}
+PARTS: dict[str, object] = {"norm": NORMS, "loss": LOSSES, "sampler": SAMPLERS, "head": HEADS, "backbone": BACKBONES}

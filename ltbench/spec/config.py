@@ -4,6 +4,7 @@ Validation has two layers: the JSON schema (``schemas/config.schema.yaml``: type
 unknown keys) and name checks against the registries (datasets, methods, backbones). Every
 error is a :class:`ConfigError` whose message names the offending key and value.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,7 +27,9 @@ from ltbench.spec import catalog, methods
 _Validator = jsonschema.validators.extend(
     jsonschema.Draft202012Validator,
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool)))
+        "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool)
+    ),
+)
 
 
 @lru_cache(maxsize=None)
@@ -64,8 +67,13 @@ def schema_errors(instance: Any, sub: str | Mapping | None = None) -> list[tuple
     """(key path, message) of every violation of the config schema, or of its definition
     ``sub`` (a ``$defs`` name) or of the schema fragment ``sub``; non-finite numbers included."""
     root = schema()
-    target = root if sub is None else {"$defs": root["$defs"], "$ref": f"#/$defs/{sub}"} \
-        if isinstance(sub, str) else {"$defs": root["$defs"], **sub}
+    target = (
+        root
+        if sub is None
+        else {"$defs": root["$defs"], "$ref": f"#/$defs/{sub}"}
+        if isinstance(sub, str)
+        else {"$defs": root["$defs"], **sub}
+    )
     errors = sorted(_Validator(target).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
     out = [(_key(e.absolute_path), _message(e)) for e in errors]
     return out + [(k, f"{v!r} is not a finite number") for k, v in _non_finite(instance)]
@@ -100,8 +108,9 @@ def validate(config: Mapping[str, Any]) -> dict:
         try:  # published: each method runs its `<method>@published` recipe (cells and tables carry that name)
             exp["methods"] = [methods.for_protocol(m, exp["protocol"], cfg.get("methods")) for m in exp["methods"]]
         except KeyError as e:
-            raise ConfigError(f"config key experiments.{ename}.methods (protocol {exp['protocol']}): "
-                              f"{e.args[0]}") from None
+            raise ConfigError(
+                f"config key experiments.{ename}.methods (protocol {exp['protocol']}): {e.args[0]}"
+            ) from None
     _check_names(cfg)
     return cfg
 
@@ -110,20 +119,26 @@ def _check_names(cfg: Mapping) -> None:
     extra = cfg["methods"]
     for name in cfg["datasets"]:
         if name not in data.DATASETS:
-            raise ConfigError(f"config key datasets.{name}: unknown dataset {name!r}; "
-                              f"known: {', '.join(data.DATASETS)}")
+            raise ConfigError(
+                f"config key datasets.{name}: unknown dataset {name!r}; known: {', '.join(data.DATASETS)}"
+            )
     for m in extra:
         try:
             check_recipe(m, methods.recipe(m, extra))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"config key methods.{m}: {e.args[0]}") from None
     for ename, exp in cfg["experiments"].items():
-        for key, known in (("datasets", list(data.DATASETS)), ("methods", methods.available(extra)),
-                           ("backbones", list(catalog.BACKBONES))):
+        for key, known in (
+            ("datasets", list(data.DATASETS)),
+            ("methods", methods.available(extra)),
+            ("backbones", list(catalog.BACKBONES)),
+        ):
             for i, v in enumerate(exp[key]):
                 if v not in known:
-                    raise ConfigError(f"config key experiments.{ename}.{key}[{i}]: unknown "
-                                      f"{key[:-1]} {v!r}; known: {', '.join(known)}")
+                    raise ConfigError(
+                        f"config key experiments.{ename}.{key}[{i}]: unknown "
+                        f"{key[:-1]} {v!r}; known: {', '.join(known)}"
+                    )
         try:
             for d in exp["datasets"]:
                 for m in exp["methods"]:
@@ -158,17 +173,23 @@ def check_spec(spec: Mapping) -> None:
     check_recipe(m, spec["recipe"])
     where = spec["recipe"]["datasets"]
     if where is not None and spec["dataset"] not in where:
-        raise ConfigError(f"method {m!r} applies only to {', '.join(where)} (recipe key datasets), "
-                          f"not to {spec['dataset']!r}")
+        raise ConfigError(
+            f"method {m!r} applies only to {', '.join(where)} (recipe key datasets), not to {spec['dataset']!r}"
+        )
     for key, msg in schema_errors(dict(train), "train"):
-        raise ConfigError(f"method {m!r} on {spec['dataset']}: train.{key}: {msg}" if key != "(top level)"
-                          else f"method {m!r} on {spec['dataset']}: train: {msg}")
+        raise ConfigError(
+            f"method {m!r} on {spec['dataset']}: train.{key}: {msg}"
+            if key != "(top level)"
+            else f"method {m!r} on {spec['dataset']}: train: {msg}"
+        )
     if dt["enabled"] and dt["classifier"] != "tau_norm":
         head = int(round(dt["fraction"] * train["epochs"]))  # as the trainer splits the epochs
         for stage, n in (("classifier", head), ("representation", train["epochs"] - head)):
             if n < 1:
-                raise ConfigError(f"method {m!r}: decoupled.fraction {dt['fraction']} leaves no {stage} "
-                                  f"epoch of train.epochs {train['epochs']}")
+                raise ConfigError(
+                    f"method {m!r}: decoupled.fraction {dt['fraction']} leaves no {stage} "
+                    f"epoch of train.epochs {train['epochs']}"
+                )
 
 
 def check_ratio(dataset: str, ratio: float, profile: str = "exp") -> None:
@@ -181,9 +202,11 @@ def check_ratio(dataset: str, ratio: float, profile: str = "exp") -> None:
     counts = data.longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
     empty = [c for c, n in enumerate(counts) if n < 1]
     if empty:
-        raise ConfigError(f"imbalance ratio {ratio:g} leaves {len(empty)} class(es) of {dataset} without "
-                          f"training images (first: class {empty[0]}; the head class has {spec.n_max}); "
-                          f"use a ratio of at most {spec.n_max}")
+        raise ConfigError(
+            f"imbalance ratio {ratio:g} leaves {len(empty)} class(es) of {dataset} without "
+            f"training images (first: class {empty[0]}; the head class has {spec.n_max}); "
+            f"use a ratio of at most {spec.n_max}"
+        )
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -251,8 +274,14 @@ def cell_spec(cfg: Mapping, dataset: str, method: str, backbone: str) -> dict:
     train = {**cfg["train"], **dopts.pop("train", {}), **r.get("train", {}), **r["dataset_train"].get(dataset, {})}
     dopts.setdefault("many_threshold", dspec.many_threshold)
     dopts.setdefault("few_threshold", dspec.few_threshold)
-    return {"dataset": dataset, "dataset_options": dopts, "method": method, "recipe": r,
-            "backbone": backbone, "train": train}
+    return {
+        "dataset": dataset,
+        "dataset_options": dopts,
+        "method": method,
+        "recipe": r,
+        "backbone": backbone,
+        "train": train,
+    }
 
 
 def iter_knobs(spec: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:

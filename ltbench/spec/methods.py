@@ -4,6 +4,7 @@ Built-in recipes live in ``methods.yaml`` beside this file; a config's ``methods
 recipes or overrides built-in ones key by key. :func:`resolve` fills every part's defaults so a
 run records exactly what it used.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,9 +32,20 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "paths": ["compound"],
     "classify_on": None,  # None: the last view of every path, e.g. ["compound/strong", "split/strong"]
     "consistency": {"weight": 0.0, "pairing": "cross"},
-    "decoupled": {"enabled": False, "fraction": 0.2, "classifier": "crt", "loss": "ce", "sampler": "uniform",
-                  "reweight": "none", "reinit": True, "lr": None, "tau": 1.0,
-                  "select_tau": False, "tau_grid": [0.0, 2.0, 0.1], "backbone_mode": "train"},
+    "decoupled": {
+        "enabled": False,
+        "fraction": 0.2,
+        "classifier": "crt",
+        "loss": "ce",
+        "sampler": "uniform",
+        "reweight": "none",
+        "reinit": True,
+        "lr": None,
+        "tau": 1.0,
+        "select_tau": False,
+        "tau_grid": [0.0, 2.0, 0.1],
+        "backbone_mode": "train",
+    },
     "posthoc_tau": None,
     "logit_rectification": False,
     "train": {},
@@ -43,7 +55,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
 
 OPEN_DETAILS: dict[str, str] = {
     "recipe.classify_on": "CBN Eq. 20 applies Balanced Softmax to the strong-view prediction; whether the split path "
-                          "and the weak view also get it is not stated (default: strong view of both paths).",
+    "and the weak view also get it is not stated (default: strong view of both paths).",
     "recipe.consistency.pairing": "CBN Eq. 19's exact pairing: 'cross' = −½[cos(z^c_s, sg(z^s_w)) + cos(z^s_s, sg(z^c_w))].",
     "recipe.consistency.weight": "Weight of the consistency loss relative to Balanced Softmax (not stated; default 1).",
     "recipe.paths": "What 'Baseline + SBN' trains: compound and split paths with the compound EM switched off (em: false).",
@@ -51,51 +63,51 @@ OPEN_DETAILS: dict[str, str] = {
     "recipe.decoupled.reinit": "Whether the classifier is re-initialized at the start of the classifier stage (cRT: yes).",
     "recipe.decoupled.reweight": "RW in the classifier stage: class-balanced weights (β = 0.9999) by default.",
     "recipe.decoupled.loss": "Loss of the classifier stage (not stated by CBN Table 3; default cross-entropy as in cRT: "
-                             "the representation's Balanced Softmax on top of RS/RW would correct the imbalance twice).",
+    "the representation's Balanced Softmax on top of RS/RW would correct the imbalance twice).",
     "recipe.head": "Classifier layer: linear, or cosine (LDAM-DRW's NormedLinear, which LDAM's s = 30 assumes).",
     "recipe.decoupled.backbone_mode": "Mode of the frozen backbone in the classifier stage: 'train' (Kang et al.'s "
-                                      "classifier-balancing code keeps every network in train mode: BN normalizes with "
-                                      "the stage's class-balanced batch statistics and re-estimates its running "
-                                      "statistics; default) or 'eval' (running statistics of the representation stage, "
-                                      "unchanged). Not stated by CBN Table 3 or Kang et al.'s paper.",
+    "classifier-balancing code keeps every network in train mode: BN normalizes with "
+    "the stage's class-balanced batch statistics and re-estimates its running "
+    "statistics; default) or 'eval' (running statistics of the representation stage, "
+    "unchanged). Not stated by CBN Table 3 or Kang et al.'s paper.",
     "recipe.decoupled.lr": "Classifier-stage learning rate (null = the representation stage's lr), cosine over the stage.",
     "recipe.norm.options.train_stats": "CBN open detail 1: normalize with batch statistics (as BN does in training) or "
-                                       "the running statistics during training (default batch).",
+    "the running statistics during training (default batch).",
     "recipe.norm.options.responsibilities": "CBN open detail 2: responsibilities per pixel (as the equations read; "
-                                            "default) or per sample (spatially pooled).",
+    "default) or per sample (spatially pooled).",
     "recipe.norm.options.init": "CBN open detail 3: symmetry-breaking component init: first_batch (M distinct points "
-                                "of the first batch; default) or random (N(0, init_std²) means).",
+    "of the first batch; default) or random (N(0, init_std²) means).",
     "recipe.norm.options.em": "CBN open detail 6: 'Baseline + SBN' = em: false, a plain-BN compound path used at test, "
-                              "the components only for the split path.",
+    "the components only for the split path.",
     "recipe.norm.options.detach_responsibilities": "CBN: whether gradients flow through the E-step responsibilities "
-                                                   "(default: yes, as autograd gives them).",
+    "(default: yes, as autograd gives them).",
     "recipe.norm.options.alpha": "NBN open detail 2: one α shared by every normalized layer (public code; default), "
-                                 "per layer, or separate α for weight and bias.",
+    "per layer, or separate α for weight and bias.",
     "recipe.norm.options.alpha_weight_decay": "NBN open detail 3: whether α gets weight decay (public code: yes).",
     "recipe.norm.scope": "Which BN layers are replaced: CBN 'all' (by default reading; open detail 5); NBN "
-                         "'last_stage' (public code; NBN open detail 1 for the CIFAR ResNet-32).",
+    "'last_stage' (public code; NBN open detail 1 for the CIFAR ResNet-32).",
     "recipe.logit_rectification": "NBN open detail 4: whether logit rectification (BatchNorm1d without affine on the "
-                                  "logits) is part of the NBN rows (default: no, as the official ResNet-50 / "
-                                  "ResNeXt-50 configs; only their RIDE-ensemble config has it: method nbn+rect).",
+    "logits) is part of the NBN rows (default: no, as the official ResNet-50 / "
+    "ResNeXt-50 configs; only their RIDE-ensemble config has it: method nbn+rect).",
     "recipe.norm.options.mean_momentum": "CBN (not stated by the paper): the running statistics (means, and "
-                                         "likewise variances and priors with their momenta) move by the momentum "
-                                         "once per forward pass in training mode, so the full method (compound + "
-                                         "split path × weak + strong view) moves them 4 times per optimizer step, "
-                                         "Baseline + CBN once.",
+    "likewise variances and priors with their momenta) move by the momentum "
+    "once per forward pass in training mode, so the full method (compound + "
+    "split path × weak + strong view) moves them 4 times per optimizer step, "
+    "Baseline + CBN once.",
     "train.weight_decay": "CBN: weight decay not stated (default 2e-4, the LDAM-DRW value).",
     "train.momentum": "CBN: SGD momentum not stated (default 0.9).",
     "train.warmup_epochs": "CBN: warmup not stated (default 5 epochs, the LDAM-DRW convention).",
     "train.warmup_per": "Whether the linear warmup ramps every optimizer step ('step', default) or once per epoch "
-                        "('epoch': lr × (e+1)/warmup_epochs in epoch e, as LDAM-DRW's adjust_learning_rate).",
+    "('epoch': lr × (e+1)/warmup_epochs in epoch e, as LDAM-DRW's adjust_learning_rate).",
     "recipe.decoupled.select_tau": "τ-normalization: τ chosen from tau_grid (0, 0.1, …, 2) by balanced accuracy on a "
-                                   "validation split (Kang et al.), never the test set; tau-norm: yes. The split: the "
-                                   "dataset's own val list, or for CIFAR-style data the held-out images "
-                                   "(datasets.<name>.val_per_class).",
+    "validation split (Kang et al.), never the test set; tau-norm: yes. The split: the "
+    "dataset's own val list, or for CIFAR-style data the held-out images "
+    "(datasets.<name>.val_per_class).",
     "recipe.strong_view.policy": "CBN says only 'AutoAugment': torchvision's CIFAR10 policy with fill 0 (default) "
-                                 "or cifar10_policy, the CIFAR10Policy reimplementation most LT code copies "
-                                 "(Balanced Softmax's CIFAR pipeline), fill 128.",
+    "or cifar10_policy, the CIFAR10Policy reimplementation most LT code copies "
+    "(Balanced Softmax's CIFAR pipeline), fill 128.",
     "recipe.strong_view.cutout": "Cutout(1 hole, 16 px) after AutoAugment, as Balanced Softmax's CIFAR pipeline "
-                                 "(default: off; CBN does not mention it).",
+    "(default: off; CBN does not mention it).",
 }
 
 VIEWS_OF_AUGMENT = {"crop_flip": ["weak"], "autoaugment": ["strong"], "none": ["none"]}
@@ -154,9 +166,11 @@ def for_protocol(name: str, protocol: str, extra: Mapping[str, Mapping] | None =
         return name
     published = name + PUBLISHED
     if published not in available(extra):
-        have = sorted(m[:-len(PUBLISHED)] for m in available(extra) if m.endswith(PUBLISHED))
-        raise KeyError(f"method {name!r} has no published recipe {published!r} (define it under methods:, or "
-                       f"use protocol: controlled); methods with one: {', '.join(have)}")
+        have = sorted(m[: -len(PUBLISHED)] for m in available(extra) if m.endswith(PUBLISHED))
+        raise KeyError(
+            f"method {name!r} has no published recipe {published!r} (define it under methods:, or "
+            f"use protocol: controlled); methods with one: {', '.join(have)}"
+        )
     return published
 
 
@@ -193,30 +207,37 @@ def passes(recipe: Mapping) -> int:
 
 def check(name: str, r: Mapping) -> None:
     """Raise ``KeyError``/``ValueError`` naming the method and the offending part."""
-    for what, names, part in (("norm", catalog.NORMS, r["norm"]["name"]),
-                              ("loss", catalog.LOSSES, r["loss"]["name"]),
-                              ("decoupled.loss", catalog.LOSSES, r["decoupled"]["loss"]),
-                              ("sampler", catalog.SAMPLERS, r["sampler"]),
-                              ("decoupled.sampler", catalog.SAMPLERS, r["decoupled"]["sampler"]),
-                              ("head", catalog.HEADS, r["head"])):
+    for what, names, part in (
+        ("norm", catalog.NORMS, r["norm"]["name"]),
+        ("loss", catalog.LOSSES, r["loss"]["name"]),
+        ("decoupled.loss", catalog.LOSSES, r["decoupled"]["loss"]),
+        ("sampler", catalog.SAMPLERS, r["sampler"]),
+        ("decoupled.sampler", catalog.SAMPLERS, r["decoupled"]["sampler"]),
+        ("head", catalog.HEADS, r["head"]),
+    ):
         if part not in names:
             raise KeyError(f"method {name!r}: unknown {what} {part!r}; known: {', '.join(sorted(names))}")
     for what, table in (("norm", catalog.NORMS), ("loss", catalog.LOSSES)):
         known = table[r[what]["name"]]
         for opt in r[what]["options"]:
             if opt not in known:
-                raise KeyError(f"method {name!r}: {what} {r[what]['name']!r} has no option {opt!r}; "
-                               f"known: {', '.join(known)}")
+                raise KeyError(
+                    f"method {name!r}: {what} {r[what]['name']!r} has no option {opt!r}; known: {', '.join(known)}"
+                )
     if r["decoupled"]["enabled"] and r["head"] != "linear":
         raise ValueError(f"method {name!r}: the decoupled classifier stage needs head: linear, not {r['head']!r}")
     produced = {f"{p}/{v}" for p in r["paths"] for v in r["views"]}
     for k in r["classify_on"]:
         if k not in produced:
-            raise ValueError(f"method {name!r}: classify_on {k!r} is not one of the path/view pairs it "
-                             f"trains ({', '.join(sorted(produced))})")
+            raise ValueError(
+                f"method {name!r}: classify_on {k!r} is not one of the path/view pairs it "
+                f"trains ({', '.join(sorted(produced))})"
+            )
     if "split" in r["paths"] and r["norm"]["name"] != "cbn":
         raise ValueError(f"method {name!r}: paths [.., split] (SBN) needs norm cbn, not {r['norm']['name']!r}")
-    if r["consistency"]["weight"] > 0 and (set(r["views"]) != {"weak", "strong"}
-                                           or set(r["paths"]) != {"compound", "split"}):
-        raise ValueError(f"method {name!r}: consistency.weight > 0 needs views [weak, strong] and "
-                         "paths [compound, split]")
+    if r["consistency"]["weight"] > 0 and (
+        set(r["views"]) != {"weak", "strong"} or set(r["paths"]) != {"compound", "split"}
+    ):
+        raise ValueError(
+            f"method {name!r}: consistency.weight > 0 needs views [weak, strong] and paths [compound, split]"
+        )

@@ -18,6 +18,7 @@ time of a 400-epoch CIFAR-10-LT (ρ = 100) cell including per-epoch evaluation o
 and, with ``--config``, the projected device-hours of that config's whole grid: ``ltbench plan``'s
 projection (:func:`ltbench.tools.plan.plan`) with this measurement as the speed of its backbone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,10 @@ def _device_name(device: torch.device) -> str:
 def _synthetic(n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_images`` random CIFAR-shaped uint8 images and labels of 10 classes (seed 0)."""
     g = torch.Generator().manual_seed(0)
-    return (torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g),
-            torch.randint(0, 10, (n_images,), generator=g))
+    return (
+        torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n_images,), generator=g),
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -65,8 +68,9 @@ def _setup(method: str, backbone: str, num_classes: int, device: torch.device, c
         model = model.to(memory_format=torch.channels_last)
     counts = torch.full((num_classes,), 100.0)
     criterion = losses.make(spec["recipe"]["loss"]["name"], counts, **spec["recipe"]["loss"]["options"]).to(device)
-    opt = torch.optim.SGD(norm.param_groups(model, 2e-4), lr=0.05, momentum=0.9,
-                          **({"fused": True} if device.type == "cuda" else {}))
+    opt = torch.optim.SGD(
+        norm.param_groups(model, 2e-4), lr=0.05, momentum=0.9, **({"fused": True} if device.type == "cuda" else {})
+    )
     return spec["recipe"], model, criterion, opt
 
 
@@ -87,13 +91,27 @@ class FastLoop:
     crop/flip (and AutoAugment for a strong view) on the device, the trainer's step loss, no per-step
     host synchronisation. ``run(n)`` trains ``n`` steps and returns their wall time in seconds."""
 
-    def __init__(self, x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, batch_size: int,
-                 device: torch.device, amp: bool, channels_last: bool):
+    def __init__(
+        self,
+        x_u8: torch.Tensor,
+        y: torch.Tensor,
+        method: str,
+        backbone: str,
+        batch_size: int,
+        device: torch.device,
+        amp: bool,
+        channels_last: bool,
+    ):
         num_classes = int(y.max()) + 1
-        self.recipe, self.model, self.criterion, self.opt = _setup(method, backbone, num_classes, device,
-                                                                   channels_last)
-        self.x, self.y, self.device, self.amp, self.cl, self.batch = x_u8.to(device), y.to(device), device, amp, \
-            channels_last, batch_size
+        self.recipe, self.model, self.criterion, self.opt = _setup(method, backbone, num_classes, device, channels_last)
+        self.x, self.y, self.device, self.amp, self.cl, self.batch = (
+            x_u8.to(device),
+            y.to(device),
+            device,
+            amp,
+            channels_last,
+            batch_size,
+        )
         self.mean, self.std = torch.tensor(CIFAR.mean, device=device), torch.tensor(CIFAR.std, device=device)
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.groups = norm.class_groups(num_classes, self.recipe["norm"]["options"].get("num_components", 1)).to(device)
@@ -113,8 +131,15 @@ class FastLoop:
             idx = torch.randint(0, len(self.y), (self.batch,), device=self.device, generator=self.gen)
             yb = self.y[idx]
             views = {v: self.view(self.x[idx], v) for v in self.recipe["views"]}
-            loss = _loss(self.recipe, self.model, self.criterion, views, yb,
-                         self.groups[yb] if "split" in self.recipe["paths"] else None, self.amp)
+            loss = _loss(
+                self.recipe,
+                self.model,
+                self.criterion,
+                views,
+                yb,
+                self.groups[yb] if "split" in self.recipe["paths"] else None,
+                self.amp,
+            )
             _step(self.opt, loss)
             self.total += loss.detach()
         _sync(self.device)
@@ -122,17 +147,39 @@ class FastLoop:
         return time.perf_counter() - t0
 
 
-def run_fast(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, steps: int, batch_size: int,
-             device: torch.device, amp: bool, channels_last: bool, warmup: int) -> dict:
+def run_fast(
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    method: str,
+    backbone: str,
+    steps: int,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+    warmup: int,
+) -> dict:
     loop = FastLoop(x_u8, y, method, backbone, batch_size, device, amp, channels_last)
     loop.run(warmup)
     dt = loop.run(steps)
-    return {"images_per_s": steps * batch_size / dt, "step_time_ms": 1000 * dt / steps,
-            "mean_loss": float(loop.total) / loop.done, "model": loop.model}
+    return {
+        "images_per_s": steps * batch_size / dt,
+        "step_time_ms": 1000 * dt / steps,
+        "mean_loss": float(loop.total) / loop.done,
+        "model": loop.model,
+    }
 
 
-def compare(methods: list[str], backbone: str = "resnet32", steps: int = 5, rounds: int = 5, batch_size: int = 128,
-            device: str = "auto", warmup: int = 2, n_images: int = 2048) -> dict[str, Any]:
+def compare(
+    methods: list[str],
+    backbone: str = "resnet32",
+    steps: int = 5,
+    rounds: int = 5,
+    batch_size: int = 128,
+    device: str = "auto",
+    warmup: int = 2,
+    n_images: int = 2048,
+) -> dict[str, Any]:
     """The fast path of several methods in one process, timed in alternating rounds of ``steps`` steps
     (every method once per round, in order), so that a drift of the machine's speed hits all alike:
     per method the median images/s over the rounds and the median over rounds of its ratio to the
@@ -150,12 +197,18 @@ def compare(methods: list[str], backbone: str = "resnet32", steps: int = 5, roun
     first = methods[0]
     return {
         "device": _device_name(dev),
-        "torch": torch.__version__, "backbone": backbone, "batch_size": batch_size, "steps_per_round": steps,
-        "rounds": rounds, "amp": "bf16" if amp else "none",
+        "torch": torch.__version__,
+        "backbone": backbone,
+        "batch_size": batch_size,
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "amp": "bf16" if amp else "none",
         "cbn_kernel": {m: norm.implementation(loop.model, dev, channels_last=amp) for m, loop in loops.items()},
         "images_per_s": {m: round(float(np.median(v)), 1) for m, v in ips.items()},
         "images_per_s_per_round": {m: [round(t, 1) for t in v] for m, v in ips.items()},
-        f"ratio_to_{first}": {m: round(float(np.median(np.array(v) / np.array(ips[first]))), 3) for m, v in ips.items()},
+        f"ratio_to_{first}": {
+            m: round(float(np.median(np.array(v) / np.array(ips[first]))), 3) for m, v in ips.items()
+        },
     }
 
 
@@ -168,9 +221,11 @@ class _PILDataset(torch.utils.data.Dataset):
         self.images, self.labels = images, labels
         weak = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
         tail = [T.ToTensor(), T.Normalize(CIFAR.mean, CIFAR.std)]
-        self.transforms = {"weak": T.Compose(weak + tail),
-                           "strong": T.Compose(weak + [T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)] + tail),
-                           "none": T.Compose(tail)}
+        self.transforms = {
+            "weak": T.Compose(weak + tail),
+            "strong": T.Compose(weak + [T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)] + tail),
+            "none": T.Compose(tail),
+        }
         self.views = views
 
     def __len__(self) -> int:
@@ -183,15 +238,30 @@ class _PILDataset(torch.utils.data.Dataset):
         return [self.transforms[v](img) for v in self.views], int(self.labels[i])
 
 
-def run_common(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, steps: int, batch_size: int,
-               device: torch.device, workers: int, warmup: int) -> dict:
+def run_common(
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    method: str,
+    backbone: str,
+    steps: int,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    warmup: int,
+) -> dict:
     num_classes = int(y.max()) + 1
     torch.manual_seed(0)
     recipe, model, criterion, opt = _setup(method, backbone, num_classes, device, channels_last=False)
     ds = _PILDataset(x_u8.permute(0, 2, 3, 1).numpy(), y.numpy(), recipe["views"])
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
     group_of_class = norm.class_groups(num_classes, recipe["norm"]["options"].get("num_components", 1)).to(device)
     losses_seen, done, t0 = [], 0, None
     while done < warmup + steps:
@@ -201,8 +271,15 @@ def run_common(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, 
                 t0 = time.perf_counter()
             xs = [x.to(device, non_blocking=True) for x in xs]
             yb = yb.to(device, non_blocking=True)
-            loss = _loss(recipe, model, criterion, dict(zip(recipe["views"], xs)), yb,
-                         group_of_class[yb] if "split" in recipe["paths"] else None, amp=False)
+            loss = _loss(
+                recipe,
+                model,
+                criterion,
+                dict(zip(recipe["views"], xs)),
+                yb,
+                group_of_class[yb] if "split" in recipe["paths"] else None,
+                amp=False,
+            )
             _step(opt, loss)
             losses_seen.append(loss.item())  # per-step host synchronisation, as such code logs
             done += 1
@@ -210,8 +287,11 @@ def run_common(x_u8: torch.Tensor, y: torch.Tensor, method: str, backbone: str, 
                 break
     _sync(device)
     dt = time.perf_counter() - t0
-    return {"images_per_s": steps * batch_size / dt, "step_time_ms": 1000 * dt / steps,
-            "mean_loss": float(np.mean(losses_seen))}
+    return {
+        "images_per_s": steps * batch_size / dt,
+        "step_time_ms": 1000 * dt / steps,
+        "mean_loss": float(np.mean(losses_seen)),
+    }
 
 
 @contextlib.contextmanager
@@ -240,9 +320,19 @@ def eval_images_per_s(model: nn.Module, device: torch.device, n: int = 2000) -> 
     return n / (time.perf_counter() - t0)
 
 
-def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, batch_size: int = 128,
-         device: str = "auto", workers: int = 4, common: bool = True, config_path: str | None = None,
-         n_images: int = 2048, warmup: int = 3, epochs: int = 400) -> dict[str, Any]:
+def main(
+    method: str = "baseline",
+    backbone: str = "resnet32",
+    steps: int = 20,
+    batch_size: int = 128,
+    device: str = "auto",
+    workers: int = 4,
+    common: bool = True,
+    config_path: str | None = None,
+    n_images: int = 2048,
+    warmup: int = 3,
+    epochs: int = 400,
+) -> dict[str, Any]:
     dev = train.pick_device(device)
     amp = dev.type == "cuda"
     x, y = _synthetic(n_images)
@@ -254,8 +344,12 @@ def main(method: str = "baseline", backbone: str = "resnet32", steps: int = 20, 
     epoch_s = n_train * 1.0 / fast["images_per_s"] + 10000 / eval_ips
     out: dict[str, Any] = {
         "device": _device_name(dev),
-        "method": method, "backbone": backbone, "batch_size": batch_size, "steps": steps,
-        "passes_per_step": methods.passes(recipe), "amp": "bf16" if amp else "none",
+        "method": method,
+        "backbone": backbone,
+        "batch_size": batch_size,
+        "steps": steps,
+        "passes_per_step": methods.passes(recipe),
+        "amp": "bf16" if amp else "none",
         "fast": {k: round(v, 3) for k, v in fast.items()},
         "eval_images_per_s": round(eval_ips, 1),
         f"projected_{epochs}_epoch_cifar10_lt_r100_wall_s": round(epochs * epoch_s, 1),
@@ -275,9 +369,14 @@ def project(cfg: dict, result: dict, config_path: str) -> dict:
     """GPU-hours of every cell of ``cfg`` by :func:`ltbench.tools.plan.plan`, with this benchmark
     ``result`` as the speed of its backbone (training and evaluation)."""
     p = plan.plan(cfg, bench=result)
-    return {"config": config_path, "per_experiment": {e["name"]: round(e["hours"], 3) for e in p["experiments"]},
-            "unique_cells": p["unique_cells"], "total": round(p["hours_total"], 3),
-            "cells_without_estimate": p["cells_without_estimate"], "speed_sources": p["speed_sources"]}
+    return {
+        "config": config_path,
+        "per_experiment": {e["name"]: round(e["hours"], 3) for e in p["experiments"]},
+        "unique_cells": p["unique_cells"],
+        "total": round(p["hours_total"], 3),
+        "cells_without_estimate": p["cells_without_estimate"],
+        "speed_sources": p["speed_sources"],
+    }
 
 
 def format_json(result: dict) -> str:
@@ -287,6 +386,7 @@ def format_json(result: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # `ltbench bench --layer`: per-layer costs of the norm layers against a 3×3 convolution
 # --------------------------------------------------------------------------------------------
+
 
 def _time_ms(fn, reps: int, device: torch.device, stat=np.median):
     """``stat`` (median; min is the robust choice on a shared machine) of the wall time of ``fn()``
@@ -323,6 +423,7 @@ def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
         x.grad = None
         layer.zero_grad(set_to_none=True)
         layer(x).backward(g)
+
     return call
 
 
@@ -337,8 +438,9 @@ def _eval_model(method: str, backbone: str, device: torch.device, channels_last:
     return model.eval()
 
 
-def eval_path_vs_bare(method: str, backbone: str, n: int, device: torch.device, channels_last: bool,
-                      reps: int) -> dict[str, float]:
+def eval_path_vs_bare(
+    method: str, backbone: str, n: int, device: torch.device, channels_last: bool, reps: int
+) -> dict[str, float]:
     """Images/s of the trainer's evaluation path (:func:`evaluation.evaluate_counts` over a resident
     uint8 test set: normalization per batch, forward, argmax, per-class counts) against the bare
     forward + argmax of the same model on the same images already normalized and in the model's
@@ -355,9 +457,13 @@ def eval_path_vs_bare(method: str, backbone: str, n: int, device: torch.device, 
 
         def path():
             evaluation.evaluate_counts(model, source, 10)
+
         bare_ms, path_ms = _time_pair(bare, path, reps, device)
-    return {"bare_images_per_s": round(n / bare_ms * 1000, 1), "path_images_per_s": round(n / path_ms * 1000, 1),
-            "path_over_bare": round(bare_ms / path_ms, 3)}
+    return {
+        "bare_images_per_s": round(n / bare_ms * 1000, 1),
+        "path_images_per_s": round(n / path_ms * 1000, 1),
+        "path_over_bare": round(bare_ms / path_ms, 3),
+    }
 
 
 def _eval_section(backbone: str, n: int, device: torch.device, reps: int) -> dict[str, Any]:
@@ -372,8 +478,16 @@ def _eval_section(backbone: str, n: int, device: torch.device, reps: int) -> dic
     return out
 
 
-def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size: int = 32, reps: int = 10,
-               eval_images: int = 2000, backbone: str = "resnet32", eval_reps: int = 5) -> dict[str, Any]:
+def layer_main(
+    device: str = "auto",
+    batch: int = 128,
+    channels: int = 16,
+    size: int = 32,
+    reps: int = 10,
+    eval_images: int = 2000,
+    backbone: str = "resnet32",
+    eval_reps: int = 5,
+) -> dict[str, Any]:
     """Per-layer fwd+bwd ms (median and min over ``reps``) of BatchNorm2d, Conv2d(C, C, 3, padding=1)
     and CBN M = 4 (per pixel, per sample; where the C kernels run, per pixel once more without them)
     on one (batch, C, size, size) input, their ratios to the convolution, and the evaluation path
@@ -383,10 +497,13 @@ def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=g).to(dev).requires_grad_()
     grad = torch.randn(batch, channels, size, size, generator=g).to(dev)
-    layers = {"batchnorm2d": nn.BatchNorm2d(channels),
-              "conv3x3": nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-              "cbn_m4_pixel": norm.make("cbn", channels, num_components=4, responsibilities="pixel"),
-              "cbn_m4_sample": norm.make("cbn", channels, num_components=4, responsibilities="sample")}
+    layers = {
+        "batchnorm2d": nn.BatchNorm2d(channels),
+        "conv3x3": nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        "cbn_m4_pixel": norm.make("cbn", channels, num_components=4, responsibilities="pixel"),
+        "cbn_m4_sample": norm.make("cbn", channels, num_components=4, responsibilities="sample"),
+    }
+
     def median_min(name: str) -> tuple[float, float]:
         return _time_ms(_fwd_bwd(layers[name].to(dev), x, grad), reps, dev, lambda t: (np.median(t), np.min(t)))
 
@@ -399,7 +516,9 @@ def layer_main(device: str = "auto", batch: int = 128, channels: int = 16, size:
     conv = ms["conv3x3"]
     out: dict[str, Any] = {
         "device": _device_name(dev),
-        "torch": torch.__version__, "input": [batch, channels, size, size], "reps": reps,
+        "torch": torch.__version__,
+        "input": [batch, channels, size, size],
+        "reps": reps,
         "cbn_kernel": kernel,
         "fwd_bwd_ms": {k: round(v, 3) for k, v in ms.items()},
         "ratio_to_conv": {k: round(v / conv, 3) for k, v in ms.items()},

@@ -30,6 +30,7 @@ rows minus the seeds it has, times that cell's projected hours.
 Each speed row says which source it used. Not modelled: data loading, the cheaper classifier stage of
 decoupled methods, CBN's EM overhead beyond its passes (put a measured file in for those).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,14 @@ from ltbench.spec.methods import passes
 #: Rough training throughput (images/s, one view and one path, batch 128, plain BN, bf16 autocast)
 #: on one current data-centre GPU (A100 / H100 class) for 32×32 inputs. NOT measured: an order of
 #: magnitude for planning, scaled from ResNet-32 by the number of layers; measure with `ltbench bench`.
-DEFAULT_IMAGES_PER_S = {"resnet8": 30000.0, "resnet20": 15000.0, "resnet32": 10000.0, "resnet44": 7500.0,
-                        "resnet56": 6000.0, "resnet110": 3000.0}
+DEFAULT_IMAGES_PER_S = {
+    "resnet8": 30000.0,
+    "resnet20": 15000.0,
+    "resnet32": 10000.0,
+    "resnet44": 7500.0,
+    "resnet56": 6000.0,
+    "resnet110": 3000.0,
+}
 #: An evaluation image (forward only, one view) costs about a third of a one-pass training image.
 EVAL_SPEEDUP = 3.0
 #: Test-set sizes of the built-in datasets (evaluation cost); others: dataset option ``expected.test``.
@@ -80,7 +87,7 @@ class _Measured:
     """Speeds read from --throughput files and the config's own runs.csv."""
 
     def __init__(self, files: Iterable[Path]):
-        self.runs: list[dict] = []     # {backbone, method, s_per_image, gpu, file, passes}
+        self.runs: list[dict] = []  # {backbone, method, s_per_image, gpu, file, passes}
         self.bench: dict[str, dict] = {}  # backbone -> {one_pass_ips, eval_ips, label}
         for f in files:
             self._read(Path(f))
@@ -92,8 +99,9 @@ class _Measured:
             try:
                 self.add_bench(json.loads(f.read_text()), f.name)
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"throughput file {f}: not an `ltbench bench --out` JSON ({e!r} missing or bad)") \
-                    from None
+                raise ValueError(
+                    f"throughput file {f}: not an `ltbench bench --out` JSON ({e!r} missing or bad)"
+                ) from None
             return
         df = pd.read_csv(f)
         need = {"backbone", "method", "device", "wall_time_s", "n_train", "train.epochs", "seed", "dataset", "ratio"}
@@ -103,15 +111,25 @@ class _Measured:
         for r in df.to_dict("records"):
             work = float(r["train.epochs"]) * float(r["n_train"])
             if work > 0 and r["wall_time_s"] > 0:
-                self.runs.append({"backbone": r["backbone"], "method": r["method"],
-                                  "s_per_image": r["wall_time_s"] / work, "gpu": str(r["device"]).startswith("cuda"),
-                                  "file": f.name, "device": str(r["device"])})
+                self.runs.append(
+                    {
+                        "backbone": r["backbone"],
+                        "method": r["method"],
+                        "s_per_image": r["wall_time_s"] / work,
+                        "gpu": str(r["device"]).startswith("cuda"),
+                        "file": f.name,
+                        "device": str(r["device"]),
+                    }
+                )
 
     def add_bench(self, b: Mapping, where: str) -> str:
         """Add an ``ltbench bench`` result (read from ``where``); returns its backbone."""
         ips, bb, npass = float(b["fast"]["images_per_s"]), b["backbone"], int(b.get("passes_per_step", 1))
-        self.bench[bb] = {"one_pass_ips": ips * npass, "eval_ips": b.get("eval_images_per_s"),
-                          "label": f"measured: ltbench bench {where} ({b.get('method')}, {b.get('device')})"}
+        self.bench[bb] = {
+            "one_pass_ips": ips * npass,
+            "eval_ips": b.get("eval_images_per_s"),
+            "label": f"measured: ltbench bench {where} ({b.get('method')}, {b.get('device')})",
+        }
         return bb
 
     def _pick(self, rows: list[dict]) -> tuple[list[dict], bool]:
@@ -132,35 +150,68 @@ class _Measured:
             return None
         per_pass = median(r["s_per_image"] / passes_of[r["method"]] for r in rows)
         dev = "" if gpu else f" on {rows[0]['device']}, not a GPU"
-        return per_pass, (f"measured: {len(rows)} runs of other methods in "
-                          f"{', '.join(sorted({r['file'] for r in rows}))}, scaled by passes{dev}")
+        return per_pass, (
+            f"measured: {len(rows)} runs of other methods in "
+            f"{', '.join(sorted({r['file'] for r in rows}))}, scaled by passes{dev}"
+        )
 
 
-def _speed(backbone: str, method: str, p: int, knob: Mapping, measured: _Measured, passes_of: Mapping[str, int],
-           pinned: str | None = None) -> dict:
+def _speed(
+    backbone: str,
+    method: str,
+    p: int,
+    knob: Mapping,
+    measured: _Measured,
+    passes_of: Mapping[str, int],
+    pinned: str | None = None,
+) -> dict:
     """The speed of (backbone, method) from the first source that has one (module docstring); a
     ``pinned`` backbone (``ltbench bench --config``) takes its bench measurement first."""
-    s = {"backbone": backbone, "method": method, "passes": p, "images_per_s": None, "eval_images_per_s": None,
-         "s_per_image": None, "includes_eval": False, "kind": "unknown",
-         "source": f"no speed for {backbone}: set plan.images_per_s.{backbone} in the config or pass --throughput"}
+    s = {
+        "backbone": backbone,
+        "method": method,
+        "passes": p,
+        "images_per_s": None,
+        "eval_images_per_s": None,
+        "s_per_image": None,
+        "includes_eval": False,
+        "kind": "unknown",
+        "source": f"no speed for {backbone}: set plan.images_per_s.{backbone} in the config or pass --throughput",
+    }
     if backbone in knob and backbone != pinned:
         one = float(knob[backbone])
-        s.update(images_per_s=one / p, eval_images_per_s=EVAL_SPEEDUP * one, kind="config",
-                 source=f"config plan.images_per_s.{backbone}: {one:g} img/s for one pass")
+        s.update(
+            images_per_s=one / p,
+            eval_images_per_s=EVAL_SPEEDUP * one,
+            kind="config",
+            source=f"config plan.images_per_s.{backbone}: {one:g} img/s for one pass",
+        )
     elif backbone != pinned and (m := measured.same(backbone, method)) is not None:
         s.update(s_per_image=m[0], images_per_s=1.0 / m[0], includes_eval=True, source=m[1], kind="measured")
     elif backbone in measured.bench:
         b = measured.bench[backbone]
-        s.update(images_per_s=b["one_pass_ips"] / p, kind="bench",
-                 eval_images_per_s=b["eval_ips"] or EVAL_SPEEDUP * b["one_pass_ips"],
-                 source=f"{b['label']}: {b['one_pass_ips']:.0f} img/s for one pass")
+        s.update(
+            images_per_s=b["one_pass_ips"] / p,
+            kind="bench",
+            eval_images_per_s=b["eval_ips"] or EVAL_SPEEDUP * b["one_pass_ips"],
+            source=f"{b['label']}: {b['one_pass_ips']:.0f} img/s for one pass",
+        )
     elif (m := measured.other(backbone, passes_of)) is not None:
-        s.update(s_per_image=m[0] * p, images_per_s=1.0 / (m[0] * p), includes_eval=True, source=m[1],
-                 kind="measured, scaled")
+        s.update(
+            s_per_image=m[0] * p,
+            images_per_s=1.0 / (m[0] * p),
+            includes_eval=True,
+            source=m[1],
+            kind="measured, scaled",
+        )
     elif backbone in DEFAULT_IMAGES_PER_S:
         one = DEFAULT_IMAGES_PER_S[backbone]
-        s.update(images_per_s=one / p, eval_images_per_s=EVAL_SPEEDUP * one, kind="default",
-                 source=f"default estimate (unmeasured) for {backbone}: {one:g} img/s for one pass")
+        s.update(
+            images_per_s=one / p,
+            eval_images_per_s=EVAL_SPEEDUP * one,
+            kind="default",
+            source=f"default estimate (unmeasured) for {backbone}: {one:g} img/s for one pass",
+        )
     return s
 
 
@@ -200,8 +251,10 @@ def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = (), bench: Mappi
     speeds = {(c.backbone, c.method): None for c in ltconfig.cells(cfg)}
     for b, m in speeds:
         speeds[(b, m)] = _speed(b, m, passes_of[m], knob, measured, passes_of, pinned)
-    per_cell = {c: _hours(c, specs[(c.dataset, c.method, c.backbone)], speeds[(c.backbone, c.method)])
-                for c in ltconfig.cells(cfg)}
+    per_cell = {
+        c: _hours(c, specs[(c.dataset, c.method, c.backbone)], speeds[(c.backbone, c.method)])
+        for c in ltconfig.cells(cfg)
+    }
     out = _summary(cfg, per_cell, speeds, files)
     out["extra_seeds"] = extra_seeds(Path(cfg["results_dir"]) / "aggregate", per_cell)
     return out
@@ -220,9 +273,10 @@ def _undecided(agg: Path) -> tuple[dict[tuple, tuple[int, int]], int]:
         old = need.get(key, (0, h))
         need[key] = (max(old[0], n), min(old[1], h))
 
-    for name, verdict_col, undecided, sides in (("comparison.csv", "verdict", "inconclusive", (("method", "n"),)),
-                                                ("gains.csv", "gain_verdict", "not significant",
-                                                 (("method", "n_method"), ("over", "n_over")))):
+    for name, verdict_col, undecided, sides in (
+        ("comparison.csv", "verdict", "inconclusive", (("method", "n"),)),
+        ("gains.csv", "gain_verdict", "not significant", (("method", "n_method"), ("over", "n_over"))),
+    ):
         f = agg / name
         if not f.exists():
             continue
@@ -254,8 +308,14 @@ def extra_seeds(agg: Path, per_cell: Mapping[ltconfig.Cell, float | None]) -> di
             unpriced += extra
         else:
             hours += extra * h
-    return {"aggregate": str(agg), "cells": sum(n > h for n, h in need.values()), "runs": runs,
-            "hours": hours, "runs_without_estimate": unpriced, "beyond_max_seeds": beyond}
+    return {
+        "aggregate": str(agg),
+        "cells": sum(n > h for n, h in need.values()),
+        "runs": runs,
+        "hours": hours,
+        "runs_without_estimate": unpriced,
+        "beyond_max_seeds": beyond,
+    }
 
 
 def _summary(cfg: Mapping, per_cell: Mapping, speeds: Mapping, files: list[Path]) -> dict:
@@ -264,31 +324,53 @@ def _summary(cfg: Mapping, per_cell: Mapping, speeds: Mapping, files: list[Path]
         cells = ltconfig.cells(cfg, name)
         listed += len(cells)
         hs = [per_cell[c] for c in cells]
-        exps.append({"name": name, "datasets": len(exp["datasets"]), "ratios": len(exp["ratios"]),
-                     "methods": len(exp["methods"]), "backbones": len(exp["backbones"]), "seeds": len(exp["seeds"]),
-                     "cells": len(cells), "hours": sum(h for h in hs if h is not None),
-                     "cells_without_estimate": sum(h is None for h in hs)})
+        exps.append(
+            {
+                "name": name,
+                "datasets": len(exp["datasets"]),
+                "ratios": len(exp["ratios"]),
+                "methods": len(exp["methods"]),
+                "backbones": len(exp["backbones"]),
+                "seeds": len(exp["seeds"]),
+                "cells": len(cells),
+                "hours": sum(h for h in hs if h is not None),
+                "cells_without_estimate": sum(h is None for h in hs),
+            }
+        )
     rows = []
     for (b, m), s in speeds.items():
         hs = [h for c, h in per_cell.items() if c.backbone == b and c.method == m]
-        rows.append({**{k: v for k, v in s.items() if k != "s_per_image"}, "cells": len(hs),
-                     "hours": sum(h for h in hs if h is not None) if any(h is not None for h in hs) else None})
+        rows.append(
+            {
+                **{k: v for k, v in s.items() if k != "s_per_image"},
+                "cells": len(hs),
+                "hours": sum(h for h in hs if h is not None) if any(h is not None for h in hs) else None,
+            }
+        )
     known = [h for h in per_cell.values() if h is not None]
     methods_order = list(dict.fromkeys(m for e in cfg["experiments"].values() for m in e["methods"]))
     order = lambda r: (backbone_depth(r["backbone"]), r["backbone"], methods_order.index(r["method"]))  # noqa: E731
-    return {"name": cfg.get("name"), "experiments": exps, "listed_cells": listed, "unique_cells": len(per_cell),
-            "hours_total": sum(known), "cells_without_estimate": len(per_cell) - len(known),
-            "gpus": max(1, int((cfg.get("resources", {}).get("train") or {}).get("gpu", 1) or 1)),
-            "speed_sources": sorted({r["kind"] for r in rows}), "speeds": sorted(rows, key=order),
-            "throughput_files": [str(f) for f in files]}
+    return {
+        "name": cfg.get("name"),
+        "experiments": exps,
+        "listed_cells": listed,
+        "unique_cells": len(per_cell),
+        "hours_total": sum(known),
+        "cells_without_estimate": len(per_cell) - len(known),
+        "gpus": max(1, int((cfg.get("resources", {}).get("train") or {}).get("gpu", 1) or 1)),
+        "speed_sources": sorted({r["kind"] for r in rows}),
+        "speeds": sorted(rows, key=order),
+        "throughput_files": [str(f) for f in files],
+    }
 
 
 def format_text(p: Mapping, config_path: str | None = None) -> str:
     """The plan as aligned text tables."""
     out = [f"Plan of {config_path or 'the config'} (name: {p['name']})", ""]
     w = max([len("unique total")] + [len(e["name"]) for e in p["experiments"]]) + 2
-    out.append(f"{'experiment':<{w}}{'cells':>7}   {'datasets × ratios × methods × backbones × seeds':<48}"
-               f"{'GPU-hours':>10}")
+    out.append(
+        f"{'experiment':<{w}}{'cells':>7}   {'datasets × ratios × methods × backbones × seeds':<48}{'GPU-hours':>10}"
+    )
     for e in p["experiments"]:
         grid = f"{e['datasets']} × {e['ratios']} × {e['methods']} × {e['backbones']} × {e['seeds']}"
         h = _h(e["hours"]) + ("+?" if e["cells_without_estimate"] else "")
@@ -302,26 +384,35 @@ def format_text(p: Mapping, config_path: str | None = None) -> str:
     out.append(f"{'backbone':<{wb}}{'method':<{wm}}{'passes':>6}{'img/s':>9}{'cells':>7}{'GPU-h':>9}  source")
     for r in p["speeds"]:
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "?"
-        out.append(f"{r['backbone']:<{wb}}{r['method']:<{wm}}{r['passes']:>6}{ips:>9}{r['cells']:>7}"
-                   f"{_h(r['hours']):>9}  {r['kind']}")
+        out.append(
+            f"{r['backbone']:<{wb}}{r['method']:<{wm}}{r['passes']:>6}{ips:>9}{r['cells']:>7}"
+            f"{_h(r['hours']):>9}  {r['kind']}"
+        )
     out += ["", "Sources:"] + [f"  {s}" for s in dict.fromkeys(r["source"] for r in p["speeds"])]
-    line = (f"Projected: {_h(p['hours_total'])} GPU-hours for {p['unique_cells']} cells "
-            f"(speeds: {', '.join(p['speed_sources'])})")
+    line = (
+        f"Projected: {_h(p['hours_total'])} GPU-hours for {p['unique_cells']} cells "
+        f"(speeds: {', '.join(p['speed_sources'])})"
+    )
     if p["gpus"] > 1:
         line += f"; {_h(p['hours_total'] / p['gpus'])} h wall time on {p['gpus']} GPUs"
     out += ["", line + "."]
     if p["cells_without_estimate"]:
-        out.append(f"{p['cells_without_estimate']} cells have no estimate (unknown backbone speed or dataset size): "
-                   "'+?' above.")
+        out.append(
+            f"{p['cells_without_estimate']} cells have no estimate (unknown backbone speed or dataset size): "
+            "'+?' above."
+        )
     if (x := p.get("extra_seeds")) and (x["runs"] or x["beyond_max_seeds"]):
-        line = (f"Undecided verdicts in {x['aggregate']}: {x['runs']} more runs on {x['cells']} cells would decide "
-                f"those the power analysis can (80 % power), about {_h(x['hours'])} GPU-hours")
+        line = (
+            f"Undecided verdicts in {x['aggregate']}: {x['runs']} more runs on {x['cells']} cells would decide "
+            f"those the power analysis can (80 % power), about {_h(x['hours'])} GPU-hours"
+        )
         line += f" ({x['runs_without_estimate']} runs not priced)" if x["runs_without_estimate"] else ""
         k = x["beyond_max_seeds"]
-        line += (f"; {k} verdict{'s' * (k != 1)} would need more than {MAX_SEEDS} seeds"
-                 if x["beyond_max_seeds"] else "")
+        line += f"; {k} verdict{'s' * (k != 1)} would need more than {MAX_SEEDS} seeds" if x["beyond_max_seeds"] else ""
         out.append(line + ".")
     if "default" in p["speed_sources"]:
-        out.append("Default estimates are unmeasured: measure with `python -m ltbench bench --backbone B --out b.json` "
-                   "on the target GPU and pass --throughput b.json, or set plan.images_per_s in the config.")
+        out.append(
+            "Default estimates are unmeasured: measure with `python -m ltbench bench --backbone B --out b.json` "
+            "on the target GPU and pass --throughput b.json, or set plan.images_per_s in the config."
+        )
     return "\n".join(out) + "\n"

@@ -10,6 +10,7 @@ SIGKILL), so a stale lock file never blocks a rerun. ``flock`` is local to a hos
 file systems (NFS before Linux 2.6.12, some FUSE file systems); there the lock guards only against
 trainers on the same host.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -36,8 +37,10 @@ def check_writable(out_dir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"the output directory {out_dir} is not writable ({e.strerror or e}); "
-                          "choose another --out / results_dir or fix its permissions") from None
+        raise ConfigError(
+            f"the output directory {out_dir} is not writable ({e.strerror or e}); "
+            "choose another --out / results_dir or fix its permissions"
+        ) from None
 
 
 def _acquire(path: Path) -> IO[str] | None:
@@ -50,9 +53,11 @@ def _acquire(path: Path) -> IO[str] | None:
             fh.seek(0)
             holder = fh.read().strip() or "a process that has not written its name yet"
             fh.close()
-            raise CellBusy(f"{path.parent} is being trained by another process ({holder}); not starting a "
-                           f"second trainer of the same cell. Wait for it to finish, or stop it and run again "
-                           f"(it resumes from its checkpoint).") from None
+            raise CellBusy(
+                f"{path.parent} is being trained by another process ({holder}); not starting a "
+                f"second trainer of the same cell. Wait for it to finish, or stop it and run again "
+                f"(it resumes from its checkpoint)."
+            ) from None
         except OSError as e:  # a file system without flock
             fh.close()
             print(f"warning: cannot lock {path} ({e.strerror or e}); training without a cell lock", file=sys.stderr)

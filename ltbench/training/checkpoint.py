@@ -7,6 +7,7 @@ plain containers) serialized by ``torch.save`` into a uint8 tensor, and the SHA-
 executed), verifies the checksum and that every key in :data:`REQUIRED` is there; :func:`load` moves a
 file that fails to ``checkpoint.pt.unreadable`` with a warning, and the cell starts afresh.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,12 +25,38 @@ from ltbench import io
 FORMAT = "ltbench-checkpoint/2"
 
 #: The keys every checkpoint payload has (the trainer's :meth:`~ltbench.training.trainer.Trainer.payload`).
-REQUIRED = frozenset({
-    "spec_hash", "seed", "model", "opt", "sched", "head", "head_opt", "head_sched", "criterion",
-    "gen", "torch_rng", "cuda_rng", "numpy_rng", "python_rng",
-    "epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct", "first_bad",
-    "grad_sum", "grad_max", "nonfinite",
-    "best_row", "best_per_class"})
+REQUIRED = frozenset(
+    {
+        "spec_hash",
+        "seed",
+        "model",
+        "opt",
+        "sched",
+        "head",
+        "head_opt",
+        "head_sched",
+        "criterion",
+        "gen",
+        "torch_rng",
+        "cuda_rng",
+        "numpy_rng",
+        "python_rng",
+        "epoch",
+        "step",
+        "perm",
+        "log",
+        "images_seen",
+        "train_time",
+        "loss_sum",
+        "correct",
+        "first_bad",
+        "grad_sum",
+        "grad_max",
+        "nonfinite",
+        "best_row",
+        "best_per_class",
+    }
+)
 
 # Outputs written through io.atomic_path; a SIGKILL during a write leaves ".<name>.<random>.tmp".
 OWN_FILES = ("checkpoint.pt", "model.pt", "train.jsonl", "metrics.json", "diverged.json")
@@ -44,8 +71,11 @@ def save(path: Path, payload: Mapping[str, Any]) -> None:
     buf = _io.BytesIO()
     torch.save(dict(payload), buf)
     blob = buf.getvalue()
-    wrapped = {"format": FORMAT, "sha256": hashlib.sha256(blob).hexdigest(),
-               "payload": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+    wrapped = {
+        "format": FORMAT,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "payload": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
+    }
     with io.atomic_path(path) as tmp:
         torch.save(wrapped, tmp)
 
@@ -97,11 +127,18 @@ def remove_stale_temp_files(out_dir: Path) -> None:
 def rng_state(gen: torch.Generator, device: torch.device) -> dict:
     """Every random state a run draws from: its generator, torch's (CPU and CUDA), NumPy's and Python's."""
     _, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "numpy_rng": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python_rng": random.getstate()}
+    return {
+        "gen": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "numpy_rng": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python_rng": random.getstate(),
+    }
 
 
 def set_rng_state(ck: Mapping[str, Any], gen: torch.Generator) -> None:

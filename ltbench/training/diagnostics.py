@@ -31,6 +31,7 @@ A value that could not be measured (an empty test sample) is null.
 The test sample is ``train.diag_images`` images drawn uniformly from the test set (0: all of it)
 with a private generator seeded :data:`SAMPLE_SEED`; it is the same for every run of a dataset.
 """
+
 from __future__ import annotations
 
 import copy
@@ -62,10 +63,12 @@ def stability(rows: Iterable[Mapping[str, Any]]) -> dict:
     rows = [r for r in rows if "grad_norm_mean" in r]
     if not rows:
         return {"nonfinite_steps": None, "grad_norm_mean": None, "grad_norm_max": None, "grad_norm_last": None}
-    return {"nonfinite_steps": int(sum(r["nonfinite_steps"] for r in rows)),
-            "grad_norm_mean": float(np.mean([r["grad_norm_mean"] for r in rows])),
-            "grad_norm_max": float(max(r["grad_norm_max"] for r in rows)),
-            "grad_norm_last": float(rows[-1]["grad_norm_mean"])}
+    return {
+        "nonfinite_steps": int(sum(r["nonfinite_steps"] for r in rows)),
+        "grad_norm_mean": float(np.mean([r["grad_norm_mean"] for r in rows])),
+        "grad_norm_max": float(max(r["grad_norm_max"] for r in rows)),
+        "grad_norm_last": float(rows[-1]["grad_norm_mean"]),
+    }
 
 
 def test_sample(source, images: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -105,13 +108,15 @@ class _Confidence:
     def __init__(self, layers: list[tuple[str, norm.CompoundBatchNorm2d]], threshold: float):
         self.count = [0] * len(layers)
         self.total = [0] * len(layers)
-        self.handles = [layer.register_forward_pre_hook(self._hook(i, threshold))
-                        for i, (_, layer) in enumerate(layers)]
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(i, threshold)) for i, (_, layer) in enumerate(layers)
+        ]
 
     def _hook(self, i: int, threshold: float):
         def hook(layer, inputs):
             c, n = layer.confident_points(inputs[0], threshold)
             self.count[i], self.total[i] = self.count[i] + c, self.total[i] + n
+
         return hook
 
     def remove(self) -> list[float]:
@@ -126,8 +131,9 @@ def _balanced_top1(correct: torch.Tensor, seen: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _sample_accuracies(net: nn.Module, layers: list, batches, num_classes: int,
-                       adjust: torch.Tensor | None, threshold: float) -> tuple[float, float, list[float]]:
+def _sample_accuracies(
+    net: nn.Module, layers: list, batches, num_classes: int, adjust: torch.Tensor | None, threshold: float
+) -> tuple[float, float, list[float]]:
     """(top-1 running mixture, top-1 batch statistics, confident share per layer) on the batches."""
     was_training = net.training
     net.eval()
@@ -158,24 +164,45 @@ def _finite(v: float) -> float | None:
     return None if math.isnan(v) else float(v)
 
 
-def cbn_diagnostics(net: nn.Module, source, num_classes: int, batch_size: int, images: int,
-                    adjust: torch.Tensor | None = None, threshold: float = CONFIDENT) -> dict | None:
+def cbn_diagnostics(
+    net: nn.Module,
+    source,
+    num_classes: int,
+    batch_size: int,
+    images: int,
+    adjust: torch.Tensor | None = None,
+    threshold: float = CONFIDENT,
+) -> dict | None:
     """The ``diagnostics`` entry of ``metrics.json`` for ``net`` (the model the run evaluates), or None
     when it has no CBN layer (see the module docstring for every key)."""
     layers = norm.compound_layers(net)
     if not layers:
         return None
     n_images = len(source.test_y) if images <= 0 else min(images, len(source.test_y))
-    top1_run, top1_batch, shares = _sample_accuracies(net, layers, test_sample(source, images, batch_size),
-                                                      num_classes, adjust, threshold)
+    top1_run, top1_batch, shares = _sample_accuracies(
+        net, layers, test_sample(source, images, batch_size), num_classes, adjust, threshold
+    )
     rows = []
     for (name, layer), share in zip(layers, shares):
         prior = layer.running_prior.detach().float().cpu()
-        rows.append({"name": name, "components": layer.num_components, "priors": prior.tolist(),
-                     "min_prior": float(prior.min()), "spread": layer.component_spread(),
-                     "confident_share": _finite(share)})
-    return {"layers": rows, "min_prior": min(r["min_prior"] for r in rows),
-            "mean_spread": float(np.mean([r["spread"] for r in rows])),
-            "confident_share": _finite(np.mean(shares)), "confident_threshold": threshold,
-            "top1_running": _finite(top1_run), "top1_batch_stats": _finite(top1_batch),
-            "test_images": n_images, "batch_size": batch_size}
+        rows.append(
+            {
+                "name": name,
+                "components": layer.num_components,
+                "priors": prior.tolist(),
+                "min_prior": float(prior.min()),
+                "spread": layer.component_spread(),
+                "confident_share": _finite(share),
+            }
+        )
+    return {
+        "layers": rows,
+        "min_prior": min(r["min_prior"] for r in rows),
+        "mean_spread": float(np.mean([r["spread"] for r in rows])),
+        "confident_share": _finite(np.mean(shares)),
+        "confident_threshold": threshold,
+        "top1_running": _finite(top1_run),
+        "top1_batch_stats": _finite(top1_batch),
+        "test_images": n_images,
+        "batch_size": batch_size,
+    }

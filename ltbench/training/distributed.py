@@ -15,6 +15,7 @@ checkpoints and ``metrics.json``; the others only train. A run resumed from a ch
 not bit-identical to an uninterrupted one under DDP (the other ranks' augmentation streams are
 re-seeded), unlike a single-process run on CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,13 +56,14 @@ def setup(world: World, device: torch.device) -> torch.device:
         return device
     if device.type == "cuda":
         if torch.cuda.device_count() <= world.local_rank:
-            raise RuntimeError(f"rank {world.rank} (local rank {world.local_rank}) has no GPU: "
-                               f"{torch.cuda.device_count()} visible for {world.size} processes")
+            raise RuntimeError(
+                f"rank {world.rank} (local rank {world.local_rank}) has no GPU: "
+                f"{torch.cuda.device_count()} visible for {world.size} processes"
+            )
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
-                                world_size=world.size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
     return device
 
 
@@ -72,8 +74,9 @@ def teardown(world: World) -> None:
 
 def check_batch(batch_size: int, world: World) -> None:
     if batch_size % world.size:
-        raise ConfigError(f"train.batch_size {batch_size} (the global batch) is not divisible by the "
-                         f"{world.size} GPUs of the run")
+        raise ConfigError(
+            f"train.batch_size {batch_size} (the global batch) is not divisible by the {world.size} GPUs of the run"
+        )
 
 
 def shard(perm: torch.Tensor, world: World) -> torch.Tensor:
@@ -85,7 +88,7 @@ def shard(perm: torch.Tensor, world: World) -> torch.Tensor:
     if not world.active:
         return perm
     n = len(perm) - len(perm) % world.size
-    return perm[:n][world.rank::world.size]
+    return perm[:n][world.rank :: world.size]
 
 
 def broadcast(t: torch.Tensor, world: World) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Test-set evaluation of one cell: per-class correct counts and the many / medium / few accuracies."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,9 @@ def evaluate(model: nn.Module, source, num_classes: int, adjust: torch.Tensor | 
 
 
 @torch.no_grad()
-def evaluate_counts(model: nn.Module, source, num_classes: int, adjust: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_counts(
+    model: nn.Module, source, num_classes: int, adjust: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct, predicted): per class, the correct test predictions and how many test images were
     predicted as that class (int64 tensors on the device); see :func:`evaluate`."""
     was_training = model.training
@@ -43,8 +45,10 @@ def collapse_reason(top_share: float | None, top_class: int | None, share: float
     disables the check, as does a missing ``top_share``)."""
     if share is None or top_share is None or top_share < share:
         return None
-    return (f"collapsed: class {top_class} received {100 * top_share:.1f} % of the test predictions "
-            f"(>= train.collapse_share = {share:g}); its accuracy is that of a constant classifier, not a result")
+    return (
+        f"collapsed: class {top_class} received {100 * top_share:.1f} % of the test predictions "
+        f"(>= train.collapse_share = {share:g}); its accuracy is that of a constant classifier, not a result"
+    )
 
 
 def group_accuracy(per_class: np.ndarray, groups: list[str]) -> dict[str, float | None]:

@@ -11,6 +11,7 @@ process ends, however it ends). Slots are tried round by round — slot 0 of eve
 Not used where a scheduler already assigns GPUs (one visible device, e.g. SLURM's ``--gpus``) or
 under ``torchrun`` (ranks take the GPU of their local rank).
 """
+
 from __future__ import annotations
 
 import fcntl

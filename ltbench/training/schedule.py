@@ -1,12 +1,14 @@
 """The learning-rate schedule: a multiplier per optimizer step for ``torch.optim.lr_scheduler.LambdaLR``."""
+
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, Mapping
 
 
-def lr_lambda(train: Mapping[str, Any], steps_per_epoch: int, epochs: int | None = None,
-              warmup_epochs: float | None = None) -> Callable[[int], float]:
+def lr_lambda(
+    train: Mapping[str, Any], steps_per_epoch: int, epochs: int | None = None, warmup_epochs: float | None = None
+) -> Callable[[int], float]:
     """LR multiplier per optimizer step: linear warmup, then cosine / step / constant.
 
     ``train`` is the cell's ``train`` settings (``epochs``, ``warmup_epochs``, ``warmup_per``,

@@ -12,6 +12,7 @@ paths (dual-path learning, CBN Eq. 19). The step computes exactly the logits
 
     L = (1/|classify_on|) Σ_{k ∈ classify_on} criterion(z_k, y) + weight · L_cons.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -25,8 +26,14 @@ from ltbench.nn import norm
 from ltbench.spec.methods import step_logits
 
 
-def forward_paths(model: nn.Module, views: Mapping[str, torch.Tensor], paths: Iterable[str], wanted: set[str],
-                  groups: torch.Tensor | None, amp: bool) -> dict[str, torch.Tensor]:
+def forward_paths(
+    model: nn.Module,
+    views: Mapping[str, torch.Tensor],
+    paths: Iterable[str],
+    wanted: set[str],
+    groups: torch.Tensor | None,
+    amp: bool,
+) -> dict[str, torch.Tensor]:
     """Logits keyed ``"path/view"`` for every wanted pair; the split path runs in SBN mode with the
     samples' class groups ``groups``. bf16 autocast when ``amp``; the logits are float32."""
     out = {}
@@ -67,8 +74,9 @@ def consistency_loss(logits: Mapping[str, torch.Tensor], pairing: str) -> torch.
     return -0.5 * sum(F.cosine_similarity(a, b.detach(), dim=1).mean() for a, b in pairs)
 
 
-def step_loss(recipe: Mapping, criterion: nn.Module, logits: Mapping[str, torch.Tensor], y: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(
+    recipe: Mapping, criterion: nn.Module, logits: Mapping[str, torch.Tensor], y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, the logits the step's accuracy is counted on) of one step (module docstring).
 
     The accuracy logits are those of the first ``classify_on`` pair."""

@@ -38,6 +38,7 @@ diagnostic plus the epochs so far); no ``metrics.json`` is written, so the cell 
 aggregated. A rerun of the same spec, seed and code fails at once with the recorded diagnostic
 (no retraining on every retry); delete ``diverged.json`` to train it again.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,20 @@ from ltbench.training.evaluation import collapse_reason, evaluate_counts, group_
 from ltbench.training.schedule import lr_lambda
 
 #: The trainer's progress through the cell, saved in (and restored from) a checkpoint.
-COUNTERS = ("epoch", "step", "perm", "log", "images_seen", "train_time", "loss_sum", "correct", "first_bad",
-            "grad_sum", "grad_max", "nonfinite")
+COUNTERS = (
+    "epoch",
+    "step",
+    "perm",
+    "log",
+    "images_seen",
+    "train_time",
+    "loss_sum",
+    "correct",
+    "first_bad",
+    "grad_sum",
+    "grad_max",
+    "nonfinite",
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -85,8 +98,9 @@ def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.
     if scope == "all" and n["options"].get("alpha") != "shared":
         model = models.build(spec["backbone"], num_classes, channels, norm.factory(n["name"], n["options"]))
     else:
-        model = norm.apply(models.build(spec["backbone"], num_classes, channels), n["name"], scope=scope,
-                           **n["options"])
+        model = norm.apply(
+            models.build(spec["backbone"], num_classes, channels), n["name"], scope=scope, **n["options"]
+        )
     if spec["train"].get("pretrained"):
         models.load_pretrained(model, spec["train"]["pretrained"])
     if models.HEADS[recipe["head"]] is not None:
@@ -96,8 +110,14 @@ def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.
     return model
 
 
-def run(spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path, out_dir: str | Path,
-        overrides: Mapping[str, Any] | None = None) -> dict | None:
+def run(
+    spec: Mapping[str, Any],
+    ratio: float,
+    seed: int,
+    data_file: str | Path,
+    out_dir: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict | None:
     """Train the cell described by ``spec`` (see :func:`ltbench.spec.config.cell_spec`).
 
     Returns the metrics (also written to ``out_dir/metrics.json``); under ``torchrun`` with several
@@ -126,9 +146,16 @@ class Trainer:
     of the same spec and seed is resumed. Progress is in the attributes named by :data:`COUNTERS`.
     """
 
-    def __init__(self, spec: Mapping[str, Any], ratio: float, seed: int, data_file: str | Path,
-                 out_dir: str | Path, overrides: Mapping[str, Any] | None = None,
-                 world: distributed.World | None = None):
+    def __init__(
+        self,
+        spec: Mapping[str, Any],
+        ratio: float,
+        seed: int,
+        data_file: str | Path,
+        out_dir: str | Path,
+        overrides: Mapping[str, Any] | None = None,
+        world: distributed.World | None = None,
+    ):
         self.spec = json.loads(json.dumps(spec))  # private deep copy
         self.train = {**self.spec["train"], **(overrides or {})}
         self.spec["train"] = self.train
@@ -171,7 +198,10 @@ class Trainer:
         self.dspec = data.get(self.spec["dataset"])
         opts = self.spec["dataset_options"]
         self.source = make_source(data_file, self.device, self.dspec, opts, self.train)  # .npz or image lists
-        self.source.strong_view = {**self.source.strong_view, **self.recipe.get("strong_view", {})}  # AutoAugment, Cutout
+        self.source.strong_view = {
+            **self.source.strong_view,
+            **self.recipe.get("strong_view", {}),
+        }  # AutoAugment, Cutout
         self.counts = self.source.counts
         self.K = K = len(self.counts)  # dspec.num_classes, or an image-list dataset's expected.classes
         self.groups = data.class_groups(self.counts, opts["many_threshold"], opts["few_threshold"])
@@ -192,9 +222,13 @@ class Trainer:
         self.criterion = losses.make(r["loss"]["name"], self.counts, **r["loss"]["options"]).to(device)
         nopts = r["norm"]["options"]
         self.fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
-        self.opt = torch.optim.SGD(norm.param_groups(self.model, t["weight_decay"],
-                                                     alpha_weight_decay=nopts.get("alpha_weight_decay", True)),
-                                   lr=t["lr"], momentum=t["momentum"], nesterov=t["nesterov"], **self.fused)
+        self.opt = torch.optim.SGD(
+            norm.param_groups(self.model, t["weight_decay"], alpha_weight_decay=nopts.get("alpha_weight_decay", True)),
+            lr=t["lr"],
+            momentum=t["momentum"],
+            nesterov=t["nesterov"],
+            **self.fused,
+        )
         self.views = r["views"]
         split = "split" in r["paths"]
         self.group_of_class = norm.class_groups(self.K, nopts["num_components"]).to(device) if split else None
@@ -214,7 +248,8 @@ class Trainer:
         if self.rep_epochs < 1:
             raise ValueError(f"decoupled.fraction {dt['fraction']} leaves no representation epoch of {epochs}")
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(self.train, self.steps_per_epoch, epochs=self.rep_epochs))
+            self.opt, lr_lambda(self.train, self.steps_per_epoch, epochs=self.rep_epochs)
+        )
         self.head = self.head_opt = self.head_sched = None
         self.stage_dt, self.tau_scores = self.dt, None  # τ-normalization: τ chosen on the validation split
 
@@ -223,22 +258,30 @@ class Trainer:
         self.head = classifier.setup_stage(self.model, self.dt, self.K).to(self.device)
         if self.dt["classifier"] == "tau_norm":
             if self.dt.get("select_tau"):
-                tau, self.tau_scores = classifier.select_tau(self.model, self.source.val(), classifier.tau_grid(self.dt))
+                tau, self.tau_scores = classifier.select_tau(
+                    self.model, self.source.val(), classifier.tau_grid(self.dt)
+                )
                 self.stage_dt = {**self.dt, "tau": tau}
             return
         t = self.train
         lr = self.dt["lr"] if self.dt["lr"] is not None else t["lr"]
-        self.head_opt = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=t["momentum"],
-                                        weight_decay=t["weight_decay"], **self.fused)
+        self.head_opt = torch.optim.SGD(
+            self.head.parameters(), lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"], **self.fused
+        )
         self.head_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.head_opt, lr_lambda(t, self.head_steps, epochs=self.head_epochs, warmup_epochs=0))
+            self.head_opt, lr_lambda(t, self.head_steps, epochs=self.head_epochs, warmup_epochs=0)
+        )
 
     def _setup_outputs(self) -> None:
         s = self.spec
         self.label = f"{s['dataset']} r{format_ratio(self.ratio)} {s['method']} {s['backbone']} s{self.seed}"
         if self.world.active:
-            print(f"{self.label}: rank {self.world.rank} of {self.world.size} on {self.device}, {self.bs} of the "
-                  f"global batch of {self.train['batch_size']}", file=sys.stderr, flush=True)
+            print(
+                f"{self.label}: rank {self.world.rank} of {self.world.size} on {self.device}, {self.bs} of the "
+                f"global batch of {self.train['batch_size']}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.progress = Progress(self.epochs, self.label) if self.world.main else None
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.spec_hash = io.config_hash(s)
@@ -273,15 +316,21 @@ class Trainer:
     def payload(self) -> dict:
         """Everything a resumed run needs (:data:`ltbench.training.checkpoint.REQUIRED`)."""
         best = self.best
-        return {"spec_hash": self.spec_hash, "seed": self.seed, "model": self.model.state_dict(),
-                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "head": self.head.state_dict() if self.head is not None else None,
-                "head_opt": self.head_opt.state_dict() if self.head_opt else None,
-                "head_sched": self.head_sched.state_dict() if self.head_sched else None,
-                "criterion": self.criterion.state_dict(), **checkpoint.rng_state(self.gen, self.device),
-                **{k: getattr(self, k) for k in COUNTERS},
-                "best_row": json.dumps(best[0]) if best else None,
-                "best_per_class": torch.from_numpy(best[1]) if best else None}
+        return {
+            "spec_hash": self.spec_hash,
+            "seed": self.seed,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "head": self.head.state_dict() if self.head is not None else None,
+            "head_opt": self.head_opt.state_dict() if self.head_opt else None,
+            "head_sched": self.head_sched.state_dict() if self.head_sched else None,
+            "criterion": self.criterion.state_dict(),
+            **checkpoint.rng_state(self.gen, self.device),
+            **{k: getattr(self, k) for k in COUNTERS},
+            "best_row": json.dumps(best[0]) if best else None,
+            "best_per_class": torch.from_numpy(best[1]) if best else None,
+        }
 
     def save_checkpoint(self) -> None:
         if self.world.main:
@@ -331,7 +380,7 @@ class Trainer:
         self.criterion.set_epoch(self.epoch, self.epochs)
         t0 = time.time()
         perm = self._permutation(in_head)
-        for xs, yb in self.source.epoch(perm[self.step * self.bs:], self.bs, self.views, self.gen):
+        for xs, yb in self.source.epoch(perm[self.step * self.bs :], self.bs, self.views, self.gen):
             self.train_step(xs, yb, in_head)
             if distributed.any_rank(self.signals.caught is not None, self.world, self.device):  # every rank stops
                 self.preempt(t0)
@@ -357,13 +406,15 @@ class Trainer:
 
     def train_step(self, xs: list[torch.Tensor], yb: torch.Tensor, in_head: bool) -> None:
         if in_head:
-            loss, logits = classifier.stage_loss(self.model, self.head, xs[-1], yb, self.stage_criterion, self.dt,
-                                                 self.counts_t)
+            loss, logits = classifier.stage_loss(
+                self.model, self.head, xs[-1], yb, self.stage_criterion, self.dt, self.counts_t
+            )
             opt, sched = self.head_opt, self.head_sched
         else:
             groups = self.group_of_class[yb] if self.group_of_class is not None else None
-            loss, logits = step.step_loss(self.recipe, self.criterion,
-                                          self.step_forward(dict(zip(self.views, xs)), groups), yb)
+            loss, logits = step.step_loss(
+                self.recipe, self.criterion, self.step_forward(dict(zip(self.views, xs)), groups), yb
+            )
             opt, sched = self.opt, self.sched
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -394,10 +445,16 @@ class Trainer:
         loss_sum = distributed.all_sum(self.loss_sum, self.world).item()
         correct = distributed.all_sum(self.correct, self.world).item()
         nonfinite = int(distributed.all_sum(self.nonfinite, self.world).item())
-        return {"epoch": self.epoch + 1, "stage": "classifier" if in_head else "representation",
-                "lr": (self.head_opt if in_head else self.opt).param_groups[0]["lr"],
-                "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen, "nonfinite_steps": nonfinite,
-                "grad_norm_mean": self.grad_sum.item() / max(self.step, 1), "grad_norm_max": self.grad_max.item()}
+        return {
+            "epoch": self.epoch + 1,
+            "stage": "classifier" if in_head else "representation",
+            "lr": (self.head_opt if in_head else self.opt).param_groups[0]["lr"],
+            "train_loss": loss_sum / seen,
+            "train_acc": 100.0 * correct / seen,
+            "nonfinite_steps": nonfinite,
+            "grad_norm_mean": self.grad_sum.item() / max(self.step, 1),
+            "grad_norm_max": self.grad_max.item(),
+        }
 
     def end_epoch(self, row: dict) -> None:
         self.log.append(json.dumps(row))
@@ -405,8 +462,9 @@ class Trainer:
         self.step, self.perm = 0, None
         self._reset_sums()
         if self.progress is not None:
-            self.progress.update(self.epoch, f"loss {row['train_loss']:.3f}" +
-                                 (f" top1 {row['top1']:.2f}" if "top1" in row else ""))
+            self.progress.update(
+                self.epoch, f"loss {row['train_loss']:.3f}" + (f" top1 {row['top1']:.2f}" if "top1" in row else "")
+            )
         every = self.train["checkpoint_every"]
         if every and self.epoch % every == 0 and self.epoch < self.epochs:
             self.save_checkpoint()
@@ -433,8 +491,10 @@ class Trainer:
         self.correct = distributed.all_sum(self.correct, self.world)
         self.save_checkpoint()
         distributed.barrier(self.world)
-        raise Preempted(f"{self.label}: signal {self.signals.caught} at epoch {self.epoch + 1}, step "
-                        f"{self.step}; checkpoint written to {self.ckpt_path}")
+        raise Preempted(
+            f"{self.label}: signal {self.signals.caught} at epoch {self.epoch + 1}, step "
+            f"{self.step}; checkpoint written to {self.ckpt_path}"
+        )
 
     def diverged(self, row: Mapping[str, Any], in_head: bool) -> FloatingPointError:
         """Drop the checkpoint, write ``diverged.json`` (rank 0) and return the error to raise."""
@@ -443,9 +503,23 @@ class Trainer:
         self.ckpt_path.unlink(missing_ok=True)
         bad = int(self.first_bad)
         sched = self.head_sched if in_head else self.sched
-        k = (self.epoch - self.rep_epochs) * self.head_steps + bad if in_head else self.epoch * self.steps_per_epoch + bad
-        return _diverged(self.out_dir / "diverged.json", self.label, row, self.spec, self.spec_hash, self.seed,
-                         self.log, step=bad + 1, steps=self.step, lr=sched.base_lrs[0] * sched.lr_lambdas[0](k))
+        k = (
+            (self.epoch - self.rep_epochs) * self.head_steps + bad
+            if in_head
+            else self.epoch * self.steps_per_epoch + bad
+        )
+        return _diverged(
+            self.out_dir / "diverged.json",
+            self.label,
+            row,
+            self.spec,
+            self.spec_hash,
+            self.seed,
+            self.log,
+            step=bad + 1,
+            steps=self.step,
+            lr=sched.base_lrs[0] * sched.lr_lambdas[0](k),
+        )
 
     def metrics(self) -> dict:
         """The content of ``metrics.json``."""
@@ -453,26 +527,41 @@ class Trainer:
         s, opts = self.spec, self.spec["dataset_options"]
         return {
             "schema_version": 1,  # ltbench.analysis.aggregate.SCHEMA_VERSION: bump both when the keys change
-            "cell": {"dataset": s["dataset"], "ratio": self.ratio, "method": s["method"],
-                     "backbone": s["backbone"], "seed": self.seed},
-            "top1": final["top1"], "many": final["many"], "medium": final["medium"], "few": final["few"],
+            "cell": {
+                "dataset": s["dataset"],
+                "ratio": self.ratio,
+                "method": s["method"],
+                "backbone": s["backbone"],
+                "seed": self.seed,
+            },
+            "top1": final["top1"],
+            "many": final["many"],
+            "medium": final["medium"],
+            "few": final["few"],
             "reported_epoch": final["epoch"],
             "per_class_acc": [float(100.0 * a) for a in per_class],
-            "train_counts": self.counts, "class_groups": self.groups,
+            "train_counts": self.counts,
+            "class_groups": self.groups,
             "seeds": {"train": self.seed, "subset": opts["subset_seed"]},
-            "spec": s, "spec_hash": self.spec_hash,
-            "code": io.code_version(), "device": str(self.device),
-            "environment": {**io.environment(), "cbn_kernel": norm.implementation(
-                self.model, self.device, self.train["channels_last"])},
+            "spec": s,
+            "spec_hash": self.spec_hash,
+            "code": io.code_version(),
+            "device": str(self.device),
+            "environment": {
+                **io.environment(),
+                "cbn_kernel": norm.implementation(self.model, self.device, self.train["channels_last"]),
+            },
             "world_size": self.world.size,
-            "wall_time_s": time.time() - self.t_start, "train_time_s": self.train_time,
+            "wall_time_s": time.time() - self.t_start,
+            "train_time_s": self.train_time,
             "images_per_s": self.images_seen / max(self.train_time, 1e-9),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tau": self.stage_dt["tau"] if self.dt["enabled"] and self.dt["classifier"] == "tau_norm" else None,
             "tau_val_accuracy": {str(t): v for t, v in self.tau_scores.items()} if self.tau_scores else None,
             "stability": diagnostics.stability(json.loads(x) for x in self.log),
-            "failure": collapse_reason(final.get("pred_top_share"), final.get("pred_top_class"),
-                                       self.train["collapse_share"]),
+            "failure": collapse_reason(
+                final.get("pred_top_share"), final.get("pred_top_class"), self.train["collapse_share"]
+            ),
         }
 
     def write_outputs(self) -> dict | None:
@@ -498,8 +587,10 @@ class Trainer:
         if diag is not None:
             metrics["diagnostics"] = diag
         if metrics["failure"]:
-            print(f"{self.label}: {metrics['failure']}; metrics.json records the failure and the cell is not "
-                  "aggregated", file=sys.stderr)
+            print(
+                f"{self.label}: {metrics['failure']}; metrics.json records the failure and the cell is not aggregated",
+                file=sys.stderr,
+            )
 
 
 class Progress:
@@ -513,8 +604,12 @@ class Progress:
         if self.tty:
             width = 30
             done = int(width * epoch / self.total)
-            print(f"\r{self.label} [{'#' * done}{'.' * (width - done)}] {epoch}/{self.total} {msg}",
-                  end="" if epoch < self.total else "\n", file=sys.stderr, flush=True)
+            print(
+                f"\r{self.label} [{'#' * done}{'.' * (width - done)}] {epoch}/{self.total} {msg}",
+                end="" if epoch < self.total else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             print(f"{self.label} epoch {epoch}/{self.total} {msg}", file=sys.stderr, flush=True)
 
@@ -551,29 +646,62 @@ def _fail_if_diverged_before(path: Path, spec_hash: str, seed: int) -> None:
         prev = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if (prev.get("spec_hash"), prev.get("seed"), prev.get("code", {}).get("git_commit")) == \
-            (spec_hash, seed, io.code_version()["git_commit"]):
-        raise FloatingPointError(f"{prev['message']} [recorded by an earlier run of this spec, seed and code in "
-                                 f"{path}; delete it to train the cell again]")
+    if (prev.get("spec_hash"), prev.get("seed"), prev.get("code", {}).get("git_commit")) == (
+        spec_hash,
+        seed,
+        io.code_version()["git_commit"],
+    ):
+        raise FloatingPointError(
+            f"{prev['message']} [recorded by an earlier run of this spec, seed and code in "
+            f"{path}; delete it to train the cell again]"
+        )
 
 
-def _diverged(path: Path, label: str, row: Mapping[str, Any], spec: Mapping[str, Any], spec_hash: str,
-              seed: int, log: list[str], step: int, steps: int, lr: float) -> FloatingPointError:
+def _diverged(
+    path: Path,
+    label: str,
+    row: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    spec_hash: str,
+    seed: int,
+    log: list[str],
+    step: int,
+    steps: int,
+    lr: float,
+) -> FloatingPointError:
     """Write the divergence diagnostic next to the cell's outputs and return the error to raise."""
     epochs = [json.loads(x) for x in log]
     last = epochs[-1] if epochs else None
     where = f"step {step} of {steps}" if step > 0 else f"one of its {steps} steps"
-    message = (f"{label}: training diverged: the training loss became {row['train_loss']} in epoch {row['epoch']} "
-               f"({row['stage']} stage; first non-finite loss at {where}, lr {lr:.4g}); "
-               + (f"the last finite epoch loss was {last['train_loss']:.4g} (epoch {last['epoch']}). "
-                  if last else "no epoch finished before. ")
-               + f"The cell is not usable and is not aggregated. Lower train.lr (now {spec['train']['lr']:g}), "
-               f"lengthen train.warmup_epochs (now {spec['train']['warmup_epochs']:g}) or check the method's "
-               f"options. Diagnostic: {path}")
-    io.write_json(path, {"message": message, "cell": label, "spec_hash": spec_hash, "seed": seed,
-                         "epoch": row["epoch"], "stage": row["stage"], "first_nonfinite_step": step or None,
-                         "nonfinite_steps": row.get("nonfinite_steps"),
-                         "steps_per_epoch": steps, "lr_at_first_nonfinite_step": lr,
-                         "epoch_train_loss": str(row["train_loss"]), "epochs": epochs, "spec": spec,
-                         "code": io.code_version()})
+    message = (
+        f"{label}: training diverged: the training loss became {row['train_loss']} in epoch {row['epoch']} "
+        f"({row['stage']} stage; first non-finite loss at {where}, lr {lr:.4g}); "
+        + (
+            f"the last finite epoch loss was {last['train_loss']:.4g} (epoch {last['epoch']}). "
+            if last
+            else "no epoch finished before. "
+        )
+        + f"The cell is not usable and is not aggregated. Lower train.lr (now {spec['train']['lr']:g}), "
+        f"lengthen train.warmup_epochs (now {spec['train']['warmup_epochs']:g}) or check the method's "
+        f"options. Diagnostic: {path}"
+    )
+    io.write_json(
+        path,
+        {
+            "message": message,
+            "cell": label,
+            "spec_hash": spec_hash,
+            "seed": seed,
+            "epoch": row["epoch"],
+            "stage": row["stage"],
+            "first_nonfinite_step": step or None,
+            "nonfinite_steps": row.get("nonfinite_steps"),
+            "steps_per_epoch": steps,
+            "lr_at_first_nonfinite_step": lr,
+            "epoch_train_loss": str(row["train_loss"]),
+            "epochs": epochs,
+            "spec": spec,
+            "code": io.code_version(),
+        },
+    )
     return FloatingPointError(message)

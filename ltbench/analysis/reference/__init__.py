@@ -19,6 +19,7 @@ does not conform raises :class:`ReferenceFileError`, whose message names the fil
 >>> entries("cbn2022").query("table == 2 and method == 'baseline'").shape[0]
 6
 """
+
 from __future__ import annotations
 
 import os
@@ -34,15 +35,12 @@ from ltbench.errors import ReferenceFileError
 __all__ = ["ReferenceFileError", "load", "entries", "papers", "validate", "ENTRY_COLUMNS", "CELL_KEYS"]
 
 #: Columns of :func:`entries` (``paper`` first, then the entry keys of the YAML files).
-ENTRY_COLUMNS = ["paper", "table", "row", "dataset", "ratio", "method", "backbone", "metric", "value",
-                 "quoted", "note"]
+ENTRY_COLUMNS = ["paper", "table", "row", "dataset", "ratio", "method", "backbone", "metric", "value", "quoted", "note"]
 #: Keys identifying one cell of results (shared with :mod:`ltbench.analysis.compare`).
 CELL_KEYS = ["dataset", "ratio", "method", "backbone", "metric"]
 
 _PACKAGE = __name__
 _SCHEMA_FILE = "schema.yaml"
-
-
 
 
 def _files():
@@ -51,8 +49,9 @@ def _files():
 
 def papers() -> list[str]:
     """Identifiers of the papers with a reference file in this package, sorted."""
-    return sorted(p.name[: -len(".yaml")] for p in _files().iterdir()
-                  if p.name.endswith(".yaml") and p.name != _SCHEMA_FILE)
+    return sorted(
+        p.name[: -len(".yaml")] for p in _files().iterdir() if p.name.endswith(".yaml") and p.name != _SCHEMA_FILE
+    )
 
 
 def _schema() -> dict:
@@ -70,8 +69,9 @@ def _describe(data: Any, path: list) -> str:
         except (KeyError, IndexError, TypeError):
             item = None
         if isinstance(item, dict):
-            ident = ", ".join(f"{k}={item[k]!r}" for k in ("id", "table", "row", "method", "dataset", "ratio", "metric")
-                              if k in item)
+            ident = ", ".join(
+                f"{k}={item[k]!r}" for k in ("id", "table", "row", "method", "dataset", "ratio", "metric") if k in item
+            )
             where = f"{where} ({ident})"
     return where
 
@@ -85,8 +85,10 @@ def validate(data: Any, source: str = "<data>") -> None:
     any table).
     """
     validator = jsonschema.Draft202012Validator(_schema())
-    errors = sorted(validator.iter_errors(data),
-                    key=lambda e: [(0, p, "") if isinstance(p, int) else (1, 0, p) for p in e.absolute_path])
+    errors = sorted(
+        validator.iter_errors(data),
+        key=lambda e: [(0, p, "") if isinstance(p, int) else (1, 0, p) for p in e.absolute_path],
+    )
     if errors:
         # A missing or unexpected key is named in the message; any other key ends the path.
         lines = [f"  {_describe(data, list(err.absolute_path))}: {err.message}" for err in errors[:10]]
@@ -99,7 +101,8 @@ def validate(data: Any, source: str = "<data>") -> None:
         if key in seen:
             raise ReferenceFileError(
                 f"{source}: {_describe(data, ['entries', i])} duplicates entries[{seen[key]}] "
-                "(same table, dataset, ratio, method, backbone, metric)")
+                "(same table, dataset, ratio, method, backbone, metric)"
+            )
         seen[key] = i
     any_table = {key[1:] for key in seen}
     for i, c in enumerate(data.get("claims", [])):
@@ -110,7 +113,8 @@ def validate(data: Any, source: str = "<data>") -> None:
                     raise ReferenceFileError(
                         f"{source}: {_describe(data, ['claims', i])}: no entry for method {m!r} on "
                         f"{cell['dataset']} ratio {cell['ratio']} ({c['backbone']}, {c.get('metric', 'top1')}) "
-                        f"in table {c['table']!r}")
+                        f"in table {c['table']!r}"
+                    )
 
 
 def _read(paper: str | os.PathLike) -> tuple[Any, str]:
@@ -151,7 +155,10 @@ def entries(paper: str | os.PathLike) -> pd.DataFrame:
     are missing where absent; ``table`` is a nullable integer.
     """
     data = load(paper)
-    df = pd.DataFrame([{**{k: None for k in ENTRY_COLUMNS}, **e, "paper": data["paper"]} for e in data["entries"]],
-                      columns=ENTRY_COLUMNS)
-    return df.astype({"table": "Int64", "ratio": "int64", "value": "float64", "quoted": "bool",
-                      "row": "str", "note": "str"})
+    df = pd.DataFrame(
+        [{**{k: None for k in ENTRY_COLUMNS}, **e, "paper": data["paper"]} for e in data["entries"]],
+        columns=ENTRY_COLUMNS,
+    )
+    return df.astype(
+        {"table": "Int64", "ratio": "int64", "value": "float64", "quoted": "bool", "row": "str", "note": "str"}
+    )

@@ -4,6 +4,7 @@
 global average pooling and a linear head. ResNet-(6n+2) has n blocks per stage: ResNet-32 has
 n = 5 (≈0.46M parameters). ResNet-8 (n = 1) is the small model the tests use.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -48,8 +49,14 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, blocks_per_stage: int, num_classes: int, in_channels: int = 3,
-                 norm_layer: NormLayer = nn.BatchNorm2d, widths=(16, 32, 64)):
+    def __init__(
+        self,
+        blocks_per_stage: int,
+        num_classes: int,
+        in_channels: int = 3,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        widths=(16, 32, 64),
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = norm_layer(widths[0])

@@ -5,6 +5,7 @@ They are torchvision's own ``ResNet`` with our norm layer injected through ``nor
 Registered by name in :mod:`ltbench.nn.backbones`, which imports this module (and torchvision, ≈2 s)
 only when one of them is built. Pretrained weights: :mod:`ltbench.nn.backbones.pretrained`.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -17,10 +18,23 @@ NormLayer = Callable[[int], nn.Module]
 
 
 class ImageNetResNet(ResNet):
-    def __init__(self, layers: list[int], num_classes: int, in_channels: int = 3,
-                 norm_layer: NormLayer = nn.BatchNorm2d, groups: int = 1, width_per_group: int = 64):
-        super().__init__(Bottleneck, layers, num_classes=num_classes, groups=groups,
-                         width_per_group=width_per_group, norm_layer=norm_layer)
+    def __init__(
+        self,
+        layers: list[int],
+        num_classes: int,
+        in_channels: int = 3,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        groups: int = 1,
+        width_per_group: int = 64,
+    ):
+        super().__init__(
+            Bottleneck,
+            layers,
+            num_classes=num_classes,
+            groups=groups,
+            width_per_group=width_per_group,
+            norm_layer=norm_layer,
+        )
         if in_channels != 3:
             self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -1,4 +1,5 @@
 """Pretrained initialization from a local file: nothing is fetched from a hub at run time."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,10 @@ def load_pretrained(model: nn.Module, path: str | Path, skip_prefixes: tuple[str
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"train.pretrained: no file {path} (weights are read from a local file, "
-                                "never downloaded; put e.g. torchvision's resnet152 ImageNet weights there)")
+        raise FileNotFoundError(
+            f"train.pretrained: no file {path} (weights are read from a local file, "
+            "never downloaded; put e.g. torchvision's resnet152 ImageNet weights there)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (pickle, zip and tensor errors alike)
@@ -40,8 +43,11 @@ def load_pretrained(model: nn.Module, path: str | Path, skip_prefixes: tuple[str
             problems.append(f"shape of {key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}")
     norm_specific = ("running_prior", "initialized", "alpha", "alpha_bias", "global_")
     for key in own:
-        if key not in state and not key.startswith(skip_prefixes) \
-                and not any(part in key.rsplit(".", 1)[-1] for part in norm_specific):
+        if (
+            key not in state
+            and not key.startswith(skip_prefixes)
+            and not any(part in key.rsplit(".", 1)[-1] for part in norm_specific)
+        ):
             problems.append(f"missing {key}")
     if problems:
         shown = "; ".join(problems[:8]) + (f"; … ({len(problems)} in all)" if len(problems) > 8 else "")
