@@ -23,7 +23,8 @@ With the workflow config (``--config-json`` / ``--config``) also:
   verdict and the seeds an inconclusive cell needs (:func:`ltbench.analysis.compare.compare_experiment`).
 - ``gains.csv``: per claimed gain the experiment can test (``kind`` = ``claim``) and, for an
   experiment with ``figure: ablation`` or ``figure: sensitivity``, per method over the first one
-  (``kind`` = ``ablation`` / ``sensitivity``): our gain, Welch (with its 95 % interval) and paired
+  (``kind`` = ``ablation`` / ``sensitivity``), for ``figure: scaling`` per method over the first one of
+  the same training length (:func:`ltbench.analysis.gains.scaling_pairs`, ``kind`` = ``scaling``): our gain, Welch (with its 95 % interval) and paired
   t-tests, Holm-adjusted p, the "no gain" equivalence test, the paper's gain,
   a verdict and the seeds a non-significant gain needs (:mod:`ltbench.analysis.gains`).
 
@@ -49,7 +50,8 @@ import pandas as pd
 from ltbench import io
 from ltbench.analysis import compare, gains
 from ltbench.data.longtail import format_ratio
-from ltbench.spec.config import cells as config_cells, iter_knobs
+from ltbench.spec.config import cell_spec, figure_kinds, iter_knobs
+from ltbench.spec.config import cells as config_cells
 
 KEYS = ["dataset", "ratio", "method", "backbone"]
 METRICS = ["top1", "many", "medium", "few"]
@@ -343,6 +345,13 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
+def _scaling_pairs(cfg: Mapping, exp: Mapping) -> list[tuple[str, str, str, str]]:
+    def epochs(dataset: str, method: str, backbone: str) -> int:
+        return cell_spec(cfg, dataset, method, backbone)["train"]["epochs"]
+
+    return gains.scaling_pairs(exp, epochs)
+
+
 def comparisons(runs: pd.DataFrame, cfg: Mapping) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(comparison, gains) over every experiment (experiment first; see the module docstring)."""
     comp, gain = [], []
@@ -351,8 +360,12 @@ def comparisons(runs: pd.DataFrame, cfg: Mapping) -> tuple[pd.DataFrame, pd.Data
         if exp.get("reference"):
             comp.append(compare.compare_experiment(runs, name, exp, margin))
             gain.append(gains.experiment_gains(runs, name, exp, margin))
-        if exp.get("figure") in ("ablation", "sensitivity") and len(exp["methods"]) > 1:
-            gain.append(gains.gains_over(runs, name, exp, margin, kind=exp["figure"]))
+        kinds = figure_kinds(exp)
+        for kind in {"ablation", "sensitivity"} & set(kinds):
+            if len(exp["methods"]) > 1:
+                gain.append(gains.gains_over(runs, name, exp, margin, kind=kind))
+        if "scaling" in kinds:
+            gain.append(gains.gains_over(runs, name, exp, margin, kind="scaling", pairs=_scaling_pairs(cfg, exp)))
     c = _concat(comp, ["experiment", "table", "row", *compare.CELL_KEYS, "quoted", "note", *compare.COMPARISON_STATS])
     g = _concat(gain, gains.EXPERIMENT_COLUMNS)
     c["seeds"] = c["seeds"].map(lambda v: " ".join(map(str, v)) if isinstance(v, list) else "")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -354,12 +354,19 @@ def gains_over(
     margin: float = compare.MARGIN,
     alpha: float = ALPHA,
     kind: str = "ablation",
+    pairs: Iterable[tuple[str | None, str, str, str]] | None = None,
 ) -> pd.DataFrame:
     """The ablation grid: every other method of the experiment against its first method on every cell
     and metric (expected sign +), one Holm family; columns :data:`EXPERIMENT_COLUMNS` (``kind`` =
     ``ablation``, or ``sensitivity`` for an experiment with ``figure: sensitivity``: one method per
-    reading of an open detail against the baseline)."""
-    over = exp["methods"][0]
+    reading of an open detail against the baseline).
+
+    ``pairs`` ((dataset, backbone, method, over) tuples, e.g. :func:`scaling_pairs`; dataset None: all
+    of the experiment's) replaces "every method over the first" with the given comparisons; they form
+    one Holm family all the same."""
+    if pairs is None:
+        over = exp["methods"][0]
+        pairs = [(None, b, m, over) for b in exp["backbones"] for m in exp["methods"] if m != over]
     claims = [
         {
             "id": f"{m}-over-{over}",
@@ -368,13 +375,12 @@ def gains_over(
             "method": m,
             "over": over,
             "backbone": b,
-            "metric": metric,
-            "cells": [{"dataset": d, "ratio": r} for d in exp["datasets"] for r in exp["ratios"]],
+            "metric": "top1",
+            "cells": [
+                {"dataset": d, "ratio": r} for d in ([dataset] if dataset else exp["datasets"]) for r in exp["ratios"]
+            ],
         }
-        for metric in ("top1",)
-        for b in exp["backbones"]
-        for m in exp["methods"]
-        if m != over
+        for dataset, b, m, over in pairs
     ]
     if not claims:
         return pd.DataFrame(columns=EXPERIMENT_COLUMNS)
@@ -387,3 +393,21 @@ def gains_over(
     g.insert(0, "kind", kind)
     g.insert(0, "experiment", name)
     return g
+
+
+def scaling_pairs(exp: Mapping, epochs: Callable[[str, str, str], int]) -> list[tuple[str, str, str, str]]:
+    """The comparisons of a ``figure: scaling`` experiment: on each (dataset, backbone), its methods
+    grouped by their number of training epochs (``epochs(dataset, method, backbone)``, from the cell's
+    spec); within a group, each method over the group's first method in the experiment's order.
+
+    So ``[baseline, baseline+cbn, baseline@x4, cbn@x4]`` compares ``baseline+cbn`` with ``baseline`` at 8
+    epochs and ``cbn@x4`` with ``baseline@x4`` at 32, and ``[baseline, baseline+cbn]`` over several
+    backbones compares the two at every depth."""
+    pairs = []
+    for d in exp["datasets"]:
+        for b in exp["backbones"]:
+            groups: dict[int, list[str]] = {}
+            for m in exp["methods"]:
+                groups.setdefault(int(epochs(d, m, b)), []).append(m)
+            pairs += [(d, b, m, group[0]) for _, group in sorted(groups.items()) for m in group[1:]]
+    return pairs

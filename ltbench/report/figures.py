@@ -12,6 +12,8 @@ Per experiment (``<figures_dir>/<experiment>/<kind>.png`` and ``.svg``):
   Welch's when the seeds differ, Holm-adjusted p < 0.05), = = no gain (equivalent within ± margin).
 - ``sensitivity`` (``figure: sensitivity``): each method's Δ top-1 over the first method with its 95 %
   Welch interval and verdict (gains.csv, ``kind`` = ``sensitivity``), one row per reading.
+- ``scaling`` (``figure: scaling``): each method's Δ top-1 over the first method of its training length
+  (gains.csv, ``kind`` = ``scaling``) against the training epochs or the backbone depth.
 - ``ablation_vs_paper`` (``figure: ablation``, when the paper reports cells of the experiment):
   heatmap of Δ = ours − paper.
 - ``bn_norms`` (experiments with an NBN method): distribution over channels of the effective
@@ -59,6 +61,7 @@ from ltbench.report.tables import (
     safe_name,
 )
 from ltbench.spec.catalog import backbone_depth  # noqa: E402
+from ltbench.spec.config import figure_kinds  # noqa: E402
 
 DPI = 110
 
@@ -563,6 +566,105 @@ def fig_sensitivity(
     return save(fig, path)
 
 
+# ---------------------------------------------------------------- scaling: the gain against budget or depth
+
+
+def _epochs_of(runs: pd.DataFrame) -> dict[tuple, float]:
+    """{(dataset, ratio, method, backbone): training epochs} of the finished runs (``train.epochs``)."""
+    if runs.empty or "train.epochs" not in runs.columns:
+        return {}
+    keys = ["dataset", "ratio", "method", "backbone"]
+    df = runs.assign(ratio=runs["ratio"].astype(float)).dropna(subset=["train.epochs"])
+    return {k: float(v.iloc[0]) for k, v in df.groupby(keys)["train.epochs"]}
+
+
+def scaling_points(gains: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, metric: str = "top1"):
+    """The points of the scaling figure, from ``gains.csv`` (``kind`` = ``scaling``) and the runs' epochs.
+
+    Returns (axis, points): axis ``"depth"`` when the experiment's gains span several backbone depths,
+    else ``"epochs"``; points one row per measured gain with ``panel``, ``series`` (the method's place in
+    its group, 1 = the first method after the reference), ``label``, ``x``, ``gain``, ``low``, ``high``
+    (the 95 % Welch interval) and ``verdict``, sorted by series and x."""
+    g = of_experiment(gains, name)
+    g = g[(g["kind"] == "scaling") & (g["metric"] == metric)] if not g.empty else g
+    g = g.dropna(subset=["gain"]) if not g.empty else g
+    if g.empty:
+        raise Skip("no method has finished runs next to the first method of its training length")
+    depth = g["backbone"].map(backbone_depth)
+    axis = "depth" if depth.nunique() > 1 else "epochs"
+    if axis == "depth":
+        x = depth
+        panel = pd.Series([_cell_label(d, r) for d, r in zip(g["dataset"], g["ratio"], strict=True)], index=g.index)
+    else:
+        epochs = _epochs_of(runs)
+        x = pd.Series(
+            [epochs.get((d, float(r), m, b)) for d, r, m, b in g[["dataset", "ratio", "method", "backbone"]].values],
+            index=g.index,
+            dtype=float,
+        )
+        panel = _panel_col(g, exp)
+    order = {m: i for i, m in enumerate(exp["methods"])}
+    pts = g.assign(panel=panel, x=x, rank=g["method"].map(order)).dropna(subset=["x"])
+    pts["series"] = pts.groupby(["panel", "x"])["rank"].rank(method="first").astype(int)
+    pts = pts.sort_values(["panel", "series", "x"])
+    first = pts.groupby(["panel", "series"]).head(1)
+    labels = {
+        (p, k): f"{method_name(m)} − {method_name(o)}"
+        for p, k, m, o in first[["panel", "series", "method", "over"]].values
+    }
+    pts["label"] = [labels[(p, k)] for p, k in zip(pts["panel"], pts["series"], strict=True)]
+    pts = pts.rename(columns={"welch_ci_low": "low", "welch_ci_high": "high", "gain_verdict": "verdict"})
+    return axis, pts[["panel", "series", "label", "x", "method", "over", "gain", "low", "high", "verdict"]]
+
+
+def fig_scaling(gains: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1"):
+    """Each method's Δ top-1 over the first method of its training length (``gains.csv``, ``kind`` =
+    ``scaling``) with its 95 % Welch interval, coloured by verdict, against the training epochs or the
+    backbone depth (:func:`scaling_points`); log-scaled where the values span more than 4×."""
+    axis, pts = scaling_points(gains, runs, name, exp, metric)
+    panels = list(dict.fromkeys(pts["panel"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        sub = pts[pts["panel"] == panel]
+        for k, (label, ser) in enumerate(sub.groupby("label", sort=False)):
+            ax.plot(ser["x"], ser["gain"], "-", color="#999999", lw=1, zorder=1, label=label)
+            for _, r in ser.iterrows():
+                color, marker = VERDICT_STYLE.get(r["verdict"], VERDICT_STYLE["untested"])
+                err = (
+                    None
+                    if pd.isna(r["low"]) or pd.isna(r["high"])
+                    else [[r["gain"] - r["low"]], [r["high"] - r["gain"]]]
+                )
+                ax.errorbar(r["x"], r["gain"], yerr=err, fmt=marker, color=color, capsize=3, zorder=2)
+                ax.annotate(
+                    f"{fmt_delta(r['gain'])} {r['verdict']}",
+                    (r["x"], r["gain"]),
+                    xytext=(6, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize=7,
+                    color=color,
+                )
+        values = sorted(sub["x"].unique())
+        if values[0] > 0 and values[-1] / values[0] > 4:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xlabel("training epochs" if axis == "epochs" else "backbone depth (ResNet-n)")
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best", title="Δ of", title_fontsize=7)
+    axes[0][0].set_ylabel(f"Δ {metric_name(metric, False)} (points)")
+    fig.suptitle(
+        f"Scaling: the gain over the first method of the same training length, against the {axis} "
+        "(95 % Welch interval; colour: verdict)",
+        y=1.02,
+        fontsize=10,
+    )
+    return save(fig, path)
+
+
 # ---------------------------------------------------------------- BN weight / bias norms (NBN's motivation)
 
 
@@ -729,6 +831,11 @@ CAPTIONS = {
     "Welch interval across seeds and the verdict of gains.csv (paired t-test across seeds, Welch's "
     "when the seeds differ; Holm-adjusted over the readings; 'no gain': within ± the margin). A "
     "reading whose cells failed (diverged or collapsed) is labelled so on its row.",
+    "scaling": "Scaling: each method's top-1 gain over the first method of the same training length, in points, "
+    "with its 95 % Welch interval across seeds, against the training epochs (or the backbone depth when the "
+    "experiment spans several); colour and label: the verdict of gains.csv (paired t-test across seeds, "
+    "Welch's when the seeds differ; Holm-adjusted over the experiment's comparisons; 'no gain': within ± the "
+    "margin). Points are measured cells only; the grey line joins them and is not a fit.",
     "bn_norms": "NBN's motivation: the distribution over channels of the effective per-channel |weight| and |bias| "
     "of the last stage's normalization layers (log scale, all seeds pooled), read from each run's "
     "model.pt. BN: γ, β; NBN: its effective α·γ/‖γ‖₂ and α·β/‖β‖₂; CBN: every component's γ_k, β_k. The legend "
@@ -749,14 +856,16 @@ def experiment_figures(
         ("groups", lambda p: fig_groups(summary, name, exp, p)),
         ("per_class", lambda p: fig_per_class(data["per_class"], exp, p)),
     ]
-    kind = exp.get("figure")
-    if kind == "components":
+    kinds = figure_kinds(exp)
+    if "components" in kinds:
         jobs.insert(0, ("components", lambda p: fig_components(summary, runs, name, exp, p)))
-    elif kind == "backbones":
+    if "backbones" in kinds:
         jobs.insert(0, ("backbones", lambda p: fig_backbones(summary, runs, name, exp, p)))
-    elif kind == "sensitivity":
+    if "sensitivity" in kinds:
         jobs.insert(0, ("sensitivity", lambda p: fig_sensitivity(gains, name, exp, p, cells=data.get("cells"))))
-    elif kind == "ablation":
+    if "scaling" in kinds:
+        jobs.insert(0, ("scaling", lambda p: fig_scaling(gains, runs, name, exp, p)))
+    if "ablation" in kinds:
         jobs[:0] = [
             ("ablation_vs_baseline", lambda p: fig_ablation_baseline(gains, name, exp, p)),
             ("ablation_vs_paper", lambda p: fig_ablation_paper(layout, p)),

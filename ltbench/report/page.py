@@ -37,6 +37,7 @@ from ltbench.analysis.aggregate import KEYS, METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
 from ltbench.report import figures, tables
+from ltbench.spec.config import figure_kinds
 from ltbench.spec.methods import OPEN_DETAILS
 
 VERDICT_ORDER = list(compare.VERDICTS)
@@ -263,7 +264,7 @@ def _summary_row(name: str, exp: Mapping, lay: tables.Layout, g: pd.DataFrame, c
         what += " (layout only)"
     return (
         f"<tr><td class='l'><a href='#{_anchor(name)}'>{esc(name)}</a></td><td class='l'>{esc(what)}</td>"
-        f"<td class='l'>{esc(exp.get('figure') or '–')}</td><td>{done}</td>"
+        f"<td class='l'>{esc(', '.join(figure_kinds(exp)) or '–')}</td><td>{done}</td>"
         f"{_counts_tds(lay.verdict_counts(), VERDICT_ORDER, 'n-')}{_counts_tds(gc, GAIN_ORDER, 'g-')}</tr>"
     )
 
@@ -489,7 +490,7 @@ def experiment_choices(exps: Mapping) -> pd.DataFrame:
         cells = ", ".join(
             f"{tables.dataset_name(d)} ρ={format_ratio(r)}" for d in exp["datasets"] for r in exp["ratios"]
         )
-        if exp.get("figure") == "components":
+        if "components" in figure_kinds(exp):
             rows.append(
                 {
                     "setting": f"experiments.{name}",
@@ -497,7 +498,7 @@ def experiment_choices(exps: Mapping) -> pd.DataFrame:
                     "value used (methods)": f"{cells}; methods {', '.join(exp['methods'])}",
                 }
             )
-        elif exp.get("figure") == "backbones":
+        elif "backbones" in figure_kinds(exp):
             rows.append(
                 {
                     "setting": f"experiments.{name}",

@@ -32,6 +32,7 @@ from ltbench import io
 from ltbench.analysis import compare, power
 from ltbench.analysis.aggregate import METRICS
 from ltbench.data.longtail import format_ratio
+from ltbench.spec.config import figure_kinds
 
 M_KNOB = "recipe.norm.options.num_components"
 NORM_KNOB = "recipe.norm.name"
@@ -370,7 +371,7 @@ def build(
     ]
     cells = {(k, j): cells[(i, j)] for k, i in enumerate(keep) for j in range(len(columns))}
     rows = [rows[i] for i in keep]
-    if exp.get("figure") == "components":
+    if "components" in figure_kinds(exp):
         _component_names(rows, runs)
     ref_exp = exp.get("reference") or {}
     return Layout(

@@ -284,6 +284,12 @@ def cell_spec(cfg: Mapping, dataset: str, method: str, backbone: str) -> dict:
     }
 
 
+def figure_kinds(exp: Mapping) -> tuple[str, ...]:
+    """The figures an experiment asks for: its ``figure`` (one name or a list) as a tuple, () for none."""
+    kinds = exp.get("figure") or ()
+    return (kinds,) if isinstance(kinds, str) else tuple(kinds)
+
+
 def iter_knobs(spec: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Flatten a spec into ``("train.lr", 0.1)`` pairs (for tidy tables and the report)."""
     for k, v in spec.items():
