@@ -1,6 +1,8 @@
 """The scaling figure (``figure: scaling``): gains over the first method of the same training length,
 against the epochs or the backbone depth; config/fashion-scale.yaml."""
 
+import json
+
 import pandas as pd
 import pytest
 from scipy import stats
@@ -14,7 +16,7 @@ from test_workflow import ROOT, job_counts, snakemake
 SCALE = ROOT / "config" / "fashion-scale.yaml"
 # The designed trend: + CBN's mean gap to its baseline at 8, 32 and 128 epochs, and at depth 8, 20, 32.
 GAP = {"baseline+cbn": -12.0, "cbn@x4": -4.0, "cbn@x16": 1.0}
-DEPTH_GAP = {"resnet8": -4.0, "resnet20": -2.0, "resnet32": -0.5}
+DEPTH_GAP = {"resnet8": -4.0, "resnet20": -0.5}
 
 
 def test_scaling_pairs_compare_within_a_training_length():
@@ -65,7 +67,22 @@ def _designed(cfg, c, metric):
 def scale_aggregate(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
     cfg = config.load(SCALE, {"results_dir": str(tmp)})
-    synthetic.write_grid(cfg, lambda c, m: _designed(cfg, c, m), base=_flat(cfg))
+    for p in synthetic.write_grid(cfg, lambda c, m: _designed(cfg, c, m), base=_flat(cfg)):
+        m = json.loads(p.read_text())
+        if m["spec"]["recipe"]["norm"]["name"] == "cbn":
+            sbn = (
+                "sbn" in m["spec"]["recipe"]["norm"].get("options", {}).get("mode", "") or "sbn" in m["cell"]["method"]
+            )
+            seed = m["cell"]["seed"]
+            m["diagnostics"] = {
+                "min_prior": 0.2 * sbn + 0.01 * seed,
+                "mean_spread": 0.5,
+                "confident_share": 0.9,
+                "top1_running": 70.0,
+                "top1_batch_stats": 80.0,
+                "layers": [],
+            }
+            p.write_text(json.dumps(m))
     out = aggregate.main([], tmp / "aggregate", cfg, existing=True)
     return cfg, out, tmp
 
@@ -102,9 +119,9 @@ def test_scaling_gains_and_points_follow_the_designed_trend(scale_aggregate):
     assert pts.iloc[0]["verdict"] == "contradicted" and last["verdict"] in gains.GAIN_VERDICTS
 
     axis, pts = figures.scaling_points(g, out["runs.csv"], "fashion_cbn_depth", cfg["experiments"]["fashion_cbn_depth"])
-    assert axis == "depth" and list(pts["x"]) == [8.0, 20.0, 32.0]
+    assert axis == "depth" and list(pts["x"]) == [8.0, 20.0]
     assert list(pts["gain"]) == pytest.approx(list(DEPTH_GAP.values()))
-    assert pts["label"].nunique() == 1 and list(pts["over"]) == ["baseline@x4"] * 3
+    assert pts["label"].nunique() == 1 and list(pts["over"]) == ["baseline@x4"] * 2
 
 
 def test_scaling_figure_is_drawn_and_reported(scale_aggregate):
@@ -126,3 +143,16 @@ def test_scaling_figure_skips_without_gains(tmp_path):
 def test_paper_config_draws_figure_6_and_its_scaling():
     cfg = config.load(ROOT / "config" / "config.yaml")
     assert config.figure_kinds(cfg["experiments"]["cbn_fig6"]) == ("backbones", "scaling")
+
+
+def test_diagnostics_over_seeds_in_the_aggregate_and_the_report(scale_aggregate):
+    cfg, out, tmp = scale_aggregate
+    d = out["diagnostics.csv"]
+    sbn = d[(d["experiment"] == "fashion_cbn_sbn") & (d["metric"] == "min_prior")].set_index("method")
+    assert set(sbn.index) == {"cbn@x4", "cbn+sbn@x4", "full@x4"}  # the baseline has no CBN layers
+    ci = stats.t.interval(0.95, 2, loc=0.21, scale=0.01 / 3**0.5)
+    assert sbn.loc["cbn+sbn@x4", ["mean", "n"]].tolist() == pytest.approx([0.21, 3])
+    assert (sbn.loc["cbn+sbn@x4", "ci_low"], sbn.loc["cbn+sbn@x4", "ci_high"]) == pytest.approx(ci)
+    assert sbn.loc["cbn@x4", "mean"] == pytest.approx(0.01)
+    html = page.render(page.load_aggregate(tmp / "aggregate"), cfg, tmp / "fig2", tmp / "tab2")
+    assert "0.21 [" in html and "Over the seeds (diagnostics.csv)" in html

@@ -10,6 +10,9 @@ the report shows (:mod:`ltbench.report` renders these files and recomputes nothi
 - ``summary.csv``: per experiment, cell (dataset, ratio, method, backbone) and metric over the
   experiment's seeds: mean, std, n, 95 % Student-t interval, seeds
   (:func:`ltbench.analysis.compare.summarize`). Without a config one experiment ``all`` spans every run.
+- ``diagnostics.csv``: the CBN diagnostics (smallest prior, spread of the component means, share of
+  confident pixels, top-1 with the running mixture and with batch statistics; ``metric`` = the name) per
+  experiment and cell with CBN layers over the experiment's seeds, in ``summary.csv``'s columns.
 - ``cells.csv``: every cell once with its experiments and status: ``finished``, ``failed`` (its
   training log exists but no ``metrics.json``, ``detail`` is the log's last error line; or its
   ``metrics.json`` records a ``failure`` such as a collapse, ``detail`` is its reason; or the file is
@@ -251,6 +254,18 @@ def summary_table(runs: pd.DataFrame, cfg: Mapping | None = None) -> pd.DataFram
     return out[["experiment", *KEYS, "metric", "mean", "std", "n", "ci_low", "ci_high", "ci_level", "seeds"]]
 
 
+def diagnostics_table(runs: pd.DataFrame, cfg: Mapping | None = None) -> pd.DataFrame:
+    """The CBN diagnostics (:data:`DIAG_KEYS`; ``metric`` = the key) per experiment and cell with CBN
+    layers over the experiment's seeds, as :func:`summary_table` has the accuracies: mean, std, n, 95 % CI."""
+    cols = [f"diag.{k}" for k in DIAG_KEYS if f"diag.{k}" in runs.columns]
+    if not cols:
+        return summary_table(pd.DataFrame(columns=compare.RUN_COLUMNS), cfg)
+    top = runs.loc[runs["metric"] == "top1", [*KEYS, "seed", *cols]]
+    long = top.melt(id_vars=[*KEYS, "seed"], value_vars=cols, var_name="metric", value_name="value")
+    long = long.dropna(subset=["value"]).assign(metric=lambda d: d["metric"].str.removeprefix("diag."))
+    return summary_table(long.astype({"value": "float64"}), cfg)
+
+
 def _log_detail(path: Path) -> str:
     """The last error-looking line of a log (else its last line), for the report's missing-cell list."""
     try:
@@ -409,6 +424,7 @@ def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: 
         "per_class.csv": per_class,
         "summary.csv": summary_table(runs, cfg),
         "cells.csv": cell_status(cfg, runs, invalid),
+        "diagnostics.csv": diagnostics_table(runs, cfg),
     }
     if cfg is not None:
         out["comparison.csv"], out["gains.csv"] = comparisons(runs, cfg)

@@ -151,7 +151,7 @@ def load_aggregate(aggregate_dir: Path) -> dict[str, pd.DataFrame]:
     if not (d / "runs.csv").exists():
         raise FileNotFoundError(f"{d / 'runs.csv'} does not exist: run `ltbench aggregate` first")
     out = {}
-    for name in ("runs", "per_class", "summary", "cells", "comparison", "gains"):
+    for name in ("runs", "per_class", "summary", "cells", "comparison", "gains", "diagnostics"):
         p = d / f"{name}.csv"
         out[name] = _read(p, REQUIRED.get(name)) if p.exists() or name in REQUIRED else pd.DataFrame()
     check_aggregate(out, d)
@@ -619,7 +619,7 @@ def _experiment_section(
         parts.append(
             "<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped) + ".</p>"
         )
-    parts.append(diagnostics_html(data["runs"], exp))
+    parts.append(diagnostics_html(data["runs"], exp, data.get("diagnostics"), ename))
     return parts
 
 
@@ -641,8 +641,35 @@ def _fmt_diag(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
-def diagnostics_html(runs: pd.DataFrame, exp: Mapping) -> str:
-    """The experiment's runs with CBN layers and their diagnostics (runs.csv ``diag.*``), one row per run."""
+def diagnostics_summary_html(diagnostics: pd.DataFrame | None, name: str, exp: Mapping) -> str:
+    """The experiment's CBN diagnostics over its seeds (``diagnostics.csv``): mean [95 % interval] (n)."""
+    d = tables.of_experiment(diagnostics, name) if diagnostics is not None else pd.DataFrame()
+    if d.empty:
+        return ""
+    order = {m: i for i, m in enumerate(exp["methods"])}
+    d = d.assign(_o=d["method"].map(order)).sort_values(["dataset", "ratio", "backbone", "_o"])
+    d = d.assign(cell=[f"{a} ρ={r} {b}" for a, r, b in zip(d["dataset"], d["ratio"], d["backbone"], strict=True)])
+    cells = [
+        f"{_fmt_diag(float(m))} [{_fmt_diag(float(lo))}, {_fmt_diag(float(hi))}] ({int(n)})"
+        for m, lo, hi, n in zip(d["mean"], d["ci_low"], d["ci_high"], d["n"], strict=True)
+    ]
+    t = d.assign(value=cells).pivot_table(
+        index=["cell", "method", "_o"], columns="metric", values="value", aggfunc="first", sort=False
+    )
+    t = t.reset_index().sort_values(["cell", "_o"]).drop(columns="_o")
+    cols = [k for k in DIAG_TABLE if k.startswith("diag.") and k.removeprefix("diag.") in t.columns]
+    t = t[["cell", "method", *(k.removeprefix("diag.") for k in cols)]].rename(
+        columns={k.removeprefix("diag."): DIAG_TABLE[k] for k in cols}
+    )
+    return (
+        "<p class='desc'>Over the seeds (diagnostics.csv): mean [95 % Student-t interval] (seeds).</p>"
+        + _plain_table(t.fillna("–"), left=("cell", "method"))
+    )
+
+
+def diagnostics_html(runs: pd.DataFrame, exp: Mapping, diagnostics: pd.DataFrame | None = None, name: str = "") -> str:
+    """The experiment's runs with CBN layers and their diagnostics (runs.csv ``diag.*``), one row per run,
+    after their summary over the seeds (:func:`diagnostics_summary_html`)."""
     if runs.empty or "diag.min_prior" not in runs.columns:
         return ""
     r = figures.select(runs, exp)
@@ -667,7 +694,9 @@ def diagnostics_html(runs: pd.DataFrame, exp: Mapping) -> str:
         "not match training); the smallest running prior over the layers (≈ 0: a collapsed component); the "
         "spread of the component means (mean over layers and channels of std_k μ_k / sqrt(mean_k σ²_k)); the "
         "share of pixels whose largest responsibility exceeds 0.9; the largest gradient norm of a step and "
-        "the steps with a non-finite loss.</p>" + _plain_table(t, left=("cell", "method"))
+        "the steps with a non-finite loss.</p>"
+        + diagnostics_summary_html(diagnostics, name, exp)
+        + _plain_table(t, left=("cell", "method"))
     )
 
 

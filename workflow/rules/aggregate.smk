@@ -29,6 +29,7 @@ rule aggregate:
             subcategory="Aggregated results",
             labels={"table": "cells"},
         ),
+        diagnostics=f"{R}/aggregate/diagnostics.csv",
         comparison=report(
             f"{R}/aggregate/comparison.csv",
             caption="../report/comparison.rst",
