@@ -17,7 +17,7 @@ endif
 # `python -m ltbench` and `snakemake` are the ones installed here.
 RUN = $(if $(findstring /,$(PYTHON)),PATH="$(abspath $(dir $(PYTHON))):$$PATH" )$(PYTHON)
 
-.PHONY: install demo test dryrun clean-demo
+.PHONY: install demo test dryrun docs docs-serve clean-demo
 
 $(VENV)/bin/python:
 	@$(BASE_PYTHON) -c "import venv, ensurepip" 2>/dev/null || { \
@@ -26,7 +26,7 @@ $(VENV)/bin/python:
 	$(BASE_PYTHON) -m venv $(VENV)
 
 install: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
-	$(PYTHON) -m pip install --quiet -e ".[test,slurm]"
+	$(PYTHON) -m pip install --quiet -e ".[test,slurm,docs]"
 
 # The whole pipeline on the embedded digits-lt data: data → train → aggregate → report.
 demo: install
@@ -39,6 +39,15 @@ test: install
 # The paper grid's DAG, without running anything (no data or GPU needed).
 dryrun: install
 	$(RUN) -m snakemake -n --cores 1
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or page is an error.
+# NO_MKDOCS_2_WARNING silences Material's notice about its successor (it changes nothing in the build).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(RUN) -m mkdocs build --strict
+
+# The same site on http://127.0.0.1:8000, rebuilt on every change (Ctrl-C stops it).
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(RUN) -m mkdocs serve
 
 clean-demo:
 	rm -rf results/demo reports/demo.html

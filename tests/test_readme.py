@@ -1,14 +1,18 @@
-"""Every shell command of the README's ```bash blocks runs as written, in order, after the demo.
+"""Every shell command of the ```bash blocks of the README and of the documentation pages (docs/**/*.md)
+runs as written, in order (the README first, then the pages by path), after the demo.
 
 A command that cannot run on an offline CPU machine says why at its end, ``# needs: <what>``; it
 is skipped here with that reason (and listed in the test's output). ``make demo`` and ``make test``
 are this test's precondition and its caller: the test runs in a copy of the repository where a
 short demo (one experiment, one seed, two epochs) has run, so the commands see ``results/demo``.
-Commands that train get tiny epochs (``--epochs 1``); paths under /tmp go to the test's folder.
+Commands that train get tiny epochs (``--epochs 1``); paths under /tmp go to the test's folder. A
+``python -m MODULE`` command whose module is not installed (e.g. mkdocs without the docs extra) is
+skipped, saying so.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -47,6 +51,24 @@ def readme_commands(text: str) -> list[tuple[str, str | None]]:
     return out
 
 
+def documented_commands() -> list[tuple[str, str, str | None]]:
+    """(file, command, reason or None) for the README and every docs page, in the order they run."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return [(p.relative_to(ROOT).as_posix(), c, r) for p in pages for c, r in readme_commands(p.read_text())]
+
+
+def test_the_docs_pages_commands_are_collected():
+    files = {f for f, _, _ in documented_commands()}
+    assert "README.md" in files and "docs/index.md" in files
+    assert ("docs/index.md", "make docs-serve") in {(f, c) for f, c, _ in documented_commands()}
+
+
+def _missing_module(argv: list[str]) -> str | None:
+    if argv[:2] == ["python", "-m"] and len(argv) > 2 and importlib.util.find_spec(argv[2]) is None:
+        return f"{argv[2]} is not installed"
+    return None
+
+
 def test_readme_commands_are_parsed_with_their_reasons():
     cmds = readme_commands("```bash\nls -l \\\n   /x   # c\nfoo  # needs: a GPU\n```\n```\nnot bash\n```\n")
     assert cmds == [("ls -l /x", None), ("foo", "a GPU")]
@@ -66,7 +88,7 @@ def _copy_repo(dst: Path) -> None:
 
 
 @pytest.mark.slow
-def test_every_offline_readme_command_runs_after_the_demo(tmp_path):
+def test_every_offline_readme_and_docs_command_runs_after_the_demo(tmp_path):
     repo, scratch = tmp_path / "repo", tmp_path / "tmp"
     repo.mkdir()
     scratch.mkdir()
@@ -92,14 +114,15 @@ def test_every_offline_readme_command_runs_after_the_demo(tmp_path):
     assert demo.returncode == 0, demo.stderr[-3000:]
 
     skipped = []
-    for cmd, need in readme_commands((ROOT / "README.md").read_text()):
+    for where, cmd, need in documented_commands():
+        need = need or _missing_module(shlex.split(cmd))
         if cmd in PRECONDITIONS or need:
-            skipped.append(f"{cmd}  ({need or 'precondition of this test'})")
+            skipped.append(f"{where}: {cmd}  ({need or 'precondition of this test'})")
             continue
         cmd = re.sub(r"--epochs \d+", "--epochs 1", cmd).replace("/tmp/", f"{scratch}/")
         argv = shlex.split(cmd)
         argv[0] = sys.executable if argv[0] == "python" else argv[0]
         p = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, f"README command failed ({p.returncode}): {cmd}\n{p.stderr[-3000:]}"
-    print("skipped README commands:\n  " + "\n  ".join(skipped))
+        assert p.returncode == 0, f"{where} command failed ({p.returncode}): {cmd}\n{p.stderr[-3000:]}"
+    print("skipped commands:\n  " + "\n  ".join(skipped))
     assert (scratch / "report.html").exists() and (scratch / "agg" / "summary.csv").exists()

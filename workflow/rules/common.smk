@@ -16,7 +16,7 @@ from ltbench.spec import catalog
 
 # A YAML syntax error in a config file never gets here: Snakemake parses --configfile (and the
 # Snakefile's default config) itself and says only "Config file is not valid JSON or YAML";
-# `python -m ltbench plan --configfile FILE` names the file, line and column (README).
+# `python -m ltbench plan --configfile FILE` names the file, line and column (docs/security.md).
 try:
     config = ltconfig.validate(config)
     ltdata.imagelists.check_config(config)  # image-list datasets: lists configured, natural ratio
