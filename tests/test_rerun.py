@@ -16,7 +16,13 @@ def _config(tmp_path):
     cfg.update(results_dir=str(tmp_path / "results"), reports_dir=str(tmp_path / "reports"), data_dir="data")
     cfg["train"].update(epochs=1, warmup_epochs=0, eval_every=1)
     cfg["experiments"] = {
-        "demo": {"datasets": ["digits-lt"], "ratios": [10, 50], "methods": ["ce"], "backbones": ["resnet8"], "seeds": [0]}
+        "demo": {
+            "datasets": ["digits-lt"],
+            "ratios": [10, 50],
+            "methods": ["ce"],
+            "backbones": ["resnet8"],
+            "seeds": [0],
+        }
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))

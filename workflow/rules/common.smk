@@ -18,6 +18,8 @@ from ltbench.spec import catalog
 # Snakefile's default config) itself and says only "Config file is not valid JSON or YAML";
 # `python -m ltbench plan --configfile FILE` names the file, line and column (README).
 try:
+    for _f in workflow.overwrite_configfiles or workflow.configfiles:
+        ltconfig.read_yaml(_f)  # what Snakemake's own YAML reading lets through: duplicate keys, alias bombs
     config = ltconfig.validate(config)
     ltdata.imagelists.check_config(config)  # image-list datasets: lists configured, natural ratio
 except ConfigError as e:
