@@ -266,8 +266,15 @@ def _config_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config-json", help="the validated workflow config as JSON (what Snakemake passes)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``ltbench <subcommand>: error: ...``), without the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ltbench", description=__doc__)
+    p = _Parser(prog="ltbench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("counts", help="per-class training counts of a long-tailed dataset (JSON)")

@@ -26,21 +26,21 @@ _MERGE = "tag:yaml.org,2002:merge"
 class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict:
         if isinstance(node, MappingNode):
-            first: dict[Any, int] = {}
+            first: dict[Any, Any] = {}
             for key_node, _ in node.value:
                 if key_node.tag == _MERGE:
                     continue
                 key = self.construct_object(key_node, deep=True)
                 try:
-                    line = first.setdefault(key, key_node.start_mark.line)
+                    mark = first.setdefault(key, key_node.start_mark)
                 except TypeError:  # an unhashable key: SafeLoader names it below
                     continue
-                again = key_node.start_mark.line
-                if line != again:
+                if mark is not key_node.start_mark:
                     raise ConstructorError(
                         "while constructing a mapping",
                         node.start_mark,
-                        f"duplicate key {key!r}: first on line {line + 1}, again on line {again + 1}",
+                        f"duplicate key {key!r}: first on line {mark.line + 1}, again on line "
+                        f"{key_node.start_mark.line + 1}",
                         key_node.start_mark,
                     )
         return super().construct_mapping(node, deep=deep)
