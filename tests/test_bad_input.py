@@ -6,7 +6,6 @@ one line ``ltbench <subcommand>: error: ...`` containing the needle."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_cli
 from test_workflow import ROOT, snakemake
 
 from ltbench import cli, data
@@ -250,27 +248,6 @@ def test_alias_expansion_is_bounded_and_shared_aliases_still_load(tmp_path):
     assert safeyaml.expanded_size(node) > 10**9  # computed without expanding
     with pytest.raises(yaml.YAMLError, match="its aliases expand to 1,234,567,909 values, more than 100,000"):
         safeyaml.load(LAUGHS)
-
-
-def test_warmup_epochs_flag_sets_the_cells_warmup(tmp_path):
-    npz = prepared(tmp_path)
-    out = tmp_path / "cell"
-    run_cli(
-        *TRAIN,
-        "--out",
-        out,
-        "--data",
-        npz,
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "1",
-        "--batch-size",
-        "64",
-        "--device",
-        "cpu",
-    )
-    assert json.loads((out / "metrics.json").read_text())["spec"]["train"]["warmup_epochs"] == 1
 
 
 # ---- the workflow's config check: the same refusals at DAG build (snakemake -n) ----
