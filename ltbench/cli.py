@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 from ltbench import data, io
 from ltbench.data import imagelists
-from ltbench.errors import CellBusy, ConfigError, DownloadError, ListCheckError, Preempted
+from ltbench.errors import USER_ERRORS, CellBusy, ConfigError, DownloadError, ListCheckError, Preempted
 from ltbench.spec import config
 
 # `train` stopped by SIGTERM/SIGUSR1 after writing checkpoint.pt (EX_TEMPFAIL: retry to resume).
@@ -36,6 +37,27 @@ def _float(s: str) -> float:
     return v
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (bench's step, round and worker counts)."""
+
+    def parse(s: str) -> int:
+        v = int(_number(s, int))
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _json(s: str, flag: str):
+    """A JSON value given on the command line; invalid JSON names the flag."""
+    try:
+        return json.loads(s)
+    except ValueError as e:
+        raise ConfigError(f"argument {flag}: not valid JSON ({e})") from None
+
+
 def _schema_type(definition: str, key: str | None = None, kind: type = int):
     """An argparse type: parse ``kind`` and validate it with the config schema's ``$defs`` entry
     (``key`` of its properties), as the same value in a config file would be."""
@@ -55,7 +77,7 @@ def _schema_type(definition: str, key: str | None = None, kind: type = int):
 def _load_config(a: argparse.Namespace) -> dict:
     """The workflow config from ``--config-json`` (what Snakemake passes) or ``--config FILE``."""
     if getattr(a, "config_json", None):
-        return config.validate(json.loads(a.config_json))
+        return config.validate(_json(a.config_json, "--config-json"))
     if a.config:
         return config.load(a.config)
     # no config file: an empty grid with every default
@@ -103,12 +125,27 @@ def cmd_prepare(a) -> int:
     return 0
 
 
+def _check_warmup_flags(a: argparse.Namespace, train: dict) -> None:
+    """``--epochs`` / ``--warmup-epochs`` that leave the warmup as long as the run: an error naming the flag."""
+    w, e = train["warmup_epochs"], train["epochs"]
+    if w < e:
+        return
+    if a.warmup_epochs is not None:
+        where = "--epochs" if a.epochs is not None else "train.epochs"
+        raise ConfigError(f"argument --warmup-epochs: {w:g} is not below {where} {e}")
+    if a.epochs is not None:
+        raise ConfigError(
+            f"argument --epochs: {e} is not above train.warmup_epochs {w:g} (the config's or the method's); "
+            "pass --warmup-epochs below it too"
+        )
+
+
 def cmd_train(a) -> int:
     from ltbench.training import trainer as train  # lazy: torch takes seconds to import
 
     cfg = _load_config(a)
     if a.spec:
-        spec = json.loads(a.spec)
+        spec = config.parse_spec(_json(a.spec, "--spec"), "argument --spec")
     else:
         try:
             spec = config.cell_spec(cfg, a.dataset, a.method, a.backbone)
@@ -120,12 +157,14 @@ def cmd_train(a) -> int:
             ("epochs", a.epochs),
             ("batch_size", a.batch_size),
             ("lr", a.lr),
+            ("warmup_epochs", a.warmup_epochs),
             ("device", a.device),
             ("threads", a.threads),
         )
         if v is not None
     }
     config.check_ratio(a.dataset, a.ratio, spec["dataset_options"].get("profile", "exp"))
+    _check_warmup_flags(a, {**spec["train"], **overrides})
     config.check_spec({**spec, "train": {**spec["train"], **overrides}})  # e.g. --epochs vs decoupled.fraction
     data_file = (
         Path(a.data)
@@ -140,6 +179,7 @@ def cmd_train(a) -> int:
         if dspec.fetch is not None:
             dspec.fetch(Path(cfg["data_dir"]), opts)
         data.prepare(a.dataset, a.ratio, Path(cfg["data_dir"]), data_file, opts)
+    data.check_prepared(data_file, a.dataset, a.ratio, spec["dataset_options"].get("profile", "exp"))
     m = train.run(spec, a.ratio, a.seed, data_file, a.out, overrides)
     if m is not None:  # None: a rank > 0 of a multi-GPU run (rank 0 reports)
         print(json.dumps({k: m[k] for k in ("top1", "many", "medium", "few", "wall_time_s")}))
@@ -226,8 +266,15 @@ def _config_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config-json", help="the validated workflow config as JSON (what Snakemake passes)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``ltbench <subcommand>: error: ...``), without the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ltbench", description=__doc__)
+    p = _Parser(prog="ltbench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("counts", help="per-class training counts of a long-tailed dataset (JSON)")
@@ -265,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=_schema_type("train", "epochs"))
     s.add_argument("--batch-size", type=_schema_type("train", "batch_size"))
     s.add_argument("--lr", type=_schema_type("train", "lr", float))
+    s.add_argument(
+        "--warmup-epochs", type=_schema_type("train", "warmup_epochs"), help="linear warmup epochs (below --epochs)"
+    )
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     s.add_argument("--threads", type=_schema_type("train", "threads"))
     s.set_defaults(fn=cmd_train)
@@ -311,11 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="training speed: resident-data fast path vs the common DataLoader recipe (JSON)")
     s.add_argument("--method", default="baseline", help="method recipe to benchmark (default: CBN's baseline)")
     s.add_argument("--backbone", default="resnet32")
-    s.add_argument("--steps", type=int, default=20, help="timed training steps per path")
-    s.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--steps", type=_at_least(1), default=20, help="timed training steps per path")
+    s.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps first")
+    s.add_argument("--batch-size", type=_at_least(2), default=128)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--workers", type=int, default=4, help="DataLoader workers of the common recipe")
+    s.add_argument("--workers", type=_at_least(0), default=4, help="DataLoader workers of the common recipe")
     s.add_argument("--no-common", action="store_true", help="only the fast path")
     s.add_argument("--config", help="also project the device-hours of this config's grid")
     s.add_argument("--out", help="also write the JSON here")
@@ -332,24 +382,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: the fast path of these methods in one process, in alternating rounds of "
         "--steps steps; images/s and the ratio of each to the first (medians over rounds)",
     )
-    s.add_argument("--rounds", type=int, default=5, help="rounds of --compare")
+    s.add_argument("--rounds", type=_at_least(1), default=5, help="rounds of --compare")
     s.set_defaults(fn=cmd_bench)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line (a list of problems joined by '; ')."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()] or [type(e).__name__]
+    out = lines[0]
+    for ln in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + ln
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A bad input (an error typed at the boundary where it is read,
+    :data:`ltbench.errors.USER_ERRORS`) ends with one line ``ltbench <subcommand>: error: <what>``
+    and a non-zero exit; anything else is a bug and keeps its traceback. ``LTBENCH_TRACEBACK=1``
+    shows the traceback of bad inputs too."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, KeyError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"ltbench {args.cmd}: error: {msg}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if isinstance(e, Preempted):
-            print(f"ltbench {args.cmd}: preempted: {e}; run the same command again to resume", file=sys.stderr)
-            return EXIT_PREEMPTED
-        if isinstance(e, (CellBusy, DownloadError, FloatingPointError, ListCheckError)):
-            print(f"ltbench {args.cmd}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except Preempted as e:
+        print(f"ltbench {args.cmd}: preempted: {e}; run the same command again to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except USER_ERRORS as e:
+        if os.environ.get("LTBENCH_TRACEBACK"):
+            raise
+        print(f"ltbench {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
+        # a failure while running (download, lock, lists, divergence) 1; a bad value (config, flag, data file) 2
+        return 1 if isinstance(e, (CellBusy, DownloadError, ListCheckError, FloatingPointError)) else 2

@@ -30,3 +30,12 @@ class Preempted(LtbenchError):
 
 class CellBusy(LtbenchError, RuntimeError):
     """Another process is training the same cell directory (it holds the cell lock)."""
+
+
+class DataFileError(LtbenchError, ValueError):
+    """A prepared data file is unreadable or does not match its cell (shapes, classes, counts)."""
+
+
+# What the CLI ends with one line (``ltbench <subcommand>: error: ...``) instead of a traceback: ltbench's own
+# errors, raised at the boundary where user input is read, and the library errors that name what they miss.
+USER_ERRORS: tuple[type[BaseException], ...] = (LtbenchError, KeyError, FileNotFoundError, FloatingPointError)

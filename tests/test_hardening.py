@@ -74,8 +74,8 @@ def test_a_builtin_recipe_with_too_few_epochs_for_its_stages_is_refused():
     with pytest.raises(
         ConfigError, match="method 'crt': decoupled.fraction 0.2 leaves no classifier epoch of train.epochs 2"
     ):
-        config.validate(grid("crt", epochs=2))
-    config.validate(grid("crt", epochs=3))  # round(0.6) = 1 classifier epoch
+        config.validate(grid("crt", epochs=2, warmup_epochs=0))
+    config.validate(grid("crt", epochs=3, warmup_epochs=0))  # round(0.6) = 1 classifier epoch
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def run_cli(capsys, *argv):
         (["--ratio", "inf"], "argument --ratio: must be a finite number, got inf"),
         (["--ratio", "1e6"], "imbalance ratio 1e+06 leaves 6 class(es) of digits-lt without training images"),
         (
-            ["--method", "crt", "--epochs", "2"],
+            ["--method", "crt", "--epochs", "2", "--warmup-epochs", "0"],
             "method 'crt': decoupled.fraction 0.2 leaves no classifier epoch of train.epochs 2",
         ),
     ],

@@ -5,7 +5,7 @@ A command that cannot run on an offline CPU machine says why at its end, ``# nee
 is skipped here with that reason (and listed in the test's output). ``make demo`` and ``make test``
 are this test's precondition and its caller: the test runs in a copy of the repository where a
 short demo (one experiment, one seed, two epochs) has run, so the commands see ``results/demo``.
-Commands that train get tiny epochs (``--epochs 1``); paths under /tmp go to the test's folder. A
+Commands that train get tiny epochs (``--epochs 1``, ``--warmup-epochs 0``); paths under /tmp go to the test's folder. A
 ``python -m MODULE`` command whose module is not installed (e.g. mkdocs without the docs extra) is
 skipped, saying so.
 """
@@ -95,7 +95,7 @@ def test_every_offline_readme_and_docs_command_runs_after_the_demo(tmp_path):
     _copy_repo(repo)
     cfg = yaml.safe_load((repo / "config" / "demo.yaml").read_text())
     cfg["experiments"] = {"demo": {**cfg["experiments"]["demo"], "seeds": [0], "methods": ["ce", "nbn"]}}
-    cfg["train"]["epochs"] = 2
+    cfg["train"].update(epochs=2, warmup_epochs=1)
     (repo / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
     env = {
         **os.environ,
@@ -120,6 +120,7 @@ def test_every_offline_readme_and_docs_command_runs_after_the_demo(tmp_path):
             skipped.append(f"{where}: {cmd}  ({need or 'precondition of this test'})")
             continue
         cmd = re.sub(r"--epochs \d+", "--epochs 1", cmd).replace("/tmp/", f"{scratch}/")
+        cmd = re.sub(r"--warmup-epochs \d+", "--warmup-epochs 0", cmd)
         argv = shlex.split(cmd)
         argv[0] = sys.executable if argv[0] == "python" else argv[0]
         p = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=600)

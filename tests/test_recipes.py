@@ -90,7 +90,7 @@ def test_tau_norm_selects_tau_on_validation_not_test(tmp_path, monkeypatch):
     monkeypatch.setattr(sources.TensorSource, "val", lambda self, *a: calls.append(1) or real_val(self, *a))
     cfg = config.validate(
         {
-            "train": {"epochs": 2, "batch_size": 64, "device": "cpu", "checkpoint_every": 0},
+            "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 64, "device": "cpu", "checkpoint_every": 0},
             "experiments": {
                 "e": {"datasets": ["digits-lt"], "ratios": [10], "methods": ["tau-norm"], "backbones": ["resnet8"]}
             },

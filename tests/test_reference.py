@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from ltbench.analysis import reference
+from ltbench.spec import references
 from ltbench.analysis.reference import entries, load, papers, ReferenceFileError
 
 CIFAR_COLS = [("cifar10", 100), ("cifar10", 50), ("cifar10", 10), ("cifar100", 100), ("cifar100", 50), ("cifar100", 10)]
@@ -292,6 +293,6 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
 
 def test_packaged_file_must_carry_its_own_id(good, monkeypatch):
     good["paper"] = "nbn2025"
-    monkeypatch.setattr(reference, "_read", lambda paper: (good, "cbn2022.yaml"))
+    monkeypatch.setattr(references, "_read", lambda paper: (good, "cbn2022.yaml"))  # load() lives there
     with pytest.raises(ReferenceFileError, match="'paper' is 'nbn2025', expected 'cbn2022'"):
         load("cbn2022")

@@ -95,6 +95,8 @@ def test_train_command(prepared, tmp_path, cli):
         "resnet8",
         "--epochs",
         2,
+        "--warmup-epochs",
+        1,
         "--batch-size",
         64,
         "--data",
@@ -108,7 +110,7 @@ def test_train_command(prepared, tmp_path, cli):
     assert set(out) >= {"top1", "many", "medium", "few"}
     assert "epoch 2/2" in p.stderr  # progress lines when not on a terminal
     m = json.loads((tmp_path / "cell" / "metrics.json").read_text())
-    assert m["seeds"]["train"] == 3 and m["spec"]["train"]["epochs"] == 2
+    assert m["seeds"]["train"] == 3 and m["spec"]["train"]["epochs"] == 2 and m["spec"]["train"]["warmup_epochs"] == 1
     # `python -m ltbench` ran with glibc's malloc keeping freed memory (ltbench/malloc.py), and says so
     if malloc.tuned_environ({}) is not None:
         assert malloc.TUNABLES in m["environment"]["glibc_tunables"]
@@ -172,7 +174,7 @@ def test_split_path_uses_class_groups(prepared, tmp_path, monkeypatch):
         return real(model, groups)
 
     monkeypatch.setattr(norm, "split_mode", spy)
-    train.run(spec("baseline+cbn+sbn", epochs=1, checkpoint_every=0), 10, 0, prepared, tmp_path)
+    train.run(spec("baseline+cbn+sbn", epochs=1, warmup_epochs=0, checkpoint_every=0), 10, 0, prepared, tmp_path)
     assert seen and all(g.max() <= 3 and g.min() >= 0 for g in seen)  # M = 4 groups of the 10 classes
     assert set(torch.cat(seen).tolist()) == {0, 1, 2, 3}
 

@@ -70,7 +70,8 @@ TRAIN_LOG = "logs/train/{path}.log"
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     """``metrics.json`` files as given, and every ``metrics.json`` under each directory given
-    (recursively, sorted), so that ``ltbench aggregate results/demo/runs`` needs no shell glob."""
+    (recursively, sorted), so that ``ltbench aggregate results/demo/runs`` needs no shell glob.
+    A path that does not exist is an error."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -78,8 +79,10 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             if not found:
                 raise ValueError(f"no metrics.json file under the directory {p}")
             out.extend(found)
-        else:
+        elif p.exists():
             out.append(p)
+        else:  # a mistyped path is a mistake to report, not a cell that failed
+            raise ValueError(f"{p} does not exist (give metrics.json files or folders of them)")
     return out
 
 

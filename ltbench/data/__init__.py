@@ -8,6 +8,7 @@ padding, and functions that fetch and load the balanced originals. ``prepare`` w
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ltbench.data.longtail import class_groups, format_ratio, longtail_counts, longtail_indices  # noqa: F401
-from ltbench.errors import ConfigError
+from ltbench.errors import ConfigError, DataFileError
 from ltbench.io import atomic_path
 from ltbench.registry import Registry
 
@@ -139,6 +140,57 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
                 val_indices=val,
             )
     return info
+
+
+_SPLITS = (("train_x", "train_y"), ("test_x", "test_y"), ("val_x", "val_y"))
+
+
+def _read_prepared(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a prepared ``.npz`` (never pickles); a file that cannot be read is a :class:`DataFileError`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataFileError(f"prepared file {path} does not exist") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataFileError(
+            f"prepared file {path} cannot be read ({e}); delete it and run `ltbench prepare` (or the workflow) again"
+        ) from None
+
+
+def check_prepared(path: str | Path, dataset: str, ratio: float, profile: str = "exp") -> None:
+    """The prepared ``.npz`` a cell trains on holds what the cell expects: the arrays :func:`prepare`
+    writes, images of the dataset's shape, labels of its classes, and per-class training counts equal
+    to :func:`counts_for` at this ratio and profile. Raises :class:`DataFileError` naming the file."""
+    path = Path(path)
+    spec = get(dataset)
+    if getattr(spec, "image_lists", False):
+        return  # a manifest of lists that `prepare` checked (imagelists.prepare)
+    z = _read_prepared(path)
+    if missing := [k for k in ("train_x", "train_y", "test_x", "test_y", "counts") if k not in z]:
+        raise DataFileError(f"prepared file {path} lacks the array(s) {', '.join(missing)}")
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    for xk, yk in _SPLITS:
+        if xk not in z and yk not in z:
+            continue  # val: files from before the held-out split have none
+        x, y = z.get(xk), z.get(yk)
+        if x is None or y is None or x.ndim != 4 or tuple(x.shape[1:]) != shape or y.shape != (len(x),):
+            got = f"{xk} {getattr(x, 'shape', None)}, {yk} {getattr(y, 'shape', None)}"
+            raise DataFileError(f"prepared file {path}: {got}; {dataset} needs (N, {', '.join(map(str, shape))}), (N,)")
+        if x.dtype != np.uint8 or y.dtype.kind not in "iu":
+            raise DataFileError(f"prepared file {path}: {xk} is {x.dtype} and {yk} {y.dtype}; expected uint8, integers")
+        if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
+            raise DataFileError(
+                f"prepared file {path}: {yk} has labels {int(y.min())}..{int(y.max())}; "
+                f"{dataset} has classes 0..{spec.num_classes - 1}"
+            )
+    expected = counts_for(dataset, ratio, profile)
+    got = np.bincount(z["train_y"], minlength=spec.num_classes).tolist()
+    if got != expected or z["counts"].tolist() != expected:
+        raise DataFileError(
+            f"prepared file {path} does not hold {dataset} at ratio {format_ratio(ratio)} ({profile} profile): "
+            f"per-class training counts {got}, expected {expected}"
+        )
 
 
 from ltbench.data import cifar, digits, imagelists  # noqa: E402,F401  (register the datasets)

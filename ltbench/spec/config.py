@@ -20,7 +20,7 @@ import yaml
 
 from ltbench import data
 from ltbench.errors import ConfigError
-from ltbench.spec import catalog, methods
+from ltbench.spec import catalog, methods, references, safeyaml
 
 
 # JSON schema's "integer" admits 4.0; a count or a seed must be a real int (and never a bool).
@@ -145,6 +145,8 @@ def _check_names(cfg: Mapping) -> None:
                     check_spec(cell_spec(cfg, d, m, exp["backbones"][0]))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"config key experiments.{ename}.methods: {e.args[0]}") from None
+        if exp.get("reference"):
+            references.check(exp["reference"], f"experiments.{ename}.reference")
         for d in exp["datasets"]:
             for i, r in enumerate(exp["ratios"]):
                 try:
@@ -166,9 +168,34 @@ def check_recipe(name: str, r: Mapping) -> None:
             raise ConfigError(f"method {name!r}: {part} {pname!r} option {key}: {msg}")
 
 
+SPEC_KEYS = ("dataset", "dataset_options", "method", "recipe", "backbone", "train")
+
+
+def parse_spec(obj: Any, where: str) -> dict:
+    """A resolved cell spec given as JSON (``train --spec``): a mapping with :data:`SPEC_KEYS`."""
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{where}: a cell spec must be a JSON object, not {type(obj).__name__}")
+    if missing := [k for k in SPEC_KEYS if k not in obj]:
+        raise ConfigError(f"{where}: not a cell spec; it lacks the key(s) {', '.join(missing)}")
+    if not all(isinstance(obj[k], Mapping) for k in ("dataset_options", "recipe", "train")):
+        raise ConfigError(f"{where}: not a cell spec; dataset_options, recipe and train must be objects")
+    return dict(obj)
+
+
+def _check_warmup(m: str, train: Mapping) -> None:
+    """The linear warmup must end before training does, or the run never reaches ``train.lr``."""
+    w, e = train["warmup_epochs"], train["epochs"]
+    if w >= e:
+        raise ConfigError(
+            f"method {m!r}: train.warmup_epochs {w:g} is not below train.epochs {e}: "
+            "the learning rate would never reach train.lr"
+        )
+
+
 def check_spec(spec: Mapping) -> None:
-    """A cell's resolved settings: the merged ``train`` block against the schema, and the recipe
-    keys that depend on it (the decoupled stages must both get epochs)."""
+    """A cell's resolved settings: the merged ``train`` block against the schema, and the keys
+    that depend on it (the decoupled stages must both get epochs; the warmup ends before training
+    does)."""
     m, train, dt = spec["method"], spec["train"], spec["recipe"]["decoupled"]
     check_recipe(m, spec["recipe"])
     where = spec["recipe"]["datasets"]
@@ -190,6 +217,7 @@ def check_spec(spec: Mapping) -> None:
                     f"method {m!r}: decoupled.fraction {dt['fraction']} leaves no {stage} "
                     f"epoch of train.epochs {train['epochs']}"
                 )
+    _check_warmup(m, train)
 
 
 def check_ratio(dataset: str, ratio: float, profile: str = "exp") -> None:
@@ -209,24 +237,35 @@ def check_ratio(dataset: str, ratio: float, profile: str = "exp") -> None:
         )
 
 
-def read_yaml(path: str | Path) -> Any:
-    """``yaml.safe_load`` of a file; a syntax error names the file, line and column."""
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """:func:`ltbench.spec.safeyaml.load` of a file (no duplicate keys, bounded aliases); every
+    problem is a :class:`ConfigError` naming the file, and a syntax error the line and column."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return safeyaml.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path}: nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
-        raise ConfigError(f"config file {path}{where}: not valid YAML ({what})") from None
+        problem = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"{what} {path}{where}: not valid YAML ({problem})") from None
 
 
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict:
     path = Path(path)
     raw = read_yaml(path)
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys, not a {type(raw).__name__}")
     try:
         return validate(methods.merge(raw or {}, overrides or {}))
     except ConfigError as e:

@@ -57,7 +57,7 @@ import torch.nn as nn
 from ltbench import data, io
 from ltbench.data.longtail import format_ratio
 from ltbench.data.sources import make_source
-from ltbench.errors import Preempted
+from ltbench.errors import ConfigError, Preempted
 from ltbench.nn import backbones as models, classifier, losses, norm, sampling
 from ltbench.training import celldir, checkpoint, diagnostics, distributed, gpus, step
 from ltbench.training.evaluation import collapse_reason, evaluate_counts, group_accuracy
@@ -84,7 +84,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        raise ConfigError("train.device (--device) is 'cuda' but no CUDA device is available; use cpu or auto")
     return torch.device(name)
 
 

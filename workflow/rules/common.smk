@@ -18,6 +18,8 @@ from ltbench.spec import catalog
 # Snakefile's default config) itself and says only "Config file is not valid JSON or YAML";
 # `python -m ltbench plan --configfile FILE` names the file, line and column (docs/security.md).
 try:
+    for _f in workflow.overwrite_configfiles or workflow.configfiles:
+        ltconfig.read_yaml(_f)  # what Snakemake's own YAML reading lets through: duplicate keys, alias bombs
     config = ltconfig.validate(config)
     ltdata.imagelists.check_config(config)  # image-list datasets: lists configured, natural ratio
 except ConfigError as e:
@@ -32,6 +34,8 @@ R = config["results_dir"]
 DATA = config["data_dir"]
 CELLS = ltconfig.cells(config)
 REPORT = f"{config['reports_dir']}/{config['name']}.html"
+GRID = f"{R}/grid/{config['name']}.json"  # see grid_file
+PARTIAL = f"{config['reports_dir']}/{config['name']}.partial.html"  # see partial_report
 ENV = f"{workflow.basedir}/envs/ltbench.yaml"
 
 
@@ -83,7 +87,7 @@ def grid_file():
     its inputs is missing, so a cell added to a finished grid (a method, a seed) would otherwise be
     neither trained nor aggregated. A changed grid file makes the aggregate (and so the new cells'
     training) due; an unchanged one keeps its date, so a complete run stays a no-op."""
-    path = f"{R}/grid/{config['name']}.json"
+    path = GRID
     text = json.dumps({"cells": [c.path for c in CELLS], "experiments": config["experiments"],
                        "margin": config.get("margin")}, indent=1, sort_keys=True, default=str) + "\n"
     try:
@@ -134,23 +138,31 @@ _check_resource_cells()
 
 
 def partial_report(snakemake_log=None):
-    """After a failed run: the report of the finished cells (the others marked missing).
+    """After a failed run: the report of the finished cells (the others marked missing), written
+    where no rule's output lives: ``<reports_dir>/<name>.partial.html`` and ``{R}/partial/``.
 
-    Runs the same two commands as the rules, with `aggregate --existing`. The outputs are then dated
-    before the oldest finished metrics.json, so the next run regenerates them (they are not a
-    complete aggregate). Never raises: the run has already failed and says why.
+    Runs the same two commands as the rules, with `aggregate --existing`. No rule's output is
+    written or redated, and the grid file (an input of the aggregate rule, rewritten when the next
+    run builds its DAG) is removed: rerunning the same command then schedules every missing cell,
+    whether none, some or all had finished, and cells whose rerun failed. Never raises: the run has
+    already failed and says why.
     """
     import os
     import subprocess
 
     log = f"{R}/logs/partial_report.log"
+    out = f"{R}/partial"
     os.makedirs(os.path.dirname(log), exist_ok=True)
+    try:
+        os.remove(GRID)
+    except OSError:
+        pass
     cfg = json.dumps(config)
     env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}:{os.environ.get('PYTHONPATH', '')}"}
     cmds = [
-        [sys.executable, "-m", "ltbench", "aggregate", "--existing", "--config-json", cfg, "--out-dir", f"{R}/aggregate"],
-        [sys.executable, "-m", "ltbench", "report", "--aggregate-dir", f"{R}/aggregate", "--figures-dir",
-         f"{R}/figures", "--tables-dir", f"{R}/tables", "--config-json", cfg, "--out", REPORT],
+        [sys.executable, "-m", "ltbench", "aggregate", "--existing", "--config-json", cfg, "--out-dir", f"{out}/aggregate"],
+        [sys.executable, "-m", "ltbench", "report", "--aggregate-dir", f"{out}/aggregate", "--figures-dir",
+         f"{out}/figures", "--tables-dir", f"{out}/tables", "--config-json", cfg, "--out", PARTIAL],
     ]
     try:
         with open(log, "w") as fh:
@@ -159,12 +171,17 @@ def partial_report(snakemake_log=None):
                     print(f"ltbench: could not write the partial report; see {log}", file=sys.stderr)
                     return
         done = [p for p in metrics_files() if os.path.exists(p)]
-        stamp = min(os.path.getmtime(p) for p in done) - 1 if done else 0
-        outputs = [*rules.aggregate.output, REPORT, f"{R}/figures", f"{R}/tables"]
-        for p in outputs:
-            if os.path.exists(p):
-                os.utime(p, (stamp, stamp))
         print(f"ltbench: some jobs failed; partial report of the {len(done)} finished cells of {len(CELLS)}: "
-              f"{REPORT} (missing cells listed there; log: {log})", file=sys.stderr)
+              f"{PARTIAL} (missing cells listed there; log: {log}); run the same command again to finish the grid",
+              file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - the handler must not mask the run's own error
         print(f"ltbench: could not write the partial report: {e}", file=sys.stderr)
+
+
+def remove_partial_report():
+    """After a successful run: the partial report of an earlier failed run is out of date."""
+    import shutil
+
+    if os.path.exists(PARTIAL):
+        os.remove(PARTIAL)
+    shutil.rmtree(f"{R}/partial", ignore_errors=True)
