@@ -80,6 +80,16 @@ COUNTERS = (
 )
 
 
+GPU_COMPILE = "default"  # what train.compile: auto means on CUDA (docs/architecture.md, "Compiled training")
+
+
+def compile_mode(setting: str, device: torch.device) -> str:
+    """``train.compile`` on ``device``: ``auto`` is ``none`` on CPU and :data:`GPU_COMPILE` on CUDA."""
+    if setting == "auto":
+        return GPU_COMPILE if device.type == "cuda" else "none"
+    return setting
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,6 +229,9 @@ class Trainer:
         self.model = build_model(self.spec, self.K, self.dspec.channels).to(device)
         if t["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.compile = compile_mode(t.get("compile", "auto"), device)
+        if self.compile != "none":  # in place: the same module, state_dict keys and CBN layers for split_mode
+            self.model.compile(mode=self.compile)
         self.criterion = losses.make(r["loss"]["name"], self.counts, **r["loss"]["options"]).to(device)
         nopts = r["norm"]["options"]
         self.fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
@@ -550,6 +563,7 @@ class Trainer:
             "environment": {
                 **io.environment(),
                 "cbn_kernel": norm.implementation(self.model, self.device, self.train["channels_last"]),
+                "compile": self.compile,
             },
             "world_size": self.world.size,
             "wall_time_s": time.time() - self.t_start,
