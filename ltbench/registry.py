@@ -7,9 +7,16 @@ message lists the known names, so a typo in a config is caught with a useful err
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, TypeVar
+from typing import Any, Callable, Dict, Iterator, TypeVar
 
 T = TypeVar("T", bound=Callable)
+
+
+def choice(what: str, value: Any, allowed: tuple) -> Any:
+    """``value`` if it is one of ``allowed``, else a ValueError naming ``what`` and the known values."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(map(str, allowed))}")
+    return value
 
 
 class Registry:

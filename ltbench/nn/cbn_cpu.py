@@ -1,5 +1,6 @@
-"""Fused CPU kernels for CBN's per-pixel path (``cbn_cpu.c``), built on first use and called by
-:class:`ltbench.nn.norm.CompoundBatchNorm2d` for contiguous float32 CPU input.
+"""Fused CPU kernels for CBN's per-pixel path (``cbn_cpu.c``), built on first use and called by the
+CPU kernel of CBN's custom operators (:mod:`ltbench.nn.cbn_ops`, used by
+:class:`ltbench.nn.cbn.CompoundBatchNorm2d`) for contiguous float32 CPU input.
 
 The torch implementation of the per-pixel layer moves its activation through about 40 full-size
 passes per training step (every matmul, product and sum reads or writes an (N, C, H, W)-sized

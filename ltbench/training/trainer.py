@@ -80,6 +80,19 @@ COUNTERS = (
 )
 
 
+GPU_COMPILE = "default"  # what train.compile: auto means on CUDA (docs/architecture.md, "Compiled training")
+# graphs one compiled model may need: CBN's first-batch step, compound and split paths, evaluation and
+# diagnostics, each again for a smaller last batch; dynamo's default of 8 would run the rest eagerly
+RECOMPILE_LIMIT = 32
+
+
+def compile_mode(setting: str, device: torch.device) -> str:
+    """``train.compile`` on ``device``: ``auto`` is ``none`` on CPU and :data:`GPU_COMPILE` on CUDA."""
+    if setting == "auto":
+        return GPU_COMPILE if device.type == "cuda" else "none"
+    return setting
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,6 +232,10 @@ class Trainer:
         self.model = build_model(self.spec, self.K, self.dspec.channels).to(device)
         if t["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.compile = compile_mode(t.get("compile", "auto"), device)
+        if self.compile != "none":  # in place: the same module, state_dict keys and CBN layers for split_mode
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            self.model.compile(mode=self.compile)
         self.criterion = losses.make(r["loss"]["name"], self.counts, **r["loss"]["options"]).to(device)
         nopts = r["norm"]["options"]
         self.fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
@@ -411,6 +428,10 @@ class Trainer:
             )
             opt, sched = self.head_opt, self.head_sched
         else:
+            # compiled: one input layout for every view (strides of 1-channel images too), one graph
+            if self.compile != "none":
+                fmt = torch.channels_last if self.train["channels_last"] else torch.contiguous_format
+                xs = [x.clone(memory_format=fmt) for x in xs]
             groups = self.group_of_class[yb] if self.group_of_class is not None else None
             loss, logits = step.step_loss(
                 self.recipe, self.criterion, self.step_forward(dict(zip(self.views, xs)), groups), yb
@@ -550,6 +571,7 @@ class Trainer:
             "environment": {
                 **io.environment(),
                 "cbn_kernel": norm.implementation(self.model, self.device, self.train["channels_last"]),
+                "compile": self.compile,
             },
             "world_size": self.world.size,
             "wall_time_s": time.time() - self.t_start,
