@@ -371,52 +371,6 @@ def test_report_page_summary_first_then_sections(grid):
     )
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    import browser
-
-    binary = browser.find_chromium()
-    if binary is None:
-        pytest.skip(
-            "chromium is not installed (Debian: apt-get install chromium); the report is not checked in a browser"
-        )
-    return binary
-
-
-def test_report_renders_in_headless_chromium(grid, chromium, tmp_path):
-    import browser
-
-    js = (
-        "JSON.stringify({title: document.title, images: document.images.length, "
-        "broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length, "
-        "tables: document.querySelectorAll('table.paper-table').length, "
-        "width: document.documentElement.scrollWidth})"
-    )
-    res = browser.load(grid["out"].as_uri(), evaluate=js, binary=chromium)
-    assert res.errors == []
-    info = json.loads(res.evaluated)
-    assert info["title"] == "ltbench report: paper" and info["images"] == 20 and info["broken"] == 0
-    assert info["tables"] >= 6 + 3  # one paper-layout table per experiment + the claimed-gains grids
-    assert info["width"] <= 1280 + 20  # nothing wider than the window
-    assert res.screenshot[:8] == b"\x89PNG\r\n\x1a\n" and len(res.screenshot) > 100_000
-    (tmp_path / "report.png").write_bytes(res.screenshot)
-
-
-def test_browser_check_catches_console_errors(chromium, tmp_path):
-    """The check above would fail on a broken page: console errors, exceptions and failed loads are seen."""
-    import browser
-
-    page = tmp_path / "bad.html"
-    page.write_text(
-        "<!doctype html><title>x</title><img src='missing.png'>"
-        "<script>console.error('boom'); undefinedFunction();</script>"
-    )
-    errors = browser.load(page.as_uri(), binary=chromium).errors
-    assert any("console.error: boom" in e for e in errors)
-    assert any("undefinedFunction" in e for e in errors)
-    assert any("missing.png" in e for e in errors)
-
-
 # ---------------------------------------------------------------- one source: the report renders the aggregate's files
 
 
