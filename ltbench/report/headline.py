@@ -23,7 +23,8 @@ font-variant-numeric:tabular-nums}
 table.findings th,table.findings td{border-bottom:1px solid #dde1e6;padding:.22rem .45rem;text-align:right;
 vertical-align:top}
 table.findings th{background:#eef1f5;border-bottom:2px solid #c9ced6}
-table.findings td.claim,table.findings th.claim{text-align:left}table.findings td.claim small{color:#666}
+table.findings td{white-space:nowrap}table.findings td.claim small{color:#666}
+table.findings td.claim,table.findings th.claim{text-align:left;white-space:normal}
 table.findings tr.decided td{background:#fbfbfc}
 .label{display:inline-block;padding:0 .4rem;border-radius:3px;font-size:.78rem;font-weight:600;white-space:nowrap}
 .label.v-contradicted,.label.v-below{background:#fde6e4;color:#b3261e;border:1px solid #e8a29c}
@@ -58,7 +59,7 @@ def ours_text(r, minus: str = "−") -> str:
 
 def paper_text(r, minus: str = "−") -> str:
     if pd.isna(r.paper):
-        return "not given"
+        return "–"  # the paper gives no number for this cell
     return fmt_delta(r.paper, minus=minus) if _gain(r) else fmt_paper(r.paper)
 
 
@@ -85,7 +86,8 @@ def _row(r) -> str:
 
 
 HEAD = (
-    "<thead><tr><th class='claim'>claim tested</th><th>paper</th><th>ours [95 % interval]</th><th>verdict</th>"
+    "<thead><tr><th class='claim'>claim tested</th><th title='the value the paper gives; – where none'>paper</th>"
+    "<th>ours [95 % interval]</th><th>verdict</th>"
     "<th title='seeds per side: method / the method it improves on'>seeds</th><th title='Holm-adjusted t-test "
     "of a gain; TOST of a reproduction'>p</th><th class='claim'>section</th></tr></thead>"
 )
