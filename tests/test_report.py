@@ -370,7 +370,7 @@ def test_report_page_summary_first_then_sections(grid):
     assert f"hash {__import__('ltbench').io.config_hash(grid['cfg'])}" in prov
     assert "CBN open detail 8" in h and "recipe.norm.options.responsibilities" in h
     assert (
-        h.count("data:image/png;base64,") == len(list(grid["figures"].rglob("*.png"))) == 20
+        h.count("data:image/png;base64,") == len(list(grid["figures"].rglob("*.png"))) == 20 + 1  # + findings.png
         and 'src="http' not in h
         and "<script" not in h
     )

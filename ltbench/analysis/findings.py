@@ -81,7 +81,7 @@ def _table(v) -> str:
     return str(int(float(v))) if str(v).replace(".", "", 1).isdigit() else str(v)
 
 
-def _gain_rows(gains: pd.DataFrame, papers: Mapping[str, str]) -> list[dict]:
+def _gain_rows(gains: pd.DataFrame, papers: Mapping[str, str | None]) -> list[dict]:
     if gains is None or gains.empty:
         return []
     claims = gains[gains["kind"] == "claim"]
@@ -115,7 +115,7 @@ def _gain_rows(gains: pd.DataFrame, papers: Mapping[str, str]) -> list[dict]:
     return rows
 
 
-def _reproduction_rows(comparison: pd.DataFrame, papers: Mapping[str, str]) -> list[dict]:
+def _reproduction_rows(comparison: pd.DataFrame, papers: Mapping[str, str | None]) -> list[dict]:
     if comparison is None or comparison.empty:
         return []
     rows = []
