@@ -209,6 +209,15 @@ def cmd_aggregate(a) -> int:
     return 0
 
 
+def cmd_findings(a) -> int:
+    from ltbench.analysis import findings  # lazy: pandas
+
+    if not (a.config or a.config_json):
+        raise ConfigError("findings needs the workflow config (--config or --config-json): its experiments")
+    findings.write(Path(a.aggregate_dir), _load_config(a))
+    return 0
+
+
 def cmd_plan(a) -> int:
     from ltbench.tools import plan  # lazy: pandas
 
@@ -337,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(s)
     s.set_defaults(fn=cmd_aggregate)
+
+    s = sub.add_parser(
+        "findings",
+        help="(re)write an aggregate's findings.csv from its comparison.csv and gains.csv (an aggregate written "
+        "before findings.csv existed; `aggregate` writes it itself)",
+    )
+    s.add_argument("--aggregate-dir", required=True)
+    _config_args(s)
+    s.set_defaults(fn=cmd_findings)
 
     s = sub.add_parser("report", help="write the self-contained HTML comparison report")
     s.add_argument("--aggregate-dir", required=True)

@@ -295,8 +295,8 @@ def test_sensitivity_figure_from_a_gains_table(tmp_path):
         ]
     )
     assert figures.failure_notes(cells, {**exp, "name": "s"}) == {
-        ("fashion-mnist ρ=100", "cbn@stats-running"): "failed in 3 of 3 seeds (diverged)",
-        ("fashion-mnist ρ=100", "baseline+cbn"): "failed in 1 of 1 seeds (collapsed)",
+        ("Fashion-MNIST-LT ρ=100", "cbn@stats-running"): "failed in 3 of 3 seeds (diverged)",
+        ("Fashion-MNIST-LT ρ=100", "baseline+cbn"): "failed in 1 of 1 seeds (collapsed)",
     }
     assert figures.failure_notes(cells, {**exp, "name": "other-experiment"}) == {}
     svg = figures.fig_sensitivity(g, "s", exp, tmp_path / "failed.png", cells=cells).with_suffix(".svg").read_text()

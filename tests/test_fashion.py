@@ -261,7 +261,7 @@ def test_fashion_config_reports_its_claims_and_figures(tmp_path):
     assert (gains["n_method"] == 3).all() and (gains["n_over"] == 3).all()
     assert (tmp_path / "figures" / "fashion_table2" / "ablation_vs_baseline.png").is_file()
     assert (tmp_path / "figures" / "fashion_fig5" / "components.png").is_file()
-    assert "fashion-mnist ρ=100" in (tmp_path / "tables" / "fashion_methods.md").read_text()
+    assert "Fashion-MNIST-LT ρ=100" in (tmp_path / "tables" / "fashion_methods.md").read_text()
 
 
 # ---- AutoAugment on 1-channel 28×28 images: 784 pixels take the lookup-table path (> 256 pixels),

@@ -127,3 +127,9 @@ def test_every_offline_readme_and_docs_command_runs_after_the_demo(tmp_path):
         assert p.returncode == 0, f"{where} command failed ({p.returncode}): {cmd}\n{p.stderr[-3000:]}"
     print("skipped commands:\n  " + "\n  ".join(skipped))
     assert (scratch / "report.html").exists() and (scratch / "agg" / "summary.csv").exists()
+
+
+def test_readme_carries_the_committed_fashion_findings():
+    """The README's findings block is the committed report's findings.md (regenerate both together)."""
+    block = (ROOT / "reports" / "fashion" / "tables" / "findings.md").read_text()
+    assert block in (ROOT / "README.md").read_text()

@@ -36,7 +36,7 @@ from ltbench.analysis import compare, gains as gains_mod, power
 from ltbench.analysis.aggregate import KEYS, METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
-from ltbench.report import figures, tables
+from ltbench.report import figures, headline, tables
 from ltbench.spec.config import figure_kinds
 from ltbench.spec.methods import OPEN_DETAILS
 
@@ -75,12 +75,12 @@ padding:0 .25rem;font-weight:500}
 nav.toc{background:#f7f8fa;border:1px solid #e3e6ea;border-radius:6px;padding:.5rem 1rem;font-size:.9rem}
 nav.toc ul{margin:.2rem 0;padding-left:1.2rem}
 details{margin:.4rem 0 1rem}summary{cursor:pointer;color:#1a56b3}
-pre{background:#f7f8fa;border:1px solid #e3e6ea;padding:.6rem;overflow:auto;font-size:.78rem;max-height:28rem}
+pre{background:#f7f8fa;border:1px solid #e3e6ea;padding:.6rem;overflow-y:auto;font-size:.78rem;max-height:28rem;
+white-space:pre-wrap;overflow-wrap:anywhere}
 .skip{color:var(--mut);font-size:.85rem}.status-failed{color:var(--bad);font-weight:600}
 .status-not-run{color:var(--warn);font-weight:600}code{font-size:.85em}
 .desc{max-width:60rem}
 table.summary{font-size:.8rem}table.summary th,table.summary td{padding:.2rem .35rem}
-.scroll{overflow-x:auto;max-width:100%}
 """
 
 
@@ -151,7 +151,7 @@ def load_aggregate(aggregate_dir: Path) -> dict[str, pd.DataFrame]:
     if not (d / "runs.csv").exists():
         raise FileNotFoundError(f"{d / 'runs.csv'} does not exist: run `ltbench aggregate` first")
     out = {}
-    for name in ("runs", "per_class", "summary", "cells", "comparison", "gains", "diagnostics"):
+    for name in ("runs", "per_class", "summary", "cells", "comparison", "gains", "findings", "diagnostics"):
         p = d / f"{name}.csv"
         out[name] = _read(p, REQUIRED.get(name)) if p.exists() or name in REQUIRED else pd.DataFrame()
     check_aggregate(out, d)
@@ -252,8 +252,10 @@ def _counts_tds(counts: Mapping[str, int], order: list[str], prefix: str) -> str
     )
 
 
-def _summary_row(name: str, exp: Mapping, lay: tables.Layout, g: pd.DataFrame, cells: pd.DataFrame) -> str:
-    gc = g["gain_verdict"].value_counts().to_dict() if not g.empty else {}
+def _summary_row(
+    name: str, exp: Mapping, lay: tables.Layout, g: pd.DataFrame, cells: pd.DataFrame, orders: tuple[list, list]
+) -> str:
+    gc = g["verdict"].value_counts().to_dict() if not g.empty else {}
     done = "–"
     if not cells.empty:
         mine = tables.of_experiment(cells, name)
@@ -265,24 +267,30 @@ def _summary_row(name: str, exp: Mapping, lay: tables.Layout, g: pd.DataFrame, c
     return (
         f"<tr><td class='l'><a href='#{_anchor(name)}'>{esc(name)}</a></td><td class='l'>{esc(what)}</td>"
         f"<td class='l'>{esc(', '.join(figure_kinds(exp)) or '–')}</td><td>{done}</td>"
-        f"{_counts_tds(lay.verdict_counts(), VERDICT_ORDER, 'n-')}{_counts_tds(gc, GAIN_ORDER, 'g-')}</tr>"
+        f"{_counts_tds(lay.verdict_counts(), orders[0], 'n-')}{_counts_tds(gc, orders[1], 'g-')}</tr>"
     )
 
 
-def _summary_table(layouts: dict, gains: pd.DataFrame, exps: dict, cells: pd.DataFrame) -> str:
+def _summary_table(layouts: dict, findings: pd.DataFrame, exps: dict, cells: pd.DataFrame) -> str:
+    """Per experiment: its paper table, figure, finished cells and the count of each verdict that occurs in
+    the report (paper numbers: the layouts' verdicts; gains: findings.csv's gain rows)."""
+    g = findings[findings["quantity"] == "gain"] if not findings.empty else pd.DataFrame(columns=["verdict"])
+    seen = {v for lay in layouts.values() for v in lay.verdict_counts()}
+    orders = ([v for v in VERDICT_ORDER if v in seen], [v for v in GAIN_ORDER if v in set(g["verdict"])])
     rows = [
-        _summary_row(name, exp, layouts[name], tables.of_experiment(gains, name), cells) for name, exp in exps.items()
+        _summary_row(name, exp, layouts[name], tables.of_experiment(g, name), cells, orders)
+        for name, exp in exps.items()
     ]
+    groups = [(f"paper numbers ({len(orders[0])} verdicts occur)", orders[0]), ("gains tested", orders[1])]
     head = (
         "<tr><th rowspan='2'>experiment</th><th rowspan='2'>paper table</th><th rowspan='2'>figure</th>"
         "<th rowspan='2'>cells finished</th>"
-        f"<th colspan='{len(VERDICT_ORDER)}'>paper numbers</th><th colspan='{len(GAIN_ORDER)}'>claimed gains"
-        "</th></tr><tr>" + "".join(f"<th>{v}</th>" for v in VERDICT_ORDER + GAIN_ORDER) + "</tr>"
+        + "".join(f"<th colspan='{len(o)}'>{t.split(' (')[0]}</th>" for t, o in groups if o)
+        + "</tr><tr>"
+        + "".join(f"<th>{v}</th>" for v in orders[0] + orders[1])
+        + "</tr>"
     )
-    return (
-        f"<div class='scroll'><table class='plain summary'><thead>{head}</thead><tbody>{''.join(rows)}</tbody>"
-        "</table></div>"
-    )
+    return f"<table class='plain summary'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _summary_sentence(layouts: dict) -> str:
@@ -561,7 +569,7 @@ def _head(name: str, exps: Mapping, cells: pd.DataFrame, runs: pd.DataFrame, cfg
     return [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>ltbench report: {esc(name)}</title><style>{CSS}{tables.TABLE_CSS}</style></head><body>",
+        f"<title>ltbench report: {esc(name)}</title><style>{CSS}{tables.TABLE_CSS}{headline.CSS}</style></head><body>",
         f"<h1>ltbench report: {esc(name)}</h1>",
         f"<p class='sub'>{len(exps)} experiments"
         + (f" reproducing {', '.join(papers)}" if papers else "")
@@ -591,6 +599,7 @@ def _experiment_section(
     claims = tables.of_experiment(data.get("gains"), ename)
     claims = claims[claims["kind"] == "claim"] if not claims.empty else claims
     parts = [f"<h2 id='{_anchor(ename)}'>{esc(lay.title)}</h2>"]
+    parts.append(headline.experiment_line(data.get("findings", pd.DataFrame()), ename, exp))
     if exp.get("description"):
         parts.append(f"<p class='desc'>{esc(exp['description'])}</p>")
     n_cells = (
@@ -612,15 +621,43 @@ def _experiment_section(
     )
     parts.append(_gains_html(claims, exp))
     drawn, skipped = figures.experiment_figures(ename, exp, data, lay, figures_dir)
+    drawn, skipped = _earlier_figures(drawn, skipped, Path(figures_dir) / tables.safe_name(ename), data)
     if drawn:
         parts.append("<h3>Figures</h3>")
-    parts += [_img(path, figures.CAPTIONS[kind]) for kind, path in drawn]
+    parts += [_img(path, figures.CAPTIONS[kind] + note) for kind, path, note in drawn]
     if skipped:
         parts.append(
             "<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped) + ".</p>"
         )
     parts.append(diagnostics_html(data["runs"], exp, data.get("diagnostics"), ename))
     return parts
+
+
+# Figures whose inputs a report regenerated from a committed aggregate may lack: each run's model.pt
+# (bn_norms), per_class.csv (not committed beside the Fashion reports). Such a report shows the figure an
+# earlier report drew from them, and says so.
+def _inputs_absent(kind: str, why: str, data: Mapping[str, pd.DataFrame]) -> str | None:
+    if kind == "bn_norms" and "no model.pt" in why:
+        return "the runs' model.pt files"
+    if kind == "per_class" and data["per_class"].empty and not data["runs"].empty:
+        return "the aggregate's per_class.csv"
+    return None
+
+
+def _earlier_figures(
+    drawn: list, skipped: list, exp_dir: Path, data: Mapping[str, pd.DataFrame]
+) -> tuple[list[tuple[str, Path, str]], list]:
+    """(drawn as (kind, png, caption note), skipped): a figure skipped because its inputs are absent
+    (:func:`_inputs_absent`) whose PNG an earlier report wrote into ``exp_dir`` is shown, with a note."""
+    out, still = [(k, p, "") for k, p in drawn], []
+    for kind, why in skipped:
+        png, inputs = exp_dir / f"{kind}.png", _inputs_absent(kind, why, data)
+        if inputs and png.exists():
+            out.append((kind, png, f" Drawn by an earlier report from {inputs}, absent where this one was generated."))
+        else:
+            still.append((kind, why))
+    order = {k: i for i, (k, _) in enumerate(drawn + skipped)}
+    return sorted(out, key=lambda d: order[d[0]]), still
 
 
 DIAG_TABLE = {
@@ -724,6 +761,23 @@ def _tail(runs: pd.DataFrame, cells: pd.DataFrame, exps: Mapping, cfg: Mapping |
     return parts + ["</body></html>"]
 
 
+REPORT_FIGURES = ["findings"]  # the config's report.figures when it has none (the schema's default)
+
+
+def _findings_section(findings: pd.DataFrame, cfg: Mapping | None, figures_dir: Path, tables_dir: Path) -> list[str]:
+    """The first screen: the findings table (findings.csv), written as Markdown too, and the headline figure."""
+    io.write_text(Path(tables_dir) / "findings.md", headline.to_markdown(findings))
+    parts = ["<h2 id='findings'>Findings</h2>", headline.table_html(findings)]
+    if "findings" in ((cfg or {}).get("report") or {}).get("figures", REPORT_FIGURES):
+        try:
+            parts.append(
+                _img(figures.fig_findings(findings, Path(figures_dir) / "findings.png"), figures.FINDINGS_CAPTION)
+            )
+        except figures.Skip as e:
+            parts.append(f"<p class='skip'>Not drawn: the findings figure ({esc(e)}).</p>")
+    return parts
+
+
 def render(data: Mapping[str, pd.DataFrame], cfg: Mapping | None, figures_dir: Path, tables_dir: Path) -> str:
     """The page from the aggregate tables (:func:`load_aggregate`); every number is read from them."""
     runs, cells = data["runs"], data.get("cells", pd.DataFrame())
@@ -731,13 +785,15 @@ def render(data: Mapping[str, pd.DataFrame], cfg: Mapping | None, figures_dir: P
     claims = gains[gains["kind"] == "claim"] if not gains.empty else gains
     exps = experiments_of(cfg, runs)
     layouts = {n: tables.build(n, e, data["summary"], data.get("comparison"), runs) for n, e in exps.items()}
+    findings = data.get("findings", pd.DataFrame())
     parts = _head((cfg or {}).get("name", "ltbench"), exps, cells, runs, cfg)
-    parts.append("<h2 id='summary'>Summary of verdicts</h2>")
+    parts += _findings_section(findings, cfg, figures_dir, tables_dir)
+    parts.append("<h2 id='summary'>Summary of verdicts per experiment</h2>")
     if exps:
         parts += [
             _summary_sentence(layouts),
             decision_lines(data.get("comparison", pd.DataFrame()), claims),
-            _summary_table(layouts, claims, exps, cells),
+            _summary_table(layouts, findings, exps, cells),
         ]
     parts.append(_toc(exps, cells))
     for ename, exp in exps.items():
@@ -753,6 +809,12 @@ def main(
     tables_dir: str | None = None,
 ) -> None:
     data = load_aggregate(aggregate_dir)
+    d = Path(aggregate_dir)
+    if cfg is not None and (d / "gains.csv").exists() and not (d / "findings.csv").exists():
+        raise ConfigError(
+            f"{d / 'findings.csv'} does not exist (an aggregate written before it did): rerun `ltbench aggregate`, "
+            f"or `ltbench findings --aggregate-dir {d}` with the config"
+        )
     stem = Path(out).with_suffix("")
     figures_d = Path(figures_dir) if figures_dir else stem / "figures"
     tables_d = Path(tables_dir) if tables_dir else stem / "tables"

@@ -33,55 +33,10 @@ from ltbench.analysis import compare, power
 from ltbench.analysis.aggregate import METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.spec.config import figure_kinds
+from ltbench.spec.names import DATASET_NAMES, METHOD_NAMES, dataset_name, method_name  # noqa: F401 (re-exported)
 
 M_KNOB = "recipe.norm.options.num_components"
 NORM_KNOB = "recipe.norm.name"
-DATASET_NAMES = {
-    "cifar10": "CIFAR-10-LT",
-    "cifar100": "CIFAR-100-LT",
-    "digits-lt": "digits-LT",
-    "imagenet-lt": "ImageNet-LT",
-    "places-lt": "Places-LT",
-    "inat2018": "iNaturalist 2018",
-}
-# Display names of the methods the reference files name in lowercase (the papers' spelling).
-METHOD_NAMES = {
-    "mislas": "MiSLAS",
-    "lade": "LADE",
-    "ace": "ACE",
-    "dro-lt": "DRO-LT",
-    "paco": "PaCo",
-    "dive": "DiVE",
-    "ssd": "SSD",
-    "ib+focal": "IB + Focal",
-    "vs": "VS",
-    "tcm": "TCM",
-    "disalign": "DisAlign",
-    "gistnet": "GistNet",
-    "ce": "Cross-entropy",
-    "focal": "Focal",
-    "cb-focal": "CB-Focal",
-    "ldam-drw": "LDAM-DRW",
-    "balanced-softmax": "Balanced Softmax",
-    "la": "Logit adjustment (loss)",
-    "la-posthoc": "Logit adjustment (post hoc)",
-    "crt": "cRT",
-    "tau-norm": "τ-norm",
-    "lws": "LWS",
-    "nbn": "NBN",
-}
-_TOKENS = {
-    "baseline": "Baseline",
-    "cbn": "CBN",
-    "sbn": "SBN",
-    "dpl": "DPL",
-    "dt": "DT",
-    "rw": "RW",
-    "rs": "RS",
-    "bn": "BN",
-    "nbn": "NBN",
-    "ce": "CE",
-}
 VERDICT_MARK = {
     "reproduced": "✓",
     "inconclusive": "?",
@@ -108,20 +63,6 @@ RULE = (
     "that would decide it at 80 % power are given); ↓ below / ↑ above: our 95 % interval excludes the "
     "paper's value; (1 run): a single seed, no interval"
 )
-
-
-def method_name(method: str) -> str:
-    """'baseline+cbn+sbn' -> 'Baseline + CBN + SBN'; known names as in papers; others as given."""
-    if method in METHOD_NAMES:
-        return METHOD_NAMES[method]
-    parts = method.split("+")
-    if all(p in _TOKENS for p in parts):
-        return " + ".join(_TOKENS[p] for p in parts)
-    return method
-
-
-def dataset_name(dataset: str) -> str:
-    return DATASET_NAMES.get(dataset, dataset)
 
 
 def metric_name(metric: str, several: bool) -> str:

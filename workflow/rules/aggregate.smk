@@ -44,6 +44,13 @@ rule aggregate:
             subcategory="Aggregated results",
             labels={"table": "gains"},
         ),
+        findings=report(
+            f"{R}/aggregate/findings.csv",
+            caption="../report/findings.rst",
+            category="Tables",
+            subcategory="Aggregated results",
+            labels={"table": "findings"},
+        ),
     log:
         f"{R}/logs/aggregate.log",
     conda:

@@ -1,0 +1,196 @@
+"""``findings.csv``: one row per claim the report tests, decided verdicts first (the report's first table).
+
+The rows are those of ``gains.csv`` and ``comparison.csv``, reshaped, nothing recomputed:
+
+- every claimed gain (``gains.csv``, ``kind`` = ``claim``), every reading of a sensitivity experiment
+  (``kind`` = ``sensitivity``) and every cell of an ablation grid (``kind`` = ``ablation``) that is not
+  already one of the experiment's claims: ``ours`` is our gain in points with its 95 % Welch interval,
+  ``paper`` the paper's claimed gain (empty where the paper gives no number), the verdict is
+  ``gain_verdict`` judged on the Holm-adjusted p-value (``p_value``);
+- every reproduction test of a paper number (``comparison.csv``, ``kind`` = ``reproduction``), except
+  entries the paper quotes from elsewhere or does not report: ``ours`` is our mean with its 95 %
+  Student-t interval, ``paper`` the paper's value, ``p_value`` the equivalence test's (TOST).
+
+``decided`` marks a verdict the seeds decide (supported, contradicted, no gain, reproduced, below,
+above). Rows are ordered decided first, then undecided (not significant, inconclusive), then the untested
+(untested, single run, missing); within each, experiments in config order and each table's own order.
+``claim`` says the claim in words ("Baseline + CBN over Baseline, Fashion-MNIST-LT ρ=100, ResNet-8").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from ltbench import io
+from ltbench.data.longtail import format_ratio
+from ltbench.spec.names import backbone_name, dataset_name, method_name
+
+COLUMNS = [
+    "experiment",
+    "kind",
+    "id",
+    "claim",
+    "source",
+    "dataset",
+    "ratio",
+    "backbone",
+    "metric",
+    "method",
+    "over",
+    "quantity",
+    "paper",
+    "ours",
+    "ci_low",
+    "ci_high",
+    "n_method",
+    "n_over",
+    "test",
+    "p_value",
+    "verdict",
+    "decided",
+    "seeds_needed",
+]
+DECIDED = ("contradicted", "supported", "no gain", "below", "above", "reproduced")
+UNDECIDED = ("not significant", "inconclusive")
+NOT_TESTS = ("not reported", "quoted")  # comparison.csv rows that test nothing of ours
+KIND_ORDER = ("claim", "reproduction", "sensitivity", "ablation")
+METRIC_WORDS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few"}
+_CELL = ["dataset", "ratio", "backbone", "metric", "method", "over"]
+
+
+def _where(r) -> str:
+    return f"{dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}, {backbone_name(r.backbone)}"
+
+
+def _metric(r) -> str:
+    return "" if r.metric == "top1" else f", {METRIC_WORDS.get(r.metric, r.metric)}"
+
+
+def _source(paper: str | None, table) -> str:
+    if not paper:
+        return ""
+    return f"{paper} Table {table}" if isinstance(table, str) and table else paper
+
+
+def _table(v) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)) or str(v) in ("", "nan", "None"):
+        return ""
+    return str(int(float(v))) if str(v).replace(".", "", 1).isdigit() else str(v)
+
+
+def _gain_rows(gains: pd.DataFrame, papers: Mapping[str, str | None]) -> list[dict]:
+    if gains is None or gains.empty:
+        return []
+    claims = gains[gains["kind"] == "claim"]
+    claimed = {(e, *k) for e, *k in zip(claims["experiment"], *(claims[c] for c in _CELL), strict=True)}
+    rows = []
+    for r in gains.itertuples(index=False):
+        key = (r.experiment, *(getattr(r, c) for c in _CELL))
+        if r.kind == "ablation" and key in claimed:
+            continue  # the same test as the experiment's claim
+        rows.append(
+            {
+                "experiment": r.experiment,
+                "kind": r.kind,
+                "id": r.claim,
+                "claim": f"{method_name(r.method)} over {method_name(r.over)}, {_where(r)}{_metric(r)}",
+                "source": _source(papers.get(r.experiment), _table(r.table)) if r.kind == "claim" else "",
+                **{c: getattr(r, c) for c in _CELL},
+                "quantity": "gain",
+                "paper": r.paper_gain,
+                "ours": r.gain,
+                "ci_low": r.welch_ci_low,
+                "ci_high": r.welch_ci_high,
+                "n_method": r.n_method,
+                "n_over": r.n_over,
+                "test": f"{r.test} (Holm)" if isinstance(r.test, str) and r.test else "",
+                "p_value": r.p_holm,
+                "verdict": r.gain_verdict,
+                "seeds_needed": r.seeds_needed,
+            }
+        )
+    return rows
+
+
+def _reproduction_rows(comparison: pd.DataFrame, papers: Mapping[str, str | None]) -> list[dict]:
+    if comparison is None or comparison.empty:
+        return []
+    rows = []
+    for r in comparison.itertuples(index=False):
+        if r.verdict in NOT_TESTS:
+            continue
+        table = _table(r.table)
+        label = f" row {r.row}" if isinstance(r.row, str) and r.row not in ("", "nan", "None") else ""
+        rows.append(
+            {
+                "experiment": r.experiment,
+                "kind": "reproduction",
+                "id": f"Table {table}{label}" if table else "",
+                "claim": f"{method_name(r.method)}{_metric(r)} as reported, {_where(r)}",
+                "source": _source(papers.get(r.experiment), table),
+                **{c: getattr(r, c, "") for c in _CELL if c != "over"},
+                "over": "",
+                "quantity": "accuracy",
+                "paper": r.paper_value,
+                "ours": r.mean,
+                "ci_low": r.ci_low,
+                "ci_high": r.ci_high,
+                "n_method": r.n,
+                "n_over": None,
+                "test": "TOST" if not pd.isna(r.tost_p) else "",
+                "p_value": r.tost_p,
+                "verdict": r.verdict,
+                "seeds_needed": r.seeds_needed,
+            }
+        )
+    return rows
+
+
+def rank(verdict: str) -> int:
+    """0: decided, 1: undecided (more seeds would decide it), 2: not tested (no runs, one seed, no spread)."""
+    return 0 if verdict in DECIDED else 1 if verdict in UNDECIDED else 2
+
+
+def findings(comparison: pd.DataFrame | None, gains: pd.DataFrame | None, cfg: Mapping | None) -> pd.DataFrame:
+    """The rows of ``findings.csv`` (module docstring) from the aggregate's comparison and gains tables;
+    empty (with its columns) without a config."""
+    if cfg is None:
+        return pd.DataFrame(columns=COLUMNS)
+    exps = list(cfg["experiments"])
+    papers = {n: (e.get("reference") or {}).get("paper") for n, e in cfg["experiments"].items()}
+    df = pd.DataFrame(_gain_rows(gains, papers) + _reproduction_rows(comparison, papers), columns=COLUMNS)
+    if df.empty:
+        return df
+    df["ratio"] = df["ratio"].map(lambda v: format_ratio(float(v)))
+    df["decided"] = df["verdict"].isin(DECIDED)
+    df["seeds_needed"] = pd.array(df["seeds_needed"], dtype="Int64")
+    order = pd.DataFrame(
+        {
+            "rank": df["verdict"].map(rank),
+            "exp": df["experiment"].map(lambda e: exps.index(e) if e in exps else len(exps)),
+            "kind": df["kind"].map(KIND_ORDER.index),
+        }
+    )
+    return df.loc[order.sort_values(["rank", "exp", "kind"], kind="stable").index].reset_index(drop=True)
+
+
+def write(aggregate_dir, cfg: Mapping) -> pd.DataFrame:
+    """``findings.csv`` of an aggregate directory written by an ltbench without it, from the directory's
+    own ``comparison.csv`` and ``gains.csv`` (no run is read again)."""
+    d = Path(aggregate_dir)
+    read = {}
+    for name in ("comparison", "gains"):
+        p = d / f"{name}.csv"
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist: run `ltbench aggregate` with the config first")
+        try:
+            read[name] = pd.read_csv(p, dtype={"ratio": str, "table": str, "row": str})
+        except pd.errors.EmptyDataError:
+            read[name] = pd.DataFrame()
+    out = findings(read["comparison"], read["gains"], cfg)
+    with io.atomic_path(d / "findings.csv") as tmp:
+        out.to_csv(tmp, index=False)
+    return out
