@@ -1,0 +1,337 @@
+"""Group-sequential verdicts: seeds are added only where a verdict is still undecided, at a kept error rate.
+
+An experiment with ``seeds: {initial: 3, max: 10, step: 2}`` (:class:`Design`) looks at its data at
+the planned seed counts n₁ = initial, initial + step, …, max (the last look is always ``max``). Every
+test is a t-test on per-seed values: for a claimed gain the paired differences method − over by seed,
+for a reproduction test our per-seed value − the paper's value. At look k, with the first nₖ seeds,
+t = mean / (sd / √nₖ) on nₖ − 1 degrees of freedom.
+
+Boundaries (Lan–DeMets alpha spending). A one-sided test at level a spends a(t) of it by information
+fraction t = nₖ / max: O'Brien–Fleming type (default) a(t) = 2 − 2Φ(z₁₋ₐ/₂ / √t), Pocock type
+a(t) = a · ln(1 + (e − 1) t). The z-boundaries c₁ … c_K solve P(Z₁ < c₁, …, Zₖ₋₁ < cₖ₋₁, Zₖ ≥ cₖ) =
+a(tₖ) − a(tₖ₋₁) for the canonical joint distribution (corr(Zᵢ, Zⱼ) = √(tᵢ/tⱼ)), by recursive numerical
+integration (:func:`z_boundaries`). With an unknown variance each look rejects when its one-sided
+t-test p-value is below a nominal level (:func:`nominal_levels`): the spent α itself at the first look
+(the t-test is exact there) and, at each later look, the level at which simulated null t-processes
+cross with the look's α increment. The normal-theory level 1 − Φ(cₖ) (the "nominal p-value" approach
+of Jennison & Turnbull, 2000, ch. 3.8) lets ~10 % too much error through at 3 to 10 seeds. At one
+look (initial = max) every rule below is the fixed-design rule of :mod:`compare` and :mod:`gains`.
+
+Decisions:
+
+- a claimed gain (kind ``claim``, ``ablation`` or ``sensitivity``): ``gain`` (the paper's sign) or
+  ``below`` (the opposite sign) when the two-sided difference test crosses its boundary (a/2 spent on
+  each side, a the Holm level below); ``no gain`` when the two one-sided tests (TOST, α spent on each)
+  show |gain| < margin; else ``undecided`` (more seeds come at the next look) and, after the last look,
+  ``undecided at max``.
+- a reproduction test (kind ``reproduction``, one per paper cell): ``reproduced`` (TOST at α spent per
+  side, checked first as in :func:`compare.judge`) or ``not reproduced`` (the two-sided test of
+  Δ = 0 crosses at α).
+
+Holm across an experiment's claims (each kind of an experiment is one family, as in :mod:`gains`), in
+the group-sequential form of Maurer & Bretz (2013, graphical approach with Holm's weights): each of the
+m claims' difference tests starts at level α/m; when some are rejected (at any look so far), the others
+are re-checked at every look they took with boundaries recomputed at α/(m − rejected), until no more
+are rejected. This keeps the family-wise error rate at α.
+
+Stopping for futility: a claim or test stops early only on a decision whose own error rate is spent
+(``no gain`` / ``reproduced`` through the TOST's boundaries). These stops are non-binding: the
+difference boundaries are computed as if no test ever stopped, so stopping can only lower the error
+of a false ``gain``. There is no other futility stop (a conditional-power rule would need a prior on
+the effect); an undecided test runs to ``max``.
+
+Assumptions: per-seed values (paired differences for a gain) independent and approximately normal
+with a common variance across seeds; the paired design needs both methods at the same seeds, which
+the sequential grid guarantees (seeds 0 … n − 1 of every cell).
+
+Looks run in rounds: at round k every undecided test takes look k (its cells then have nₖ seeds),
+so the decisions are a function of the runs alone and a restarted driver reaches the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy import optimize, stats
+
+SPENDING = ("obrien-fleming", "pocock")
+DEFAULT_SPENDING = "obrien-fleming"
+# outcome codes of :func:`decide`
+RUNNING, UPPER, LOWER, EQUIVALENT, AT_MAX, WAITING = 0, 1, 2, 3, 4, 5
+CLAIM_DECISIONS = {UPPER: "gain", LOWER: "below", EQUIVALENT: "no gain", AT_MAX: "undecided at max"}
+REPRO_DECISIONS = {
+    UPPER: "not reproduced",
+    LOWER: "not reproduced",
+    EQUIVALENT: "reproduced",
+    AT_MAX: "undecided at max",
+}
+UNDECIDED = "undecided"
+_GRID = 801  # points of the numerical integration (on the score scale, down to -10 sd)
+
+
+@dataclass(frozen=True)
+class Design:
+    """A sequential seed design (the experiment key ``seeds: {initial, max, step, spending, alpha}``)."""
+
+    initial: int = 3
+    max: int = 10
+    step: int = 2
+    spending: str = DEFAULT_SPENDING
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.initial < 2:
+            raise ValueError(f"seeds.initial must be at least 2 (a t-test needs 2 seeds), got {self.initial}")
+        if self.max < self.initial:
+            raise ValueError(f"seeds.max ({self.max}) must be at least seeds.initial ({self.initial})")
+        if self.step < 1:
+            raise ValueError(f"seeds.step must be at least 1, got {self.step}")
+        if self.spending not in SPENDING:
+            raise ValueError(f"seeds.spending must be one of {', '.join(SPENDING)}, got {self.spending!r}")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"seeds.alpha must be in (0, 0.5), got {self.alpha}")
+
+    @classmethod
+    def of(cls, m: Mapping) -> Design:
+        keys = ("initial", "max", "step", "spending", "alpha")
+        return cls(**{k: m[k] for k in keys if k in m})
+
+    def looks(self) -> list[int]:
+        """The planned seed counts: initial, initial + step, …, and max."""
+        out = list(range(self.initial, self.max, self.step))
+        return [*out, self.max]
+
+    def fractions(self) -> tuple[float, ...]:
+        return tuple(n / self.max for n in self.looks())
+
+
+def spent(t: float, alpha: float, spending: str = DEFAULT_SPENDING) -> float:
+    """Alpha spent by information fraction ``t`` (Lan–DeMets; module docstring), one-sided level ``alpha``."""
+    if t <= 0:
+        return 0.0
+    t = min(t, 1.0)
+    if spending == "pocock":
+        return alpha * math.log(1 + (math.e - 1) * t)
+    return float(2 * stats.norm.sf(stats.norm.isf(alpha / 2) / math.sqrt(t)))
+
+
+def _kernel(u: np.ndarray, s: np.ndarray, var: float) -> np.ndarray:
+    return np.exp(-((s[:, None] - u[None, :]) ** 2) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+
+def _weights(x: np.ndarray) -> np.ndarray:
+    w = np.full(len(x), x[1] - x[0])
+    w[0] = w[-1] = w[0] / 2
+    return w
+
+
+@lru_cache(maxsize=256)
+def z_boundaries(fractions: tuple[float, ...], alpha: float, spending: str = DEFAULT_SPENDING) -> tuple[float, ...]:
+    """One-sided z-boundaries c₁ … c_K of a group-sequential test at level ``alpha`` (module docstring).
+
+    Recursive integration of the score S = Z√t (independent increments): the sub-density of S at
+    look k on the continuation region S < cₖ√tₖ, on a trapezoid grid down to −10. ``inf`` where a look
+    spends nothing."""
+    out: list[float] = []
+    dens = None
+    grid = None
+    prev_t, prev_spent = 0.0, 0.0
+    for t in fractions:
+        inc = spent(t, alpha, spending) - prev_spent
+        if dens is None:
+            c = float(stats.norm.isf(inc)) if inc > 0 else math.inf
+        else:
+            var = t - prev_t
+            w = dens * _weights(grid)
+
+            def cross(c: float, w=w, var=var, t=t, grid=grid, inc=inc) -> float:
+                return float(np.sum(w * stats.norm.sf((c * math.sqrt(t) - grid) / math.sqrt(var)))) - inc
+
+            c = optimize.brentq(cross, -5.0, 40.0, xtol=1e-10) if inc > 1e-15 else math.inf
+        out.append(c)
+        upper = min(c, 12.0) * math.sqrt(t)
+        new_grid = np.linspace(-10.0, upper, _GRID)
+        if dens is None:
+            dens = stats.norm.pdf(new_grid / math.sqrt(t)) / math.sqrt(t)
+        else:
+            dens = _kernel(grid, new_grid, t - prev_t) @ (dens * _weights(grid))
+        grid = new_grid
+        prev_t, prev_spent = t, spent(t, alpha, spending)
+    return tuple(out)
+
+
+_CAL_PATHS = 400_000  # simulated null sequences behind the t-test's nominal levels (fixed seed: deterministic)
+_CAL_SEED = 20261206
+_CAL_MIN = 40  # a look whose spending is fewer paths than this keeps the normal-theory level
+
+
+@lru_cache(maxsize=32)
+def _null_pvalues(looks: tuple[int, ...]) -> np.ndarray:
+    """One-sided (upper) t-test p-values at each look of ``_CAL_PATHS`` standard normal sequences,
+    sorted by nothing (paths × looks, float64). Chunked so that a long design stays in memory."""
+    rng = np.random.default_rng(_CAL_SEED)
+    out = []
+    for start in range(0, _CAL_PATHS, 50_000):
+        x = rng.standard_normal((min(50_000, _CAL_PATHS - start), looks[-1]))
+        cols = []
+        for n in looks:
+            h = x[:, :n]
+            t = h.mean(axis=1) / (h.std(axis=1, ddof=1) / math.sqrt(n))
+            cols.append(stats.t.sf(t, n - 1))
+        out.append(np.stack(cols, axis=1))
+    return np.asfortranarray(np.concatenate(out))  # columns contiguous: each look is read alone
+
+
+@lru_cache(maxsize=512)
+def _calibrated(looks: tuple[int, ...], alpha: float, spending: str) -> tuple[float, ...]:
+    fr = tuple(n / looks[-1] for n in looks)
+    p = _null_pvalues(looks)
+    targets = np.diff([0.0, *(spent(t, alpha, spending) for t in fr)])
+    out, surv = [], np.ones(len(p), dtype=bool)
+    for k, inc in enumerate(targets):
+        count = int(round(inc * len(p)))
+        if k == 0 or count < _CAL_MIN:  # the first look's t-test is exact; tiny spends: normal theory
+            q = float(stats.norm.sf(z_boundaries(fr, alpha, spending)[k])) if k else float(inc)
+        else:
+            left = p[surv, k]
+            if count < len(left):
+                left = np.partition(left, (count - 1, count))
+                q = float((left[count - 1] + left[count]) / 2)
+            else:
+                q = 1.0
+        out.append(q)
+        surv &= p[:, k] >= q
+    return tuple(out)
+
+
+def nominal_levels(looks: list[int] | tuple[int, ...], alpha: float, spending: str = DEFAULT_SPENDING) -> np.ndarray:
+    """The one-sided nominal p-value each look's t-test (nₖ − 1 df) must go below.
+
+    The first look's is the spent α itself (the t-test is exact there). Each later look's is the
+    level at which, among simulated null t-processes (normal seeds, :data:`_CAL_PATHS` of them, a fixed
+    seed) that crossed no earlier boundary, the share crossing at this look is the look's α increment:
+    with 3 to 10 seeds the normal-theory level 1 − Φ(cₖ) of :func:`z_boundaries` (the "nominal
+    p-value" approach) lets about 10 % too much error through, since the early t-statistics are far
+    from normal. A look spending fewer than :data:`_CAL_MIN` paths' worth keeps the normal-theory level."""
+    return np.array(_calibrated(tuple(int(n) for n in looks), float(alpha), spending))
+
+
+def t_boundary(nominal: float, n: int) -> float:
+    """The t-statistic a look with ``n`` seeds must exceed for a one-sided p below ``nominal``."""
+    return float(stats.t.isf(nominal, n - 1)) if nominal > 0 else math.inf
+
+
+# ---------------------------------------------------------------- statistics at the looks
+
+
+def look_stats(x: np.ndarray, looks: list[int], margin: float) -> dict[str, np.ndarray]:
+    """t-statistics of per-seed values ``x`` (…, N; NaN = not run) at each look (last axis K).
+
+    ``t`` = mean/se, ``t_lo`` = (mean + margin)/se, ``t_hi`` = (mean − margin)/se, ``available`` = the
+    look's first n seeds are all there; ``mean``, ``se``. A zero spread gives ±inf (or NaN at 0)."""
+    out: dict[str, list] = {k: [] for k in ("mean", "se", "t", "t_lo", "t_hi", "available")}
+    for n in looks:
+        head = x[..., :n]
+        ok = ~np.isnan(head).any(axis=-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = head.mean(axis=-1)
+            se = head.std(axis=-1, ddof=1) / math.sqrt(n)
+            scale = np.maximum(1.0, np.abs(mean))
+            se = np.where(se <= 1e-9 * scale, 0.0, se)  # rounding-only spread: zero (compare.constant)
+            for key, num in (("t", mean), ("t_lo", mean + margin), ("t_hi", mean - margin)):
+                out[key].append(np.where(se > 0, num / np.where(se > 0, se, 1.0), np.sign(num) * np.inf))
+        out["mean"].append(mean)
+        out["se"].append(se)
+        out["available"].append(ok)
+    return {k: np.stack(v, axis=-1) for k, v in out.items()}
+
+
+def _pvalues(st: Mapping[str, np.ndarray], looks: list[int]) -> dict[str, np.ndarray]:
+    df = np.array(looks, dtype=float) - 1
+    with np.errstate(invalid="ignore"):
+        up = stats.t.sf(st["t"], df)
+        eq = np.maximum(stats.t.sf(st["t_lo"], df), stats.t.cdf(st["t_hi"], df))
+        return {"up": up, "down": stats.t.cdf(st["t"], df), "eq": eq}
+
+
+def _crossed(p: Mapping[str, np.ndarray], nominal: np.ndarray, taken: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(crossed, upward): whether a taken look's difference test crossed the two-sided boundary
+    ``nominal`` (…, K), and whether the first crossing was upward."""
+    up = (p["up"] < nominal) & taken
+    down = (p["down"] < nominal) & taken
+    hit = up | down
+    first = np.argmax(hit, axis=-1)
+    upward = np.take_along_axis(up, first[..., None], axis=-1)[..., 0]
+    return hit.any(axis=-1), upward
+
+
+@dataclass
+class Outcome:
+    """What :func:`decide` returns: per test (…, m) its ``code`` (RUNNING … WAITING), ``looks`` taken
+    (count), the Holm ``level`` of its difference test, and per look (…, m, K) ``taken``."""
+
+    code: np.ndarray
+    looks: np.ndarray
+    level: np.ndarray
+    taken: np.ndarray
+
+
+def _holm(p: Mapping, taken: np.ndarray, rejected: np.ndarray, up: np.ndarray, nominal: Mapping, holm: bool):
+    m = rejected.shape[-1]
+    while True:
+        divisor = (m - rejected.sum(axis=-1, keepdims=True)) if holm else np.ones_like(rejected, dtype=int)
+        divisor = np.maximum(divisor, 1)
+        nom = np.stack([nominal[d] for d in range(1, m + 1)])[divisor - 1]  # (…, m, K) by each row's divisor
+        nom = np.broadcast_to(nom, taken.shape)
+        hit, upward = _crossed(p, nom, taken)
+        new = hit & ~rejected
+        up = np.where(new, upward, up)
+        rejected = rejected | new
+        if not new.any():
+            return rejected, up, divisor
+
+
+def decide(
+    x: np.ndarray,
+    design: Design,
+    margin: float,
+    holm: bool = True,
+    equivalence_first: bool = False,
+) -> Outcome:
+    """The group-sequential decisions of tests with per-seed values ``x`` (…, m, N ≥ max; NaN = not run).
+
+    Axis −2 is one Holm family (``holm=False``: each test on its own at α). Rounds as in the module
+    docstring: a test still running takes look k when its first nₖ values exist, else it is WAITING
+    for seeds. Codes: UPPER / LOWER (the difference test crossed upward / downward), EQUIVALENT (the
+    TOST crossed), AT_MAX (undecided after the last look), WAITING, RUNNING (never returned)."""
+    looks = design.looks()
+    st = look_stats(x[..., : design.max], looks, margin)
+    p = _pvalues(st, looks)
+    m, k_max = x.shape[-2], len(looks)
+    nominal = {d: nominal_levels(looks, design.alpha / d / 2, design.spending) for d in range(1, m + 1)}
+    nominal_eq = nominal_levels(looks, design.alpha, design.spending)
+    shape = x.shape[:-1]
+    code = np.full(shape, RUNNING)
+    taken = np.zeros((*shape, k_max), dtype=bool)
+    rejected, up = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    divisor = np.ones(shape, dtype=int)
+    for k in range(k_max):
+        running = code == RUNNING
+        look = running & st["available"][..., k]
+        code = np.where(running & ~look, WAITING, code)
+        taken[..., k] = look
+        rejected, up, divisor = _holm(p, taken, rejected, up, nominal, holm)
+        equivalent = look & (p["eq"][..., k] < nominal_eq[k])
+        first = equivalent if equivalence_first else ~rejected
+        decided = np.where(equivalent & first, EQUIVALENT, np.where(up, UPPER, LOWER))
+        code = np.where(look & (rejected | equivalent), decided, code)
+        if k == k_max - 1:
+            code = np.where(code == RUNNING, AT_MAX, code)
+    if not equivalence_first:  # Holm's later steps may reject a claim that stopped: the rejection wins
+        code = np.where(rejected, np.where(up, UPPER, LOWER), code)
+    level = design.alpha / divisor if holm else np.full(shape, design.alpha)
+    return Outcome(code=code, looks=taken.sum(axis=-1), level=level, taken=taken)
