@@ -359,8 +359,25 @@ def gains_over(
     and metric (expected sign +), one Holm family; columns :data:`EXPERIMENT_COLUMNS` (``kind`` =
     ``ablation``, or ``sensitivity`` for an experiment with ``figure: sensitivity``: one method per
     reading of an open detail against the baseline)."""
+    claims = over_claims(exp)
+    if not claims:
+        return pd.DataFrame(columns=EXPERIMENT_COLUMNS)
+    g = judge_gains(
+        gains(compare.experiment_runs(runs, exp), claims, None),
+        [1] * sum(len(c["cells"]) for c in claims),
+        margin,
+        alpha,
+    )
+    g.insert(0, "kind", kind)
+    g.insert(0, "experiment", name)
+    return g
+
+
+def over_claims(exp: Mapping) -> list[dict]:
+    """The ablation grid's claims: every other method of the experiment over its first method, on all
+    of its cells (metric top-1, expected sign +)."""
     over = exp["methods"][0]
-    claims = [
+    return [
         {
             "id": f"{m}-over-{over}",
             "table": None,
@@ -376,14 +393,3 @@ def gains_over(
         for m in exp["methods"]
         if m != over
     ]
-    if not claims:
-        return pd.DataFrame(columns=EXPERIMENT_COLUMNS)
-    g = judge_gains(
-        gains(compare.experiment_runs(runs, exp), claims, None),
-        [1] * sum(len(c["cells"]) for c in claims),
-        margin,
-        alpha,
-    )
-    g.insert(0, "kind", kind)
-    g.insert(0, "experiment", name)
-    return g

@@ -56,10 +56,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import pandas as pd
 from scipy import optimize, stats
 
-SPENDING = ("obrien-fleming", "pocock")
-DEFAULT_SPENDING = "obrien-fleming"
+from ltbench.analysis import compare, gains
+from ltbench.data.longtail import format_ratio
+from ltbench.spec import seeds
+from ltbench.spec.seeds import DEFAULT_SPENDING, SPENDING, Design
+
+__all__ = ["SPENDING", "Design", "decide", "nominal_levels", "z_boundaries"]
+
 # outcome codes of :func:`decide`
 RUNNING, UPPER, LOWER, EQUIVALENT, AT_MAX, WAITING = 0, 1, 2, 3, 4, 5
 CLAIM_DECISIONS = {UPPER: "gain", LOWER: "below", EQUIVALENT: "no gain", AT_MAX: "undecided at max"}
@@ -71,42 +77,6 @@ REPRO_DECISIONS = {
 }
 UNDECIDED = "undecided"
 _GRID = 801  # points of the numerical integration (on the score scale, down to -10 sd)
-
-
-@dataclass(frozen=True)
-class Design:
-    """A sequential seed design (the experiment key ``seeds: {initial, max, step, spending, alpha}``)."""
-
-    initial: int = 3
-    max: int = 10
-    step: int = 2
-    spending: str = DEFAULT_SPENDING
-    alpha: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.initial < 2:
-            raise ValueError(f"seeds.initial must be at least 2 (a t-test needs 2 seeds), got {self.initial}")
-        if self.max < self.initial:
-            raise ValueError(f"seeds.max ({self.max}) must be at least seeds.initial ({self.initial})")
-        if self.step < 1:
-            raise ValueError(f"seeds.step must be at least 1, got {self.step}")
-        if self.spending not in SPENDING:
-            raise ValueError(f"seeds.spending must be one of {', '.join(SPENDING)}, got {self.spending!r}")
-        if not 0 < self.alpha < 0.5:
-            raise ValueError(f"seeds.alpha must be in (0, 0.5), got {self.alpha}")
-
-    @classmethod
-    def of(cls, m: Mapping) -> Design:
-        keys = ("initial", "max", "step", "spending", "alpha")
-        return cls(**{k: m[k] for k in keys if k in m})
-
-    def looks(self) -> list[int]:
-        """The planned seed counts: initial, initial + step, …, and max."""
-        out = list(range(self.initial, self.max, self.step))
-        return [*out, self.max]
-
-    def fractions(self) -> tuple[float, ...]:
-        return tuple(n / self.max for n in self.looks())
 
 
 def spent(t: float, alpha: float, spending: str = DEFAULT_SPENDING) -> float:
@@ -333,5 +303,215 @@ def decide(
             code = np.where(code == RUNNING, AT_MAX, code)
     if not equivalence_first:  # Holm's later steps may reject a claim that stopped: the rejection wins
         code = np.where(rejected, np.where(up, UPPER, LOWER), code)
-    level = design.alpha / divisor if holm else np.full(shape, design.alpha)
+    level = np.broadcast_to(design.alpha / divisor, shape).copy() if holm else np.full(shape, design.alpha)
     return Outcome(code=code, looks=taken.sum(axis=-1), level=level, taken=taken)
+
+
+# ---------------------------------------------------------------- the tests of an experiment
+
+LOOK_COLUMNS = [
+    "experiment",
+    "kind",
+    "test",
+    "description",
+    "dataset",
+    "ratio",
+    "backbone",
+    "metric",
+    "method",
+    "over",
+    "paper_value",
+    "expected_sign",
+    "margin",
+    "look",
+    "n",
+    "estimate",
+    "se",
+    "t",
+    "level",
+    "boundary_t",
+    "equiv_t",
+    "equiv_boundary_t",
+    "at_look",
+    "decision",
+    "seeds_used",
+    "next_n",
+]
+
+
+def _values(runs: pd.DataFrame, cell: Mapping, method: str, n_max: int) -> np.ndarray:
+    """Per-seed values (seeds 0 … n_max − 1; NaN = no run) of one method at a cell and metric."""
+    sel = runs[
+        (runs["dataset"] == cell["dataset"])
+        & (runs["ratio"].astype(float) == float(cell["ratio"]))
+        & (runs["method"] == method)
+        & (runs["backbone"] == cell["backbone"])
+        & (runs["metric"] == cell["metric"])
+    ]
+    x = np.full(n_max, np.nan)
+    for s, v in zip(sel["seed"].astype(int), sel["value"].astype(float), strict=True):
+        if 0 <= s < n_max:
+            x[s] = v
+    return x
+
+
+def _claim_tests(runs: pd.DataFrame, exp: Mapping, kind: str, n_max: int) -> list[dict]:
+    claims = gains.experiment_claims(exp) if kind == "claim" else gains.over_claims(exp)
+    out = []
+    for c in claims:
+        metric = c.get("metric", "top1")
+        for cell in c["cells"]:
+            cell = {**cell, "backbone": c["backbone"], "metric": metric}
+            sign = int(c.get("expected_sign", 1))
+            diff = _values(runs, cell, c["method"], n_max) - _values(runs, cell, c["over"], n_max)
+            out.append(
+                {
+                    **{k: cell[k] for k in ("dataset", "ratio", "backbone", "metric")},
+                    "kind": kind,
+                    "test": c["id"],
+                    "description": c.get("description", ""),
+                    "method": c["method"],
+                    "over": c["over"],
+                    "paper_value": math.nan,
+                    "expected_sign": sign,
+                    "x": sign * diff,  # the expected direction is up
+                }
+            )
+    return out
+
+
+def _reproduction_tests(runs: pd.DataFrame, exp: Mapping, n_max: int) -> list[dict]:
+    scope = compare.entries_in_scope(compare.reference_table(exp), exp)
+    out = []
+    for e in scope.to_dict("records"):
+        if e["method"] not in exp["methods"] or pd.isna(e["value"]):
+            continue
+        cell = {k: e[k] for k in ("dataset", "ratio", "backbone", "metric")}
+        out.append(
+            {
+                **cell,
+                "kind": "reproduction",
+                "test": f"table {e.get('table')}" if not pd.isna(e.get("table")) else "reference",
+                "description": f"{e['method']} vs the paper's {e['value']:g}",
+                "method": e["method"],
+                "over": "",
+                "paper_value": float(e["value"]),
+                "expected_sign": 1,
+                "x": _values(runs, cell, e["method"], n_max) - float(e["value"]),
+            }
+        )
+    return out
+
+
+def experiment_tests(runs: pd.DataFrame, exp: Mapping) -> dict[str, list[dict]]:
+    """The experiment's sequential tests by family (``claim``, ``ablation`` / ``sensitivity``,
+    ``reproduction``), each with its per-seed values ``x`` (length ``max``)."""
+    n_max = int(exp["sequential"]["max"])
+    fam: dict[str, list[dict]] = {}
+    if exp.get("reference"):
+        fam["claim"] = _claim_tests(runs, exp, "claim", n_max)
+        fam["reproduction"] = _reproduction_tests(runs, exp, n_max)
+    if exp.get("figure") in ("ablation", "sensitivity") and len(exp["methods"]) > 1:
+        fam[exp["figure"]] = _claim_tests(runs, exp, exp["figure"], n_max)
+    return {k: v for k, v in fam.items() if v}
+
+
+def _look_row(base: Mapping, st: Mapping, i: int, k: int, n: int, bounds: tuple[float, float]) -> dict:
+    sign = base["expected_sign"]
+    t_lo, t_hi = st["t_lo"][0, i, k], st["t_hi"][0, i, k]
+    return {
+        **base,
+        "look": k + 1,
+        "n": n,
+        "estimate": sign * st["mean"][0, i, k],
+        "se": st["se"][0, i, k],
+        "t": sign * st["t"][0, i, k],
+        "boundary_t": bounds[0],
+        "equiv_t": min(t_lo, -t_hi),
+        "equiv_boundary_t": bounds[1],
+    }
+
+
+def _family_rows(name: str, tests: list[dict], design: Design, margin: float) -> list[dict]:
+    """One row per test and look taken (a row with look 0 for a test that took none)."""
+    repro = tests[0]["kind"] == "reproduction"
+    names = REPRO_DECISIONS if repro else CLAIM_DECISIONS
+    x = np.stack([t["x"] for t in tests])[None]
+    out = decide(x, design, margin, holm=not repro, equivalence_first=repro)
+    looks = design.looks()
+    st = look_stats(x, looks, margin)
+    eq_nominal = nominal_levels(looks, design.alpha, design.spending)
+    rows = []
+    for i, t in enumerate(tests):
+        code, level, k_taken = int(out.code[0, i]), float(out.level[0, i]), int(out.looks[0, i])
+        nominal = nominal_levels(looks, level / 2, design.spending)
+        waiting = code == WAITING
+        base = {
+            **{k: v for k, v in t.items() if k != "x"},
+            "experiment": name,
+            "margin": margin,
+            "level": level,
+            "decision": names.get(code, UNDECIDED),
+            "seeds_used": looks[k_taken - 1] if k_taken else 0,
+            "next_n": looks[k_taken] if waiting and k_taken < len(looks) else None,
+        }
+        if not k_taken:
+            rows.append({**base, "look": 0, "n": 0, "at_look": "waiting for seeds"})
+        for k in range(k_taken):
+            bounds = t_boundary(nominal[k], looks[k]), t_boundary(eq_nominal[k], looks[k])
+            last = k == k_taken - 1 and not waiting
+            rows.append(
+                {**_look_row(base, st, i, k, looks[k], bounds), "at_look": base["decision"] if last else "continue"}
+            )
+    return rows
+
+
+def experiment_table(runs: pd.DataFrame, name: str, exp: Mapping, margin: float) -> pd.DataFrame:
+    """The looks of a sequential experiment's tests (columns :data:`LOOK_COLUMNS`); empty for a fixed design.
+
+    ``boundary_t`` is the |t| the difference test had to exceed at that look, at the test's final
+    Holm ``level``; ``equiv_t`` the smaller of the TOST's two t-statistics and ``equiv_boundary_t`` what
+    it had to exceed; ``t`` and ``estimate`` are in the claim's own units (method − over, or ours −
+    paper). ``decision`` is the test's; ``next_n`` the seeds its next look needs while undecided."""
+    if not exp.get("sequential"):
+        return pd.DataFrame(columns=LOOK_COLUMNS)
+    design = Design.of(exp["sequential"])
+    rows = []
+    for tests in experiment_tests(runs, exp).values():
+        rows += _family_rows(name, tests, design, margin)
+    return pd.DataFrame(rows, columns=LOOK_COLUMNS)
+
+
+def table(runs: pd.DataFrame, cfg: Mapping) -> pd.DataFrame:
+    """:func:`experiment_table` over the config's sequential experiments (``sequential.csv``)."""
+    frames = [
+        experiment_table(runs, name, exp, compare.margin_of(exp, cfg))
+        for name, exp in cfg["experiments"].items()
+        if exp.get("sequential")
+    ]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOOK_COLUMNS)
+
+
+def needed_seeds(looks: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{experiment: {cell key: seeds}} that the undecided tests' next looks need (both methods of a claim)."""
+    out: dict[str, dict[str, int]] = {}
+    todo = looks[(looks["decision"] == UNDECIDED) & looks["next_n"].notna()]
+    for r in todo.drop_duplicates(
+        ["experiment", "kind", "test", "dataset", "ratio", "backbone", "metric", "method"]
+    ).to_dict("records"):
+        ratio = format_ratio(float(r["ratio"]))
+        for m in (r["method"], r["over"]):
+            if isinstance(m, str) and m:
+                key = seeds.cell_key(r["dataset"], ratio, m, r["backbone"])
+                cells = out.setdefault(r["experiment"], {})
+                cells[key] = max(cells.get(key, 0), int(r["next_n"]))
+    return out
+
+
+def counts(looks: pd.DataFrame) -> pd.DataFrame:
+    """Decisions per experiment and kind (one test counted once): what the driver prints each round."""
+    last = looks.drop_duplicates(
+        ["experiment", "kind", "test", "dataset", "ratio", "backbone", "metric", "method", "over"], keep="last"
+    )
+    return last.groupby(["experiment", "kind", "decision"]).size().rename("tests").reset_index()
