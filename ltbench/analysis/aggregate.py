@@ -27,6 +27,10 @@ With the workflow config (``--config-json`` / ``--config``) also:
   t-tests, Holm-adjusted p, the "no gain" equivalence test, the paper's gain,
   a verdict and the seeds a non-significant gain needs (:mod:`ltbench.analysis.gains`).
 
+- ``sequential.csv``: for an experiment with a sequential design (``seeds: {initial, max, …}``), one
+  row per test (claimed gain, reproduction) and look: the look's seeds, estimate, t and boundaries,
+  and the test's group-sequential decision (:func:`ltbench.analysis.sequential.experiment_table`).
+
 A partial grid is fine: ``existing=True`` (``--existing``) aggregates the ``metrics.json`` files of the
 config's cells that exist, and the others are listed in ``cells.csv`` as failed or not run.
 
@@ -47,14 +51,14 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare, gains
+from ltbench.analysis import compare, gains, sequential
 from ltbench.data.longtail import format_ratio
 from ltbench.spec.config import cells as config_cells, iter_knobs
 
 KEYS = ["dataset", "ratio", "method", "backbone"]
 METRICS = ["top1", "many", "medium", "few"]
 SCHEMA_VERSION = 1  # of metrics.json; ltbench.training.trainer writes it
-OUTPUTS = ("runs.csv", "per_class.csv", "summary.csv", "cells.csv", "comparison.csv", "gains.csv")
+OUTPUTS = ("runs.csv", "per_class.csv", "summary.csv", "cells.csv", "comparison.csv", "gains.csv", "sequential.csv")
 # metrics.json's `stability` and `diagnostics` entries that become runs.csv columns diag.<key>
 STABILITY_KEYS = ("nonfinite_steps", "grad_norm_mean", "grad_norm_max", "grad_norm_last")
 DIAG_KEYS = ("min_prior", "mean_spread", "confident_share", "top1_running", "top1_batch_stats")
@@ -399,6 +403,7 @@ def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: 
     }
     if cfg is not None:
         out["comparison.csv"], out["gains.csv"] = comparisons(runs, cfg)
+        out["sequential.csv"] = sequential.table(runs, cfg)
     for name, df in out.items():
         write_csv(df, Path(out_dir) / name)
     return out

@@ -37,6 +37,7 @@ from ltbench.analysis.aggregate import KEYS, METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
 from ltbench.report import figures, tables
+from ltbench.report import sequential as sequential_report
 from ltbench.spec.methods import OPEN_DETAILS
 
 VERDICT_ORDER = list(compare.VERDICTS)
@@ -150,7 +151,7 @@ def load_aggregate(aggregate_dir: Path) -> dict[str, pd.DataFrame]:
     if not (d / "runs.csv").exists():
         raise FileNotFoundError(f"{d / 'runs.csv'} does not exist: run `ltbench aggregate` first")
     out = {}
-    for name in ("runs", "per_class", "summary", "cells", "comparison", "gains"):
+    for name in ("runs", "per_class", "summary", "cells", "comparison", "gains", "sequential"):
         p = d / f"{name}.csv"
         out[name] = _read(p, REQUIRED.get(name)) if p.exists() or name in REQUIRED else pd.DataFrame()
     check_aggregate(out, d)
@@ -610,6 +611,7 @@ def _experiment_section(
         f"<pre>{esc(tables.to_latex(lay))}</pre></details>"
     )
     parts.append(_gains_html(claims, exp))
+    parts.append(sequential_report.section_html(tables.of_experiment(data.get("sequential"), ename), exp))
     drawn, skipped = figures.experiment_figures(ename, exp, data, lay, figures_dir)
     if drawn:
         parts.append("<h3>Figures</h3>")

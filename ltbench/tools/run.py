@@ -13,13 +13,20 @@ A killed driver resumes where it stopped: the grid file holds every seed asked f
 only the cells without ``metrics.json`` (a train job cut off resumes from its checkpoint), and the
 decisions are a function of the runs alone, so a rerun reaches the same ones.
 ``--rerun-incomplete`` is added to the Snakemake arguments unless they hold it (jobs cut off by the
-kill).
+kill), and while Snakemake runs the driver notes its pid in ``<name>.snakemake.json`` next to the
+grid file: a driver that finds that note waits for that Snakemake to end and removes the lock it left
+(``snakemake --unlock``), so a driver killed even with SIGKILL resumes with the same command.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -96,16 +103,68 @@ def decide_round(configfile: str, round_no: int) -> int:
     return added
 
 
+def _record(cfg: Mapping) -> Path:
+    """Where the driver notes the Snakemake process it runs (pid, host) while it runs."""
+    return seeds.state_path(cfg).with_suffix(".snakemake.json")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(cfg: Mapping, cmd: list[str]) -> None:
+    """After a killed driver: wait for the Snakemake it started to end, then remove the lock that run
+    left (Snakemake's own ``--unlock``). Nothing to do when the last run ended normally."""
+    path = _record(cfg)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if rec.get("host") != socket.gethostname():
+        print(f"ltbench run: {path} names a Snakemake run on {rec.get('host')}; not unlocking from here", flush=True)
+        return
+    if _alive(int(rec["pid"])):
+        print(f"ltbench run: waiting for the Snakemake run of the stopped driver (pid {rec['pid']}) to end", flush=True)
+        while _alive(int(rec["pid"])):
+            time.sleep(1)
+    print("ltbench run: resuming a stopped run: snakemake --unlock", flush=True)
+    subprocess.call([*cmd, "--unlock"])
+    path.unlink(missing_ok=True)
+
+
+def run_snakemake(cfg: Mapping, cmd: list[str]) -> int:
+    """Snakemake's exit status; SIGTERM / SIGINT to the driver go to Snakemake (which stops its jobs)."""
+    child = subprocess.Popen(cmd)
+    io.write_json(_record(cfg), {"pid": child.pid, "host": socket.gethostname()})
+    forward = lambda sig, frame: child.send_signal(sig)  # noqa: E731
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = child.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    _record(cfg).unlink(missing_ok=True)
+    return rc
+
+
 def main(configfile: str, snakemake_args: Sequence[str], until_decided: bool = False) -> int:
     """Run Snakemake (once, or round by round until decided); the exit status of the last Snakemake run."""
     cfg = config.load(configfile)
     sequential_exps = [n for n, e in cfg["experiments"].items() if e.get("sequential")]
     if until_decided and not sequential_exps:
         print(f"ltbench run: {configfile} has no sequential experiment (seeds: {{initial, max}}); one run", flush=True)
+    cmd = snakemake_command(configfile, snakemake_args)
+    recover(cfg, [c for c in cmd if c != "--rerun-incomplete"])
     round_no = int(seeds.read_state(cfg).get("round", 0))
     while True:
         round_no += 1
-        rc = subprocess.call(snakemake_command(configfile, snakemake_args))
+        rc = run_snakemake(cfg, cmd)
         if rc or not until_decided or not sequential_exps:
             return rc
         if not decide_round(configfile, round_no):

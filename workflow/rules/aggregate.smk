@@ -43,6 +43,7 @@ rule aggregate:
             subcategory="Aggregated results",
             labels={"table": "gains"},
         ),
+        sequential=f"{R}/aggregate/sequential.csv",
     log:
         f"{R}/logs/aggregate.log",
     conda:
