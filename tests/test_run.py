@@ -174,3 +174,27 @@ def test_until_decided_end_to_end_with_a_killed_driver(tmp_path):
         text=True,
     )
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]
+
+
+def test_plan_prices_a_sequential_experiment(tmp_path):
+    from ltbench.tools import plan
+
+    cfg = config.validate(_config(tmp_path, {"initial": 2, "max": 6, "step": 2}))
+    p = plan.plan(cfg)
+    (q,) = p["sequential"]
+    per_run = q["least_hours"] / q["least_runs"]  # every cell costs the same here (one backbone, dataset)
+    assert (q["cells"], q["least_runs"], q["most_runs"], q["now_runs"], q["expected_runs"]) == (3, 6, 18, 6, 18)
+    assert q["most_hours"] == pytest.approx(18 * per_run) and q["expected_basis"] == "max"
+    # after a look: ce-again is decided at 2 seeds; balanced-softmax (and ce under it) undecided
+    rows = [
+        {**dict(dataset="digits-lt", ratio="10", method=m, backbone="resnet8", metric="top1"), "seed": s, "value": v}
+        for m, vals in (("ce", [50.0, 51.0]), ("ce-again", [50.0, 51.0]), ("balanced-softmax", [53.0, 49.0]))
+        for s, v in enumerate(vals)
+    ]
+    agg = tmp_path / "results" / "aggregate"
+    agg.mkdir(parents=True)
+    sequential.table(pd.DataFrame(rows), cfg).to_csv(agg / "sequential.csv", index=False)
+    (q,) = plan.plan(cfg)["sequential"]
+    assert q["expected_basis"] == "3 of 3 cells from sequential.csv"
+    assert 2 + 2 * 2 < q["expected_runs"] < 2 + 2 * 6  # ce-again: 2; the other two between 2 and 6 seeds
+    assert "Sequential seq (seeds 2 to 6, step 2, 3 cells)" in plan.format_text(plan.plan(cfg))

@@ -309,6 +309,7 @@ def decide(
 
 # ---------------------------------------------------------------- the tests of an experiment
 
+TEST_COLUMNS = ["experiment", "kind", "test", "dataset", "ratio", "backbone", "metric", "method", "over"]
 LOOK_COLUMNS = [
     "experiment",
     "kind",
@@ -497,9 +498,7 @@ def needed_seeds(looks: pd.DataFrame) -> dict[str, dict[str, int]]:
     """{experiment: {cell key: seeds}} that the undecided tests' next looks need (both methods of a claim)."""
     out: dict[str, dict[str, int]] = {}
     todo = looks[(looks["decision"] == UNDECIDED) & looks["next_n"].notna()]
-    for r in todo.drop_duplicates(
-        ["experiment", "kind", "test", "dataset", "ratio", "backbone", "metric", "method"]
-    ).to_dict("records"):
+    for r in todo.drop_duplicates(TEST_COLUMNS).to_dict("records"):
         ratio = format_ratio(float(r["ratio"]))
         for m in (r["method"], r["over"]):
             if isinstance(m, str) and m:
@@ -511,7 +510,35 @@ def needed_seeds(looks: pd.DataFrame) -> dict[str, dict[str, int]]:
 
 def counts(looks: pd.DataFrame) -> pd.DataFrame:
     """Decisions per experiment and kind (one test counted once): what the driver prints each round."""
-    last = looks.drop_duplicates(
-        ["experiment", "kind", "test", "dataset", "ratio", "backbone", "metric", "method", "over"], keep="last"
-    )
+    last = looks.drop_duplicates(TEST_COLUMNS, keep="last")
     return last.groupby(["experiment", "kind", "decision"]).size().rename("tests").reset_index()
+
+
+def expected_seeds(estimate: float, sd: float, design: Design, margin: float, level: float, sims: int = 4000) -> float:
+    """Expected seeds of one test whose true value and per-seed spread are ``estimate`` and ``sd`` (a
+    plug-in: the observed ones), by simulating the design with its difference test at ``level``."""
+    if not (sd > 0) or math.isnan(estimate):
+        return float(design.initial)
+    rng = np.random.default_rng(0)
+    plan = Design(design.initial, design.max, design.step, design.spending, min(level, design.alpha))
+    out = decide(rng.normal(estimate, sd, (sims, 1, design.max)), plan, margin, holm=False)
+    return float(np.array(design.looks())[out.looks[:, 0] - 1].mean())
+
+
+def expected_cell_seeds(looks: pd.DataFrame, exp: Mapping, name: str) -> dict[str, float]:
+    """{cell key: expected seeds} of a sequential experiment from its looks so far: a decided test
+    keeps the seeds it used; an undecided one gets :func:`expected_seeds` at its last look's estimate
+    and spread (at least the seeds it has); a cell takes the most of its tests."""
+    design = Design.of(exp["sequential"])
+    own = looks[(looks["experiment"] == name) & (looks["look"] > 0)]
+    out: dict[str, float] = {}
+    for r in own.drop_duplicates(TEST_COLUMNS, keep="last").to_dict("records"):
+        n = float(r["seeds_used"])
+        if r["decision"] == UNDECIDED:
+            sd = float(r["se"]) * math.sqrt(r["n"])
+            n = max(n, expected_seeds(float(r["estimate"]), sd, design, float(r["margin"]), float(r["level"])))
+        for m in (r["method"], r["over"]):
+            if isinstance(m, str) and m:
+                key = seeds.cell_key(r["dataset"], format_ratio(float(r["ratio"])), m, r["backbone"])
+                out[key] = max(out.get(key, 0.0), n)
+    return out
