@@ -198,3 +198,16 @@ def test_plan_prices_a_sequential_experiment(tmp_path):
     assert q["expected_basis"] == "3 of 3 cells from sequential.csv"
     assert 2 + 2 * 2 < q["expected_runs"] < 2 + 2 * 6  # ce-again: 2; the other two between 2 and 6 seeds
     assert "Sequential seq (seeds 2 to 6, step 2, 3 cells)" in plan.format_text(plan.plan(cfg))
+
+
+def test_a_test_whose_runs_failed_is_untested_not_waiting(tmp_path):
+    cfg = config.validate(_config(tmp_path, {"initial": 2, "max": 4, "step": 2}))
+    rows = [  # balanced-softmax has no runs (its cells failed): nothing to add for it
+        {**dict(dataset="digits-lt", ratio="10", method=m, backbone="resnet8", metric="top1"), "seed": s, "value": v}
+        for m in ("ce", "ce-again")
+        for s, v in enumerate([50.0, 52.0])
+    ]
+    looks = sequential.table(pd.DataFrame(rows), cfg)
+    decision = looks.set_index("method")["decision"]
+    assert decision["balanced-softmax"] == "untested" and decision["ce-again"] == "no gain"
+    assert sequential.needed_seeds(looks) == {}

@@ -23,7 +23,7 @@ Decisions:
   ``below`` (the opposite sign) when the two-sided difference test crosses its boundary (a/2 spent on
   each side, a the Holm level below); ``no gain`` when the two one-sided tests (TOST, α spent on each)
   show |gain| < margin; else ``undecided`` (more seeds come at the next look) and, after the last look,
-  ``undecided at max``.
+  ``undecided at max``; ``untested`` when the runs of its next look failed (the grid has those seeds).
 - a reproduction test (kind ``reproduction``, one per paper cell): ``reproduced`` (TOST at α spent per
   side, checked first as in :func:`compare.judge`) or ``not reproduced`` (the two-sided test of
   Δ = 0 crosses at α).
@@ -76,6 +76,7 @@ REPRO_DECISIONS = {
     AT_MAX: "undecided at max",
 }
 UNDECIDED = "undecided"
+UNTESTED = "untested"  # the grid has the seeds of its next look, but their runs failed (cells.csv says why)
 _GRID = 801  # points of the numerical integration (on the score scale, down to -10 sd)
 
 
@@ -480,7 +481,16 @@ def experiment_table(runs: pd.DataFrame, name: str, exp: Mapping, margin: float)
     rows = []
     for tests in experiment_tests(runs, exp).values():
         rows += _family_rows(name, tests, design, margin)
+    for r in rows:  # the grid already has the seeds its next look needs: those runs failed (or are missing)
+        if r["decision"] == UNDECIDED and r["next_n"] is not None and _has_seeds(exp, r, int(r["next_n"])):
+            r["decision"], r["next_n"] = UNTESTED, None
     return pd.DataFrame(rows, columns=LOOK_COLUMNS)
+
+
+def _has_seeds(exp: Mapping, r: Mapping, n: int) -> bool:
+    methods = [m for m in (r["method"], r["over"]) if m]
+    ratio = format_ratio(float(r["ratio"]))
+    return all(len(seeds.cell_seeds(exp, seeds.cell_key(r["dataset"], ratio, m, r["backbone"]))) >= n for m in methods)
 
 
 def table(runs: pd.DataFrame, cfg: Mapping) -> pd.DataFrame:
