@@ -211,3 +211,38 @@ def test_a_test_whose_runs_failed_is_untested_not_waiting(tmp_path):
     decision = looks.set_index("method")["decision"]
     assert decision["balanced-softmax"] == "untested" and decision["ce-again"] == "no gain"
     assert sequential.needed_seeds(looks) == {}
+
+
+def test_reproduction_tests_against_the_paper(tmp_path):
+    """Paper cells: ours − the paper's value per seed; "reproduced" (TOST) is checked first, and a
+    clear difference is "not reproduced", both at the first look when the spread is tiny."""
+    raw = _config(tmp_path, {"initial": 3, "max": 5, "step": 2, "spending": "pocock"})
+    raw["datasets"] = {"cifar10": {}}
+    raw["experiments"] = {
+        "t2": {
+            "datasets": ["cifar10"],
+            "ratios": [100],
+            "methods": ["baseline", "baseline+sbn"],
+            "backbones": ["resnet32"],
+            "seeds": raw["experiments"]["seq"]["seeds"],
+            "reference": {"paper": "cbn2022", "table": 2},
+        }
+    }
+    cfg = config.validate(raw)
+    values = {
+        "baseline": [81.9, 81.85, 81.88],
+        "baseline+sbn": [78.0, 78.2, 77.9],
+    }  # paper: 81.87, 82.03
+    rows = [
+        {**dict(dataset="cifar10", ratio="100", method=m, backbone="resnet32", metric=metric), "seed": s, "value": v}
+        for m, vals in values.items()
+        for metric in ("top1", "many", "medium", "few")
+        for s, v in enumerate(vals)
+    ]
+    looks = sequential.table(pd.DataFrame(rows), cfg)
+    repro = looks[(looks["kind"] == "reproduction") & (looks["metric"] == "top1")].set_index("method")
+    assert repro.loc["baseline", "decision"] == "reproduced" and repro.loc["baseline", "paper_value"] == 81.87
+    assert repro.loc["baseline+sbn", "decision"] == "not reproduced" and repro.loc["baseline+sbn", "n"] == 3
+    assert (repro["estimate"] < 0.1).all() and repro.loc["baseline+sbn", "estimate"] == pytest.approx(
+        78.0333 - 82.03, abs=1e-3
+    )
