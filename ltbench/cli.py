@@ -228,6 +228,12 @@ def cmd_plan(a) -> int:
     return 0
 
 
+def cmd_run(a) -> int:
+    from ltbench.tools import run  # lazy: pandas, scipy
+
+    return run.main(a.configfile, a.snakemake_args, until_decided=a.until_decided)
+
+
 def cmd_report(a) -> int:
     from ltbench.report import page as report  # lazy: matplotlib, seaborn, pandas
 
@@ -376,6 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(fn=cmd_plan)
 
+    s = sub.add_parser(
+        "run",
+        allow_abbrev=False,  # snakemake's --config must not read as --configfile
+        help="run the workflow (snakemake); --until-decided: add seeds where sequential verdicts are undecided, "
+        "round by round (every other argument goes to snakemake)",
+    )
+    s.add_argument("--configfile", required=True, help="workflow config file (YAML), given to snakemake too")
+    s.add_argument(
+        "--until-decided",
+        action="store_true",
+        help="repeat: run snakemake, judge the sequential experiments, extend their cells' seeds; until decided",
+    )
+    s.set_defaults(fn=cmd_run, snakemake_args=[])
+
     s = sub.add_parser("bench", help="training speed: resident-data fast path vs the common DataLoader recipe (JSON)")
     s.add_argument("--method", default="baseline", help="method recipe to benchmark (default: CBN's baseline)")
     s.add_argument("--backbone", default="resnet32")
@@ -420,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     :data:`ltbench.errors.USER_ERRORS`) ends with one line ``ltbench <subcommand>: error: <what>``
     and a non-zero exit; anything else is a bug and keeps its traceback. ``LTBENCH_TRACEBACK=1``
     shows the traceback of bad inputs too."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.cmd == "run":
+        args.snakemake_args = extra  # everything ltbench run does not know goes to snakemake
     try:
         return args.fn(args)
     except Preempted as e:

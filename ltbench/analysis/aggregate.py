@@ -34,6 +34,10 @@ With the workflow config (``--config-json`` / ``--config``) also:
   reproduction test of every experiment), decided verdicts first: the rows of comparison.csv and
   gains.csv reshaped (:mod:`ltbench.analysis.findings`). Without a config: its header only.
 
+- ``sequential.csv``: for an experiment with a sequential design (``seeds: {initial, max, …}``), one
+  row per test (claimed gain, reproduction) and look: the look's seeds, estimate, t and boundaries,
+  and the test's group-sequential decision (:func:`ltbench.analysis.sequential.experiment_table`).
+
 A partial grid is fine: ``existing=True`` (``--existing``) aggregates the ``metrics.json`` files of the
 config's cells that exist, and the others are listed in ``cells.csv`` as failed or not run.
 
@@ -54,7 +58,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare, findings, gains
+from ltbench.analysis import compare, findings, gains, sequential
 from ltbench.data.longtail import format_ratio
 from ltbench.spec.config import cell_spec, figure_kinds, iter_knobs
 from ltbench.spec.config import cells as config_cells
@@ -62,7 +66,17 @@ from ltbench.spec.config import cells as config_cells
 KEYS = ["dataset", "ratio", "method", "backbone"]
 METRICS = ["top1", "many", "medium", "few"]
 SCHEMA_VERSION = 1  # of metrics.json; ltbench.training.trainer writes it
-OUTPUTS = ("runs.csv", "per_class.csv", "summary.csv", "cells.csv", "comparison.csv", "gains.csv", "findings.csv")
+OUTPUTS = (
+    "runs.csv",
+    "per_class.csv",
+    "summary.csv",
+    "cells.csv",
+    "diagnostics.csv",
+    "comparison.csv",
+    "gains.csv",
+    "sequential.csv",
+    "findings.csv",
+)
 # metrics.json's `stability` and `diagnostics` entries that become runs.csv columns diag.<key>
 STABILITY_KEYS = ("nonfinite_steps", "grad_norm_mean", "grad_norm_max", "grad_norm_last")
 DIAG_KEYS = ("min_prior", "mean_spread", "confident_share", "top1_running", "top1_batch_stats")
@@ -434,6 +448,7 @@ def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: 
     }
     if cfg is not None:
         out["comparison.csv"], out["gains.csv"] = comparisons(runs, cfg)
+        out["sequential.csv"] = sequential.table(runs, cfg)
     out["findings.csv"] = findings.findings(out.get("comparison.csv"), out.get("gains.csv"), cfg)
     for name, df in out.items():
         write_csv(df, Path(out_dir) / name)

@@ -359,15 +359,32 @@ def gains_over(
     """The ablation grid: every other method of the experiment against its first method on every cell
     and metric (expected sign +), one Holm family; columns :data:`EXPERIMENT_COLUMNS` (``kind`` =
     ``ablation``, or ``sensitivity`` for an experiment with ``figure: sensitivity``: one method per
-    reading of an open detail against the baseline).
+    reading of an open detail against the baseline). ``pairs``: see :func:`over_claims`."""
+    claims = over_claims(exp, pairs)
+    if not claims:
+        return pd.DataFrame(columns=EXPERIMENT_COLUMNS)
+    g = judge_gains(
+        gains(compare.experiment_runs(runs, exp), claims, None),
+        [1] * sum(len(c["cells"]) for c in claims),
+        margin,
+        alpha,
+    )
+    g.insert(0, "kind", kind)
+    g.insert(0, "experiment", name)
+    return g
+
+
+def over_claims(exp: Mapping, pairs: Iterable[tuple[str | None, str, str, str]] | None = None) -> list[dict]:
+    """The ablation grid's claims: every other method of the experiment over its first method, on all
+    of its cells (metric top-1, expected sign +).
 
     ``pairs`` ((dataset, backbone, method, over) tuples, e.g. :func:`scaling_pairs`; dataset None: all
     of the experiment's) replaces "every method over the first" with the given comparisons; they form
     one Holm family all the same."""
     if pairs is None:
-        over = exp["methods"][0]
-        pairs = [(None, b, m, over) for b in exp["backbones"] for m in exp["methods"] if m != over]
-    claims = [
+        first = exp["methods"][0]
+        pairs = [(None, b, m, first) for b in exp["backbones"] for m in exp["methods"] if m != first]
+    return [
         {
             "id": f"{m}-over-{over}",
             "table": None,
@@ -382,20 +399,9 @@ def gains_over(
         }
         for dataset, b, m, over in pairs
     ]
-    if not claims:
-        return pd.DataFrame(columns=EXPERIMENT_COLUMNS)
-    g = judge_gains(
-        gains(compare.experiment_runs(runs, exp), claims, None),
-        [1] * sum(len(c["cells"]) for c in claims),
-        margin,
-        alpha,
-    )
-    g.insert(0, "kind", kind)
-    g.insert(0, "experiment", name)
-    return g
 
 
-def scaling_pairs(exp: Mapping, epochs: Callable[[str, str, str], int]) -> list[tuple[str, str, str, str]]:
+def scaling_pairs(exp: Mapping, epochs: Callable[[str, str, str], int]) -> list[tuple[str | None, str, str, str]]:
     """The comparisons of a ``figure: scaling`` experiment: on each (dataset, backbone), its methods
     grouped by their number of training epochs (``epochs(dataset, method, backbone)``, from the cell's
     spec); within a group, each method over the group's first method in the experiment's order.
@@ -403,7 +409,7 @@ def scaling_pairs(exp: Mapping, epochs: Callable[[str, str, str], int]) -> list[
     So ``[baseline, baseline+cbn, baseline@x4, cbn@x4]`` compares ``baseline+cbn`` with ``baseline`` at 8
     epochs and ``cbn@x4`` with ``baseline@x4`` at 32, and ``[baseline, baseline+cbn]`` over several
     backbones compares the two at every depth."""
-    pairs = []
+    pairs: list[tuple[str | None, str, str, str]] = []
     for d in exp["datasets"]:
         for b in exp["backbones"]:
             groups: dict[int, list[str]] = {}

@@ -38,6 +38,7 @@ from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
 from ltbench.report import figures, headline, tables
 from ltbench.spec.config import figure_kinds
+from ltbench.report import sequential as sequential_report
 from ltbench.spec.methods import OPEN_DETAILS
 
 VERDICT_ORDER = list(compare.VERDICTS)
@@ -151,7 +152,17 @@ def load_aggregate(aggregate_dir: Path) -> dict[str, pd.DataFrame]:
     if not (d / "runs.csv").exists():
         raise FileNotFoundError(f"{d / 'runs.csv'} does not exist: run `ltbench aggregate` first")
     out = {}
-    for name in ("runs", "per_class", "summary", "cells", "comparison", "gains", "findings", "diagnostics"):
+    for name in (
+        "runs",
+        "per_class",
+        "summary",
+        "cells",
+        "comparison",
+        "gains",
+        "findings",
+        "diagnostics",
+        "sequential",
+    ):
         p = d / f"{name}.csv"
         out[name] = _read(p, REQUIRED.get(name)) if p.exists() or name in REQUIRED else pd.DataFrame()
     check_aggregate(out, d)
@@ -620,6 +631,7 @@ def _experiment_section(
         f"<pre>{esc(tables.to_latex(lay))}</pre></details>"
     )
     parts.append(_gains_html(claims, exp))
+    parts.append(sequential_report.section_html(tables.of_experiment(data.get("sequential"), ename), exp))
     drawn, skipped = figures.experiment_figures(ename, exp, data, lay, figures_dir)
     drawn, skipped = _earlier_figures(drawn, skipped, Path(figures_dir) / tables.safe_name(ename), data)
     if drawn:

@@ -20,7 +20,7 @@ import yaml
 
 from ltbench import data
 from ltbench.errors import ConfigError
-from ltbench.spec import catalog, methods, references, safeyaml
+from ltbench.spec import catalog, methods, references, safeyaml, seeds
 
 
 # JSON schema's "integer" admits 4.0; a count or a seed must be a real int (and never a bool).
@@ -102,8 +102,13 @@ def validate(config: Mapping[str, Any]) -> dict:
     cfg["train"] = {**train_defaults(), **cfg.get("train", {})}
     for name, opts in list(cfg["datasets"].items()):
         cfg["datasets"][name] = {**_defaults(schema()["$defs"]["dataset"]), **opts}
+    state = None
     for ename, exp in cfg["experiments"].items():
         exp.setdefault("seeds", [0, 1, 2])
+        if isinstance(exp["seeds"], Mapping):  # a sequential design: the grid file gives each cell's seeds
+            state = seeds.read_state(cfg) if state is None else state
+            exp["sequential"] = seeds.expand(ename, exp["seeds"], state, str(seeds.state_path(cfg)))
+            exp["seeds"] = list(range(max([exp["sequential"]["initial"], *exp["sequential"]["cells"].values()])))
         exp.setdefault("protocol", "controlled")
         try:  # published: each method runs its `<method>@published` recipe (cells and tables carry that name)
             exp["methods"] = [methods.for_protocol(m, exp["protocol"], cfg.get("methods")) for m in exp["methods"]]
@@ -287,7 +292,8 @@ class Cell:
 
 
 def cells(cfg: Mapping, experiment: str | None = None) -> list[Cell]:
-    """The union of all experiments' cells (each once), sorted; or one experiment's cells."""
+    """The union of all experiments' cells (each once), sorted; or one experiment's cells. A sequential
+    experiment's cell has the seeds the grid file gives it (:func:`ltbench.spec.seeds.cell_seeds`)."""
     out = set()
     for ename, exp in cfg["experiments"].items():
         if experiment is not None and ename != experiment:
@@ -296,8 +302,9 @@ def cells(cfg: Mapping, experiment: str | None = None) -> list[Cell]:
             for r in exp["ratios"]:
                 for m in exp["methods"]:
                     for b in exp["backbones"]:
-                        for s in exp["seeds"]:
-                            out.add(Cell(d, data.format_ratio(r), m, b, int(s)))
+                        ratio = data.format_ratio(r)
+                        for s in seeds.cell_seeds(exp, seeds.cell_key(d, ratio, m, b)):
+                            out.add(Cell(d, ratio, m, b, int(s)))
     return sorted(out)
 
 

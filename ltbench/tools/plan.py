@@ -27,6 +27,9 @@ seeds that would decide them at 80 % power (``seeds_needed``, :mod:`ltbench.anal
 prices those extra runs: per (dataset, ratio, method, backbone), the largest ``seeds_needed`` of its
 rows minus the seeds it has, times that cell's projected hours.
 
+Sequential experiments (``seeds: {initial, max, step}``): the runs and hours of the grid so far, at
+the least, at the most and expected (:func:`sequential_hours`).
+
 Each speed row says which source it used. Not modelled: data loading, the cheaper classifier stage of
 decoupled methods, CBN's EM overhead beyond its passes (put a measured file in for those).
 """
@@ -42,8 +45,10 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ltbench import data
+from ltbench.analysis import sequential
 from ltbench.analysis.power import MAX_SEEDS
 from ltbench.spec import config as ltconfig
+from ltbench.spec import seeds
 from ltbench.spec.catalog import backbone_depth
 from ltbench.spec.methods import passes
 
@@ -257,6 +262,46 @@ def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = (), bench: Mappi
     }
     out = _summary(cfg, per_cell, speeds, files)
     out["extra_seeds"] = extra_seeds(Path(cfg["results_dir"]) / "aggregate", per_cell)
+    out["sequential"] = sequential_hours(cfg, per_cell)
+    return out
+
+
+def _sequential_looks(agg: Path) -> pd.DataFrame | None:
+    f = agg / "sequential.csv"
+    if not f.exists():
+        return None
+    df = pd.read_csv(f)
+    if missing := sorted(set(sequential.LOOK_COLUMNS) - set(df.columns)):
+        raise ValueError(f"{f}: not an `ltbench aggregate` table (lacks {missing})")
+    return df
+
+
+def sequential_hours(cfg: Mapping, per_cell: Mapping[ltconfig.Cell, float | None]) -> list[dict]:
+    """Per sequential experiment: runs and hours now (the grid so far), at the least (``initial`` seeds
+    everywhere), at the most (``max`` everywhere) and expected (:func:`sequential.expected_cell_seeds`
+    from the aggregate's ``sequential.csv``: decided tests keep their seeds, undecided ones are simulated
+    at their observed gain and spread; ``max`` for a cell without looks yet)."""
+    looks = _sequential_looks(Path(cfg["results_dir"]) / "aggregate")
+    hours_of = {seeds.cell_key(c.dataset, c.ratio, c.method, c.backbone): h for c, h in per_cell.items()}
+    out = []
+    for name, exp in cfg["experiments"].items():
+        seq = exp.get("sequential")
+        if not seq:
+            continue
+        keys = sorted({seeds.cell_key(c.dataset, c.ratio, c.method, c.backbone) for c in ltconfig.cells(cfg, name)})
+        expected = sequential.expected_cell_seeds(looks, exp, name) if looks is not None else {}
+        n = {
+            "now": {k: len(seeds.cell_seeds(exp, k)) for k in keys},
+            "least": dict.fromkeys(keys, seq["initial"]),
+            "most": dict.fromkeys(keys, seq["max"]),
+            "expected": {k: expected.get(k, seq["max"]) for k in keys},
+        }
+        row = {"name": name, "cells": len(keys), "initial": seq["initial"], "max": seq["max"], "step": seq["step"]}
+        for what, per in n.items():
+            row[f"{what}_runs"] = sum(per.values())
+            row[f"{what}_hours"] = sum((hours_of.get(k) or 0.0) * v for k, v in per.items())
+        row["expected_basis"] = f"{len(expected)} of {len(keys)} cells from sequential.csv" if expected else "max"
+        out.append(row)
     return out
 
 
@@ -410,6 +455,13 @@ def format_text(p: Mapping, config_path: str | None = None) -> str:
         k = x["beyond_max_seeds"]
         line += f"; {k} verdict{'s' * (k != 1)} would need more than {MAX_SEEDS} seeds" if x["beyond_max_seeds"] else ""
         out.append(line + ".")
+    for q in p.get("sequential") or []:
+        out.append(
+            f"Sequential {q['name']} (seeds {q['initial']} to {q['max']}, step {q['step']}, {q['cells']} cells): "
+            f"now {q['now_runs']} runs ({_h(q['now_hours'])} GPU-h); expected {q['expected_runs']:.0f} runs "
+            f"({_h(q['expected_hours'])} GPU-h; {q['expected_basis']}); at most {q['most_runs']} runs "
+            f"({_h(q['most_hours'])} GPU-h); at least {q['least_runs']} ({_h(q['least_hours'])} GPU-h)."
+        )
     if "default" in p["speed_sources"]:
         out.append(
             "Default estimates are unmeasured: measure with `python -m ltbench bench --backbone B --out b.json` "

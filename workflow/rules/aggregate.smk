@@ -44,6 +44,7 @@ rule aggregate:
             subcategory="Aggregated results",
             labels={"table": "gains"},
         ),
+        sequential=f"{R}/aggregate/sequential.csv",
         findings=report(
             f"{R}/aggregate/findings.csv",
             caption="../report/findings.rst",
