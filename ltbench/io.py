@@ -9,9 +9,10 @@ import platform
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ltbench
 
@@ -67,14 +68,12 @@ def code_version() -> dict:
     root = Path(ltbench.__file__).resolve().parent.parent
     info = {"ltbench": ltbench.__version__, "git_commit": None, "git_dirty": None}
     try:
-        run = lambda *a: subprocess.run(
-            ["git", *a],
-            cwd=root,
-            capture_output=True,
-            text=True,  # noqa: E731
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+
+        def run(*a: str) -> str:
+            return subprocess.run(
+                ["git", *a], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+
         info["git_commit"] = run("rev-parse", "HEAD")
         info["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):

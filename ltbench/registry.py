@@ -7,7 +7,8 @@ message lists the known names, so a typo in a config is caught with a useful err
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T", bound=Callable)
 
@@ -24,7 +25,7 @@ class Registry:
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._items: Dict[str, Callable] = {}
+        self._items: dict[str, Callable] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(fn: T) -> T:

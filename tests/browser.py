@@ -8,6 +8,7 @@ Chromium binary (Debian: ``apt-get install chromium``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -139,20 +140,16 @@ class _Pipe:
         return json.loads(raw)
 
     def close(self):
-        try:
+        with contextlib.suppress(Exception):  # the browser may already be gone; it is killed below if not
             self.send("Browser.close", timeout=10)
-        except Exception:
-            pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         for f in (self.w, self.r):
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
 
 
 def load(

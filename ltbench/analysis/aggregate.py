@@ -41,15 +41,16 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import pandas as pd
 
 from ltbench import io
 from ltbench.analysis import compare, gains
 from ltbench.data.longtail import format_ratio
-from ltbench.spec.config import cells as config_cells, iter_knobs
+from ltbench.spec.config import cells as config_cells
+from ltbench.spec.config import iter_knobs
 
 KEYS = ["dataset", "ratio", "method", "backbone"]
 METRICS = ["top1", "many", "medium", "few"]
@@ -277,7 +278,9 @@ def _key(dataset, ratio, method, backbone, seed) -> tuple:
 def _invalid_row(bad: Mapping, key: tuple | None, experiments: str = "") -> dict:
     key = key or ("", "", "", "", "")
     detail = bad["reason"] if bad.get("run_failure") else f"invalid metrics.json: {bad['reason']}"
-    return dict(zip([*KEYS, "seed"], key), experiments=experiments, status="failed", detail=detail, log=bad["path"])
+    return dict(
+        zip([*KEYS, "seed"], key, strict=True), experiments=experiments, status="failed", detail=detail, log=bad["path"]
+    )
 
 
 def _finished_keys(runs: pd.DataFrame) -> list[tuple]:
@@ -285,7 +288,8 @@ def _finished_keys(runs: pd.DataFrame) -> list[tuple]:
         return []
     return list(
         dict.fromkeys(
-            _key(*k) for k in zip(runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"])
+            _key(*k)
+            for k in zip(runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"], strict=True)
         )
     )
 
@@ -305,7 +309,9 @@ def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = (
         log = Path(cfg["results_dir"]) / TRAIN_LOG.format(path=c.path)
         bad = bad_by_path.get(str(Path(cfg["results_dir"]) / "runs" / c.path / "metrics.json")) or bad_by_key.get(key)
         if key in done:
-            rows.append(dict(zip([*KEYS, "seed"], key), experiments=exps, status="finished", detail="", log=""))
+            rows.append(
+                dict(zip([*KEYS, "seed"], key, strict=True), experiments=exps, status="finished", detail="", log="")
+            )
         elif bad is not None:
             used.add(bad["path"])
             rows.append(_invalid_row(bad, key, exps))
@@ -313,7 +319,7 @@ def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = (
             failed = log.exists()
             rows.append(
                 dict(
-                    zip([*KEYS, "seed"], key),
+                    zip([*KEYS, "seed"], key, strict=True),
                     experiments=exps,
                     status="failed" if failed else "not run",
                     detail=_log_detail(log) if failed else "",
@@ -322,7 +328,8 @@ def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = (
             )
     if cfg is None:
         rows += [
-            dict(zip([*KEYS, "seed"], k), experiments="", status="finished", detail="", log="") for k in sorted(done)
+            dict(zip([*KEYS, "seed"], k, strict=True), experiments="", status="finished", detail="", log="")
+            for k in sorted(done)
         ]
     rows += [
         _invalid_row(b, _key(*(b["cell"][k] for k in (*KEYS, "seed"))) if b["cell"] else None)
@@ -388,7 +395,14 @@ def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: 
             "experiments",
             [
                 " ".join(member.get(k, []))
-                for k in zip(runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"].astype(int))
+                for k in zip(
+                    runs["dataset"],
+                    runs["ratio"],
+                    runs["method"],
+                    runs["backbone"],
+                    runs["seed"].astype(int),
+                    strict=True,
+                )
             ],
         )
     out = {

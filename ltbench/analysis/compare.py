@@ -32,7 +32,7 @@ any other.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -230,7 +230,7 @@ def decision_line(
     if und.empty:
         return text
     have = und[list(n_cols)].min(axis=1)
-    extra = sorted(int(s - h) for s, h in zip(und["seeds_needed"], have) if not pd.isna(s))
+    extra = sorted(int(s - h) for s, h in zip(und["seeds_needed"], have, strict=True) if not pd.isna(s))
     beyond = len(und) - len(extra)
     parts = []
     if extra:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -117,7 +117,7 @@ def _tests(a: pd.Series, b: pd.Series, names: tuple[str, str]) -> dict:
     """Welch and paired t-tests of two methods' per-seed values, and why one is missing."""
     why = [
         f"no runs of {n!r}" if len(v) == 0 else f"only {len(v)} run of {n!r}: t-tests need n >= 2"
-        for n, v in zip(names, (a, b))
+        for n, v in zip(names, (a, b), strict=True)
         if len(v) < 2
     ]
     out = dict(
@@ -264,7 +264,10 @@ def judge_gains(
     adjusted = power.holm(p)
     family = sum(not pd.isna(x) for x in p)
     judged = pd.DataFrame(
-        [_judge_row(r, s, ph, margin, alpha, family) for r, s, ph in zip(g.itertuples(index=False), signs, adjusted)],
+        [
+            _judge_row(r, s, ph, margin, alpha, family)
+            for r, s, ph in zip(g.itertuples(index=False), signs, adjusted, strict=True)
+        ],
         columns=JUDGED_COLUMNS,
         index=g.index,
     )

@@ -8,9 +8,9 @@ padding, and functions that fetch and load the balanced originals. ``prepare`` w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -40,9 +40,9 @@ class DatasetSpec:
     # load(data_dir, options) -> Arrays; options are the dataset's config entry
     load: Callable[[Path, dict], Arrays] = field(default=None, repr=False)
     # fetch(data_dir, options) -> None; None for embedded data
-    fetch: Optional[Callable[[Path, dict], None]] = field(default=None, repr=False)
-    url: Optional[str] = None
-    md5: Optional[str] = None
+    fetch: Callable[[Path, dict], None] | None = field(default=None, repr=False)
+    url: str | None = None
+    md5: str | None = None
     needs_download: bool = False
 
 
@@ -124,22 +124,25 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
         "test_total": int(len(test_y)),
         "val_total": int(len(val)),
     }
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                train_x=train_x[idx],
-                train_y=train_y[idx].astype(np.int64),
-                test_x=test_x,
-                test_y=test_y.astype(np.int64),
-                counts=np.asarray(counts),
-                subset_indices=idx,
-                val_x=train_x[val],
-                val_y=train_y[val].astype(np.int64),
-                val_indices=val,
-            )
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            train_x=train_x[idx],
+            train_y=train_y[idx].astype(np.int64),
+            test_x=test_x,
+            test_y=test_y.astype(np.int64),
+            counts=np.asarray(counts),
+            subset_indices=idx,
+            val_x=train_x[val],
+            val_y=train_y[val].astype(np.int64),
+            val_indices=val,
+        )
     return info
 
 
-from ltbench.data import cifar, digits, imagelists  # noqa: E402,F401  (register the datasets)
-from ltbench.data import fashion  # noqa: E402,F401  (registers fashion-mnist)
+from ltbench.data import (  # noqa: E402,F401  (register the datasets)
+    cifar,
+    digits,
+    fashion,  # noqa: E402,F401  (registers fashion-mnist)
+    imagelists,
+)

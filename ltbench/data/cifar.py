@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 
 try:  # NumPy >= 2 moved the reconstruct functions to numpy._core
-    from numpy._core import multiarray as _multiarray, numeric as _numeric
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
 except ImportError:  # pragma: no cover - NumPy 1.x
-    from numpy.core import multiarray as _multiarray, numeric as _numeric
+    from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
 
 from ltbench.data import DatasetSpec, register
 from ltbench.data.download import DownloadError, fetch, md5sum, safe_extract

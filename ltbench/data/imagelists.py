@@ -28,10 +28,11 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class ImageListSpec(DatasetSpec):
     image_lists: bool = True
     train_size: int = 0
     test_size: int = 0
-    val_size: Optional[int] = None
+    val_size: int | None = None
     ratio: float = 1.0
     color_jitter: bool = False  # ColorJitter(0.4, 0.4, 0.4, 0) in the training views by default
     list_files: tuple[str, ...] = ()  # the usual file names, for error messages and docs

@@ -7,7 +7,7 @@ RNG seeded once (the *subset* seed, kept separate from the training seed).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

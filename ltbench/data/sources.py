@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,6 @@ import torch.utils.data
 
 from ltbench.data import augment, imagelists
 from ltbench.data.imagelists import MANIFEST_SUFFIX
-
 
 DEFAULT_STRONG_VIEW = {"policy": "torchvision", "cutout": False}  # recipe.strong_view
 
@@ -303,7 +302,7 @@ class ImageListSource:
             batches.append([("train", k, seed, i + j, kinds) for j, k in enumerate(chunk)])
         for b, xs in enumerate(self._run(batches)):
             out = []
-            for v, x in zip(views, xs):
+            for v, x in zip(views, xs, strict=True):
                 if v == "strong":
                     x = augment.strong_view(
                         x, gen, self.strong_view["policy"], self.strong_view["cutout"], table=self.policy

@@ -23,7 +23,8 @@ Registered losses: ``ce``, ``focal``, ``ldam``, ``balanced_softmax``, ``logit_ad
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -26,7 +26,7 @@ Classes without training images are never drawn.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -31,17 +31,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from ltbench import io  # noqa: E402
 from ltbench.analysis import compare  # noqa: E402
@@ -102,7 +102,10 @@ def _cell_label(d: str, r, backbone: str | None = None) -> str:
 def _panel_col(df: pd.DataFrame, exp: Mapping) -> pd.Series:
     several = len(exp["backbones"]) > 1
     return pd.Series(
-        [_cell_label(d, r, b if several else None) for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"])],
+        [
+            _cell_label(d, r, b if several else None)
+            for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"], strict=True)
+        ],
         index=df.index,
     )
 
@@ -133,7 +136,7 @@ def _method_order(exp: Mapping, present) -> list[str]:
 
 def _palette(methods: list[str]) -> dict[str, tuple]:
     colors = sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))
-    return dict(zip(methods, colors))
+    return dict(zip(methods, colors, strict=True))
 
 
 # ---------------------------------------------------------------- generic figures
@@ -152,7 +155,7 @@ def _grid(n_panels: int, width: float, height: float, ncols: int = 3):
 def _legend_below(fig, axes, title: str | None = None, ncol: int = 4):
     handles, labels = [], []
     for ax in axes:
-        for h, lb in zip(*ax.get_legend_handles_labels()):
+        for h, lb in zip(*ax.get_legend_handles_labels(), strict=True):
             if lb not in labels:
                 handles.append(h)
                 labels.append(lb)
@@ -202,7 +205,7 @@ def fig_groups(summary: pd.DataFrame, name: str, exp: Mapping, path: Path) -> Pa
     stats = s.set_index(["panel", "method", "metric"])
     fig, axes = _grid(len(panels), 4.4 if len(order) < 8 else 5.6, 3.0)
     width = 0.8 / len(order)
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         for k, m in enumerate(order):
             pts = [
                 (i - 0.4 + width * (k + 0.5), stats.loc[(panel, m, metric)])
@@ -240,7 +243,7 @@ def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     pal = _palette(order)
     panels = _panel_order(exp, s["panel"])
     fig, axes = _grid(len(panels), 4.4, 3.1)
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         for m in order:
             g = d[(d["panel"] == panel) & (d["method"] == m)].sort_values(["train_count", "class"])
             if len(g):
@@ -296,7 +299,10 @@ def _components_of(runs: pd.DataFrame, exp: Mapping) -> pd.Series:
 
 def _series(df: pd.DataFrame, exp: Mapping) -> list[str]:
     several_b = len(exp["backbones"]) > 1
-    return [_cell_label(d, r, b if several_b else None) for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"])]
+    return [
+        _cell_label(d, r, b if several_b else None)
+        for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"], strict=True)
+    ]
 
 
 def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path) -> Path:
@@ -310,9 +316,9 @@ def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Ma
     for df in (s, dots):
         df["x"], df["series"] = df["method"].map(m_of), _series(df, exp)
     series = _panel_order(exp, s["series"])
-    colors = dict(zip(series, sns.color_palette("tab10", len(series))))
+    colors = dict(zip(series, sns.color_palette("tab10", len(series)), strict=True))
     fig, axes = plt.subplots(1, 4, figsize=(13.5, 3.3), sharex=True)
-    for ax, metric in zip(axes, METRICS):
+    for ax, metric in zip(axes, METRICS, strict=True):
         for k, sname in enumerate(series):
             sel, dsel = (
                 s[(s["metric"] == metric) & (s["series"] == sname)],
@@ -329,7 +335,7 @@ def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Ma
     fig.legend(
         handles, labels, loc="lower center", ncol=min(4, len(series)), bbox_to_anchor=(0.5, -0.12), frameon=False
     )
-    methods = ", ".join(f"M={m}: {meth}" for m, meth in sorted(set(zip(s["x"], s["method"]))))
+    methods = ", ".join(f"M={m}: {meth}" for m, meth in sorted(set(zip(s["x"], s["method"], strict=True))))
     fig.suptitle("Accuracy vs number of CBN components M (mean ± std over seeds; dots: seeds)", y=1.02)
     fig.text(0.5, -0.2, methods, ha="center", fontsize=8, color="#555", wrap=True)
     return save(fig, path)
@@ -349,12 +355,12 @@ def fig_backbones(
     pos = {b: i for i, b in enumerate(backbones)}
     for df in (s, dots):
         df["x"] = df["backbone"].map(pos).astype(float)
-        df["panel"] = [_cell_label(d, r) for d, r in zip(df["dataset"], df["ratio"])]
+        df["panel"] = [_cell_label(d, r) for d, r in zip(df["dataset"], df["ratio"], strict=True)]
     panels = _panel_order({**exp, "backbones": exp["backbones"][:1]}, s["panel"])
     order = _method_order(exp, s["method"])
     pal = _palette(order)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         for k, m in enumerate(order):
             sel = s[(s["panel"] == panel) & (s["method"] == m)]
             if len(sel):
@@ -423,8 +429,10 @@ def fig_ablation_baseline(gains: pd.DataFrame, name: str, exp: Mapping, path: Pa
         raise Skip(f"no method has finished runs next to {over!r}")
     several_b = len(exp["backbones"]) > 1
     g = g.assign(
-        row=[method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"])],
-        col=[_cell_label(d, float(r)) for d, r in zip(g["dataset"], g["ratio"])],
+        row=[
+            method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"], strict=True)
+        ],
+        col=[_cell_label(d, float(r)) for d, r in zip(g["dataset"], g["ratio"], strict=True)],
         a=[_gain_mark(r) for r in g.itertuples(index=False)],
     )
     rows, cols = list(dict.fromkeys(g["row"])), list(dict.fromkeys(g["col"]))
@@ -524,7 +532,7 @@ def fig_sensitivity(
         1, len(panels), figsize=(5.2 * len(panels), 0.42 * len(order) + 1.6), squeeze=False, sharey=True
     )
     notes = failure_notes(cells, {**exp, "name": name})
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         sub = g[g["panel"] == panel].set_index("method").reindex(order)
         for y, (m, r) in enumerate(sub.iterrows()):
             note = notes.get((panel, m))
@@ -656,7 +664,8 @@ def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
         raise Skip("no model.pt next to the runs' metrics.json")
     several_b = len(exp["backbones"]) > 1
     d["panel"] = [
-        _cell_label(a, b, c if several_b else None) for a, b, c in zip(d["dataset"], d["ratio"], d["backbone"])
+        _cell_label(a, b, c if several_b else None)
+        for a, b, c in zip(d["dataset"], d["ratio"], d["backbone"], strict=True)
     ]
     kinds = d.groupby("method")["kind"].agg(lambda k: "/".join(sorted(set(k))))
     order = _method_order(exp, d["method"])
@@ -666,7 +675,7 @@ def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     panels = _panel_order(exp, d["panel"])
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.1 * len(panels) + 0.4), squeeze=False)
     layers = list(dict.fromkeys(d["layer"]))
-    pal = dict(zip(hue_order, _palette(order).values()))
+    pal = dict(zip(hue_order, _palette(order).values(), strict=True))
     for i, panel in enumerate(panels):
         for j, (what, label) in enumerate(
             (("abs_w", "|effective weight| per channel"), ("abs_b", "|effective bias| per channel"))

@@ -26,13 +26,15 @@ import base64
 import html
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare, gains as gains_mod, power
+from ltbench.analysis import compare, power
+from ltbench.analysis import gains as gains_mod
 from ltbench.analysis.aggregate import KEYS, METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
@@ -132,6 +134,7 @@ def check_aggregate(data: Mapping[str, pd.DataFrame], d: Path) -> None:
             runs["backbone"],
             runs["metric"],
             runs["seed"].astype(int),
+            strict=True,
         )
     )
     for r in summary.itertuples(index=False):
@@ -200,7 +203,9 @@ def _plain_table(df: pd.DataFrame, left: tuple[str, ...] = ()) -> str:
     for row in df.itertuples(index=False):
         body.append(
             "<tr>"
-            + "".join(f"<td class='{'l' if c in left else ''}'>{esc(v)}</td>" for c, v in zip(df.columns, row))
+            + "".join(
+                f"<td class='{'l' if c in left else ''}'>{esc(v)}</td>" for c, v in zip(df.columns, row, strict=True)
+            )
             + "</tr>"
         )
     return f"<table class='plain'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -364,10 +369,12 @@ def _gains_html(g: pd.DataFrame, exp: Mapping) -> str:
     if g.empty:
         return ""
     several_b = len(exp["backbones"]) > 1
-    col_of = lambda r: (
-        f"{tables.dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}"  # noqa: E731
-        + (f" · {r.backbone}" if several_b else "")
-    )
+
+    def col_of(r: Any) -> str:
+        return f"{tables.dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}" + (
+            f" · {r.backbone}" if several_b else ""
+        )
+
     order = [
         f"{tables.dataset_name(d)} ρ={format_ratio(r)}" + (f" · {b}" if several_b else "")
         for d in exp["datasets"]
@@ -493,7 +500,9 @@ def experiment_choices(exps: Mapping) -> pd.DataFrame:
             rows.append(
                 {
                     "setting": f"experiments.{name}",
-                    "what the papers leave open": "CBN open detail 8: the M values and the imbalance ratio of Figure 5.",
+                    "what the papers leave open": (
+                        "CBN open detail 8: the M values and the imbalance ratio of Figure 5."
+                    ),
                     "value used (methods)": f"{cells}; methods {', '.join(exp['methods'])}",
                 }
             )
@@ -501,7 +510,9 @@ def experiment_choices(exps: Mapping) -> pd.DataFrame:
             rows.append(
                 {
                     "setting": f"experiments.{name}",
-                    "what the papers leave open": "CBN open detail 8: the dataset of Figure 6 (and what 'BN' and 'CBN' are).",
+                    "what the papers leave open": (
+                        "CBN open detail 8: the dataset of Figure 6 (and what 'BN' and 'CBN' are)."
+                    ),
                     "value used (methods)": f"{cells}; {' vs '.join(exp['methods'])}; {', '.join(exp['backbones'])}",
                 }
             )
@@ -528,7 +539,7 @@ def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
             r[env_cols]
             .fillna("")
             .astype(str)
-            .agg(lambda row: ", ".join(f"{c[4:]} {v}" for c, v in zip(env_cols, row) if v), axis=1)
+            .agg(lambda row: ", ".join(f"{c[4:]} {v}" for c, v in zip(env_cols, row, strict=True) if v), axis=1)
             .value_counts()
         )
         meta["environment"] = "; ".join(f"{e} ({n} runs)" for e, n in envs.items())
@@ -539,7 +550,10 @@ def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
                 + ", ".join(sorted(set(r.get("env.host", pd.Series(dtype=str)).dropna().astype(str))))
             )
         gpu = r.get("env.gpu", pd.Series(index=r.index, dtype=object))
-        dev = [f"{d}{' (' + str(g) + ')' if isinstance(g, str) and g else ''}" for d, g in zip(r["device"], gpu)]
+        dev = [
+            f"{d}{' (' + str(g) + ')' if isinstance(g, str) and g else ''}"
+            for d, g in zip(r["device"], gpu, strict=True)
+        ]
         meta["devices"] = "; ".join(f"{d}: {n} runs" for d, n in pd.Series(dev).value_counts().items())
         cuda = r["device"].astype(str).str.startswith("cuda")
         gpu_h, cpu_h = r.loc[cuda, "wall_time_s"].sum() / 3600, r.loc[~cuda, "wall_time_s"].sum() / 3600
@@ -653,7 +667,7 @@ def diagnostics_html(runs: pd.DataFrame, exp: Mapping) -> str:
     cols = [c for c in DIAG_TABLE if c in r.columns]
     t = pd.DataFrame(
         {
-            "cell": [f"{d} ρ={ra} {b}" for d, ra, b in zip(r["dataset"], r["ratio"], r["backbone"])],
+            "cell": [f"{d} ρ={ra} {b}" for d, ra, b in zip(r["dataset"], r["ratio"], r["backbone"], strict=True)],
             "method": r["method"],
             "seed": r["seed"].astype(int),
             **{DIAG_TABLE[c]: [_fmt_diag(v) for v in r[c]] for c in cols},

@@ -22,9 +22,9 @@ from __future__ import annotations
 import html
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import pandas as pd
 
@@ -274,7 +274,7 @@ def _layout_rows(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) ->
     rows: list[Row] = []
     seen: set[tuple[str, str]] = set()
     if not scope.empty:
-        for method, backbone in dict.fromkeys(zip(scope["method"], scope["backbone"])):
+        for method, backbone in dict.fromkeys(zip(scope["method"], scope["backbone"], strict=True)):
             sub = scope[(scope["method"] == method) & (scope["backbone"] == backbone)]
             labels = [lb for lb in sub["row"] if _label(lb)]
             rows.append(
@@ -289,7 +289,7 @@ def _layout_rows(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) ->
             seen.add((method, backbone))
     elif ref is not None:  # reference-free: the experiment's methods in the paper table's order
         order = {m: i for i, m in enumerate(dict.fromkeys(ref["method"]))}
-        labels = {m: lb for m, lb in zip(ref["method"], ref["row"]) if _label(lb)}
+        labels = {m: lb for m, lb in zip(ref["method"], ref["row"], strict=True) if _label(lb)}
         for m in sorted(exp["methods"], key=lambda m: (order.get(m, len(order)), exp["methods"].index(m))):
             for b in exp["backbones"]:
                 rows.append(Row(m, b, labels.get(m), True, False))
@@ -396,7 +396,7 @@ def _header_levels(lay: Layout) -> list[list[tuple[str, int]]]:
     several = len(lay.metrics) > 1
     per_pair = len(lay.metrics)
     ds_level: list[tuple[str, int]] = []
-    for d, r in lay.pairs:
+    for d, _r in lay.pairs:
         if ds_level and ds_level[-1][0] == dataset_name(d):
             ds_level[-1] = (ds_level[-1][0], ds_level[-1][1] + per_pair)
         else:
@@ -727,7 +727,8 @@ tr.quoted-row th.method{color:#666;font-weight:500}
 .v-reproduced{background:#e3f4e6}.v-reproduced .verdict{color:#1e7b34}
 .v-below{background:#fde6e4}.v-below .verdict{color:#b3261e}
 .v-above{background:#e4eefc}.v-above .verdict{color:#1a56b3}
-.v-inconclusive{background:#fff4d6}.v-inconclusive .verdict{color:#8a6d00}.paper-table .need{font-size:.7rem;color:#8a6d00}
+.v-inconclusive{background:#fff4d6}.v-inconclusive .verdict{color:#8a6d00}
+.paper-table .need{font-size:.7rem;color:#8a6d00}
 .v-single-run{background:#f3f0fa}.v-single-run .verdict{color:#5b4a8a}
 .v-missing{background:repeating-linear-gradient(45deg,#f6f6f6,#f6f6f6 6px,#ececec 6px,#ececec 12px);color:#888}
 .v-missing .verdict,.paper-table .missing{color:#8a6d00;font-weight:600}

@@ -26,7 +26,8 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ from ltbench.data import augment, sources
 from ltbench.nn import cbn_cpu, losses, norm
 from ltbench.spec import config, methods
 from ltbench.tools import plan
-from ltbench.training import evaluation, step, trainer as train
+from ltbench.training import evaluation, step
+from ltbench.training import trainer as train
 
 #: The benchmark's images are CIFAR-shaped and normalized with CIFAR-10's statistics.
 CIFAR = data.get("cifar10")
@@ -275,7 +277,7 @@ def run_common(
                 recipe,
                 model,
                 criterion,
-                dict(zip(recipe["views"], xs)),
+                dict(zip(recipe["views"], xs, strict=True)),
                 yb,
                 group_of_class[yb] if "split" in recipe["paths"] else None,
                 amp=False,

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from statistics import median
-from typing import Iterable, Mapping
 
 import pandas as pd
 

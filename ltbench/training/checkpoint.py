@@ -10,12 +10,14 @@ file that fails to ``checkpoint.pt.unreadable`` with a warning, and the cell sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io as _io
 import random
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,10 +109,8 @@ def load(path: Path, device: torch.device, label: str) -> dict | None:
         return read(path, device)
     except CheckpointError as e:  # writes are atomic: a file-system crash, a disk error or another version
         bad = path.with_name(path.name + ".unreadable")
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another rank of a multi-GPU run moved it first
             path.replace(bad)
-        except FileNotFoundError:  # another rank of a multi-GPU run moved it first
-            pass
         print(f"{label}: warning: {path} {e}; moved to {bad.name}, starting the cell afresh", file=sys.stderr)
         return None
 

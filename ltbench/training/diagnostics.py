@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +123,7 @@ class _Confidence:
     def remove(self) -> list[float]:
         for h in self.handles:
             h.remove()
-        return [float(c) / n if n else math.nan for c, n in zip(self.count, self.total)]
+        return [float(c) / n if n else math.nan for c, n in zip(self.count, self.total, strict=True)]
 
 
 def _balanced_top1(correct: torch.Tensor, seen: torch.Tensor) -> float:
@@ -183,7 +184,7 @@ def cbn_diagnostics(
         net, layers, test_sample(source, images, batch_size), num_classes, adjust, threshold
     )
     rows = []
-    for (name, layer), share in zip(layers, shares):
+    for (name, layer), share in zip(layers, shares, strict=True):
         prior = layer.running_prior.detach().float().cpu()
         rows.append(
             {

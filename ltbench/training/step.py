@@ -15,8 +15,8 @@ paths (dual-path learning, CBN Eq. 19). The step computes exactly the logits
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn

@@ -41,14 +41,16 @@ aggregated. A rerun of the same spec, seed and code fails at once with the recor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +60,8 @@ from ltbench import data, io
 from ltbench.data.longtail import format_ratio
 from ltbench.data.sources import make_source
 from ltbench.errors import Preempted
-from ltbench.nn import backbones as models, classifier, losses, norm, sampling
+from ltbench.nn import backbones as models
+from ltbench.nn import classifier, losses, norm, sampling
 from ltbench.training import celldir, checkpoint, diagnostics, distributed, gpus, step
 from ltbench.training.evaluation import collapse_reason, evaluate_counts, group_accuracy
 from ltbench.training.schedule import lr_lambda
@@ -413,7 +416,7 @@ class Trainer:
         else:
             groups = self.group_of_class[yb] if self.group_of_class is not None else None
             loss, logits = step.step_loss(
-                self.recipe, self.criterion, self.step_forward(dict(zip(self.views, xs)), groups), yb
+                self.recipe, self.criterion, self.step_forward(dict(zip(self.views, xs, strict=True)), groups), yb
             )
             opt, sched = self.opt, self.sched
         opt.zero_grad(set_to_none=True)
@@ -623,10 +626,8 @@ class _Signals:
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def _handle(self, signum, frame):
