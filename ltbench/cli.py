@@ -6,7 +6,9 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ltbench import data, io
 from ltbench.data import imagelists
@@ -36,11 +38,11 @@ def _float(s: str) -> float:
     return v
 
 
-def _schema_type(definition: str, key: str | None = None, kind: type = int):
+def _schema_type(definition: str, key: str | None = None, kind: type = int) -> Callable[[str], Any]:
     """An argparse type: parse ``kind`` and validate it with the config schema's ``$defs`` entry
     (``key`` of its properties), as the same value in a config file would be."""
 
-    def parse(s: str):
+    def parse(s: str) -> Any:
         v = _number(s, kind)
         sub = config.schema()["$defs"][definition]
         errors = config.schema_errors(v, sub["properties"][key] if key else definition)
@@ -68,7 +70,7 @@ def _load_config(a: argparse.Namespace) -> dict:
     )
 
 
-def cmd_counts(a) -> int:
+def cmd_counts(a: argparse.Namespace) -> int:
     config.check_ratio(a.dataset, a.ratio, a.profile)
     counts = data.counts_for(a.dataset, a.ratio, a.profile)
     print(
@@ -79,7 +81,7 @@ def cmd_counts(a) -> int:
     return 0
 
 
-def cmd_download(a) -> int:
+def cmd_download(a: argparse.Namespace) -> int:
     cfg = _load_config(a)
     spec = data.get(a.dataset)
     if spec.fetch is None:
@@ -92,7 +94,7 @@ def cmd_download(a) -> int:
     return 0
 
 
-def cmd_prepare(a) -> int:
+def cmd_prepare(a: argparse.Namespace) -> int:
     cfg = _load_config(a)
     opts = dict(cfg["datasets"].get(a.dataset, {}))
     if a.subset_seed is not None:
@@ -103,7 +105,7 @@ def cmd_prepare(a) -> int:
     return 0
 
 
-def cmd_train(a) -> int:
+def cmd_train(a: argparse.Namespace) -> int:
     from ltbench.training import trainer as train  # lazy: torch takes seconds to import
 
     cfg = _load_config(a)
@@ -146,7 +148,7 @@ def cmd_train(a) -> int:
     return 0
 
 
-def cmd_inat_lists(a) -> int:
+def cmd_inat_lists(a: argparse.Namespace) -> int:
     out_dir = Path(a.out_dir)
     for split, js in (("train", a.train_json), ("val", a.val_json)):
         info = imagelists.inat_to_list(js, out_dir / f"iNaturalist18_{split}.txt")
@@ -158,7 +160,7 @@ def cmd_inat_lists(a) -> int:
     return 0
 
 
-def cmd_aggregate(a) -> int:
+def cmd_aggregate(a: argparse.Namespace) -> int:
     from ltbench.analysis import aggregate  # lazy: pandas and scipy
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
@@ -169,7 +171,7 @@ def cmd_aggregate(a) -> int:
     return 0
 
 
-def cmd_plan(a) -> int:
+def cmd_plan(a: argparse.Namespace) -> int:
     from ltbench.tools import plan  # lazy: pandas
 
     path = a.configfile or a.config or "config/config.yaml"  # snakemake's default config file
@@ -179,7 +181,7 @@ def cmd_plan(a) -> int:
     return 0
 
 
-def cmd_report(a) -> int:
+def cmd_report(a: argparse.Namespace) -> int:
     from ltbench.report import page as report  # lazy: matplotlib, seaborn, pandas
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
@@ -187,7 +189,7 @@ def cmd_report(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
+def cmd_bench(a: argparse.Namespace) -> int:
     from ltbench.tools import bench  # lazy: torch
 
     if a.layer:

@@ -26,9 +26,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp)
+    tmp = Path(tmp_name)
     try:
         yield tmp
         umask = os.umask(0)
@@ -66,7 +66,7 @@ def config_hash(obj: Any) -> str:
 def code_version() -> dict:
     """Package version plus the git commit (and whether the tree had local changes), if any."""
     root = Path(ltbench.__file__).resolve().parent.parent
-    info = {"ltbench": ltbench.__version__, "git_commit": None, "git_dirty": None}
+    info: dict[str, str | bool | None] = {"ltbench": ltbench.__version__, "git_commit": None, "git_dirty": None}
     try:
 
         def run(*a: str) -> str:

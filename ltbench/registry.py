@@ -8,15 +8,17 @@ message lists the known names, so a typo in a config is caught with a useful err
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
-T = TypeVar("T", bound=Callable)
+T = TypeVar("T")
+
+Factory = Callable[..., Any]
 
 
-class Registry:
+class Registry(Generic[T]):
     """A named collection of factories.
 
-    >>> norms = Registry("norm layer")
+    >>> norms: Registry[Factory] = Registry("norm layer")
     >>> @norms.register("bn")
     ... def make_bn(num_features): ...
     >>> sorted(norms)
@@ -25,7 +27,7 @@ class Registry:
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._items: dict[str, Callable] = {}
+        self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(fn: T) -> T:
@@ -36,7 +38,7 @@ class Registry:
 
         return deco
 
-    def get(self, name: str) -> Callable:
+    def get(self, name: str) -> T:
         try:
             return self._items[name]
         except KeyError:

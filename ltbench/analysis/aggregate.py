@@ -41,8 +41,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -79,7 +80,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def _number_problem(key: str, v) -> str | None:
+def _number_problem(key: str, v: Any) -> str | None:
     if v is None:
         return f"{key} is null"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -107,7 +108,7 @@ def _lists_problem(m: Mapping) -> str | None:
     return None
 
 
-def check_metrics(m) -> str | None:
+def check_metrics(m: Any) -> str | None:
     """Why a loaded ``metrics.json`` cannot be aggregated, or None when it can: another
     ``schema_version`` than :data:`SCHEMA_VERSION` (or none), a ``failure`` the trainer recorded (the
     run's test predictions collapsed onto one class: its reason, verbatim), a missing key, a cell without its keys,
@@ -136,7 +137,8 @@ def check_metrics(m) -> str | None:
 def load_metrics(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
     """(valid, invalid): the metrics files that pass :func:`check_metrics` (with ``_path``), and one
     ``{path, cell, reason}`` per file that does not (``cell``: the file's own cell mapping, if it has one)."""
-    good, bad = [], []
+    good: list[dict] = []
+    bad: list[dict[str, Any]] = []
     for p in map(str, paths):
         try:
             m = json.loads(Path(p).read_text())
@@ -153,7 +155,7 @@ def load_metrics(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
     return good, bad
 
 
-def _flat(v):
+def _flat(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, (list, dict)) else v
 
 
@@ -271,7 +273,7 @@ def membership(cfg: Mapping) -> dict[tuple, list[str]]:
     return out
 
 
-def _key(dataset, ratio, method, backbone, seed) -> tuple:
+def _key(dataset: str, ratio: Any, method: str, backbone: str, seed: Any) -> tuple:
     return (str(dataset), format_ratio(float(ratio)), str(method), str(backbone), int(seed))
 
 
@@ -294,7 +296,7 @@ def _finished_keys(runs: pd.DataFrame) -> list[tuple]:
     )
 
 
-def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = ()) -> pd.DataFrame:
+def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: Sequence[dict] = ()) -> pd.DataFrame:
     """Every cell of the config once (without a config: every finished run) with its experiments and
     status, then any invalid metrics file that is no cell of the config (see the module docstring)."""
     done = set(_finished_keys(runs))
@@ -303,11 +305,12 @@ def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = (
     rows, used = [], set()
     cells = config_cells(cfg) if cfg is not None else []
     member = membership(cfg) if cfg is not None else {}
+    results_dir = Path(cfg["results_dir"]) if cfg is not None else Path()
     for c in cells:
         key = _key(c.dataset, c.ratio, c.method, c.backbone, c.seed)
         exps = " ".join(member[(c.dataset, c.ratio, c.method, c.backbone, c.seed)])
-        log = Path(cfg["results_dir"]) / TRAIN_LOG.format(path=c.path)
-        bad = bad_by_path.get(str(Path(cfg["results_dir"]) / "runs" / c.path / "metrics.json")) or bad_by_key.get(key)
+        log = results_dir / TRAIN_LOG.format(path=c.path)
+        bad = bad_by_path.get(str(results_dir / "runs" / c.path / "metrics.json")) or bad_by_key.get(key)
         if key in done:
             rows.append(
                 dict(zip([*KEYS, "seed"], key, strict=True), experiments=exps, status="finished", detail="", log="")
@@ -373,16 +376,16 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: bool = False) -> dict:
+def main(paths: Iterable[str | Path], out_dir: Path, cfg: Mapping | None = None, existing: bool = False) -> dict:
     """Write the tables of the module docstring into ``out_dir``; returns {name: DataFrame}."""
-    paths = expand_paths(paths)
+    files = expand_paths(paths)
     if existing:
         if cfg is None:
             raise ValueError("--existing needs the workflow config (--config or --config-json)")
-        paths = sorted(set(paths) | set(existing_metrics(cfg)))
-    if not paths and cfg is None:
+        files = sorted(set(files) | set(existing_metrics(cfg)))
+    if not files and cfg is None:
         raise ValueError("no metrics.json files given (pass them, or --existing with the config)")
-    good, invalid = load_metrics(paths)
+    good, invalid = load_metrics(files)
     for b in invalid:
         print(
             f"ltbench aggregate: {b['path']}: not aggregated, listed as a failed cell: {b['reason']}", file=sys.stderr

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -257,7 +258,7 @@ def margin_of(exp: Mapping, cfg: Mapping | None = None) -> float:
     return float((cfg or {}).get("margin", MARGIN))
 
 
-def table_label(table) -> str | None:
+def table_label(table: Any) -> str | None:
     """A table given as 2, "2" or None -> "2" / None (reference tables are compared as strings)."""
     if table is None or (not isinstance(table, str) and pd.isna(table)):
         return None

@@ -19,7 +19,7 @@ from ltbench.errors import ConfigError
 from ltbench.io import atomic_path
 from ltbench.registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 # (train_x, train_y, test_x, test_y) with images uint8 (N, C, H, W)
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -38,9 +38,9 @@ class DatasetSpec:
     many_threshold: int = 100
     few_threshold: int = 20
     # load(data_dir, options) -> Arrays; options are the dataset's config entry
-    load: Callable[[Path, dict], Arrays] = field(default=None, repr=False)
-    # fetch(data_dir, options) -> None; None for embedded data
-    fetch: Callable[[Path, dict], None] | None = field(default=None, repr=False)
+    load: Callable[[Path, dict], Arrays] | None = field(default=None, repr=False)
+    # fetch(data_dir, options) -> the folder it filled; None for embedded data
+    fetch: Callable[[Path, dict], Path] | None = field(default=None, repr=False)
     url: str | None = None
     md5: str | None = None
     needs_download: bool = False
@@ -111,6 +111,8 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
     profile = options.get("profile", "exp")
     subset_seed = int(options.get("subset_seed", 0))
     counts = longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
+    if spec.load is None:
+        raise ConfigError(f"dataset {name!r} has no loader of its own arrays")
     train_x, train_y, test_x, test_y = spec.load(Path(data_dir), options)
     idx = longtail_indices(train_y, counts, subset_seed)
     val = heldout_val_indices(train_y, idx, int(options.get("val_per_class", VAL_PER_CLASS)), subset_seed)

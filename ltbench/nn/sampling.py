@@ -30,10 +30,10 @@ from collections.abc import Callable
 
 import torch
 
-from ltbench.registry import Registry
+from ltbench.registry import Factory, Registry
 
 Sampler = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-SAMPLERS = Registry("sampler")
+SAMPLERS: Registry[Factory] = Registry("sampler")
 
 
 def class_sizes(labels: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -41,6 +42,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from ltbench import io  # noqa: E402
@@ -67,7 +70,7 @@ class Skip(Exception):
     """A figure that cannot be drawn from the data at hand; the message says why."""
 
 
-def save(fig, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
     """``path`` (PNG) and the same name with ``.svg``, both written atomically."""
     path = Path(path)
     with io.atomic_path(path) as tmp:
@@ -94,7 +97,7 @@ def select(df: pd.DataFrame, exp: Mapping, seeds: bool = True) -> pd.DataFrame:
     return df[m].copy()
 
 
-def _cell_label(d: str, r, backbone: str | None = None) -> str:
+def _cell_label(d: str, r: Any, backbone: str | None = None) -> str:
     s = f"{dataset_name(d)} ρ={format_ratio(r)}"
     return f"{s} · {backbone}" if backbone else s
 
@@ -110,7 +113,7 @@ def _panel_col(df: pd.DataFrame, exp: Mapping) -> pd.Series:
     )
 
 
-def _panel_order(exp: Mapping, present) -> list[str]:
+def _panel_order(exp: Mapping, present: Iterable[str]) -> list[str]:
     """Panel labels in the config's order (datasets, then ratios, then backbones), those present only."""
     several = len(exp["backbones"]) > 1
     labels = [
@@ -123,14 +126,14 @@ def _panel_order(exp: Mapping, present) -> list[str]:
     return [lb for lb in dict.fromkeys(labels) if lb in present]
 
 
-def _log_x(ax) -> None:
+def _log_x(ax: Axes) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _method_order(exp: Mapping, present) -> list[str]:
+def _method_order(exp: Mapping, present: Iterable[str]) -> list[str]:
     return [m for m in exp["methods"] if m in set(present)]
 
 
@@ -142,7 +145,7 @@ def _palette(methods: list[str]) -> dict[str, tuple]:
 # ---------------------------------------------------------------- generic figures
 
 
-def _grid(n_panels: int, width: float, height: float, ncols: int = 3):
+def _grid(n_panels: int, width: float, height: float, ncols: int = 3) -> tuple[Figure, list[Axes]]:
     ncols = min(ncols, n_panels)
     nrows = -(-n_panels // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
@@ -152,7 +155,7 @@ def _grid(n_panels: int, width: float, height: float, ncols: int = 3):
     return fig, flat[:n_panels]
 
 
-def _legend_below(fig, axes, title: str | None = None, ncol: int = 4):
+def _legend_below(fig: Figure, axes: Iterable[Axes], title: str | None = None, ncol: int = 4) -> None:
     handles, labels = [], []
     for ax in axes:
         for h, lb in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -171,7 +174,7 @@ def _legend_below(fig, axes, title: str | None = None, ncol: int = 4):
     )
 
 
-def _finish_panels(fig, axes, n_panels: int, ylabel: str, title: str, path: Path) -> Path:
+def _finish_panels(fig: Figure, axes: list[Axes], n_panels: int, ylabel: str, title: str, path: Path) -> Path:
     """Y label on the first panel of each row, the title, the method legend below; saved."""
     for ax in axes[:: min(3, n_panels)]:
         ax.set_ylabel(ylabel)
@@ -269,7 +272,7 @@ def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
 # ---------------------------------------------------------------- CBN Figure 5 and Figure 6
 
 
-def _errorbars(ax, stats: pd.DataFrame, dots: pd.DataFrame, color, label, jitter=0.0):
+def _errorbars(ax: Axes, stats: pd.DataFrame, dots: pd.DataFrame, color: Any, label: str, jitter: float = 0.0) -> None:
     """Mean ± std at ``stats["x"]`` (summary rows), each seed's value at ``dots["x"]`` (runs rows)."""
     stats = stats.sort_values("x")
     ax.errorbar(
@@ -412,7 +415,7 @@ def _heatmap(values: pd.DataFrame, annot: pd.DataFrame, title: str, cbar: str, p
     return save(fig, path)
 
 
-def _gain_mark(r) -> str:
+def _gain_mark(r: Any) -> str:
     if pd.isna(r.gain):
         return "–"
     return fmt_delta(r.gain) + {"supported": "*", "contradicted": "*", "no gain": "="}.get(r.gain_verdict, "")
@@ -463,7 +466,7 @@ def fig_ablation_paper(layout: Layout, path: Path) -> Path:
         vals.append([c.delta if c.n and not pd.isna(c.paper) else np.nan for c in cells])
         ann.append(
             [
-                f"{fmt_delta(c.delta)}{mark.get(c.verdict, '')}"
+                f"{fmt_delta(c.delta)}{mark.get(c.verdict or '', '')}"
                 if c.n and not pd.isna(c.paper)
                 else ("missing" if not c.n and not pd.isna(c.paper) else "–")
                 for c in cells
@@ -579,7 +582,7 @@ def _last_stage_prefixes(keys: list[str]) -> str | None:
     return f"layer{stages[-1]}." if stages else None
 
 
-def _nbn_affine(state: Mapping, p: str):
+def _nbn_affine(state: Mapping, p: str) -> Any:
     """NBN's effective (w, b) of the layer ``p``, computed by the layer itself from its saved state."""
     from ltbench.nn.norm import NormalizedBatchNorm2d  # torch: only when a model.pt is read
 

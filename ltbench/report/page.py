@@ -181,7 +181,7 @@ def experiments_of(cfg: Mapping | None, runs: pd.DataFrame) -> dict[str, dict]:
 # ---------------------------------------------------------------- small HTML helpers
 
 
-def esc(v) -> str:
+def esc(v: Any) -> str:
     return html.escape("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
 
 
@@ -219,7 +219,7 @@ def _short(text: str, limit: int = 100) -> str:
     return first[:limit].rsplit(" ", 1)[0] + "…"
 
 
-def _fmt_p(p) -> str:
+def _fmt_p(p: Any) -> str:
     if p is None or pd.isna(p):
         return "–"
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
@@ -336,7 +336,7 @@ def decision_lines(comparison: pd.DataFrame, gains: pd.DataFrame) -> str:
     )
 
 
-def _gain_td(r) -> str:
+def _gain_td(r: Any) -> str:
     v = r.gain_verdict
     ours = "–" if pd.isna(r.gain) else tables.fmt_delta(r.gain, minus="−")
     paper = (
@@ -478,7 +478,7 @@ def open_details(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _truthy(v) -> bool:
+def _truthy(v: Any) -> bool:
     return v is True or str(v).lower() in ("true", "1")
 
 
@@ -648,7 +648,7 @@ DIAG_TABLE = {
 }
 
 
-def _fmt_diag(v) -> str:
+def _fmt_diag(v: Any) -> str:
     if pd.isna(v):
         return "–"
     return f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:.2f}" if isinstance(v, float) else str(v))

@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -238,7 +239,7 @@ class Layout:
         return out
 
 
-def _label(v) -> bool:
+def _label(v: Any) -> bool:
     """A real row label of the reference file (not a missing value in any of its spellings)."""
     return isinstance(v, str) and v not in ("", "None", "nan", "<NA>")
 
@@ -289,10 +290,10 @@ def _layout_rows(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) ->
             seen.add((method, backbone))
     elif ref is not None:  # reference-free: the experiment's methods in the paper table's order
         order = {m: i for i, m in enumerate(dict.fromkeys(ref["method"]))}
-        labels = {m: lb for m, lb in zip(ref["method"], ref["row"], strict=True) if _label(lb)}
+        label_of = {m: lb for m, lb in zip(ref["method"], ref["row"], strict=True) if _label(lb)}
         for m in sorted(exp["methods"], key=lambda m: (order.get(m, len(order)), exp["methods"].index(m))):
             for b in exp["backbones"]:
-                rows.append(Row(m, b, labels.get(m), True, False))
+                rows.append(Row(m, b, label_of.get(m), True, False))
                 seen.add((m, b))
     rows += [Row(m, b, None, True, False) for m in exp["methods"] for b in exp["backbones"] if (m, b) not in seen]
     return rows
@@ -305,11 +306,11 @@ def _by_cell(df: pd.DataFrame) -> dict[tuple, object]:
     return {(r.method, r.backbone, r.dataset, float(r.ratio), r.metric): r for r in df.itertuples(index=False)}
 
 
-def _seeds(v) -> list[int]:
+def _seeds(v: Any) -> list[int]:
     return [int(s) for s in str(v).split()] if isinstance(v, str) else []
 
 
-def _fill(c: Cell, s, p, notes: list[str]) -> Cell:
+def _fill(c: Cell, s: Any, p: Any, notes: list[str]) -> Cell:
     """A cell from its summary row ``s`` and comparison row ``p`` (either may be None)."""
     if s is not None:
         c.mean, c.std, c.n, c.ci_low, c.ci_high = s.mean, s.std, int(s.n), s.ci_low, s.ci_high
@@ -445,7 +446,7 @@ def _delta_md(c: Cell) -> str:
     if not c.in_reference:
         return ""
     if not (c.n and c.verdict and not pd.isna(c.delta)):
-        return VERDICT_MARK.get(c.verdict, "")
+        return VERDICT_MARK.get(c.verdict or "", "")
     need = c.seeds_text()
     return f"{fmt_delta(c.delta)} {VERDICT_MARK[c.verdict]}" + (f" ({need})" if need else "")
 
@@ -527,7 +528,7 @@ def _delta_tex(c: Cell) -> str:
     if not c.in_reference:
         return ""
     if not (c.n and c.verdict and not pd.isna(c.delta)):
-        return VERDICT_TEX.get(c.verdict, "")
+        return VERDICT_TEX.get(c.verdict or "", "")
     need = c.seeds_text()
     return f"${fmt_delta(c.delta)}$ {VERDICT_TEX[c.verdict]}" + (rf" {{\scriptsize ({_tex(need)})}}" if need else "")
 
@@ -544,12 +545,12 @@ def to_latex(lay: Layout) -> str:
     ]
     levels = _header_levels(lay)
     for k, level in enumerate(levels):
-        cells, rules, col = [], [], 3
+        heads, rules, col = [], [], 3
         for label, span in level:
-            cells.append(rf"\multicolumn{{{span}}}{{c}}{{{_tex(label)}}}" if span > 1 else _tex(label))
+            heads.append(rf"\multicolumn{{{span}}}{{c}}{{{_tex(label)}}}" if span > 1 else _tex(label))
             rules.append(rf"\cmidrule(lr){{{col}-{col + span - 1}}}")
             col += span
-        out.append(" & & " + " & ".join(cells) + r" \\")
+        out.append(" & & " + " & ".join(heads) + r" \\")
         if k + 1 < len(levels) and any(span > 1 for _, span in level):
             out.append(" ".join(rules))
     out.append(r"\midrule")

@@ -48,7 +48,7 @@ def train_defaults() -> dict:
     return _defaults(schema()["$defs"]["train"])
 
 
-def _key(path) -> str:
+def _key(path: Any) -> str:
     out = ""
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))

@@ -17,7 +17,7 @@ import random
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ def remove_stale_temp_files(out_dir: Path) -> None:
 
 def rng_state(gen: torch.Generator, device: torch.device) -> dict:
     """Every random state a run draws from: its generator, torch's (CPU and CUDA), NumPy's and Python's."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
+    _, key, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "gen": gen.get_state(),
         "torch_rng": torch.get_rng_state(),

@@ -43,7 +43,7 @@ _PACKAGE = __name__
 _SCHEMA_FILE = "schema.yaml"
 
 
-def _files():
+def _files() -> Any:
     return resources.files(_PACKAGE)
 
 

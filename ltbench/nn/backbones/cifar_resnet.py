@@ -55,8 +55,8 @@ class CifarResNet(nn.Module):
         num_classes: int,
         in_channels: int = 3,
         norm_layer: NormLayer = nn.BatchNorm2d,
-        widths=(16, 32, 64),
-    ):
+        widths: tuple[int, int, int] = (16, 32, 64),
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = norm_layer(widths[0])
