@@ -70,10 +70,25 @@ def data_config(w):
     with one placeholder experiment, not the whole config. A param of the data rules: the whole
     config there made a new seed, method or experiment redo the data and, through it, every cell."""
     ratio = float(getattr(w, "ratio", 1))
-    return json.dumps({"name": config["name"], "data_dir": DATA, "results_dir": R,
-                       "reports_dir": config["reports_dir"], "datasets": {w.dataset: config["datasets"].get(w.dataset, {})},
-                       "experiments": {"data": {"datasets": [w.dataset], "ratios": [ratio], "methods": ["ce"],
-                                                "backbones": ["resnet8"], "seeds": [0]}}}, sort_keys=True)
+    return json.dumps(
+        {
+            "name": config["name"],
+            "data_dir": DATA,
+            "results_dir": R,
+            "reports_dir": config["reports_dir"],
+            "datasets": {w.dataset: config["datasets"].get(w.dataset, {})},
+            "experiments": {
+                "data": {
+                    "datasets": [w.dataset],
+                    "ratios": [ratio],
+                    "methods": ["ce"],
+                    "backbones": ["resnet8"],
+                    "seeds": [0],
+                }
+            },
+        },
+        sort_keys=True,
+    )
 
 
 def grid_file():
@@ -84,8 +99,15 @@ def grid_file():
     neither trained nor aggregated. A changed grid file makes the aggregate (and so the new cells'
     training) due; an unchanged one keeps its date, so a complete run stays a no-op."""
     path = f"{R}/grid/{config['name']}.json"
-    text = json.dumps({"cells": [c.path for c in CELLS], "experiments": config["experiments"],
-                       "margin": config.get("margin")}, indent=1, sort_keys=True, default=str) + "\n"
+    text = (
+        json.dumps(
+            {"cells": [c.path for c in CELLS], "experiments": config["experiments"], "margin": config.get("margin")},
+            indent=1,
+            sort_keys=True,
+            default=str,
+        )
+        + "\n"
+    )
     try:
         if not os.path.exists(path) or open(path).read() != text:
             ltio.write_text(path, text)
@@ -104,8 +126,10 @@ def _check_resource_cells():
         for key, names in known.items():
             for j, name in enumerate(entry.get(key, [])):
                 if name not in names:
-                    raise WorkflowError(f"config key resources.cells[{i}].{key}[{j}]: unknown {key[:-1]} "
-                                        f"{name!r}; known: {', '.join(sorted(names))}")
+                    raise WorkflowError(
+                        f"config key resources.cells[{i}].{key}[{j}]: unknown {key[:-1]} "
+                        f"{name!r}; known: {', '.join(sorted(names))}"
+                    )
 
 
 def train_resource(key, default):
@@ -116,8 +140,11 @@ def train_resource(key, default):
     def get(w):
         value = resource("train", key, default)
         for entry in config["resources"].get("cells", []):
-            if key in entry and w.dataset in entry.get("datasets", [w.dataset]) \
-                    and w.backbone in entry.get("backbones", [w.backbone]):
+            if (
+                key in entry
+                and w.dataset in entry.get("datasets", [w.dataset])
+                and w.backbone in entry.get("backbones", [w.backbone])
+            ):
                 value = entry[key]
         return value
 
@@ -148,9 +175,33 @@ def partial_report(snakemake_log=None):
     cfg = json.dumps(config)
     env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}:{os.environ.get('PYTHONPATH', '')}"}
     cmds = [
-        [sys.executable, "-m", "ltbench", "aggregate", "--existing", "--config-json", cfg, "--out-dir", f"{R}/aggregate"],
-        [sys.executable, "-m", "ltbench", "report", "--aggregate-dir", f"{R}/aggregate", "--figures-dir",
-         f"{R}/figures", "--tables-dir", f"{R}/tables", "--config-json", cfg, "--out", REPORT],
+        [
+            sys.executable,
+            "-m",
+            "ltbench",
+            "aggregate",
+            "--existing",
+            "--config-json",
+            cfg,
+            "--out-dir",
+            f"{R}/aggregate",
+        ],
+        [
+            sys.executable,
+            "-m",
+            "ltbench",
+            "report",
+            "--aggregate-dir",
+            f"{R}/aggregate",
+            "--figures-dir",
+            f"{R}/figures",
+            "--tables-dir",
+            f"{R}/tables",
+            "--config-json",
+            cfg,
+            "--out",
+            REPORT,
+        ],
     ]
     try:
         with open(log, "w") as fh:
@@ -164,7 +215,10 @@ def partial_report(snakemake_log=None):
         for p in outputs:
             if os.path.exists(p):
                 os.utime(p, (stamp, stamp))
-        print(f"ltbench: some jobs failed; partial report of the {len(done)} finished cells of {len(CELLS)}: "
-              f"{REPORT} (missing cells listed there; log: {log})", file=sys.stderr)
+        print(
+            f"ltbench: some jobs failed; partial report of the {len(done)} finished cells of {len(CELLS)}: "
+            f"{REPORT} (missing cells listed there; log: {log})",
+            file=sys.stderr,
+        )
     except Exception as e:  # noqa: BLE001 - the handler must not mask the run's own error
         print(f"ltbench: could not write the partial report: {e}", file=sys.stderr)
