@@ -2,8 +2,9 @@
 
 A command that cannot run on an offline CPU machine says why at its end, ``# needs: <what>``; it
 is skipped here with that reason (and listed in the test's output). ``make demo`` and ``make test``
-are this test's precondition and its caller: the test runs in a copy of the repository where a
-short demo (one experiment, one seed, two epochs) has run, so the commands see ``results/demo``.
+(with the ``make lint`` it runs first) are this test's precondition and its caller: the test runs in a
+copy of the repository where a short demo (one experiment, one seed, two epochs) has run, so the
+commands see ``results/demo``.
 Commands that train get tiny epochs (``--epochs 1``); paths under /tmp go to the test's folder.
 """
 
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECONDITIONS = {"make demo", "make test", "source .venv/bin/activate"}
+PRECONDITIONS = {"make demo", "make test", "make lint", "source .venv/bin/activate"}
 NEEDS = re.compile(r"#\s*needs:\s*(.+)$")
 
 
