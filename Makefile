@@ -1,4 +1,5 @@
-# The two commands of the README. Both install what they need first (idempotent).
+# The two commands of the README. Both install what they need first (idempotent); `make test` runs
+# `make lint` (the code-health gates) before the test suite and stops if a gate fails.
 #
 # Environment: inside an active virtual or conda environment ($VIRTUAL_ENV / $CONDA_PREFIX) the
 # targets install into and run from that environment. Otherwise they create `.venv/` in the
@@ -17,7 +18,7 @@ endif
 # `python -m ltbench` and `snakemake` are the ones installed here.
 RUN = $(if $(findstring /,$(PYTHON)),PATH="$(abspath $(dir $(PYTHON))):$$PATH" )$(PYTHON)
 
-.PHONY: install demo test dryrun docs docs-serve clean-demo
+.PHONY: install demo lint test dryrun docs docs-serve clean-demo
 
 $(VENV)/bin/python:
 	@$(BASE_PYTHON) -c "import venv, ensurepip" 2>/dev/null || { \
@@ -26,14 +27,26 @@ $(VENV)/bin/python:
 	$(BASE_PYTHON) -m venv $(VENV)
 
 install: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
-	$(PYTHON) -m pip install --quiet -e ".[test,slurm,docs]"
+	$(PYTHON) -m pip install --quiet -e ".[test,slurm,docs,lint]"
 
 # The whole pipeline on the embedded digits-lt data: data → train → aggregate → report.
 demo: install
 	$(RUN) -m snakemake --cores $(CORES) --configfile config/demo.yaml
 	@echo "report: reports/demo.html"
 
-test: install
+# The code-health gates (configured in pyproject.toml; the same hooks in .pre-commit-config.yaml): ruff's
+# lint rules and formatter over ltbench/ and tests/, mypy over ltbench/, snakefmt and Snakemake's linter
+# over the Snakefile and workflow/. Every gate runs; any failure fails the target.
+LINT_GATES = "ruff check ltbench tests" "ruff format --check ltbench tests" "mypy" \
+	"snakefmt --check Snakefile workflow" "snakemake --lint --dry-run --cores 1"
+
+lint: install
+	@status=0; for gate in $(LINT_GATES); do \
+	  echo "lint: $$gate"; $(RUN) -m $$gate || status=1; \
+	done; \
+	[ $$status = 0 ] || echo "lint: a gate failed (see above); README: Contributing" >&2; exit $$status
+
+test: lint
 	$(RUN) -m pytest -q
 
 # The paper grid's DAG, without running anything (no data or GPU needed).

@@ -7,6 +7,7 @@
 # Rules live in workflow/rules/ by stage; every rule calls `python -m ltbench <subcommand>`.
 
 if not workflow.overwrite_configfiles:
+
     configfile: "config/config.yaml"
 
 
@@ -18,6 +19,6 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         REPORT,
-    default_target: True

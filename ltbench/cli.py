@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ltbench import data, io
 from ltbench.data import imagelists
@@ -62,7 +63,7 @@ def _schema_type(definition: str, key: str | None = None, kind: type = int):
     """An argparse type: parse ``kind`` and validate it with the config schema's ``$defs`` entry
     (``key`` of its properties), as the same value in a config file would be."""
 
-    def parse(s: str):
+    def parse(s: str) -> Any:
         v = _number(s, kind)
         sub = config.schema()["$defs"][definition]
         errors = config.schema_errors(v, sub["properties"][key] if key else definition)
@@ -90,7 +91,7 @@ def _load_config(a: argparse.Namespace) -> dict:
     )
 
 
-def cmd_counts(a) -> int:
+def cmd_counts(a: argparse.Namespace) -> int:
     config.check_ratio(a.dataset, a.ratio, a.profile)
     counts = data.counts_for(a.dataset, a.ratio, a.profile)
     print(
@@ -101,7 +102,7 @@ def cmd_counts(a) -> int:
     return 0
 
 
-def cmd_download(a) -> int:
+def cmd_download(a: argparse.Namespace) -> int:
     cfg = _load_config(a)
     spec = data.get(a.dataset)
     if spec.fetch is None:
@@ -114,7 +115,7 @@ def cmd_download(a) -> int:
     return 0
 
 
-def cmd_prepare(a) -> int:
+def cmd_prepare(a: argparse.Namespace) -> int:
     cfg = _load_config(a)
     opts = dict(cfg["datasets"].get(a.dataset, {}))
     if a.subset_seed is not None:
@@ -186,7 +187,7 @@ def cmd_train(a) -> int:
     return 0
 
 
-def cmd_inat_lists(a) -> int:
+def cmd_inat_lists(a: argparse.Namespace) -> int:
     out_dir = Path(a.out_dir)
     for split, js in (("train", a.train_json), ("val", a.val_json)):
         info = imagelists.inat_to_list(js, out_dir / f"iNaturalist18_{split}.txt")
@@ -198,7 +199,7 @@ def cmd_inat_lists(a) -> int:
     return 0
 
 
-def cmd_aggregate(a) -> int:
+def cmd_aggregate(a: argparse.Namespace) -> int:
     from ltbench.analysis import aggregate  # lazy: pandas and scipy
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
@@ -242,7 +243,7 @@ def cmd_report(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
+def cmd_bench(a: argparse.Namespace) -> int:
     from ltbench.tools import bench  # lazy: torch
 
     if a.layer:

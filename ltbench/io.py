@@ -9,9 +9,10 @@ import platform
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ltbench
 
@@ -25,9 +26,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp)
+    tmp = Path(tmp_name)
     try:
         yield tmp
         umask = os.umask(0)
@@ -65,16 +66,14 @@ def config_hash(obj: Any) -> str:
 def code_version() -> dict:
     """Package version plus the git commit (and whether the tree had local changes), if any."""
     root = Path(ltbench.__file__).resolve().parent.parent
-    info = {"ltbench": ltbench.__version__, "git_commit": None, "git_dirty": None}
+    info: dict[str, str | bool | None] = {"ltbench": ltbench.__version__, "git_commit": None, "git_dirty": None}
     try:
-        run = lambda *a: subprocess.run(
-            ["git", *a],
-            cwd=root,
-            capture_output=True,
-            text=True,  # noqa: E731
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+
+        def run(*a: str) -> str:
+            return subprocess.run(
+                ["git", *a], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+
         info["git_commit"] = run("rev-parse", "HEAD")
         info["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):

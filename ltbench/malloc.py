@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 TUNABLES = "glibc.malloc.mmap_threshold=2147483648:glibc.malloc.trim_threshold=4294967296"
 OPT_OUT = "LTBENCH_SYSTEM_MALLOC"

@@ -7,9 +7,12 @@ message lists the known names, so a typo in a config is caught with a useful err
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
-T = TypeVar("T", bound=Callable)
+T = TypeVar("T")
+
+Factory = Callable[..., Any]
 
 
 def choice(what: str, value: Any, allowed: tuple) -> Any:
@@ -19,10 +22,10 @@ def choice(what: str, value: Any, allowed: tuple) -> Any:
     return value
 
 
-class Registry:
+class Registry(Generic[T]):
     """A named collection of factories.
 
-    >>> norms = Registry("norm layer")
+    >>> norms: Registry[Factory] = Registry("norm layer")
     >>> @norms.register("bn")
     ... def make_bn(num_features): ...
     >>> sorted(norms)
@@ -31,7 +34,7 @@ class Registry:
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._items: Dict[str, Callable] = {}
+        self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(fn: T) -> T:
@@ -42,7 +45,7 @@ class Registry:
 
         return deco
 
-    def get(self, name: str) -> Callable:
+    def get(self, name: str) -> T:
         try:
             return self._items[name]
         except KeyError:

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-
 _LOG_2PI = math.log(2.0 * math.pi)
 # A component with less total responsibility than this in a batch has no usable batch statistics:
 # its running statistics are left as they are and it is normalized with them.
@@ -185,10 +184,7 @@ class ReferenceCBN(nn.Module):
         """``"first_batch"``: means from M distinct points (or samples), batch variance, uniform prior."""
         N, C, L = x.shape
         M = self.num_components
-        if self.responsibilities_mode == "pixel":
-            points = x.permute(0, 2, 1).reshape(N * L, C)
-        else:
-            points = x.mean(2)
+        points = x.permute(0, 2, 1).reshape(N * L, C) if self.responsibilities_mode == "pixel" else x.mean(2)
         P = points.shape[0]
         idx = torch.randperm(P, device=x.device)[torch.arange(M, device=x.device) % P]
         self.running_mean.copy_(points[idx])

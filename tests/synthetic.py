@@ -10,8 +10,8 @@ three seeds is exactly ``base + offset`` and the standard deviation exactly ``sc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ltbench import data
 from ltbench.analysis.aggregate import METRICS, SCHEMA_VERSION

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ltbench.nn import backbones as models, norm
+from ltbench.nn import backbones as models
+from ltbench.nn import norm
 
 CIFAR = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 IMAGENET = ["resnet50", "resnet152", "resnext50_32x4d"]

@@ -1,16 +1,14 @@
 """The speed benchmark: both paths feed the model the same tensors and train the same model."""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
-
-import itertools
-
 import yaml
-
 from conftest import ROOT
+
 from ltbench import data
 from ltbench.data import augment
 from ltbench.spec import config

@@ -10,7 +10,6 @@ import torch
 from ltbench.nn import cbn_cpu
 from ltbench.nn.norm import CompoundBatchNorm2d
 
-
 needs_cc = pytest.mark.skipif(not cbn_cpu.compiler_found(), reason="needs a C compiler ($CC or cc)")
 
 
@@ -34,7 +33,7 @@ def run(layer, xs, grads):
     """Training steps then a no-grad eval: outputs, input/parameter gradients, buffers."""
     out = []
     layer.train()
-    for x, g in zip(xs, grads):
+    for x, g in zip(xs, grads, strict=True):
         x = x.clone().requires_grad_()
         y = layer(x)
         y.backward(g)
@@ -67,7 +66,7 @@ def test_kernels_equal_torch_across_point_blocks(kernel, options):
         torch.manual_seed(0)
         results[value] = run(CompoundBatchNorm2d(6, **options), xs, grads)
     assert cbn_cpu.describe() == "c"
-    for a, b in zip(results["c"], results["torch"]):
+    for a, b in zip(results["c"], results["torch"], strict=True):
         close(a, b, atol=1e-4)
 
 

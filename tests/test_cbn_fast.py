@@ -13,8 +13,8 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-
 from cbn_reference import ReferenceCBN
+
 from ltbench.nn import cbn_cpu
 from ltbench.nn.norm import CompoundBatchNorm2d
 
@@ -87,7 +87,7 @@ def compare(fast, ref, data, groups_every: int | None, check_eval: bool = True):
         assert y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
         close(y, y_ref)
         close(gx, gx_ref, atol=1e-4)
-        for a, b in zip(gp, gp_ref):
+        for a, b in zip(gp, gp_ref, strict=True):
             close(a, b, atol=1e-4)
         for name in BUFFERS:
             close(getattr(fast, name), getattr(ref, name))
@@ -103,7 +103,7 @@ def compare(fast, ref, data, groups_every: int | None, check_eval: bool = True):
         y_ref, gx_ref, gp_ref = step(ref, x, grad)
         close(y, y_ref)
         close(gx, gx_ref, atol=1e-4)
-        for a, b in zip(gp, gp_ref):
+        for a, b in zip(gp, gp_ref, strict=True):
             close(a, b, atol=1e-4)
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ltbench.nn import backbones as models, classifier, losses
+from ltbench.nn import backbones as models
+from ltbench.nn import classifier, losses
 from ltbench.spec.methods import DEFAULT_RECIPE
 
 K = 10

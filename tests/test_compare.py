@@ -191,7 +191,7 @@ def test_compare_against_packaged_reference_keeps_every_entry():
     out = compare(summarize(runs_of({"baseline": {0: 49.0, 1: 50.0}})), ref)
     assert len(out) == len(ref)
     ran = out[out.n > 0]
-    assert set(zip(ran.table, ran.row.fillna(""))) == {(2, ""), (3, "I")}  # Table 2 and Table 3 row I
+    assert set(zip(ran.table, ran.row.fillna(""), strict=True)) == {(2, ""), (3, "I")}  # Table 2 and Table 3 row I
     assert (ran.verdict == "inconclusive").all()  # 2 seeds: the 90 % interval is ± 6.31 · 0.5
     counts = out.verdict.value_counts().to_dict()
     assert counts["not reported"] == 21 and counts["inconclusive"] == 2
@@ -371,9 +371,10 @@ def test_judged_gains_holm_no_gain_and_seeds():
 
 
 def test_margin_from_config_and_per_experiment():
+    from conftest import ROOT
+
     from ltbench.analysis.compare import margin_of
     from ltbench.spec import config
-    from conftest import ROOT
 
     cfg = config.load(ROOT / "config" / "demo.yaml")
     assert cfg["margin"] == 1.0 and margin_of(cfg["experiments"]["table2"], cfg) == 1.0

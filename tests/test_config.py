@@ -1,9 +1,9 @@
 import pytest
 import yaml
 
-from ltbench.spec import config
 from ltbench import data
 from ltbench.errors import ConfigError
+from ltbench.spec import config
 from ltbench.spec.config import Cell
 
 ROOT = config.Path(__file__).resolve().parent.parent

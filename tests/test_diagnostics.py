@@ -7,10 +7,11 @@ from html import escape as html_escape
 
 import pandas as pd
 import pytest
+import synthetic
 import torch
 from scipy import stats
+from test_workflow import ROOT, job_counts, snakemake
 
-import synthetic
 from ltbench import data
 from ltbench.analysis import aggregate, gains
 from ltbench.data.sources import make_source
@@ -19,7 +20,6 @@ from ltbench.report import figures, page
 from ltbench.spec import config
 from ltbench.training import diagnostics, trainer
 from ltbench.training.evaluation import collapse_reason
-from test_workflow import ROOT, job_counts, snakemake
 
 FAST = {
     "epochs": 2,
@@ -96,10 +96,13 @@ def test_diagnostics_change_no_reported_result(prepared, tmp_path, monkeypatch, 
     assert "diagnostics" not in plain
     for key in ("top1", "many", "medium", "few", "per_class_acc", "stability"):
         assert plain[key] == with_diag[key], key
-    untimed = lambda d: [
-        {k: v for k, v in json.loads(x).items() if k != "epoch_time_s"}  # noqa: E731
-        for x in (d / "train.jsonl").read_text().splitlines()
-    ]
+
+    def untimed(d):
+        return [
+            {k: v for k, v in json.loads(x).items() if k != "epoch_time_s"}
+            for x in (d / "train.jsonl").read_text().splitlines()
+        ]
+
     assert untimed(tmp_path) == untimed(out)
     a, b = torch.load(out / "model.pt", weights_only=True), torch.load(tmp_path / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from ltbench import data
 from ltbench.errors import ConfigError
 from ltbench.training import distributed

@@ -1,10 +1,9 @@
 """The conda environments of the rules pin the same versions as pyproject.toml."""
 
 import re
+
 import tomllib
-
 import yaml
-
 from conftest import ROOT
 
 

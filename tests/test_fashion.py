@@ -9,6 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_augment import DEVICES, _images, _tv_autoaugment
+from test_download import Server
+from test_workflow import ROOT, job_counts, snakemake
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import autoaugment as tv_aa
 
@@ -17,9 +20,6 @@ from ltbench.data import augment, fashion
 from ltbench.errors import ConfigError, DownloadError
 from ltbench.spec import config
 from ltbench.training import trainer
-from test_augment import DEVICES, _images, _tv_autoaugment
-from test_download import Server
-from test_workflow import ROOT, job_counts, snakemake
 
 CANONICAL_R100 = [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
 REAL = all((fashion.DEBIAN_DIR / (f.name + ".gz")).is_file() for f in fashion.FILES.values())
@@ -237,6 +237,7 @@ def test_fashion_config_reports_its_claims_and_figures(tmp_path):
     """Synthetic metrics for every cell → aggregate → report: the claims the config promises are tested
     and the ablation and accuracy-vs-M figures are drawn."""
     import synthetic
+
     from ltbench.analysis import aggregate
     from ltbench.report import page
 
@@ -252,7 +253,7 @@ def test_fashion_config_reports_its_claims_and_figures(tmp_path):
     )
     gains = pd.read_csv(tmp_path / "aggregate" / "gains.csv")
     gains = gains[gains["kind"] == "claim"]
-    assert set(zip(gains["claim"], gains["experiment"])) == {
+    assert set(zip(gains["claim"], gains["experiment"], strict=True)) == {
         ("nbn-over-ce", "fashion_nbn"),
         ("bs-over-ce", "fashion_bs"),
         ("t2-cbn", "fashion_table2"),

@@ -2,9 +2,9 @@
 
 import subprocess
 import sys
-import time
 
 from conftest import ROOT
+
 from ltbench.training import gpus
 
 HOLDER = """

@@ -12,18 +12,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT, run_cli
 from PIL import Image
+from test_workflow import job_counts, snakemake
 
 from ltbench import data
 from ltbench.data import imagelists
 from ltbench.data.imagelists import ListCheckError
 from ltbench.data.sources import ImageListSource, make_source
-from ltbench.spec import config
 from ltbench.errors import ConfigError
+from ltbench.spec import config
 from ltbench.training import trainer as train
-
-from conftest import ROOT, run_cli
-from test_workflow import job_counts, snakemake
 
 TRAIN_COUNTS = [10, 5, 2, 1]  # ratio 10
 TEST_PER_CLASS = 3
@@ -298,7 +297,7 @@ def test_source_is_deterministic_with_workers(tree, manifest):
 
     a, b = epoch(0), epoch(2)
     assert len(a) == len(b) == 3
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 

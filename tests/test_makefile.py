@@ -31,9 +31,11 @@ def test_outside_an_environment_make_creates_and_uses_dot_venv(tmp_path):
     p = make("-n", "test", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "python3 -m venv .venv" in p.stdout
-    assert '.venv/bin/python -m pip install --quiet -e ".[test,slurm,docs]"' in p.stdout
+    assert '.venv/bin/python -m pip install --quiet -e ".[test,slurm,docs,lint]"' in p.stdout
     assert ".venv/bin/python -m pytest -q" in p.stdout
     assert f'PATH="{tmp_path}/.venv/bin:' in p.stdout  # the environment's snakemake/python first
+    # make lint's gates run before the test suite (tests/test_lint.py: what each gate catches)
+    assert -1 < p.stdout.index('"ruff check ltbench tests"') < p.stdout.index("-m pytest -q")
 
 
 @pytest.mark.parametrize("var", ["VIRTUAL_ENV", "CONDA_PREFIX"])
@@ -41,7 +43,7 @@ def test_inside_an_active_environment_make_uses_it(tmp_path, var):
     p = make("-n", "demo", cwd=tmp_path, env_extra={var: str(tmp_path / "env")})
     assert p.returncode == 0, p.stderr
     assert "-m venv" not in p.stdout and ".venv" not in p.stdout
-    assert 'python3 -m pip install --quiet -e ".[test,slurm,docs]"' in p.stdout
+    assert 'python3 -m pip install --quiet -e ".[test,slurm,docs,lint]"' in p.stdout
     assert "python3 -m snakemake --cores 2 --configfile config/demo.yaml" in p.stdout
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltbench.nn import backbones as models, norm
+from ltbench.nn import backbones as models
+from ltbench.nn import norm
 from ltbench.nn.norm import CompoundBatchNorm2d, NormalizedBatchNorm2d
 
 EPS = 1e-5
@@ -88,7 +89,7 @@ def mixture_data(seed: int, sizes=(300, 200, 100), dim=4, spread=6.0):
     rng = np.random.default_rng(seed)
     centers = rng.normal(0.0, spread, size=(len(sizes), dim))
     scales = rng.uniform(0.5, 2.0, size=(len(sizes), dim))
-    X = np.concatenate([c + s * rng.normal(size=(n, dim)) for c, s, n in zip(centers, scales, sizes)])
+    X = np.concatenate([c + s * rng.normal(size=(n, dim)) for c, s, n in zip(centers, scales, sizes, strict=True)])
     return X[rng.permutation(len(X))]
 
 
@@ -381,9 +382,8 @@ def test_split_mode_ignored_in_eval_and_restored_after_exception():
     with norm.split_mode(model, groups):
         assert all(m.split_groups is groups for m in model[1:])
         close(model(x), plain, atol=0, rtol=0)
-    with pytest.raises(RuntimeError, match="boom"):
-        with norm.split_mode(model, groups):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), norm.split_mode(model, groups):
+        raise RuntimeError("boom")
     assert all(m.split_groups is None for m in model[1:])
     assert not hasattr(model[0], "split_groups")  # plain BN untouched
 
@@ -395,9 +395,8 @@ def test_split_mode_ignored_in_eval_and_restored_after_exception():
     model.load_state_dict(state)
     compound = model(x)
     assert (split - compound).abs().max() > 1e-3
-    with pytest.raises(ValueError, match=r"\[0, 2\)"):
-        with norm.split_mode(model, torch.tensor([0, 1, 2, 0, 0, 0])):
-            pass
+    with pytest.raises(ValueError, match=r"\[0, 2\)"), norm.split_mode(model, torch.tensor([0, 1, 2, 0, 0, 0])):
+        pass
 
 
 def test_class_groups_uniform_by_index():

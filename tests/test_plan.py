@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from ltbench.spec import config
 from ltbench.spec.catalog import BACKBONES, backbone_depth
 from ltbench.tools import plan

@@ -3,11 +3,11 @@ runs as written, in order (the README first, then the pages by path), after the 
 
 A command that cannot run on an offline CPU machine says why at its end, ``# needs: <what>``; it
 is skipped here with that reason (and listed in the test's output). ``make demo`` and ``make test``
-are this test's precondition and its caller: the test runs in a copy of the repository where a
-short demo (one experiment, one seed, two epochs) has run, so the commands see ``results/demo``.
-Commands that train get tiny epochs (``--epochs 1``, ``--warmup-epochs 0``); paths under /tmp go to the test's folder. A
-``python -m MODULE`` command whose module is not installed (e.g. mkdocs without the docs extra) is
-skipped, saying so.
+are this test's precondition and its caller (with the ``make lint`` that ``make test`` runs first):
+the test runs in a copy of the repository where a short demo (one experiment, one seed, two epochs)
+has run, so the commands see ``results/demo``. Commands that train get tiny epochs (``--epochs 1``,
+``--warmup-epochs 0``); paths under /tmp go to the test's folder. A ``python -m MODULE`` command whose
+module is not installed (e.g. mkdocs without the docs extra) is skipped, saying so.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECONDITIONS = {"make demo", "make test", "source .venv/bin/activate"}
+PRECONDITIONS = {"make demo", "make test", "make lint", "source .venv/bin/activate"}
 NEEDS = re.compile(r"#\s*needs:\s*(.+)$")
 
 

@@ -300,7 +300,7 @@ def test_runs_table_has_a_protocol_column(tmp_path):
         }
 
     runs, _ = aggregate.tables([metrics("ce", "controlled"), metrics("ce@published", "published")])
-    assert dict(zip(runs.method, runs.protocol)) == {"ce": "controlled", "ce@published": "published"}
+    assert dict(zip(runs.method, runs.protocol, strict=True)) == {"ce": "controlled", "ce@published": "published"}
 
 
 def test_ldamdrw_reference_is_table2_as_accuracy():

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from ltbench.analysis import reference
+from ltbench.analysis.reference import ReferenceFileError, entries, load, papers
 from ltbench.spec import references
-from ltbench.analysis.reference import entries, load, papers, ReferenceFileError
 
 CIFAR_COLS = [("cifar10", 100), ("cifar10", 50), ("cifar10", 10), ("cifar100", 100), ("cifar100", 50), ("cifar100", 10)]
 CBN = "baseline+cbn+sbn+dpl"
@@ -84,12 +84,12 @@ def test_table2_spot_checks(cbn):
     assert cell(cbn, 2, CBN, "cifar100", 10).value == 65.35
     t2 = cbn[cbn.table == 2]
     assert set(t2.metric) == {"top1"} and set(t2.backbone) == {"resnet32"} and not t2.quoted.any()
-    assert set(zip(t2.dataset, t2.ratio)) == set(CIFAR_COLS)
+    assert set(zip(t2.dataset, t2.ratio, strict=True)) == set(CIFAR_COLS)
 
 
 def test_table3_rows_and_spot_checks(cbn):
     t3 = cbn[cbn.table == 3]
-    rows = dict(zip(t3.row, t3.method))
+    rows = dict(zip(t3.row, t3.method, strict=True))
     assert rows == {
         "I": "baseline",
         "II": "baseline+dt+rs",
@@ -101,7 +101,7 @@ def test_table3_rows_and_spot_checks(cbn):
         "VIII": "baseline+cbn+dt+rw+rs",
     }
     assert t3.groupby("row").size().eq(4).all() and set(t3.metric) == {"top1", "many", "medium", "few"}
-    assert set(zip(t3.dataset, t3.ratio)) == {("cifar100", 100)}
+    assert set(zip(t3.dataset, t3.ratio, strict=True)) == {("cifar100", 100)}
     assert cell(cbn, 3, "baseline", "cifar100", 100, "top1").value == 49.66
     assert cell(cbn, 3, "baseline+dt+rw+rs", "cifar100", 100, "few").value == 37.07
     assert cell(cbn, 3, "baseline+cbn+dt+rs", "cifar100", 100, "many").value == 70.32
@@ -141,8 +141,13 @@ def test_tables5_to_7(cbn):
 def _md_tables(text: str) -> dict:
     """Parse cbn-2022.md's Tables 2–7 into {(table, method, dataset, ratio, metric): value or None}."""
     out = {}
-    name = lambda s: "baseline+cbn+sbn+dpl" if s.startswith("CBN") else s.lower().replace(" ", "")
-    num = lambda s: None if s.strip() in ("–", "-") else float(s)
+
+    def name(s):
+        return "baseline+cbn+sbn+dpl" if s.startswith("CBN") else s.lower().replace(" ", "")
+
+    def num(s):
+        return None if s.strip() in ("–", "-") else float(s)
+
     t3_methods = dict(
         I="baseline",
         II="baseline+dt+rs",
@@ -160,10 +165,10 @@ def _md_tables(text: str) -> dict:
             if not line.startswith("|") or cells[0] in ("row", "exp", "method") or set(cells[0]) <= {"-"}:
                 continue
             if table == 3:
-                for metric, v in zip(["top1", "many", "medium", "few"], cells[5:9]):
+                for metric, v in zip(["top1", "many", "medium", "few"], cells[5:9], strict=True):
                     out[(3, t3_methods[cells[0]], "cifar100", 100, metric)] = num(v)
             else:
-                for (d, r), v in zip(CIFAR_COLS, cells[1:7]):
+                for (d, r), v in zip(CIFAR_COLS, cells[1:7], strict=True):
                     out[(table, name(cells[0]), d, r, "top1")] = num(v)
     for table, d, r in [(5, "imagenet-lt", 256), (6, "places-lt", 996), (7, "inat2018", 500)]:
         line = re.search(rf"Table {table} — [^:]*:(.*?)\.\n", text, re.S).group(1)
@@ -219,7 +224,7 @@ def test_claimed_gains_reproduce_table2_brackets():
 def test_nbn_entries_are_null_and_not_reported():
     nbn = entries("nbn2025")
     assert len(nbn) == 14 and nbn.value.isna().all() and set(nbn.method) == {"nbn", "ce"}
-    assert set(zip(nbn.dataset, nbn.ratio)) == set(CIFAR_COLS) | {("imagenet-lt", 256)}
+    assert set(zip(nbn.dataset, nbn.ratio, strict=True)) == set(CIFAR_COLS) | {("imagenet-lt", 256)}
     assert set(nbn[nbn.dataset == "imagenet-lt"].backbone) == {"resnet50"}
     md = load("nbn2025")["metadata"]
     assert md["arxiv"] == "2501.03122" and md["code"] == "https://github.com/yuxiangbao/NBN"

@@ -16,9 +16,9 @@ from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
-
 import synthetic
 from conftest import ROOT
+
 from ltbench.analysis import aggregate
 from ltbench.report import page as report
 from ltbench.spec import config

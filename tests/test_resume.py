@@ -10,6 +10,7 @@ restarts; a second trainer of a locked cell exits naming the holder; an unwritab
 is an error before any training.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -26,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT
+
 from ltbench.errors import CellBusy, ConfigError
 from ltbench.training import celldir, checkpoint
 
@@ -156,10 +157,8 @@ def watch_metrics(out: Path, stop: threading.Event, seen: list):
     path = out / "metrics.json"
     while not stop.is_set():
         if path.exists():
-            try:
+            with contextlib.suppress(FileNotFoundError):  # replaced between exists() and read: look again
                 seen.append(json.loads(path.read_text())["top1"])
-            except FileNotFoundError:
-                pass
         time.sleep(0.005)
 
 

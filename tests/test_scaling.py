@@ -5,13 +5,13 @@ import json
 
 import pandas as pd
 import pytest
-from scipy import stats
-
 import synthetic
+from scipy import stats
+from test_workflow import ROOT, job_counts, snakemake
+
 from ltbench.analysis import aggregate, gains
 from ltbench.report import figures, page
 from ltbench.spec import config
-from test_workflow import ROOT, job_counts, snakemake
 
 SCALE = ROOT / "config" / "fashion-scale.yaml"
 # The designed trend: + CBN's mean gap to its baseline at 8, 32 and 128 epochs, and at depth 8, 20, 32.

@@ -4,7 +4,8 @@ definition the trainer, `ltbench bench` and `ltbench plan` share."""
 import pytest
 import torch
 
-from ltbench.nn import backbones as models, losses
+from ltbench.nn import backbones as models
+from ltbench.nn import losses
 from ltbench.spec import methods
 from ltbench.training import step
 

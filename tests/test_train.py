@@ -4,8 +4,8 @@ import signal
 import pytest
 import torch
 
-from ltbench.errors import Preempted
 from ltbench import data, malloc
+from ltbench.errors import Preempted
 from ltbench.nn import cbn_cpu, norm
 from ltbench.spec import config, methods
 from ltbench.training import trainer as train
@@ -70,7 +70,7 @@ def test_digits_lt_beats_chance_and_writes_metrics(prepared, tmp_path):
 def test_same_cell_twice_is_identical_on_cpu(prepared, tmp_path):
     a = train.run(spec(epochs=3), 10, 1, prepared, tmp_path / "a")
     b = train.run(spec(epochs=3), 10, 1, prepared, tmp_path / "b")
-    c = train.run(spec(epochs=3), 10, 2, prepared, tmp_path / "c")
+    train.run(spec(epochs=3), 10, 2, prepared, tmp_path / "c")
     assert a["per_class_acc"] == b["per_class_acc"] and a["top1"] == b["top1"]
     la = [json.loads(x)["train_loss"] for x in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["train_loss"] for x in (tmp_path / "b" / "train.jsonl").read_text().splitlines()]

@@ -27,8 +27,8 @@ With the workflow config (``--config-json`` / ``--config``) also:
 - ``gains.csv``: per claimed gain the experiment can test (``kind`` = ``claim``) and, for an
   experiment with ``figure: ablation`` or ``figure: sensitivity``, per method over the first one
   (``kind`` = ``ablation`` / ``sensitivity``), for ``figure: scaling`` per method over the first one of
-  the same training length (:func:`ltbench.analysis.gains.scaling_pairs`, ``kind`` = ``scaling``): our gain, Welch (with its 95 % interval) and paired
-  t-tests, Holm-adjusted p, the "no gain" equivalence test, the paper's gain,
+  the same training length (:func:`ltbench.analysis.gains.scaling_pairs`, ``kind`` = ``scaling``): our
+  gain, Welch (with its 95 % interval) and paired t-tests, Holm-adjusted p, the "no gain" equivalence test, the paper's gain,
   a verdict and the seeds a non-significant gain needs (:mod:`ltbench.analysis.gains`).
 - ``findings.csv``: one row per claim the report tests (every claimed gain, sensitivity reading and
   reproduction test of every experiment), decided verdicts first: the rows of comparison.csv and
@@ -52,8 +52,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -103,7 +104,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def _number_problem(key: str, v) -> str | None:
+def _number_problem(key: str, v: Any) -> str | None:
     if v is None:
         return f"{key} is null"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -131,7 +132,7 @@ def _lists_problem(m: Mapping) -> str | None:
     return None
 
 
-def check_metrics(m) -> str | None:
+def check_metrics(m: Any) -> str | None:
     """Why a loaded ``metrics.json`` cannot be aggregated, or None when it can: another
     ``schema_version`` than :data:`SCHEMA_VERSION` (or none), a ``failure`` the trainer recorded (the
     run's test predictions collapsed onto one class: its reason, verbatim), a missing key, a cell without its keys,
@@ -160,7 +161,8 @@ def check_metrics(m) -> str | None:
 def load_metrics(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
     """(valid, invalid): the metrics files that pass :func:`check_metrics` (with ``_path``), and one
     ``{path, cell, reason}`` per file that does not (``cell``: the file's own cell mapping, if it has one)."""
-    good, bad = [], []
+    good: list[dict] = []
+    bad: list[dict[str, Any]] = []
     for p in map(str, paths):
         try:
             m = json.loads(Path(p).read_text())
@@ -177,7 +179,7 @@ def load_metrics(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
     return good, bad
 
 
-def _flat(v):
+def _flat(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, (list, dict)) else v
 
 
@@ -307,14 +309,16 @@ def membership(cfg: Mapping) -> dict[tuple, list[str]]:
     return out
 
 
-def _key(dataset, ratio, method, backbone, seed) -> tuple:
+def _key(dataset: str, ratio: Any, method: str, backbone: str, seed: Any) -> tuple:
     return (str(dataset), format_ratio(float(ratio)), str(method), str(backbone), int(seed))
 
 
 def _invalid_row(bad: Mapping, key: tuple | None, experiments: str = "") -> dict:
     key = key or ("", "", "", "", "")
     detail = bad["reason"] if bad.get("run_failure") else f"invalid metrics.json: {bad['reason']}"
-    return dict(zip([*KEYS, "seed"], key), experiments=experiments, status="failed", detail=detail, log=bad["path"])
+    return dict(
+        zip([*KEYS, "seed"], key, strict=True), experiments=experiments, status="failed", detail=detail, log=bad["path"]
+    )
 
 
 def _finished_keys(runs: pd.DataFrame) -> list[tuple]:
@@ -322,12 +326,13 @@ def _finished_keys(runs: pd.DataFrame) -> list[tuple]:
         return []
     return list(
         dict.fromkeys(
-            _key(*k) for k in zip(runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"])
+            _key(*k)
+            for k in zip(runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"], strict=True)
         )
     )
 
 
-def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = ()) -> pd.DataFrame:
+def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: Sequence[dict] = ()) -> pd.DataFrame:
     """Every cell of the config once (without a config: every finished run) with its experiments and
     status, then any invalid metrics file that is no cell of the config (see the module docstring)."""
     done = set(_finished_keys(runs))
@@ -336,13 +341,16 @@ def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = (
     rows, used = [], set()
     cells = config_cells(cfg) if cfg is not None else []
     member = membership(cfg) if cfg is not None else {}
+    results_dir = Path(cfg["results_dir"]) if cfg is not None else Path()
     for c in cells:
         key = _key(c.dataset, c.ratio, c.method, c.backbone, c.seed)
         exps = " ".join(member[(c.dataset, c.ratio, c.method, c.backbone, c.seed)])
-        log = Path(cfg["results_dir"]) / TRAIN_LOG.format(path=c.path)
-        bad = bad_by_path.get(str(Path(cfg["results_dir"]) / "runs" / c.path / "metrics.json")) or bad_by_key.get(key)
+        log = results_dir / TRAIN_LOG.format(path=c.path)
+        bad = bad_by_path.get(str(results_dir / "runs" / c.path / "metrics.json")) or bad_by_key.get(key)
         if key in done:
-            rows.append(dict(zip([*KEYS, "seed"], key), experiments=exps, status="finished", detail="", log=""))
+            rows.append(
+                dict(zip([*KEYS, "seed"], key, strict=True), experiments=exps, status="finished", detail="", log="")
+            )
         elif bad is not None:
             used.add(bad["path"])
             rows.append(_invalid_row(bad, key, exps))
@@ -350,7 +358,7 @@ def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = (
             failed = log.exists()
             rows.append(
                 dict(
-                    zip([*KEYS, "seed"], key),
+                    zip([*KEYS, "seed"], key, strict=True),
                     experiments=exps,
                     status="failed" if failed else "not run",
                     detail=_log_detail(log) if failed else "",
@@ -359,7 +367,8 @@ def cell_status(cfg: Mapping | None, runs: pd.DataFrame, invalid: list[dict] = (
             )
     if cfg is None:
         rows += [
-            dict(zip([*KEYS, "seed"], k), experiments="", status="finished", detail="", log="") for k in sorted(done)
+            dict(zip([*KEYS, "seed"], k, strict=True), experiments="", status="finished", detail="", log="")
+            for k in sorted(done)
         ]
     rows += [
         _invalid_row(b, _key(*(b["cell"][k] for k in (*KEYS, "seed"))) if b["cell"] else None)
@@ -414,16 +423,16 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: bool = False) -> dict:
+def main(paths: Iterable[str | Path], out_dir: Path, cfg: Mapping | None = None, existing: bool = False) -> dict:
     """Write the tables of the module docstring into ``out_dir``; returns {name: DataFrame}."""
-    paths = expand_paths(paths)
+    files = expand_paths(paths)
     if existing:
         if cfg is None:
             raise ValueError("--existing needs the workflow config (--config or --config-json)")
-        paths = sorted(set(paths) | set(existing_metrics(cfg)))
-    if not paths and cfg is None:
+        files = sorted(set(files) | set(existing_metrics(cfg)))
+    if not files and cfg is None:
         raise ValueError("no metrics.json files given (pass them, or --existing with the config)")
-    good, invalid = load_metrics(paths)
+    good, invalid = load_metrics(files)
     for b in invalid:
         print(
             f"ltbench aggregate: {b['path']}: not aggregated, listed as a failed cell: {b['reason']}", file=sys.stderr
@@ -436,7 +445,14 @@ def main(paths: list[str], out_dir: Path, cfg: Mapping | None = None, existing: 
             "experiments",
             [
                 " ".join(member.get(k, []))
-                for k in zip(runs["dataset"], runs["ratio"], runs["method"], runs["backbone"], runs["seed"].astype(int))
+                for k in zip(
+                    runs["dataset"],
+                    runs["ratio"],
+                    runs["method"],
+                    runs["backbone"],
+                    runs["seed"].astype(int),
+                    strict=True,
+                )
             ],
         )
     out = {

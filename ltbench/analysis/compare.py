@@ -32,7 +32,8 @@ any other.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -230,7 +231,7 @@ def decision_line(
     if und.empty:
         return text
     have = und[list(n_cols)].min(axis=1)
-    extra = sorted(int(s - h) for s, h in zip(und["seeds_needed"], have) if not pd.isna(s))
+    extra = sorted(int(s - h) for s, h in zip(und["seeds_needed"], have, strict=True) if not pd.isna(s))
     beyond = len(und) - len(extra)
     parts = []
     if extra:
@@ -257,7 +258,7 @@ def margin_of(exp: Mapping, cfg: Mapping | None = None) -> float:
     return float((cfg or {}).get("margin", MARGIN))
 
 
-def table_label(table) -> str | None:
+def table_label(table: Any) -> str | None:
     """A table given as 2, "2" or None -> "2" / None (reference tables are compared as strings)."""
     if table is None or (not isinstance(table, str) and pd.isna(table)):
         return None

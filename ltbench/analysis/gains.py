@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,7 @@ def _cell_values(runs: pd.DataFrame, cell: Mapping, method: str) -> pd.Series:
     return sel.set_index("seed")["value"].sort_index()
 
 
-def _paper_value(reference_df: pd.DataFrame | None, table, cell: Mapping, method: str) -> float:
+def _paper_value(reference_df: pd.DataFrame | None, table: Any, cell: Mapping, method: str) -> float:
     if reference_df is None:
         return math.nan
     r = reference_df
@@ -117,7 +118,7 @@ def _tests(a: pd.Series, b: pd.Series, names: tuple[str, str]) -> dict:
     """Welch and paired t-tests of two methods' per-seed values, and why one is missing."""
     why = [
         f"no runs of {n!r}" if len(v) == 0 else f"only {len(v)} run of {n!r}: t-tests need n >= 2"
-        for n, v in zip(names, (a, b))
+        for n, v in zip(names, (a, b), strict=True)
         if len(v) < 2
     ]
     out = dict(
@@ -195,14 +196,15 @@ def gains(
     ("" when both tests ran). ``sd_diff`` is the std of the per-seed differences (same seeds only).
     """
     if isinstance(claims, str):
-        paper = claims
-        claims = load(paper).get("claims", [])
+        claim_list: Iterable[Mapping] = load(claims).get("claims", [])
         if reference_df is None:
-            reference_df = entries(paper)
+            reference_df = entries(claims)
+    else:
+        claim_list = claims
     runs = compare._check_runs(runs)
     rows = [
         _claim_row(runs, c, {**cell, "backbone": c["backbone"], "metric": c.get("metric", "top1")}, reference_df)
-        for c in claims
+        for c in claim_list
         for cell in c["cells"]
     ]
     return pd.DataFrame(rows, columns=GAIN_COLUMNS)
@@ -218,7 +220,7 @@ def gain_verdict(gain: float, p: float, equivalent: bool = False, expected_sign:
     return "no gain" if equivalent else "not significant"
 
 
-def _se_df(r) -> tuple[float, float, float, float]:
+def _se_df(r: Any) -> tuple[float, float, float, float]:
     """(standard error, df, power scale, df_per) of the row's deciding test (paired, else Welch)."""
     if not pd.isna(r.paired_p):
         n = r.n_method
@@ -229,7 +231,7 @@ def _se_df(r) -> tuple[float, float, float, float]:
     return math.sqrt(v1 + v2), df, scale, df_per
 
 
-def _judge_row(r, sign: int, p_holm: float, margin: float, alpha: float, family: int) -> dict:
+def _judge_row(r: Any, sign: int, p_holm: float, margin: float, alpha: float, family: int) -> dict:
     out = dict(
         expected_sign=sign,
         test="",
@@ -247,8 +249,10 @@ def _judge_row(r, sign: int, p_holm: float, margin: float, alpha: float, family:
         return out
     out["test"], out["p_value"] = ("paired t", r.paired_p) if not pd.isna(r.paired_p) else ("Welch t", r.welch_p)
     se, df, scale, df_per = _se_df(r)
-    out["equiv_low"], out["equiv_high"], out["equiv_p"] = compare.equivalence(r.gain, se, df, margin, alpha)
-    out["gain_verdict"] = gain_verdict(r.gain, p_holm, out["equiv_p"] < alpha, sign, alpha)
+    out["equiv_low"], out["equiv_high"], out["equiv_p"] = low, high, p_equiv = compare.equivalence(
+        r.gain, se, df, margin, alpha
+    )
+    out["gain_verdict"] = gain_verdict(r.gain, p_holm, p_equiv < alpha, sign, alpha)
     if out["gain_verdict"] == "not significant":
         out["seeds_needed"], out["seeds_test"] = power.seeds_to_decide(
             r.gain, scale, margin, df_per, alpha, alpha / max(family, 1)
@@ -264,7 +268,10 @@ def judge_gains(
     adjusted = power.holm(p)
     family = sum(not pd.isna(x) for x in p)
     judged = pd.DataFrame(
-        [_judge_row(r, s, ph, margin, alpha, family) for r, s, ph in zip(g.itertuples(index=False), signs, adjusted)],
+        [
+            _judge_row(r, s, ph, margin, alpha, family)
+            for r, s, ph in zip(g.itertuples(index=False), signs, adjusted, strict=True)
+        ],
         columns=JUDGED_COLUMNS,
         index=g.index,
     )

@@ -20,7 +20,7 @@ smallest ``n`` reaching the target power (80 %), assuming the observed ``d`` and
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from scipy import stats
 

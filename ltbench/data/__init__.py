@@ -9,9 +9,9 @@ padding, and functions that fetch and load the balanced originals. ``prepare`` w
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from ltbench.errors import ConfigError, DataFileError
 from ltbench.io import atomic_path
 from ltbench.registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 # (train_x, train_y, test_x, test_y) with images uint8 (N, C, H, W)
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -39,11 +39,11 @@ class DatasetSpec:
     many_threshold: int = 100
     few_threshold: int = 20
     # load(data_dir, options) -> Arrays; options are the dataset's config entry
-    load: Callable[[Path, dict], Arrays] = field(default=None, repr=False)
-    # fetch(data_dir, options) -> None; None for embedded data
-    fetch: Optional[Callable[[Path, dict], None]] = field(default=None, repr=False)
-    url: Optional[str] = None
-    md5: Optional[str] = None
+    load: Callable[[Path, dict], Arrays] | None = field(default=None, repr=False)
+    # fetch(data_dir, options) -> the folder it filled; None for embedded data
+    fetch: Callable[[Path, dict], Path] | None = field(default=None, repr=False)
+    url: str | None = None
+    md5: str | None = None
     needs_download: bool = False
 
 
@@ -112,6 +112,8 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
     profile = options.get("profile", "exp")
     subset_seed = int(options.get("subset_seed", 0))
     counts = longtail_counts(spec.num_classes, spec.n_max, ratio, profile)
+    if spec.load is None:
+        raise ConfigError(f"dataset {name!r} has no loader of its own arrays")
     train_x, train_y, test_x, test_y = spec.load(Path(data_dir), options)
     idx = longtail_indices(train_y, counts, subset_seed)
     val = heldout_val_indices(train_y, idx, int(options.get("val_per_class", VAL_PER_CLASS)), subset_seed)
@@ -125,20 +127,19 @@ def prepare(name: str, ratio: float, data_dir: Path, out: Path, options: dict | 
         "test_total": int(len(test_y)),
         "val_total": int(len(val)),
     }
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                train_x=train_x[idx],
-                train_y=train_y[idx].astype(np.int64),
-                test_x=test_x,
-                test_y=test_y.astype(np.int64),
-                counts=np.asarray(counts),
-                subset_indices=idx,
-                val_x=train_x[val],
-                val_y=train_y[val].astype(np.int64),
-                val_indices=val,
-            )
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            train_x=train_x[idx],
+            train_y=train_y[idx].astype(np.int64),
+            test_x=test_x,
+            test_y=test_y.astype(np.int64),
+            counts=np.asarray(counts),
+            subset_indices=idx,
+            val_x=train_x[val],
+            val_y=train_y[val].astype(np.int64),
+            val_indices=val,
+        )
     return info
 
 
@@ -193,5 +194,9 @@ def check_prepared(path: str | Path, dataset: str, ratio: float, profile: str = 
         )
 
 
-from ltbench.data import cifar, digits, imagelists  # noqa: E402,F401  (register the datasets)
-from ltbench.data import fashion  # noqa: E402,F401  (registers fashion-mnist)
+from ltbench.data import (  # noqa: E402,F401  (register the datasets)
+    cifar,
+    digits,
+    fashion,  # noqa: E402,F401  (registers fashion-mnist)
+    imagelists,
+)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -232,7 +233,7 @@ def magnitude_bins(
 
 
 @functools.lru_cache(maxsize=32)
-def _policy_table(policy: str, h: int, w: int, device: torch.device):
+def _policy_table(policy: str, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(op ids, probabilities as float32, unsigned magnitudes, signed flags), each (P, 2)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown AutoAugment policy {policy!r}; known: {', '.join(POLICIES)}")
@@ -307,7 +308,7 @@ def autoaugment(
     live on ``x.device`` (``None``: torch's default generator of that device).
     """
     policy = getattr(policy, "value", policy)
-    draw = sample_autoaugment(x.shape[0], x.shape[-2:], generator, policy, x.device)
+    draw = sample_autoaugment(x.shape[0], (x.shape[-2], x.shape[-1]), generator, policy, x.device)
     return apply_autoaugment(x, draw, policy, fill)
 
 
@@ -335,17 +336,17 @@ def _check_image_batch(x: torch.Tensor) -> None:
         raise TypeError(f"expected a uint8 (N, C, H, W) tensor, got {x.dtype} of shape {tuple(x.shape)}")
 
 
-def _per_sample(magnitude, x: torch.Tensor) -> torch.Tensor:
+def _per_sample(magnitude: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(magnitude, torch.Tensor):
         return torch.full((x.shape[0],), float(magnitude), dtype=torch.float64, device=x.device)
     m = magnitude.to(device=x.device, dtype=torch.float64)
     return m.expand(x.shape[0]) if m.dim() == 0 else m
 
 
-def _make_op(name: str):
+def _make_op(name: str) -> Callable[..., torch.Tensor]:
     op_id = _OP[name]
 
-    def op(x: torch.Tensor, magnitude, fill: float | Sequence[float] = 0) -> torch.Tensor:
+    def op(x: torch.Tensor, magnitude: float | torch.Tensor, fill: float | Sequence[float] = 0) -> torch.Tensor:
         _check_image_batch(x)
         m = _per_sample(magnitude, x)
         ops = torch.full((x.shape[0],), op_id, device=x.device)
@@ -364,7 +365,9 @@ def _make_op(name: str):
 OPS = {name: _make_op(name) for name in OP_NAMES}
 
 
-def _apply_slot(x: torch.Tensor, ops: torch.Tensor, mag: torch.Tensor, fill, present: frozenset) -> torch.Tensor:
+def _apply_slot(
+    x: torch.Tensor, ops: torch.Tensor, mag: torch.Tensor, fill: float | Sequence[float], present: frozenset
+) -> torch.Tensor:
     """One AutoAugment slot: sample i applies op ``ops[i]`` (-1: none) with magnitude ``mag[i]``."""
     x = x.contiguous()
     n, c, h, w = x.shape
@@ -386,13 +389,13 @@ def _apply_slot(x: torch.Tensor, ops: torch.Tensor, mag: torch.Tensor, fill, pre
             values = torch.arange(256, device=x.device).view(1, 1, 256)
             lut = _slot_pointwise(x, flat, gray, ops, mag, present, values)
             out = lut.reshape(-1).index_select(0, flat).view(n, c, h, w)
-    if present & _BLEND:
+    if present & _BLEND and xf is not None:
         blended = _slot_blend(xf, gray, ops, mag, present)
         sel = torch.zeros_like(ops, dtype=torch.bool)
         for k in present & _BLEND:
             sel |= ops == k
         out = torch.where(sel[:, None, None, None], blended, out)
-    if present & _GEOMETRIC:
+    if present & _GEOMETRIC and xf is not None:
         theta, sel = _slot_theta(ops, mag, h, w, present)
         out = torch.where(sel[:, None, None, None], _affine(xf, theta, fill), out)
     return out
@@ -410,7 +413,15 @@ def _blend_factors(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ratio.float(), (1.0 - ratio).float()
 
 
-def _slot_pointwise(x, flat, gray, ops, mag, present, v) -> torch.Tensor:
+def _slot_pointwise(
+    x: torch.Tensor,
+    flat: torch.Tensor,
+    gray: torch.Tensor | None,
+    ops: torch.Tensor,
+    mag: torch.Tensor,
+    present: frozenset,
+    v: torch.Tensor,
+) -> torch.Tensor:
     """The pointwise ops (identity for samples applying none) evaluated at pixel values ``v``.
 
     ``v``: (1, 1, 256) ``arange`` (the result is a per-sample per-channel lookup table) or the
@@ -421,7 +432,7 @@ def _slot_pointwise(x, flat, gray, ops, mag, present, v) -> torch.Tensor:
     vf = v.float()
     out = v.to(torch.uint8).expand(n, c, k)
 
-    def put(name, result):
+    def put(name: str, result: torch.Tensor) -> None:
         nonlocal out
         out = torch.where((ops == _OP[name])[:, None, None], result, out)
 
@@ -430,7 +441,7 @@ def _slot_pointwise(x, flat, gray, ops, mag, present, v) -> torch.Tensor:
     if _OP["Brightness"] in present:  # blend with a black image
         put("Brightness", (r * vf + one_minus_r * torch.zeros_like(vf)).clamp(0, 255).to(torch.uint8))
     if _OP["Contrast"] in present:  # blend with the mean of the grayscale image
-        mean = (gray if c == 3 else x).float().mean(dim=(-3, -2, -1), keepdim=True).view(n, 1, 1)
+        mean = (gray if gray is not None else x).float().mean(dim=(-3, -2, -1), keepdim=True).view(n, 1, 1)
         put("Contrast", (r * vf + one_minus_r * mean).clamp(0, 255).to(torch.uint8))
     if _OP["Posterize"] in present:
         keep = (256 - torch.pow(2, 8 - mag.trunc().long())).to(torch.uint8)
@@ -471,14 +482,23 @@ def _equalize(flat: torch.Tensor, hi: torch.Tensor, v: torch.Tensor) -> torch.Te
     return torch.where(step == 0, v, lut.clamp(0, 255)).to(torch.uint8)
 
 
-def _slot_blend(xf, gray, ops, mag, present) -> torch.Tensor:
+def _gray_float(gray: torch.Tensor | None) -> torch.Tensor:
+    """The float grayscale of a Color op's batch (:func:`_apply_slot` drops Color from batches that are not RGB)."""
+    if gray is None:
+        raise ValueError("AutoAugment's Color op needs an RGB batch")
+    return gray.float()
+
+
+def _slot_blend(
+    xf: torch.Tensor, gray: torch.Tensor | None, ops: torch.Tensor, mag: torch.Tensor, present: frozenset
+) -> torch.Tensor:
     """Color/Sharpness: ``_blend(img, degenerate, 1 + magnitude)`` for every sample."""
     if _OP["Sharpness"] in present:
         degenerate = _sharpness_degenerate(xf)
         if _OP["Color"] in present:
-            degenerate = torch.where((ops == _OP["Color"])[:, None, None, None], gray.float(), degenerate)
+            degenerate = torch.where((ops == _OP["Color"])[:, None, None, None], _gray_float(gray), degenerate)
     else:
-        degenerate = gray.float()
+        degenerate = _gray_float(gray)
     r, one_minus_r = _blend_factors(mag)
     # (r * img + (1 - r) * degenerate): two float32 products, then their sum, as in torchvision
     out = xf * r[:, None, None, None]
@@ -507,7 +527,15 @@ def _sharpness_degenerate(xf: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _inverse_affine_matrix(cx, cy, angle, tx, ty, shear_x, shear_y) -> torch.Tensor:
+def _inverse_affine_matrix(
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    angle: torch.Tensor,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    shear_x: torch.Tensor,
+    shear_y: torch.Tensor,
+) -> torch.Tensor:
     """``functional._get_inverse_affine_matrix`` (scale 1, float64, per sample): (N, 6)."""
     rot = angle * _DEG2RAD
     sx = shear_x * _DEG2RAD
@@ -522,7 +550,9 @@ def _inverse_affine_matrix(cx, cy, angle, tx, ty, shear_x, shear_y) -> torch.Ten
     return torch.stack([m0, m1, m2, m3, m4, m5], dim=1)
 
 
-def _slot_theta(ops, mag, h, w, present) -> tuple[torch.Tensor, torch.Tensor]:
+def _slot_theta(
+    ops: torch.Tensor, mag: torch.Tensor, h: int, w: int, present: frozenset
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (N, 2, 3) float32 inverse affine matrices and the mask of geometric samples."""
     zero = torch.zeros_like(mag)
     shear_deg = torch.atan(mag) * _RAD2DEG  # math.degrees(math.atan(magnitude))
@@ -543,7 +573,7 @@ def _slot_theta(ops, mag, h, w, present) -> tuple[torch.Tensor, torch.Tensor]:
     return theta, sel
 
 
-def _affine(xf: torch.Tensor, theta: torch.Tensor, fill) -> torch.Tensor:
+def _affine(xf: torch.Tensor, theta: torch.Tensor, fill: float | Sequence[float]) -> torch.Tensor:
     """``_functional_tensor.affine`` (nearest, same output size) with per-sample ``theta``."""
     n, c, h, w = xf.shape
     dev = xf.device

@@ -7,14 +7,20 @@ long-tail subset construction depends on.
 from __future__ import annotations
 
 import pickle
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ltbench.data import Arrays
+
 try:  # NumPy >= 2 moved the reconstruct functions to numpy._core
-    from numpy._core import multiarray as _multiarray, numeric as _numeric
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
 except ImportError:  # pragma: no cover - NumPy 1.x
-    from numpy.core import multiarray as _multiarray, numeric as _numeric
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]  # the same module, older home
+    from numpy.core import numeric as _numeric  # type: ignore[no-redef]  # the same module, older home
 
 from ltbench.data import DatasetSpec, register
 from ltbench.data.download import DownloadError, fetch, md5sum, safe_extract
@@ -71,8 +77,8 @@ def _md5_ok(path: Path, md5: str) -> bool:
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
-    ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,
+    ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,  # type: ignore[attr-defined]  # private: no stub
+    ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,  # type: ignore[attr-defined]  # private: no stub
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
@@ -82,7 +88,7 @@ class _BatchUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, bytes, numbers and NumPy arrays, and nothing callable else:
     a pickle naming any other global (os.system, builtins.eval, ...) is refused before it runs."""
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
@@ -114,7 +120,7 @@ def _read(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     return x, np.asarray(d[label_key], dtype=np.int64)
 
 
-def load(name: str, data_dir: Path, options: dict):
+def load(name: str, data_dir: Path, options: dict) -> Arrays:
     _, _, inner, train_files, test_file, key = FILES[name]
     root = folder(name, data_dir) / inner
     parts = [_read(root / f, key) for f in train_files]
@@ -135,8 +141,8 @@ for _name, _classes, _nmax in (("cifar10", 10, 5000), ("cifar100", 100, 500)):
             mean=MEAN,
             std=STD,
             padding=4,
-            load=lambda d, o, n=_name: load(n, d, o),
-            fetch=lambda d, o, n=_name: download(n, d, o),
+            load=partial(load, _name),
+            fetch=partial(download, _name),
             url=BASE_URL + FILES[_name][0],
             md5=FILES[_name][1],
             needs_download=True,

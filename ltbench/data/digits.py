@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ltbench.data import DatasetSpec, register
+from ltbench.data import Arrays, DatasetSpec, register
 
 TEST_PER_CLASS = 50
 
 
-def load(data_dir: Path, options: dict):
+def load(data_dir: Path, options: dict) -> Arrays:
     from sklearn.datasets import load_digits  # lazy: scikit-learn takes a second to import
 
     d = load_digits()

@@ -164,7 +164,9 @@ def _extract(archive: Path, tmp: Path) -> None:
                         "written outside the target directory or is not a plain file"
                     )
             # the "data" filter where Python has it (3.11.4+, 3.12); the checks above refuse the rest
-            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(tmp, members=members, **safe)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, members=members, filter="data")
+            else:  # pragma: no cover - Python < 3.11.4
+                tar.extractall(tmp, members=members)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DownloadError(f"{archive} is not a readable tar archive ({e}); delete it and download again") from e

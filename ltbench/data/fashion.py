@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ltbench.data import DatasetSpec, register
+from ltbench.data import Arrays, DatasetSpec, register
 from ltbench.data.download import fetch
 from ltbench.errors import ConfigError, DownloadError
 
@@ -157,7 +157,7 @@ def verified(path: Path, key: str, data_dir: Path, options: dict) -> bytes:
     )
 
 
-def load(data_dir: Path, options: dict):
+def load(data_dir: Path, options: dict) -> Arrays:
     """(train_x, train_y, test_x, test_y): uint8 images (N, 1, 28, 28), int64 labels."""
     paths = locate(data_dir, options)
     arrays = {k: parse_idx(verified(p, k, data_dir, options), str(p)) for k, p in paths.items()}

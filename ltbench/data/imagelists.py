@@ -28,10 +28,11 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class ImageListSpec(DatasetSpec):
     image_lists: bool = True
     train_size: int = 0
     test_size: int = 0
-    val_size: Optional[int] = None
+    val_size: int | None = None
     ratio: float = 1.0
     color_jitter: bool = False  # ColorJitter(0.4, 0.4, 0.4, 0) in the training views by default
     list_files: tuple[str, ...] = ()  # the usual file names, for error messages and docs
@@ -117,14 +118,22 @@ INAT2018 = register(
 )
 
 
+def image_list_spec(name: str) -> ImageListSpec:
+    """The registered spec of the image-list dataset ``name``; a clear error for any other dataset."""
+    spec = DATASETS.get(name)
+    if not isinstance(spec, ImageListSpec):
+        raise ConfigError(f"dataset {name!r} is not an image-list dataset (ImageNet-LT, Places-LT, iNaturalist)")
+    return spec
+
+
 def is_image_list(name: str) -> bool:
     return name in DATASETS and bool(getattr(DATASETS.get(name), "image_lists", False))
 
 
 def expected(name: str, options: Mapping[str, Any] | None = None) -> dict:
     """Known sizes of ``name`` with ``options['expected']`` overrides: train/test/val/classes/ratio."""
-    spec = DATASETS.get(name)
-    out = {
+    spec = image_list_spec(name)
+    out: dict[str, Any] = {
         "train": spec.train_size,
         "test": spec.test_size,
         "val": spec.val_size,
@@ -138,7 +147,7 @@ def expected(name: str, options: Mapping[str, Any] | None = None) -> dict:
 
 def transform_options(name: str, options: Mapping[str, Any] | None = None) -> dict:
     """The resolved transform settings of an image-list dataset (defaults filled in)."""
-    spec = DATASETS.get(name)
+    spec = image_list_spec(name)
     options = options or {}
     size = int(options.get("image_size") or spec.image_size)
     resize = options.get("resize")
@@ -185,7 +194,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
 
 def require_options(name: str, opts: Mapping[str, Any]) -> None:
-    spec = DATASETS.get(name)
+    spec = image_list_spec(name)
     for key in ("root", "train_list", "test_list"):
         if not opts.get(key):
             hint = {
@@ -247,7 +256,7 @@ def missing_files(root: Path, paths: list[str], threads: int = 8) -> list[int]:
     for i, p in enumerate(paths):
         by_dir[os.path.dirname(p)].append(i)
 
-    def scan(item):
+    def scan(item: tuple[str, list[int]]) -> list[int]:
         d, idx = item
         try:
             names = set(os.listdir(root / d))
@@ -260,7 +269,7 @@ def missing_files(root: Path, paths: list[str], threads: int = 8) -> list[int]:
     return sorted(out)
 
 
-def _check_split(name: str, split: str, file: Path, root: Path, exp: Mapping, problems: list[str]):
+def _check_split(name: str, split: str, file: Path, root: Path, exp: Mapping, problems: list[str]) -> dict:
     paths, labels, lines = read_list(file)
     K = exp["classes"]
     key = f"datasets.{name}.expected.{split}"
@@ -410,7 +419,8 @@ def inat_to_list(json_path: str | Path, out: str | Path) -> dict:
         if img in label and label[img] != cat:
             raise ListCheckError(f"{json_path}: image_id {img!r} has two categories ({label[img]}, {cat})")
         label[img] = cat
-    lines, counts = [], defaultdict(int)
+    lines: list[str] = []
+    counts: defaultdict[int, int] = defaultdict(int)
     for i, im in enumerate(d["images"]):
         try:
             img, fname = im["id"], im["file_name"]

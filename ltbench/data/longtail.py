@@ -7,7 +7,7 @@ RNG seeded once (the *subset* seed, kept separate from the training seed).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def longtail_counts(num_classes: int, n_max: int, ratio: float, profile: str = "
     raise ValueError(f"unknown long-tail profile {profile!r}; known: {', '.join(PROFILES)}")
 
 
-def longtail_indices(targets: Sequence[int], counts: Sequence[int], seed: int = 0) -> np.ndarray:
+def longtail_indices(targets: Sequence[int] | np.ndarray, counts: Sequence[int], seed: int = 0) -> np.ndarray:
     """Indices of the long-tailed subset, grouped by class in class order.
 
     ``np.random.seed(seed)`` once, then for each class c in order: the indices of class c in the
@@ -42,11 +42,11 @@ def longtail_indices(targets: Sequence[int], counts: Sequence[int], seed: int = 
     LDAM-DRW ``IMBALANCECIFAR10.gen_imbalanced_data`` construction (which uses the global NumPy
     RNG; we use a private ``RandomState`` with the same stream so callers' RNG state is untouched).
     """
-    targets = np.asarray(targets)
+    labels = np.asarray(targets)
     rng = np.random.RandomState(seed)
     picked = []
     for c, n in enumerate(counts):
-        idx = np.where(targets == c)[0]
+        idx = np.where(labels == c)[0]
         if n > len(idx):
             raise ValueError(f"class {c} has {len(idx)} images, {n} requested")
         rng.shuffle(idx)
@@ -59,7 +59,7 @@ def class_groups(counts: Sequence[int], many: int = 100, few: int = 20) -> list[
     return ["many" if n > many else "few" if n < few else "medium" for n in counts]
 
 
-def format_ratio(ratio: float) -> str:
-    """Ratios as they appear in paths and tables: 100 not 100.0, 12.5 stays."""
+def format_ratio(ratio: float | str) -> str:
+    """Ratios as they appear in paths and tables: 100 not 100.0, 12.5 stays (a wildcard's "100.0" too)."""
     r = float(ratio)
     return str(int(r)) if r.is_integer() else repr(r)

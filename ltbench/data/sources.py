@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,14 +24,15 @@ import torch.utils.data
 from ltbench.data import augment, imagelists
 from ltbench.data.imagelists import MANIFEST_SUFFIX
 
-
-DEFAULT_STRONG_VIEW = {"policy": "torchvision", "cutout": False}  # recipe.strong_view
+DEFAULT_STRONG_VIEW: dict[str, Any] = {"policy": "torchvision", "cutout": False}  # recipe.strong_view
 
 
 class TensorSource:
     strong_view = DEFAULT_STRONG_VIEW  # the trainer sets the recipe's
 
-    def __init__(self, data_file, device: torch.device, mean: Sequence[float], std: Sequence[float], padding: int):
+    def __init__(
+        self, data_file: str | Path, device: torch.device, mean: Sequence[float], std: Sequence[float], padding: int
+    ) -> None:
         with np.load(data_file) as z:
             self.train_x = torch.from_numpy(z["train_x"]).to(device)
             self.train_y = torch.from_numpy(z["train_y"]).to(device)
@@ -86,7 +89,7 @@ class TensorSource:
 
     def val(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out validation split in batches (never the test set); a clear error if absent."""
-        if self.val_y is None or len(self.val_y) == 0:
+        if self.val_x is None or self.val_y is None or len(self.val_y) == 0:
             raise ValueError(
                 f"{self.data_file} has no validation split (val_x/val_y); run `python -m ltbench "
                 "prepare` again (datasets.<name>.val_per_class > 0) to select τ on it"
@@ -99,7 +102,13 @@ class TensorSource:
 # Image-list datasets (ImageNet-LT, Places-LT, iNaturalist 2018)
 
 
-def make_source(data_file, device: torch.device, dspec, options=None, train=None):
+def make_source(
+    data_file: str | Path,
+    device: torch.device,
+    dspec: Any,
+    options: Mapping[str, Any] | None = None,
+    train: Mapping[str, Any] | None = None,
+) -> TensorSource | ImageListSource:
     """The source for a prepared file: an image-list manifest (``*.lists.json``) gives an
     :class:`ImageListSource`, anything else (the ``.npz`` of CIFAR / digits) a :class:`TensorSource`."""
     if str(data_file).endswith(MANIFEST_SUFFIX):
@@ -116,7 +125,11 @@ def make_source(data_file, device: torch.device, dspec, options=None, train=None
 
 
 def _resized_crop_params(
-    rng: np.random.Generator, width: int, height: int, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
 ) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.get_params`` (same algorithm) drawing from ``rng``: (i, j, h, w)."""
     area = height * width
@@ -158,7 +171,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths["train"])
 
-    def open(self, split: str, index: int):
+    def open(self, split: str, index: int) -> Any:
         from PIL import Image  # lazy: only image-list datasets decode files
 
         path = os.path.join(self.root, self.paths[split][index])
@@ -168,7 +181,7 @@ class ImageFiles(torch.utils.data.Dataset):
         except Exception as e:
             raise RuntimeError(f"cannot decode image {path} ({split} list entry {index}): {e}") from e
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, key: tuple) -> tuple[torch.Tensor, ...]:
         # lazy: torchvision, only image-list datasets transform PIL images
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
@@ -197,17 +210,17 @@ class ImageFiles(torch.utils.data.Dataset):
 class _Plan:
     """The DataLoader's batch sampler: the batches of keys set for the current pass."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.batches: list[list[tuple]] = []
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[tuple]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
 
 
-def _worker_init(_):
+def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
@@ -230,8 +243,14 @@ class ImageListSource:
     strong_view = DEFAULT_STRONG_VIEW  # the trainer sets the recipe's
 
     def __init__(
-        self, manifest_file, device: torch.device, dataset: str, options: dict, batch_size: int = 128, workers: int = 0
-    ):
+        self,
+        manifest_file: str | Path,
+        device: torch.device,
+        dataset: str,
+        options: Mapping[str, Any],
+        batch_size: int = 128,
+        workers: int = 0,
+    ) -> None:
         self.manifest, splits = imagelists.load_manifest(manifest_file)
         if self.manifest["dataset"] != dataset:
             raise imagelists.ListCheckError(
@@ -274,7 +293,7 @@ class ImageListSource:
     def labels(self) -> torch.Tensor:
         return self.train_y
 
-    def _run(self, batches: list[list[tuple]]):
+    def _run(self, batches: list[list[tuple]]) -> Iterator[list[torch.Tensor]]:
         if self._busy:
             raise RuntimeError("ImageListSource: one pass at a time (finish the epoch before testing)")
         self._busy = True
@@ -303,7 +322,7 @@ class ImageListSource:
             batches.append([("train", k, seed, i + j, kinds) for j, k in enumerate(chunk)])
         for b, xs in enumerate(self._run(batches)):
             out = []
-            for v, x in zip(views, xs):
+            for v, x in zip(views, xs, strict=True):
                 if v == "strong":
                     x = augment.strong_view(
                         x, gen, self.strong_view["policy"], self.strong_view["cutout"], table=self.policy
@@ -326,7 +345,9 @@ class ImageListSource:
             )
         yield from self._split("val", self.val_y, batch_size)
 
-    def _split(self, split: str, labels: torch.Tensor, batch_size: int | None):
+    def _split(
+        self, split: str, labels: torch.Tensor, batch_size: int | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = batch_size or self.test_batch_size
         n = len(labels)
         batches = [[(split, k, 0, k, ("none",)) for k in range(i, min(i + bs, n))] for i in range(0, n, bs)]

@@ -12,8 +12,8 @@ class-group split normalization SBN (split path, Sec. 3.3) while :func:`split_mo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -186,10 +186,7 @@ class CompoundBatchNorm2d(nn.Module):
         """``"first_batch"``: means from M distinct points (or samples), batch variance, uniform prior."""
         N, C, L = x.shape
         M = self.num_components
-        if self.responsibilities_mode == "pixel":
-            points = x.permute(0, 2, 1).reshape(N * L, C)
-        else:
-            points = x.mean(2)
+        points = x.permute(0, 2, 1).reshape(N * L, C) if self.responsibilities_mode == "pixel" else x.mean(2)
         P = points.shape[0]
         idx = torch.randperm(P, device=x.device)[torch.arange(M, device=x.device) % P]
         self.running_mean.copy_(points[idx])
@@ -417,5 +414,5 @@ def split_mode(model: nn.Module, groups_per_sample: torch.Tensor) -> Iterator[nn
     try:
         yield model
     finally:
-        for m, old in zip(layers, previous):
+        for m, old in zip(layers, previous, strict=True):
             m.split_groups = old

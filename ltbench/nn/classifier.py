@@ -39,16 +39,17 @@ Choices the papers leave open, made here:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn as nn
 
 from ltbench.nn import losses
-from ltbench.registry import Registry
+from ltbench.registry import Factory, Registry
 from ltbench.spec.methods import DEFAULT_RECIPE
 
-STAGES = Registry("decoupled classifier")
+STAGES: Registry[Factory] = Registry("decoupled classifier")
 BACKBONE_MODES = ("train", "eval")
 POST_HOC = (
     "τ-normalization (classifier: tau_norm) is post hoc and has no training step; "
@@ -60,7 +61,18 @@ def _options(dt: Mapping[str, Any]) -> dict:
     return {**DEFAULT_RECIPE["decoupled"], **dt}
 
 
-def classifier_layers(model: nn.Module) -> tuple[nn.Linear, nn.Module | None]:
+class Backbone(Protocol):
+    """What every backbone of :data:`ltbench.nn.backbones.BACKBONES` has besides ``forward``."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's pooled features of ``x`` (the classifier's input)."""
+    return cast(Backbone, model).features(x)
+
+
+def classifier_layers(model: nn.Module) -> tuple[nn.Linear, nn.BatchNorm1d | None]:
     """(the classifier Linear, the rectification BatchNorm1d or None) of ``model.fc``."""
     fc = model.fc
     if isinstance(fc, nn.Linear):
@@ -76,13 +88,13 @@ def classifier_layers(model: nn.Module) -> tuple[nn.Linear, nn.Module | None]:
 
 
 @torch.no_grad()
-def folded_weights(linear: nn.Linear, rect: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+def folded_weights(linear: nn.Linear, rect: nn.BatchNorm1d | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, b) of the affine map ``rect(linear(f))`` with ``rect`` in eval mode (copies)."""
     w = linear.weight.detach().clone()
     b = linear.bias.detach().clone() if linear.bias is not None else w.new_zeros(w.shape[0])
     if rect is None:
         return w, b
-    if rect.running_mean is None:
+    if rect.running_mean is None or rect.running_var is None:
         raise ValueError("the rectification BatchNorm1d has no running statistics; it cannot be frozen")
     scale = (rect.running_var + rect.eps).rsqrt()
     shift = -rect.running_mean * scale
@@ -119,7 +131,7 @@ class DecoupledModel(nn.Module):
         self.classifier = classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.backbone.features(x))
+        return self.classifier(features(self.backbone, x))
 
 
 class Stage:
@@ -141,18 +153,20 @@ class Stage:
 class ClassifierRetraining(Stage):
     """cRT: retrain the classifier Linear (re-initialized when ``reinit``) on frozen features."""
 
-    def setup(self, linear, dt, num_classes):
+    def setup(self, linear: nn.Linear, dt: Mapping[str, Any], num_classes: int) -> nn.Module:
         if dt["reinit"]:
             linear.reset_parameters()
         linear.requires_grad_(True)
         return linear
 
-    def logits(self, model, head, features):
+    def logits(self, model: nn.Module, head: nn.Module, features: torch.Tensor) -> torch.Tensor:
         _, rect = classifier_layers(model)
         z = head(features)
         return rect(z) if rect is not None else z
 
-    def test_weights(self, model, head, dt):
+    def test_weights(
+        self, model: nn.Module, head: nn.Module, dt: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return folded_weights(*classifier_layers(model))
 
 
@@ -160,17 +174,19 @@ class ClassifierRetraining(Stage):
 class WeightScaling(Stage):
     """LWS: learn per-class scales of the frozen classifier's logits."""
 
-    def setup(self, linear, dt, num_classes):
+    def setup(self, linear: nn.Linear, dt: Mapping[str, Any], num_classes: int) -> nn.Module:
         return LearnableWeightScaling(num_classes).to(linear.weight.device)
 
-    def logits(self, model, head, features):
+    def logits(self, model: nn.Module, head: nn.Module, features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            z = model.fc(features)
+            z = cast(nn.Module, model.fc)(features)
         return head(z)
 
-    def test_weights(self, model, head, dt):
+    def test_weights(
+        self, model: nn.Module, head: nn.Module, dt: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = folded_weights(*classifier_layers(model))
-        s = head.scale.detach()
+        s = cast(LearnableWeightScaling, head).scale.detach()
         return w * s[:, None], b * s
 
 
@@ -180,13 +196,15 @@ class TauNormalization(Stage):
 
     trainable = False
 
-    def setup(self, linear, dt, num_classes):
+    def setup(self, linear: nn.Linear, dt: Mapping[str, Any], num_classes: int) -> nn.Module:
         return PostHoc()
 
-    def logits(self, model, head, features):
+    def logits(self, model: nn.Module, head: nn.Module, features: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(POST_HOC)
 
-    def test_weights(self, model, head, dt):
+    def test_weights(
+        self, model: nn.Module, head: nn.Module, dt: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, _ = folded_weights(*classifier_layers(model))
         norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return w / norms.pow(float(dt["tau"])), None
@@ -242,8 +260,8 @@ def stage_loss(
     if rect is not None:
         rect.eval()
     with torch.no_grad():
-        features = model.features(x)
-    logits = stage.logits(model, head, features).float()
+        feats = features(model, x)
+    logits = stage.logits(model, head, feats).float()
     weight = None if dt["reweight"] == "none" else losses.class_weights(counts, dt["reweight"])
     return losses.weighted_mean(criterion.per_sample(logits, y), y, weight), logits
 
@@ -257,7 +275,9 @@ def tau_grid(dt: Mapping[str, Any]) -> list[float]:
 
 
 @torch.no_grad()
-def select_tau(model: nn.Module, val_batches, grid: list[float]) -> tuple[float, dict[float, float]]:
+def select_tau(
+    model: nn.Module, val_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], grid: list[float]
+) -> tuple[float, dict[float, float]]:
     """(τ, {τ: balanced val accuracy %}) for τ-normalization, chosen on a validation split (Kang et al.).
 
     ``val_batches`` yields (normalized images, labels), e.g. a source's ``val()``: never the test
@@ -269,7 +289,7 @@ def select_tau(model: nn.Module, val_batches, grid: list[float]) -> tuple[float,
     model.eval()
     feats, labels = [], []
     for x, y in val_batches:
-        feats.append(model.features(x).float())
+        feats.append(features(model, x).float())
         labels.append(y)
     model.train(was_training)
     if not labels:

@@ -23,15 +23,16 @@ Registered losses: ``ce``, ``focal``, ``ldam``, ``balanced_softmax``, ``logit_ad
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltbench.registry import Registry
+from ltbench.registry import Factory, Registry
 
-LOSSES = Registry("loss")
+LOSSES: Registry[Factory] = Registry("loss")
 WEIGHTINGS = ("none", "cb", "inverse")
 
 
@@ -68,6 +69,9 @@ class Loss(nn.Module):
     with the active class weights (:attr:`active_weight`).
     """
 
+    counts: torch.Tensor  # buffers (declared for the type checker; registered in __init__)
+    class_weight: torch.Tensor
+
     def __init__(self, counts: torch.Tensor, weighting: str = "none", beta: float = 0.9999):
         super().__init__()
         counts = torch.as_tensor(counts, dtype=torch.float32)
@@ -94,7 +98,7 @@ class Loss(nn.Module):
 class CrossEntropy(Loss):
     """Cross-entropy −log softmax(z)_y."""
 
-    def per_sample(self, logits, targets):
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
@@ -108,7 +112,7 @@ class Focal(Loss):
     class-balanced focal = (1/N) Σ_i (1 − e^{−w_{y_i} CE_i})^γ · w_{y_i} CE_i.
     """
 
-    def __init__(self, counts, gamma: float = 1.0, weighting: str = "none", beta: float = 0.9999):
+    def __init__(self, counts: torch.Tensor, gamma: float = 1.0, weighting: str = "none", beta: float = 0.9999) -> None:
         super().__init__(counts, weighting, beta)
         self.gamma = float(gamma)
 
@@ -117,10 +121,10 @@ class Focal(Loss):
             return ce
         return (1.0 - torch.exp(-ce)).clamp_min(0.0).pow(self.gamma) * ce
 
-    def per_sample(self, logits, targets):
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._focal(F.cross_entropy(logits.float(), targets, reduction="none"))
 
-    def forward(self, logits, targets):
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits.float(), targets, reduction="none")
         w = self.active_weight
         return self._focal(ce if w is None else w[targets] * ce).mean()
@@ -140,16 +144,18 @@ class LDAM(Loss):
     Before the first :meth:`set_epoch` call a DRW loss is in its uniform phase.
     """
 
+    margins: torch.Tensor  # a buffer
+
     def __init__(
         self,
-        counts,
+        counts: torch.Tensor,
         max_m: float = 0.5,
         s: float = 30.0,
         drw: bool = True,
         drw_epoch_fraction: float = 0.8,
         weighting: str | None = None,
         beta: float = 0.9999,
-    ):
+    ) -> None:
         if weighting is None:
             weighting = "cb" if drw else "none"
         super().__init__(counts, weighting, beta)
@@ -161,14 +167,14 @@ class LDAM(Loss):
         self.reweighting = not self.drw
 
     @property
-    def active_weight(self):
+    def active_weight(self) -> torch.Tensor | None:
         return super().active_weight if self.reweighting else None
 
-    def set_epoch(self, epoch, total_epochs):
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
         if self.drw:
             self.reweighting = epoch >= int(self.drw_epoch_fraction * total_epochs)
 
-    def per_sample(self, logits, targets):
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         margin = torch.zeros_like(logits).scatter_(1, targets[:, None], self.margins[targets][:, None])
         return F.cross_entropy(self.s * (logits - margin), targets, reduction="none")
@@ -178,11 +184,13 @@ class LDAM(Loss):
 class BalancedSoftmax(Loss):
     """Balanced Softmax (Ren et al. 2020): CE(z + log n), n the training counts."""
 
-    def __init__(self, counts, weighting: str = "none", beta: float = 0.9999):
+    offset: torch.Tensor  # a buffer
+
+    def __init__(self, counts: torch.Tensor, weighting: str = "none", beta: float = 0.9999) -> None:
         super().__init__(counts, weighting, beta)
         self.register_buffer("offset", self.counts.log())
 
-    def per_sample(self, logits, targets):
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float() + self.offset, targets, reduction="none")
 
 
@@ -193,12 +201,14 @@ class LogitAdjust(Loss):
     With τ = 1 it equals Balanced Softmax (the constant log Σn cancels in the softmax).
     """
 
-    def __init__(self, counts, tau: float = 1.0, weighting: str = "none", beta: float = 0.9999):
+    offset: torch.Tensor  # a buffer
+
+    def __init__(self, counts: torch.Tensor, tau: float = 1.0, weighting: str = "none", beta: float = 0.9999) -> None:
         super().__init__(counts, weighting, beta)
         self.tau = float(tau)
         self.register_buffer("offset", self.tau * (self.counts / self.counts.sum()).log())
 
-    def per_sample(self, logits, targets):
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float() + self.offset, targets, reduction="none")
 
 

@@ -24,8 +24,9 @@ Model-level helpers: :func:`apply` (replace a model's BatchNorm2d layers in a sc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn

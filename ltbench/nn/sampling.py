@@ -26,14 +26,14 @@ Classes without training images are never drawn.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ltbench.registry import Registry
+from ltbench.registry import Factory, Registry
 
 Sampler = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-SAMPLERS = Registry("sampler")
+SAMPLERS: Registry[Factory] = Registry("sampler")
 
 
 def class_sizes(labels: torch.Tensor) -> torch.Tensor:

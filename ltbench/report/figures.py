@@ -33,17 +33,20 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from ltbench import io  # noqa: E402
 from ltbench.analysis import compare  # noqa: E402
@@ -70,7 +73,7 @@ class Skip(Exception):
     """A figure that cannot be drawn from the data at hand; the message says why."""
 
 
-def save(fig, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
     """``path`` (PNG) and the same name with ``.svg``, both written atomically."""
     path = Path(path)
     with io.atomic_path(path) as tmp:
@@ -97,7 +100,7 @@ def select(df: pd.DataFrame, exp: Mapping, seeds: bool = True) -> pd.DataFrame:
     return df[m].copy()
 
 
-def _cell_label(d: str, r, backbone: str | None = None) -> str:
+def _cell_label(d: str, r: Any, backbone: str | None = None) -> str:
     s = f"{dataset_name(d)} ρ={format_ratio(r)}"
     return f"{s} · {backbone}" if backbone else s
 
@@ -105,12 +108,15 @@ def _cell_label(d: str, r, backbone: str | None = None) -> str:
 def _panel_col(df: pd.DataFrame, exp: Mapping) -> pd.Series:
     several = len(exp["backbones"]) > 1
     return pd.Series(
-        [_cell_label(d, r, b if several else None) for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"])],
+        [
+            _cell_label(d, r, b if several else None)
+            for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"], strict=True)
+        ],
         index=df.index,
     )
 
 
-def _panel_order(exp: Mapping, present) -> list[str]:
+def _panel_order(exp: Mapping, present: Iterable[str]) -> list[str]:
     """Panel labels in the config's order (datasets, then ratios, then backbones), those present only."""
     several = len(exp["backbones"]) > 1
     labels = [
@@ -123,26 +129,26 @@ def _panel_order(exp: Mapping, present) -> list[str]:
     return [lb for lb in dict.fromkeys(labels) if lb in present]
 
 
-def _log_x(ax) -> None:
+def _log_x(ax: Axes) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _method_order(exp: Mapping, present) -> list[str]:
+def _method_order(exp: Mapping, present: Iterable[str]) -> list[str]:
     return [m for m in exp["methods"] if m in set(present)]
 
 
 def _palette(methods: list[str]) -> dict[str, tuple]:
     colors = sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))
-    return dict(zip(methods, colors))
+    return dict(zip(methods, colors, strict=True))
 
 
 # ---------------------------------------------------------------- generic figures
 
 
-def _grid(n_panels: int, width: float, height: float, ncols: int = 3):
+def _grid(n_panels: int, width: float, height: float, ncols: int = 3) -> tuple[Figure, list[Axes]]:
     ncols = min(ncols, n_panels)
     nrows = -(-n_panels // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
@@ -152,10 +158,10 @@ def _grid(n_panels: int, width: float, height: float, ncols: int = 3):
     return fig, flat[:n_panels]
 
 
-def _legend_below(fig, axes, title: str | None = None, ncol: int = 4):
+def _legend_below(fig: Figure, axes: Iterable[Axes], title: str | None = None, ncol: int = 4) -> None:
     handles, labels = [], []
     for ax in axes:
-        for h, lb in zip(*ax.get_legend_handles_labels()):
+        for h, lb in zip(*ax.get_legend_handles_labels(), strict=True):
             if lb not in labels:
                 handles.append(h)
                 labels.append(lb)
@@ -171,7 +177,7 @@ def _legend_below(fig, axes, title: str | None = None, ncol: int = 4):
     )
 
 
-def _finish_panels(fig, axes, n_panels: int, ylabel: str, title: str, path: Path) -> Path:
+def _finish_panels(fig: Figure, axes: list[Axes], n_panels: int, ylabel: str, title: str, path: Path) -> Path:
     """Y label on the first panel of each row, the title, the method legend below; saved."""
     for ax in axes[:: min(3, n_panels)]:
         ax.set_ylabel(ylabel)
@@ -205,7 +211,7 @@ def fig_groups(summary: pd.DataFrame, name: str, exp: Mapping, path: Path) -> Pa
     stats = s.set_index(["panel", "method", "metric"])
     fig, axes = _grid(len(panels), 4.4 if len(order) < 8 else 5.6, 3.0)
     width = 0.8 / len(order)
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         for k, m in enumerate(order):
             pts = [
                 (i - 0.4 + width * (k + 0.5), stats.loc[(panel, m, metric)])
@@ -243,7 +249,7 @@ def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     pal = _palette(order)
     panels = _panel_order(exp, s["panel"])
     fig, axes = _grid(len(panels), 4.4, 3.1)
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         for m in order:
             g = d[(d["panel"] == panel) & (d["method"] == m)].sort_values(["train_count", "class"])
             if len(g):
@@ -269,7 +275,7 @@ def fig_per_class(per_class: pd.DataFrame, exp: Mapping, path: Path) -> Path:
 # ---------------------------------------------------------------- CBN Figure 5 and Figure 6
 
 
-def _errorbars(ax, stats: pd.DataFrame, dots: pd.DataFrame, color, label, jitter=0.0):
+def _errorbars(ax: Axes, stats: pd.DataFrame, dots: pd.DataFrame, color: Any, label: str, jitter: float = 0.0) -> None:
     """Mean ± std at ``stats["x"]`` (summary rows), each seed's value at ``dots["x"]`` (runs rows)."""
     stats = stats.sort_values("x")
     ax.errorbar(
@@ -299,7 +305,10 @@ def _components_of(runs: pd.DataFrame, exp: Mapping) -> pd.Series:
 
 def _series(df: pd.DataFrame, exp: Mapping) -> list[str]:
     several_b = len(exp["backbones"]) > 1
-    return [_cell_label(d, r, b if several_b else None) for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"])]
+    return [
+        _cell_label(d, r, b if several_b else None)
+        for d, r, b in zip(df["dataset"], df["ratio"], df["backbone"], strict=True)
+    ]
 
 
 def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path) -> Path:
@@ -313,9 +322,9 @@ def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Ma
     for df in (s, dots):
         df["x"], df["series"] = df["method"].map(m_of), _series(df, exp)
     series = _panel_order(exp, s["series"])
-    colors = dict(zip(series, sns.color_palette("tab10", len(series))))
+    colors = dict(zip(series, sns.color_palette("tab10", len(series)), strict=True))
     fig, axes = plt.subplots(1, 4, figsize=(13.5, 3.3), sharex=True)
-    for ax, metric in zip(axes, METRICS):
+    for ax, metric in zip(axes, METRICS, strict=True):
         for k, sname in enumerate(series):
             sel, dsel = (
                 s[(s["metric"] == metric) & (s["series"] == sname)],
@@ -332,7 +341,7 @@ def fig_components(summary: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Ma
     fig.legend(
         handles, labels, loc="lower center", ncol=min(4, len(series)), bbox_to_anchor=(0.5, -0.12), frameon=False
     )
-    methods = ", ".join(f"M={m}: {meth}" for m, meth in sorted(set(zip(s["x"], s["method"]))))
+    methods = ", ".join(f"M={m}: {meth}" for m, meth in sorted(set(zip(s["x"], s["method"], strict=True))))
     fig.suptitle("Accuracy vs number of CBN components M (mean ± std over seeds; dots: seeds)", y=1.02)
     fig.text(0.5, -0.2, methods, ha="center", fontsize=8, color="#555", wrap=True)
     return save(fig, path)
@@ -352,12 +361,12 @@ def fig_backbones(
     pos = {b: i for i, b in enumerate(backbones)}
     for df in (s, dots):
         df["x"] = df["backbone"].map(pos).astype(float)
-        df["panel"] = [_cell_label(d, r) for d, r in zip(df["dataset"], df["ratio"])]
+        df["panel"] = [_cell_label(d, r) for d, r in zip(df["dataset"], df["ratio"], strict=True)]
     panels = _panel_order({**exp, "backbones": exp["backbones"][:1]}, s["panel"])
     order = _method_order(exp, s["method"])
     pal = _palette(order)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         for k, m in enumerate(order):
             sel = s[(s["panel"] == panel) & (s["method"] == m)]
             if len(sel):
@@ -409,7 +418,7 @@ def _heatmap(values: pd.DataFrame, annot: pd.DataFrame, title: str, cbar: str, p
     return save(fig, path)
 
 
-def _gain_mark(r) -> str:
+def _gain_mark(r: Any) -> str:
     if pd.isna(r.gain):
         return "–"
     return fmt_delta(r.gain) + {"supported": "*", "contradicted": "*", "no gain": "="}.get(r.gain_verdict, "")
@@ -426,8 +435,10 @@ def fig_ablation_baseline(gains: pd.DataFrame, name: str, exp: Mapping, path: Pa
         raise Skip(f"no method has finished runs next to {over!r}")
     several_b = len(exp["backbones"]) > 1
     g = g.assign(
-        row=[method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"])],
-        col=[_cell_label(d, float(r)) for d, r in zip(g["dataset"], g["ratio"])],
+        row=[
+            method_name(m) + (f" · {b}" if several_b else "") for m, b in zip(g["method"], g["backbone"], strict=True)
+        ],
+        col=[_cell_label(d, float(r)) for d, r in zip(g["dataset"], g["ratio"], strict=True)],
         a=[_gain_mark(r) for r in g.itertuples(index=False)],
     )
     rows, cols = list(dict.fromkeys(g["row"])), list(dict.fromkeys(g["col"]))
@@ -458,7 +469,7 @@ def fig_ablation_paper(layout: Layout, path: Path) -> Path:
         vals.append([c.delta if c.n and not pd.isna(c.paper) else np.nan for c in cells])
         ann.append(
             [
-                f"{fmt_delta(c.delta)}{mark.get(c.verdict, '')}"
+                f"{fmt_delta(c.delta)}{mark.get(c.verdict or '', '')}"
                 if c.n and not pd.isna(c.paper)
                 else ("missing" if not c.n and not pd.isna(c.paper) else "–")
                 for c in cells
@@ -527,7 +538,7 @@ def fig_sensitivity(
         1, len(panels), figsize=(5.2 * len(panels), 0.42 * len(order) + 1.6), squeeze=False, sharey=True
     )
     notes = failure_notes(cells, {**exp, "name": name})
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         sub = g[g["panel"] == panel].set_index("method").reindex(order)
         for y, (m, r) in enumerate(sub.iterrows()):
             note = notes.get((panel, m))
@@ -626,7 +637,7 @@ def fig_scaling(gains: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping
     fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False, sharey=True)
     for ax, panel in zip(axes[0], panels, strict=True):
         sub = pts[pts["panel"] == panel]
-        for k, (label, ser) in enumerate(sub.groupby("label", sort=False)):
+        for label, ser in sub.groupby("label", sort=False):
             ax.plot(ser["x"], ser["gain"], "-", color="#999999", lw=1, zorder=1, label=label)
             for _, r in ser.iterrows():
                 color, marker = VERDICT_STYLE.get(r["verdict"], VERDICT_STYLE["untested"])
@@ -739,7 +750,7 @@ def _last_stage_prefixes(keys: list[str]) -> str | None:
     return f"layer{stages[-1]}." if stages else None
 
 
-def _nbn_affine(state: Mapping, p: str):
+def _nbn_affine(state: Mapping, p: str) -> Any:
     """NBN's effective (w, b) of the layer ``p``, computed by the layer itself from its saved state."""
     from ltbench.nn.norm import NormalizedBatchNorm2d  # torch: only when a model.pt is read
 
@@ -824,7 +835,8 @@ def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
         raise Skip("no model.pt next to the runs' metrics.json")
     several_b = len(exp["backbones"]) > 1
     d["panel"] = [
-        _cell_label(a, b, c if several_b else None) for a, b, c in zip(d["dataset"], d["ratio"], d["backbone"])
+        _cell_label(a, b, c if several_b else None)
+        for a, b, c in zip(d["dataset"], d["ratio"], d["backbone"], strict=True)
     ]
     kinds = d.groupby("method")["kind"].agg(lambda k: "/".join(sorted(set(k))))
     order = _method_order(exp, d["method"])
@@ -834,7 +846,7 @@ def fig_bn_norms(runs: pd.DataFrame, exp: Mapping, path: Path) -> Path:
     panels = _panel_order(exp, d["panel"])
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.1 * len(panels) + 0.4), squeeze=False)
     layers = list(dict.fromkeys(d["layer"]))
-    pal = dict(zip(hue_order, _palette(order).values()))
+    pal = dict(zip(hue_order, _palette(order).values(), strict=True))
     for i, panel in enumerate(panels):
         for j, (what, label) in enumerate(
             (("abs_w", "|effective weight| per channel"), ("abs_b", "|effective bias| per channel"))

@@ -26,19 +26,21 @@ import base64
 import html
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare, gains as gains_mod, power
+from ltbench.analysis import compare, power
+from ltbench.analysis import gains as gains_mod
 from ltbench.analysis.aggregate import KEYS, METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
 from ltbench.report import figures, headline, tables
-from ltbench.spec.config import figure_kinds
 from ltbench.report import sequential as sequential_report
+from ltbench.spec.config import figure_kinds
 from ltbench.spec.methods import OPEN_DETAILS
 
 VERDICT_ORDER = list(compare.VERDICTS)
@@ -134,6 +136,7 @@ def check_aggregate(data: Mapping[str, pd.DataFrame], d: Path) -> None:
             runs["backbone"],
             runs["metric"],
             runs["seed"].astype(int),
+            strict=True,
         )
     )
     for r in summary.itertuples(index=False):
@@ -190,7 +193,7 @@ def experiments_of(cfg: Mapping | None, runs: pd.DataFrame) -> dict[str, dict]:
 # ---------------------------------------------------------------- small HTML helpers
 
 
-def esc(v) -> str:
+def esc(v: Any) -> str:
     return html.escape("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
 
 
@@ -212,7 +215,9 @@ def _plain_table(df: pd.DataFrame, left: tuple[str, ...] = ()) -> str:
     for row in df.itertuples(index=False):
         body.append(
             "<tr>"
-            + "".join(f"<td class='{'l' if c in left else ''}'>{esc(v)}</td>" for c, v in zip(df.columns, row))
+            + "".join(
+                f"<td class='{'l' if c in left else ''}'>{esc(v)}</td>" for c, v in zip(df.columns, row, strict=True)
+            )
             + "</tr>"
         )
     return f"<table class='plain'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -226,7 +231,7 @@ def _short(text: str, limit: int = 100) -> str:
     return first[:limit].rsplit(" ", 1)[0] + "…"
 
 
-def _fmt_p(p) -> str:
+def _fmt_p(p: Any) -> str:
     if p is None or pd.isna(p):
         return "–"
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
@@ -351,7 +356,7 @@ def decision_lines(comparison: pd.DataFrame, gains: pd.DataFrame) -> str:
     )
 
 
-def _gain_td(r) -> str:
+def _gain_td(r: Any) -> str:
     v = r.gain_verdict
     ours = "–" if pd.isna(r.gain) else tables.fmt_delta(r.gain, minus="−")
     paper = (
@@ -384,10 +389,12 @@ def _gains_html(g: pd.DataFrame, exp: Mapping) -> str:
     if g.empty:
         return ""
     several_b = len(exp["backbones"]) > 1
-    col_of = lambda r: (
-        f"{tables.dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}"  # noqa: E731
-        + (f" · {r.backbone}" if several_b else "")
-    )
+
+    def col_of(r: Any) -> str:
+        return f"{tables.dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}" + (
+            f" · {r.backbone}" if several_b else ""
+        )
+
     order = [
         f"{tables.dataset_name(d)} ρ={format_ratio(r)}" + (f" · {b}" if several_b else "")
         for d in exp["datasets"]
@@ -491,7 +498,7 @@ def open_details(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _truthy(v) -> bool:
+def _truthy(v: Any) -> bool:
     return v is True or str(v).lower() in ("true", "1")
 
 
@@ -513,7 +520,9 @@ def experiment_choices(exps: Mapping) -> pd.DataFrame:
             rows.append(
                 {
                     "setting": f"experiments.{name}",
-                    "what the papers leave open": "CBN open detail 8: the M values and the imbalance ratio of Figure 5.",
+                    "what the papers leave open": (
+                        "CBN open detail 8: the M values and the imbalance ratio of Figure 5."
+                    ),
                     "value used (methods)": f"{cells}; methods {', '.join(exp['methods'])}",
                 }
             )
@@ -521,7 +530,9 @@ def experiment_choices(exps: Mapping) -> pd.DataFrame:
             rows.append(
                 {
                     "setting": f"experiments.{name}",
-                    "what the papers leave open": "CBN open detail 8: the dataset of Figure 6 (and what 'BN' and 'CBN' are).",
+                    "what the papers leave open": (
+                        "CBN open detail 8: the dataset of Figure 6 (and what 'BN' and 'CBN' are)."
+                    ),
                     "value used (methods)": f"{cells}; {' vs '.join(exp['methods'])}; {', '.join(exp['backbones'])}",
                 }
             )
@@ -548,7 +559,7 @@ def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
             r[env_cols]
             .fillna("")
             .astype(str)
-            .agg(lambda row: ", ".join(f"{c[4:]} {v}" for c, v in zip(env_cols, row) if v), axis=1)
+            .agg(lambda row: ", ".join(f"{c[4:]} {v}" for c, v in zip(env_cols, row, strict=True) if v), axis=1)
             .value_counts()
         )
         meta["environment"] = "; ".join(f"{e} ({n} runs)" for e, n in envs.items())
@@ -559,7 +570,10 @@ def _provenance(runs: pd.DataFrame, cfg: Mapping | None) -> str:
                 + ", ".join(sorted(set(r.get("env.host", pd.Series(dtype=str)).dropna().astype(str))))
             )
         gpu = r.get("env.gpu", pd.Series(index=r.index, dtype=object))
-        dev = [f"{d}{' (' + str(g) + ')' if isinstance(g, str) and g else ''}" for d, g in zip(r["device"], gpu)]
+        dev = [
+            f"{d}{' (' + str(g) + ')' if isinstance(g, str) and g else ''}"
+            for d, g in zip(r["device"], gpu, strict=True)
+        ]
         meta["devices"] = "; ".join(f"{d}: {n} runs" for d, n in pd.Series(dev).value_counts().items())
         cuda = r["device"].astype(str).str.startswith("cuda")
         gpu_h, cpu_h = r.loc[cuda, "wall_time_s"].sum() / 3600, r.loc[~cuda, "wall_time_s"].sum() / 3600
@@ -684,7 +698,7 @@ DIAG_TABLE = {
 }
 
 
-def _fmt_diag(v) -> str:
+def _fmt_diag(v: Any) -> str:
     if pd.isna(v):
         return "–"
     return f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:.2f}" if isinstance(v, float) else str(v))
@@ -730,7 +744,7 @@ def diagnostics_html(runs: pd.DataFrame, exp: Mapping, diagnostics: pd.DataFrame
     cols = [c for c in DIAG_TABLE if c in r.columns]
     t = pd.DataFrame(
         {
-            "cell": [f"{d} ρ={ra} {b}" for d, ra, b in zip(r["dataset"], r["ratio"], r["backbone"])],
+            "cell": [f"{d} ρ={ra} {b}" for d, ra, b in zip(r["dataset"], r["ratio"], r["backbone"], strict=True)],
             "method": r["method"],
             "seed": r["seed"].astype(int),
             **{DIAG_TABLE[c]: [_fmt_diag(v) for v in r[c]] for c in cols},

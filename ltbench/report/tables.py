@@ -22,9 +22,10 @@ from __future__ import annotations
 import html
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -180,7 +181,7 @@ class Layout:
         return out
 
 
-def _label(v) -> bool:
+def _label(v: Any) -> bool:
     """A real row label of the reference file (not a missing value in any of its spellings)."""
     return isinstance(v, str) and v not in ("", "None", "nan", "<NA>")
 
@@ -216,7 +217,7 @@ def _layout_rows(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) ->
     rows: list[Row] = []
     seen: set[tuple[str, str]] = set()
     if not scope.empty:
-        for method, backbone in dict.fromkeys(zip(scope["method"], scope["backbone"])):
+        for method, backbone in dict.fromkeys(zip(scope["method"], scope["backbone"], strict=True)):
             sub = scope[(scope["method"] == method) & (scope["backbone"] == backbone)]
             labels = [lb for lb in sub["row"] if _label(lb)]
             rows.append(
@@ -231,10 +232,10 @@ def _layout_rows(exp: Mapping, ref: pd.DataFrame | None, scope: pd.DataFrame) ->
             seen.add((method, backbone))
     elif ref is not None:  # reference-free: the experiment's methods in the paper table's order
         order = {m: i for i, m in enumerate(dict.fromkeys(ref["method"]))}
-        labels = {m: lb for m, lb in zip(ref["method"], ref["row"]) if _label(lb)}
+        label_of = {m: lb for m, lb in zip(ref["method"], ref["row"], strict=True) if _label(lb)}
         for m in sorted(exp["methods"], key=lambda m: (order.get(m, len(order)), exp["methods"].index(m))):
             for b in exp["backbones"]:
-                rows.append(Row(m, b, labels.get(m), True, False))
+                rows.append(Row(m, b, label_of.get(m), True, False))
                 seen.add((m, b))
     rows += [Row(m, b, None, True, False) for m in exp["methods"] for b in exp["backbones"] if (m, b) not in seen]
     return rows
@@ -247,11 +248,11 @@ def _by_cell(df: pd.DataFrame) -> dict[tuple, object]:
     return {(r.method, r.backbone, r.dataset, float(r.ratio), r.metric): r for r in df.itertuples(index=False)}
 
 
-def _seeds(v) -> list[int]:
+def _seeds(v: Any) -> list[int]:
     return [int(s) for s in str(v).split()] if isinstance(v, str) else []
 
 
-def _fill(c: Cell, s, p, notes: list[str]) -> Cell:
+def _fill(c: Cell, s: Any, p: Any, notes: list[str]) -> Cell:
     """A cell from its summary row ``s`` and comparison row ``p`` (either may be None)."""
     if s is not None:
         c.mean, c.std, c.n, c.ci_low, c.ci_high = s.mean, s.std, int(s.n), s.ci_low, s.ci_high
@@ -338,7 +339,7 @@ def _header_levels(lay: Layout) -> list[list[tuple[str, int]]]:
     several = len(lay.metrics) > 1
     per_pair = len(lay.metrics)
     ds_level: list[tuple[str, int]] = []
-    for d, r in lay.pairs:
+    for d, _r in lay.pairs:
         if ds_level and ds_level[-1][0] == dataset_name(d):
             ds_level[-1] = (ds_level[-1][0], ds_level[-1][1] + per_pair)
         else:
@@ -387,7 +388,7 @@ def _delta_md(c: Cell) -> str:
     if not c.in_reference:
         return ""
     if not (c.n and c.verdict and not pd.isna(c.delta)):
-        return VERDICT_MARK.get(c.verdict, "")
+        return VERDICT_MARK.get(c.verdict or "", "")
     need = c.seeds_text()
     return f"{fmt_delta(c.delta)} {VERDICT_MARK[c.verdict]}" + (f" ({need})" if need else "")
 
@@ -469,7 +470,7 @@ def _delta_tex(c: Cell) -> str:
     if not c.in_reference:
         return ""
     if not (c.n and c.verdict and not pd.isna(c.delta)):
-        return VERDICT_TEX.get(c.verdict, "")
+        return VERDICT_TEX.get(c.verdict or "", "")
     need = c.seeds_text()
     return f"${fmt_delta(c.delta)}$ {VERDICT_TEX[c.verdict]}" + (rf" {{\scriptsize ({_tex(need)})}}" if need else "")
 
@@ -486,12 +487,12 @@ def to_latex(lay: Layout) -> str:
     ]
     levels = _header_levels(lay)
     for k, level in enumerate(levels):
-        cells, rules, col = [], [], 3
+        heads, rules, col = [], [], 3
         for label, span in level:
-            cells.append(rf"\multicolumn{{{span}}}{{c}}{{{_tex(label)}}}" if span > 1 else _tex(label))
+            heads.append(rf"\multicolumn{{{span}}}{{c}}{{{_tex(label)}}}" if span > 1 else _tex(label))
             rules.append(rf"\cmidrule(lr){{{col}-{col + span - 1}}}")
             col += span
-        out.append(" & & " + " & ".join(cells) + r" \\")
+        out.append(" & & " + " & ".join(heads) + r" \\")
         if k + 1 < len(levels) and any(span > 1 for _, span in level):
             out.append(" ".join(rules))
     out.append(r"\midrule")
@@ -669,7 +670,8 @@ tr.quoted-row th.method{color:#666;font-weight:500}
 .v-reproduced{background:#e3f4e6}.v-reproduced .verdict{color:#1e7b34}
 .v-below{background:#fde6e4}.v-below .verdict{color:#b3261e}
 .v-above{background:#e4eefc}.v-above .verdict{color:#1a56b3}
-.v-inconclusive{background:#fff4d6}.v-inconclusive .verdict{color:#8a6d00}.paper-table .need{font-size:.7rem;color:#8a6d00}
+.v-inconclusive{background:#fff4d6}.v-inconclusive .verdict{color:#8a6d00}
+.paper-table .need{font-size:.7rem;color:#8a6d00}
 .v-single-run{background:#f3f0fa}.v-single-run .verdict{color:#5b4a8a}
 .v-missing{background:repeating-linear-gradient(45deg,#f6f6f6,#f6f6f6 6px,#ececec 6px,#ececec 12px);color:#888}
 .v-missing .verdict,.paper-table .missing{color:#8a6d00;font-weight:600}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import jsonschema
 import yaml
@@ -21,7 +22,6 @@ import yaml
 from ltbench import data
 from ltbench.errors import ConfigError
 from ltbench.spec import catalog, methods, references, safeyaml, seeds
-
 
 # JSON schema's "integer" admits 4.0; a count or a seed must be a real int (and never a bool).
 _Validator = jsonschema.validators.extend(
@@ -32,7 +32,7 @@ _Validator = jsonschema.validators.extend(
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def schema() -> dict:
     return yaml.safe_load(resources.files(__package__).joinpath("schemas/config.schema.yaml").read_text())
 
@@ -48,7 +48,7 @@ def train_defaults() -> dict:
     return _defaults(schema()["$defs"]["train"])
 
 
-def _key(path) -> str:
+def _key(path: Any) -> str:
     out = ""
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))

@@ -8,9 +8,10 @@ run records exactly what it used.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from collections.abc import Mapping
+from functools import cache
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -56,21 +57,25 @@ DEFAULT_RECIPE: dict[str, Any] = {
 OPEN_DETAILS: dict[str, str] = {
     "recipe.classify_on": "CBN Eq. 20 applies Balanced Softmax to the strong-view prediction; whether the split path "
     "and the weak view also get it is not stated (default: strong view of both paths).",
-    "recipe.consistency.pairing": "CBN Eq. 19's exact pairing: 'cross' = −½[cos(z^c_s, sg(z^s_w)) + cos(z^s_s, sg(z^c_w))].",
+    "recipe.consistency.pairing": "CBN Eq. 19's exact pairing: "
+    "'cross' = −½[cos(z^c_s, sg(z^s_w)) + cos(z^s_s, sg(z^c_w))].",
     "recipe.consistency.weight": "Weight of the consistency loss relative to Balanced Softmax (not stated; default 1).",
-    "recipe.paths": "What 'Baseline + SBN' trains: compound and split paths with the compound EM switched off (em: false).",
+    "recipe.paths": "What 'Baseline + SBN' trains: compound and split paths with the compound EM "
+    "switched off (em: false).",
     "recipe.decoupled.fraction": "CBN Table 3: 80% of epochs representation, 20% classifier (stated).",
-    "recipe.decoupled.reinit": "Whether the classifier is re-initialized at the start of the classifier stage (cRT: yes).",
+    "recipe.decoupled.reinit": "Whether the classifier is re-initialized at the start of the classifier "
+    "stage (cRT: yes).",
     "recipe.decoupled.reweight": "RW in the classifier stage: class-balanced weights (β = 0.9999) by default.",
-    "recipe.decoupled.loss": "Loss of the classifier stage (not stated by CBN Table 3; default cross-entropy as in cRT: "
-    "the representation's Balanced Softmax on top of RS/RW would correct the imbalance twice).",
+    "recipe.decoupled.loss": "Loss of the classifier stage (not stated by CBN Table 3; default cross-entropy as in "
+    "cRT: the representation's Balanced Softmax on top of RS/RW would correct the imbalance twice).",
     "recipe.head": "Classifier layer: linear, or cosine (LDAM-DRW's NormedLinear, which LDAM's s = 30 assumes).",
     "recipe.decoupled.backbone_mode": "Mode of the frozen backbone in the classifier stage: 'train' (Kang et al.'s "
     "classifier-balancing code keeps every network in train mode: BN normalizes with "
     "the stage's class-balanced batch statistics and re-estimates its running "
     "statistics; default) or 'eval' (running statistics of the representation stage, "
     "unchanged). Not stated by CBN Table 3 or Kang et al.'s paper.",
-    "recipe.decoupled.lr": "Classifier-stage learning rate (null = the representation stage's lr), cosine over the stage.",
+    "recipe.decoupled.lr": "Classifier-stage learning rate (null = the representation stage's lr), "
+    "cosine over the stage.",
     "recipe.norm.options.train_stats": "CBN open detail 1: normalize with batch statistics (as BN does in training) or "
     "the running statistics during training (default batch).",
     "recipe.norm.options.responsibilities": "CBN open detail 2: responsibilities per pixel (as the equations read; "
@@ -113,7 +118,7 @@ OPEN_DETAILS: dict[str, str] = {
 VIEWS_OF_AUGMENT = {"crop_flip": ["weak"], "autoaugment": ["strong"], "none": ["none"]}
 
 
-@lru_cache(maxsize=None)
+@cache
 def builtin() -> dict[str, dict]:
     text = resources.files(__package__).joinpath("methods.yaml").read_text()
     return yaml.safe_load(text) or {}

@@ -26,7 +26,8 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ from ltbench.data import augment, sources
 from ltbench.nn import cbn_cpu, losses, norm
 from ltbench.spec import config, methods
 from ltbench.tools import plan
-from ltbench.training import evaluation, step, trainer as train
+from ltbench.training import evaluation, step
+from ltbench.training import trainer as train
 
 #: The benchmark's images are CIFAR-shaped and normalized with CIFAR-10's statistics.
 CIFAR = data.get("cifar10")
@@ -61,8 +63,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _setup(method: str, backbone: str, num_classes: int, device: torch.device, channels_last: bool):
-    spec = {"recipe": methods.recipe(method), "backbone": backbone, "train": {}}
+def _setup(method: str, backbone: str, num_classes: int, device: torch.device, channels_last: bool) -> tuple:
+    spec: dict[str, Any] = {"recipe": methods.recipe(method), "backbone": backbone, "train": {}}
     model = train.build_model(spec, num_classes, 3).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -74,13 +76,21 @@ def _setup(method: str, backbone: str, num_classes: int, device: torch.device, c
     return spec["recipe"], model, criterion, opt
 
 
-def _loss(recipe, model, criterion, views: dict, y, groups, amp: bool) -> torch.Tensor:
+def _loss(
+    recipe: Mapping[str, Any],
+    model: nn.Module,
+    criterion: nn.Module,
+    views: dict,
+    y: torch.Tensor,
+    groups: torch.Tensor | None,
+    amp: bool,
+) -> torch.Tensor:
     """The trainer's step loss (:func:`ltbench.training.step.step_loss`) of one batch."""
     logits = step.forward_paths(model, views, recipe["paths"], set(step.step_logits(recipe)), groups, amp)
     return step.step_loss(recipe, criterion, logits, y)[0]
 
 
-def _step(opt, loss) -> None:
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -190,7 +200,7 @@ def compare(
     loops = {m: FastLoop(x, y, m, backbone, batch_size, dev, amp, channels_last=amp) for m in methods}
     for loop in loops.values():
         loop.run(warmup)
-    ips = {m: [] for m in methods}
+    ips: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(rounds):
         for m, loop in loops.items():
             ips[m].append(steps * batch_size / loop.run(steps))
@@ -231,7 +241,7 @@ class _PILDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Any:
         from PIL import Image  # lazy: only the common-recipe comparison
 
         img = Image.fromarray(self.images[i])
@@ -263,7 +273,8 @@ def run_common(
         persistent_workers=workers > 0,
     )
     group_of_class = norm.class_groups(num_classes, recipe["norm"]["options"].get("num_components", 1)).to(device)
-    losses_seen, done, t0 = [], 0, None
+    losses_seen: list[float] = []
+    done, t0 = 0, None
     while done < warmup + steps:
         for xs, yb in loader:
             if done == warmup:
@@ -275,7 +286,7 @@ def run_common(
                 recipe,
                 model,
                 criterion,
-                dict(zip(recipe["views"], xs)),
+                dict(zip(recipe["views"], xs, strict=True)),
                 yb,
                 group_of_class[yb] if "split" in recipe["paths"] else None,
                 amp=False,
@@ -286,6 +297,7 @@ def run_common(
             if done >= warmup + steps:
                 break
     _sync(device)
+    assert t0 is not None  # set when done reached warmup, which the loop above passed
     dt = time.perf_counter() - t0
     return {
         "images_per_s": steps * batch_size / dt,
@@ -388,7 +400,9 @@ def format_json(result: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _time_ms(fn, reps: int, device: torch.device, stat=np.median):
+def _time_ms(
+    fn: Callable[[], object], reps: int, device: torch.device, stat: Callable[[list[float]], Any] = np.median
+) -> Any:
     """``stat`` (median; min is the robust choice on a shared machine) of the wall time of ``fn()``
     in ms over ``reps`` calls (after two untimed calls)."""
     for _ in range(2):
@@ -403,11 +417,14 @@ def _time_ms(fn, reps: int, device: torch.device, stat=np.median):
     return stat(times)
 
 
-def _time_pair(f, g, reps: int, device: torch.device) -> tuple[float, float]:
+def _time_pair(
+    f: Callable[[], object], g: Callable[[], object], reps: int, device: torch.device
+) -> tuple[float, float]:
     """Min wall ms of ``f()`` and of ``g()`` over ``reps`` alternating calls (one untimed call each first),
     so that a change in the machine's load hits both alike."""
     f(), g()
-    tf, tg = [], []
+    tf: list[float] = []
+    tg: list[float] = []
     for _ in range(reps):
         for fn, times in ((f, tf), (g, tg)):
             _sync(device)
@@ -418,8 +435,8 @@ def _time_pair(f, g, reps: int, device: torch.device) -> tuple[float, float]:
     return min(tf), min(tg)
 
 
-def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
-    def call():
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    def call() -> None:
         x.grad = None
         layer.zero_grad(set_to_none=True)
         layer(x).backward(g)
@@ -429,7 +446,7 @@ def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
 
 def _eval_model(method: str, backbone: str, device: torch.device, channels_last: bool) -> nn.Module:
     """``method``'s model in eval mode after one training forward (first-batch init of a CBN mixture)."""
-    spec = {"recipe": methods.recipe(method), "backbone": backbone, "train": {}}
+    spec: dict[str, Any] = {"recipe": methods.recipe(method), "backbone": backbone, "train": {}}
     model = train.build_model(spec, 10, 3).to(device)
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     with torch.no_grad():
@@ -450,12 +467,12 @@ def eval_path_vs_bare(
     with synthetic_test_source(n, device) as source:
         ready = [xb.contiguous(memory_format=fmt) for xb, _ in source.test()]
 
-        def bare():
+        def bare() -> None:
             with torch.no_grad():
                 for xb in ready:
                     model(xb).argmax(1)
 
-        def path():
+        def path() -> None:
             evaluation.evaluate_counts(model, source, 10)
 
         bare_ms, path_ms = _time_pair(bare, path, reps, device)

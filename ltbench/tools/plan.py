@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from statistics import median
-from typing import Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -141,7 +142,7 @@ class _Measured:
         gpu = [r for r in rows if r["gpu"]]
         return (gpu, True) if gpu else (rows, False)
 
-    def same(self, backbone: str, method: str):
+    def same(self, backbone: str, method: str) -> Any:
         rows, gpu = self._pick([r for r in self.runs if r["backbone"] == backbone and r["method"] == method])
         if not rows:
             return None
@@ -149,7 +150,7 @@ class _Measured:
         dev = "" if gpu else f" on {rows[0]['device']}, not a GPU"
         return median(r["s_per_image"] for r in rows), f"measured: {len(rows)} runs in {where}{dev}"
 
-    def other(self, backbone: str, passes_of: Mapping[str, int]):
+    def other(self, backbone: str, passes_of: Mapping[str, int]) -> Any:
         rows, gpu = self._pick([r for r in self.runs if r["backbone"] == backbone and r["method"] in passes_of])
         if not rows:
             return None
@@ -253,9 +254,10 @@ def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = (), bench: Mappi
             spec = ltconfig.cell_spec(cfg, c.dataset, c.method, c.backbone)
             specs[(c.dataset, c.method, c.backbone)] = spec
             passes_of[c.method] = passes(spec["recipe"])
-    speeds = {(c.backbone, c.method): None for c in ltconfig.cells(cfg)}
-    for b, m in speeds:
-        speeds[(b, m)] = _speed(b, m, passes_of[m], knob, measured, passes_of, pinned)
+    speeds = {
+        (b, m): _speed(b, m, passes_of[m], knob, measured, passes_of, pinned)
+        for b, m in dict.fromkeys((c.backbone, c.method) for c in ltconfig.cells(cfg))
+    }
     per_cell = {
         c: _hours(c, specs[(c.dataset, c.method, c.backbone)], speeds[(c.backbone, c.method)])
         for c in ltconfig.cells(cfg)
@@ -312,7 +314,7 @@ def _undecided(agg: Path) -> tuple[dict[tuple, tuple[int, int]], int]:
     need: dict[tuple, tuple[int, int]] = {}
     beyond = 0
 
-    def add(row, method, have) -> None:
+    def add(row: Any, method: str, have: Any) -> None:
         key = (row["dataset"], f"{float(row['ratio']):g}", method, row["backbone"])
         n, h = int(row["seeds_needed"]), int(have)
         old = need.get(key, (0, h))

@@ -19,9 +19,10 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from ltbench.errors import CellBusy, ConfigError
 
@@ -46,7 +47,7 @@ def check_writable(out_dir: Path) -> None:
 def _acquire(path: Path) -> IO[str] | None:
     """The open, locked lock file; :class:`CellBusy` if another process holds it."""
     while True:
-        fh = open(path, "a+")
+        fh = open(path, "a+")  # noqa: SIM115 -- the lock is held by the open file past this function
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

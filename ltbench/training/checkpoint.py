@@ -10,12 +10,14 @@ file that fails to ``checkpoint.pt.unreadable`` with a warning, and the cell sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io as _io
 import random
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -107,10 +109,8 @@ def load(path: Path, device: torch.device, label: str) -> dict | None:
         return read(path, device)
     except CheckpointError as e:  # writes are atomic: a file-system crash, a disk error or another version
         bad = path.with_name(path.name + ".unreadable")
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another rank of a multi-GPU run moved it first
             path.replace(bad)
-        except FileNotFoundError:  # another rank of a multi-GPU run moved it first
-            pass
         print(f"{label}: warning: {path} {e}; moved to {bad.name}, starting the cell afresh", file=sys.stderr)
         return None
 
@@ -126,7 +126,7 @@ def remove_stale_temp_files(out_dir: Path) -> None:
 
 def rng_state(gen: torch.Generator, device: torch.device) -> dict:
     """Every random state a run draws from: its generator, torch's (CPU and CUDA), NumPy's and Python's."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
+    _, key, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "gen": gen.get_state(),
         "torch_rng": torch.get_rng_state(),

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def stability(rows: Iterable[Mapping[str, Any]]) -> dict:
     }
 
 
-def test_sample(source, images: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def test_sample(source: Any, images: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``batch_size`` from a uniform random sample of about ``images`` test images (every
     image when ``images`` is 0 or at least the test set), the same sample for every run; a last
     batch of fewer than 2 images is dropped (batch statistics need two)."""
@@ -112,8 +113,8 @@ class _Confidence:
             layer.register_forward_pre_hook(self._hook(i, threshold)) for i, (_, layer) in enumerate(layers)
         ]
 
-    def _hook(self, i: int, threshold: float):
-        def hook(layer, inputs):
+    def _hook(self, i: int, threshold: float) -> Callable[[nn.Module, tuple], None]:
+        def hook(layer: Any, inputs: tuple) -> None:  # a CBN layer
             c, n = layer.confident_points(inputs[0], threshold)
             self.count[i], self.total[i] = self.count[i] + c, self.total[i] + n
 
@@ -122,7 +123,7 @@ class _Confidence:
     def remove(self) -> list[float]:
         for h in self.handles:
             h.remove()
-        return [float(c) / n if n else math.nan for c, n in zip(self.count, self.total)]
+        return [float(c) / n if n else math.nan for c, n in zip(self.count, self.total, strict=True)]
 
 
 def _balanced_top1(correct: torch.Tensor, seen: torch.Tensor) -> float:
@@ -132,20 +133,25 @@ def _balanced_top1(correct: torch.Tensor, seen: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _sample_accuracies(
-    net: nn.Module, layers: list, batches, num_classes: int, adjust: torch.Tensor | None, threshold: float
+    net: nn.Module,
+    layers: list,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    adjust: torch.Tensor | None,
+    threshold: float,
 ) -> tuple[float, float, list[float]]:
     """(top-1 running mixture, top-1 batch statistics, confident share per layer) on the batches."""
     was_training = net.training
     net.eval()
     twin = batch_stats_model(net)
     hooks = _Confidence(layers, threshold)
-    correct = {"running": None, "batch": None}
+    correct: dict[str, torch.Tensor] = {}
     seen = None
     try:
         for x, y in batches:
             if seen is None:
                 seen = torch.zeros(num_classes, dtype=torch.long, device=y.device)
-                correct = {k: torch.zeros_like(seen) for k in correct}
+                correct = {k: torch.zeros_like(seen) for k in ("running", "batch")}
             seen += torch.bincount(y, minlength=num_classes)
             for key, model in (("running", net), ("batch", twin)):
                 logits = model(x).float()
@@ -166,7 +172,7 @@ def _finite(v: float) -> float | None:
 
 def cbn_diagnostics(
     net: nn.Module,
-    source,
+    source: Any,
     num_classes: int,
     batch_size: int,
     images: int,
@@ -182,9 +188,9 @@ def cbn_diagnostics(
     top1_run, top1_batch, shares = _sample_accuracies(
         net, layers, test_sample(source, images, batch_size), num_classes, adjust, threshold
     )
-    rows = []
-    for (name, layer), share in zip(layers, shares):
-        prior = layer.running_prior.detach().float().cpu()
+    rows: list[dict[str, Any]] = []
+    for (name, layer), share in zip(layers, shares, strict=True):
+        prior = cast(torch.Tensor, layer.running_prior).detach().float().cpu()  # a buffer: Tensor | Module to torch
         rows.append(
             {
                 "name": name,
@@ -199,7 +205,7 @@ def cbn_diagnostics(
         "layers": rows,
         "min_prior": min(r["min_prior"] for r in rows),
         "mean_spread": float(np.mean([r["spread"] for r in rows])),
-        "confident_share": _finite(np.mean(shares)),
+        "confident_share": _finite(float(np.mean(shares))),
         "confident_threshold": threshold,
         "top1_running": _finite(top1_run),
         "top1_batch_stats": _finite(top1_batch),

@@ -19,6 +19,7 @@ re-seeded), unlike a single-process run on CPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,7 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def average_gradients(params, world: World) -> None:
+def average_gradients(params: Iterable[torch.Tensor], world: World) -> None:
     """Average the gradients of ``params`` over the ranks (what DDP does, for a few small tensors)."""
     if not world.active:
         return

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 
-def evaluate(model: nn.Module, source, num_classes: int, adjust: torch.Tensor | None = None) -> torch.Tensor:
+def evaluate(model: nn.Module, source: Any, num_classes: int, adjust: torch.Tensor | None = None) -> torch.Tensor:
     """Per-class count of correct test predictions (int64 tensor on the device).
 
     ``adjust`` is subtracted from the logits first (post-hoc logit adjustment, τ log π). The model
@@ -18,15 +20,16 @@ def evaluate(model: nn.Module, source, num_classes: int, adjust: torch.Tensor | 
 
 @torch.no_grad()
 def evaluate_counts(
-    model: nn.Module, source, num_classes: int, adjust: torch.Tensor | None = None
+    model: nn.Module, source: Any, num_classes: int, adjust: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct, predicted): per class, the correct test predictions and how many test images were
     predicted as that class (int64 tensors on the device); see :func:`evaluate`."""
     was_training = model.training
     model.eval()
-    correct = predicted = None
+    correct: torch.Tensor | None = None
+    predicted: torch.Tensor | None = None
     for x, y in source.test():
-        if correct is None:
+        if correct is None or predicted is None:
             correct = torch.zeros(num_classes, dtype=torch.long, device=y.device)
             predicted = torch.zeros(num_classes, dtype=torch.long, device=y.device)
         logits = model(x).float()
@@ -36,6 +39,8 @@ def evaluate_counts(
         correct.index_add_(0, y, (pred == y).long())
         predicted += torch.bincount(pred, minlength=num_classes)
     model.train(was_training)
+    if correct is None or predicted is None:
+        raise ValueError("evaluate: the test split has no batch")
     return correct, predicted
 
 

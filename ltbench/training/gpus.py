@@ -34,7 +34,7 @@ def claim(num_gpus: int, lock_dir: str | Path | None = None, max_slots: int = 64
     d.mkdir(parents=True, exist_ok=True)
     for slot in range(max_slots):
         for gpu in range(num_gpus):
-            fh = open(d / f"gpu{gpu}.slot{slot}.lock", "w")
+            fh = open(d / f"gpu{gpu}.slot{slot}.lock", "w")  # noqa: SIM115 -- held open: the claim lasts the process
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

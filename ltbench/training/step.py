@@ -15,8 +15,8 @@ paths (dual-path learning, CBN Eq. 19). The step computes exactly the logits
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,9 @@ def forward_paths(
     samples' class groups ``groups``. bf16 autocast when ``amp``; the logits are float32."""
     out = {}
     for p in paths:
-        ctx = norm.split_mode(model, groups) if p == "split" else nullcontext()
+        if p == "split" and groups is None:
+            raise ValueError("the split path needs the samples' class groups (groups=None)")
+        ctx = norm.split_mode(model, groups) if p == "split" and groups is not None else nullcontext()
         with ctx, torch.autocast(next(iter(views.values())).device.type, dtype=torch.bfloat16, enabled=amp):
             for v, x in views.items():
                 if f"{p}/{v}" in wanted:
@@ -71,7 +73,9 @@ def consistency_loss(logits: Mapping[str, torch.Tensor], pairing: str) -> torch.
         pairs = ((c_s, s_s), (s_w, c_w))
     else:
         raise ValueError(f"unknown consistency pairing {pairing!r}; known: cross, same_view")
-    return -0.5 * sum(F.cosine_similarity(a, b.detach(), dim=1).mean() for a, b in pairs)
+    (a1, b1), (a2, b2) = pairs
+    first = F.cosine_similarity(a1, b1.detach(), dim=1).mean()
+    return -0.5 * (first + F.cosine_similarity(a2, b2.detach(), dim=1).mean())
 
 
 def step_loss(

@@ -41,14 +41,16 @@ aggregated. A rerun of the same spec, seed and code fails at once with the recor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +60,8 @@ from ltbench import data, io
 from ltbench.data.longtail import format_ratio
 from ltbench.data.sources import make_source
 from ltbench.errors import ConfigError, Preempted
-from ltbench.nn import backbones as models, classifier, losses, norm, sampling
+from ltbench.nn import backbones as models
+from ltbench.nn import classifier, losses, norm, sampling
 from ltbench.training import celldir, checkpoint, diagnostics, distributed, gpus, step
 from ltbench.training.evaluation import collapse_reason, evaluate_counts, group_accuracy
 from ltbench.training.schedule import lr_lambda
@@ -116,8 +119,9 @@ def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.
         )
     if spec["train"].get("pretrained"):
         models.load_pretrained(model, spec["train"]["pretrained"])
-    if models.HEADS[recipe["head"]] is not None:
-        model.fc = models.HEADS[recipe["head"]](model.fc.in_features, num_classes)
+    head = models.HEADS[recipe["head"]]
+    if head is not None:
+        model.fc = head(cast(nn.Linear, model.fc).in_features, num_classes)
     if recipe["logit_rectification"]:
         norm.rectify_logits(model)
     return model
@@ -267,27 +271,31 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(self.train, self.steps_per_epoch, epochs=self.rep_epochs)
         )
-        self.head = self.head_opt = self.head_sched = None
-        self.stage_dt, self.tau_scores = self.dt, None  # τ-normalization: τ chosen on the validation split
+        self.head: nn.Module | None = None
+        self.head_opt: torch.optim.Optimizer | None = None
+        self.head_sched: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.stage_dt = self.dt
+        self.tau_scores: dict[float, float] | None = None  # τ-normalization: τ chosen on the validation split
 
-    def enter_classifier_stage(self) -> None:
-        """Freeze the model and set up the classifier head (with its optimizer, unless post hoc)."""
-        self.head = classifier.setup_stage(self.model, self.dt, self.K).to(self.device)
+    def enter_classifier_stage(self) -> nn.Module:
+        """Freeze the model and set up the classifier head (with its optimizer, unless post hoc); returns the head."""
+        head = self.head = classifier.setup_stage(self.model, self.dt, self.K).to(self.device)
         if self.dt["classifier"] == "tau_norm":
             if self.dt.get("select_tau"):
                 tau, self.tau_scores = classifier.select_tau(
                     self.model, self.source.val(), classifier.tau_grid(self.dt)
                 )
                 self.stage_dt = {**self.dt, "tau": tau}
-            return
+            return head
         t = self.train
         lr = self.dt["lr"] if self.dt["lr"] is not None else t["lr"]
-        self.head_opt = torch.optim.SGD(
-            self.head.parameters(), lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"], **self.fused
+        opt = self.head_opt = torch.optim.SGD(
+            head.parameters(), lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"], **self.fused
         )
         self.head_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.head_opt, lr_lambda(t, self.head_steps, epochs=self.head_epochs, warmup_epochs=0)
+            opt, lr_lambda(t, self.head_steps, epochs=self.head_epochs, warmup_epochs=0)
         )
+        return head
 
     def _setup_outputs(self) -> None:
         s = self.spec
@@ -308,7 +316,10 @@ class Trainer:
 
     def _reset_counters(self) -> None:
         self.epoch = self.step = self.images_seen = 0
-        self.perm, self.log, self.best, self.train_time = None, [], None, 0.0
+        self.perm: torch.Tensor | None = None
+        self.log: list[str] = []  # train.jsonl's lines
+        self.best: tuple[dict, np.ndarray] | None = None  # the reported epoch's row and per-class accuracies
+        self.train_time = 0.0
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -322,7 +333,7 @@ class Trainer:
 
     def _step_forward(self) -> nn.Module:
         """DistributedDataParallel over all the passes of a step; a single process calls the model directly."""
-        forward = step.PathsForward(self.model, self.recipe, self.amp)
+        forward: nn.Module = step.PathsForward(self.model, self.recipe, self.amp)
         if self.world.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=ids)
@@ -366,9 +377,8 @@ class Trainer:
         self.sched.load_state_dict(ck["sched"])
         self.criterion.load_state_dict(ck["criterion"])
         if ck["head"] is not None:
-            self.enter_classifier_stage()
-            self.head.load_state_dict(ck["head"])
-            if self.head_opt is not None:
+            self.enter_classifier_stage().load_state_dict(ck["head"])
+            if self.head_opt is not None and self.head_sched is not None:
                 self.head_opt.load_state_dict(ck["head_opt"])
                 self.head_sched.load_state_dict(ck["head_sched"])
         checkpoint.set_rng_state(ck, self.gen)
@@ -422,7 +432,10 @@ class Trainer:
         return distributed.shard(self.perm, self.world)
 
     def train_step(self, xs: list[torch.Tensor], yb: torch.Tensor, in_head: bool) -> None:
+        opt: torch.optim.Optimizer
         if in_head:
+            if self.head is None or self.head_opt is None or self.head_sched is None:
+                raise RuntimeError(f"{self.label}: a classifier-stage step without a trained head")
             loss, logits = classifier.stage_loss(
                 self.model, self.head, xs[-1], yb, self.stage_criterion, self.dt, self.counts_t
             )
@@ -434,12 +447,12 @@ class Trainer:
                 xs = [x.clone(memory_format=fmt) for x in xs]
             groups = self.group_of_class[yb] if self.group_of_class is not None else None
             loss, logits = step.step_loss(
-                self.recipe, self.criterion, self.step_forward(dict(zip(self.views, xs)), groups), yb
+                self.recipe, self.criterion, self.step_forward(dict(zip(self.views, xs, strict=True)), groups), yb
             )
             opt, sched = self.opt, self.sched
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if in_head:  # the classifier stage trains outside DDP: average its gradients
+        if self.head is not None and in_head:  # the classifier stage trains outside DDP: average its gradients
             distributed.average_gradients(self.head.parameters(), self.world)
         self._track_gradients(opt, loss)
         opt.step()
@@ -469,7 +482,7 @@ class Trainer:
         return {
             "epoch": self.epoch + 1,
             "stage": "classifier" if in_head else "representation",
-            "lr": (self.head_opt if in_head else self.opt).param_groups[0]["lr"],
+            "lr": (self.head_opt if in_head and self.head_opt is not None else self.opt).param_groups[0]["lr"],
             "train_loss": loss_sum / seen,
             "train_acc": 100.0 * correct / seen,
             "nonfinite_steps": nonfinite,
@@ -495,10 +508,10 @@ class Trainer:
         net = classifier.eval_model(self.model, self.head, self.stage_dt) if self.head is not None else self.model
         correct, predicted = evaluate_counts(net, self.source, self.K, self.adjust)
         per_class = correct.cpu().numpy() / self.test_per_class
-        predicted = predicted.cpu().numpy()
+        pred = predicted.cpu().numpy()
         row["top1"] = float(100.0 * per_class.mean())
-        row["pred_top_class"] = int(predicted.argmax())  # the collapse check (train.collapse_share)
-        row["pred_top_share"] = float(predicted.max() / max(predicted.sum(), 1))
+        row["pred_top_class"] = int(pred.argmax())  # the collapse check (train.collapse_share)
+        row["pred_top_share"] = float(pred.max() / max(pred.sum(), 1))
         row.update(group_accuracy(per_class, self.groups))
         if self.best is None or self.train["report_epoch"] == "last" or row["top1"] > self.best[0]["top1"]:
             self.best = (row, per_class)
@@ -523,7 +536,7 @@ class Trainer:
             return FloatingPointError(f"{self.label}: training diverged (rank {self.world.rank}; rank 0 reports)")
         self.ckpt_path.unlink(missing_ok=True)
         bad = int(self.first_bad)
-        sched = self.head_sched if in_head else self.sched
+        sched = self.head_sched if in_head and self.head_sched is not None else self.sched
         k = (
             (self.epoch - self.rep_epochs) * self.head_steps + bad
             if in_head
@@ -539,11 +552,13 @@ class Trainer:
             self.log,
             step=bad + 1,
             steps=self.step,
-            lr=sched.base_lrs[0] * sched.lr_lambdas[0](k),
+            lr=float(sched.base_lrs[0] * sched.lr_lambdas[0](k)),
         )
 
     def metrics(self) -> dict:
         """The content of ``metrics.json``."""
+        if self.best is None:
+            raise RuntimeError(f"{self.label}: metrics before any evaluated epoch")
         final, per_class = self.best
         s, opts = self.spec, self.spec["dataset_options"]
         return {
@@ -639,22 +654,20 @@ class Progress:
 class _Signals:
     """Turns SIGTERM/SIGUSR1 into a flag the loop checks between steps."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.caught: int | None = None
-        self._old = {}
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self):
+    def __enter__(self) -> _Signals:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: Any) -> None:
         self.caught = signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 

@@ -74,10 +74,25 @@ def data_config(w):
     with one placeholder experiment, not the whole config. A param of the data rules: the whole
     config there made a new seed, method or experiment redo the data and, through it, every cell."""
     ratio = float(getattr(w, "ratio", 1))
-    return json.dumps({"name": config["name"], "data_dir": DATA, "results_dir": R,
-                       "reports_dir": config["reports_dir"], "datasets": {w.dataset: config["datasets"].get(w.dataset, {})},
-                       "experiments": {"data": {"datasets": [w.dataset], "ratios": [ratio], "methods": ["ce"],
-                                                "backbones": ["resnet8"], "seeds": [0]}}}, sort_keys=True)
+    return json.dumps(
+        {
+            "name": config["name"],
+            "data_dir": DATA,
+            "results_dir": R,
+            "reports_dir": config["reports_dir"],
+            "datasets": {w.dataset: config["datasets"].get(w.dataset, {})},
+            "experiments": {
+                "data": {
+                    "datasets": [w.dataset],
+                    "ratios": [ratio],
+                    "methods": ["ce"],
+                    "backbones": ["resnet8"],
+                    "seeds": [0],
+                }
+            },
+        },
+        sort_keys=True,
+    )
 
 
 def grid_file():
@@ -88,8 +103,15 @@ def grid_file():
     neither trained nor aggregated. A changed grid file makes the aggregate (and so the new cells'
     training) due; an unchanged one keeps its date, so a complete run stays a no-op."""
     path = GRID
-    text = json.dumps({"cells": [c.path for c in CELLS], "experiments": config["experiments"],
-                       "margin": config.get("margin")}, indent=1, sort_keys=True, default=str) + "\n"
+    text = (
+        json.dumps(
+            {"cells": [c.path for c in CELLS], "experiments": config["experiments"], "margin": config.get("margin")},
+            indent=1,
+            sort_keys=True,
+            default=str,
+        )
+        + "\n"
+    )
     try:
         if not os.path.exists(path) or open(path).read() != text:
             ltio.write_text(path, text)
@@ -108,8 +130,10 @@ def _check_resource_cells():
         for key, names in known.items():
             for j, name in enumerate(entry.get(key, [])):
                 if name not in names:
-                    raise WorkflowError(f"config key resources.cells[{i}].{key}[{j}]: unknown {key[:-1]} "
-                                        f"{name!r}; known: {', '.join(sorted(names))}")
+                    raise WorkflowError(
+                        f"config key resources.cells[{i}].{key}[{j}]: unknown {key[:-1]} "
+                        f"{name!r}; known: {', '.join(sorted(names))}"
+                    )
 
 
 def train_resource(key, default):
@@ -120,8 +144,11 @@ def train_resource(key, default):
     def get(w):
         value = resource("train", key, default)
         for entry in config["resources"].get("cells", []):
-            if key in entry and w.dataset in entry.get("datasets", [w.dataset]) \
-                    and w.backbone in entry.get("backbones", [w.backbone]):
+            if (
+                key in entry
+                and w.dataset in entry.get("datasets", [w.dataset])
+                and w.backbone in entry.get("backbones", [w.backbone])
+            ):
                 value = entry[key]
         return value
 
@@ -160,9 +187,33 @@ def partial_report(snakemake_log=None):
     cfg = json.dumps(config)
     env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}:{os.environ.get('PYTHONPATH', '')}"}
     cmds = [
-        [sys.executable, "-m", "ltbench", "aggregate", "--existing", "--config-json", cfg, "--out-dir", f"{out}/aggregate"],
-        [sys.executable, "-m", "ltbench", "report", "--aggregate-dir", f"{out}/aggregate", "--figures-dir",
-         f"{out}/figures", "--tables-dir", f"{out}/tables", "--config-json", cfg, "--out", PARTIAL],
+        [
+            sys.executable,
+            "-m",
+            "ltbench",
+            "aggregate",
+            "--existing",
+            "--config-json",
+            cfg,
+            "--out-dir",
+            f"{out}/aggregate",
+        ],
+        [
+            sys.executable,
+            "-m",
+            "ltbench",
+            "report",
+            "--aggregate-dir",
+            f"{out}/aggregate",
+            "--figures-dir",
+            f"{out}/figures",
+            "--tables-dir",
+            f"{out}/tables",
+            "--config-json",
+            cfg,
+            "--out",
+            PARTIAL,
+        ],
     ]
     try:
         with open(log, "w") as fh:
@@ -171,9 +222,11 @@ def partial_report(snakemake_log=None):
                     print(f"ltbench: could not write the partial report; see {log}", file=sys.stderr)
                     return
         done = [p for p in metrics_files() if os.path.exists(p)]
-        print(f"ltbench: some jobs failed; partial report of the {len(done)} finished cells of {len(CELLS)}: "
-              f"{PARTIAL} (missing cells listed there; log: {log}); run the same command again to finish the grid",
-              file=sys.stderr)
+        print(
+            f"ltbench: some jobs failed; partial report of the {len(done)} finished cells of {len(CELLS)}: "
+            f"{PARTIAL} (missing cells listed there; log: {log}); run the same command again to finish the grid",
+            file=sys.stderr,
+        )
     except Exception as e:  # noqa: BLE001 - the handler must not mask the run's own error
         print(f"ltbench: could not write the partial report: {e}", file=sys.stderr)
 

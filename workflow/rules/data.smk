@@ -9,11 +9,11 @@ rule download:
         f"{R}/logs/download/{{dataset}}.log",
     conda:
         ENV
+    resources:
+        runtime=60,
     params:
         cfg=data_config,
         data_dir=lambda w, output: os.path.dirname(output[0]),
-    resources:
-        runtime=60,
     shell:
         "python -m ltbench download --dataset {wildcards.dataset:q} --data-dir {params.data_dir:q} "
         "--config-json {params.cfg:q} --done {output:q} > {log:q} 2>&1"
@@ -28,11 +28,11 @@ rule prepare:
         f"{R}/logs/prepare/{{dataset}}_r{{ratio}}_s{{subset}}.log",
     conda:
         ENV
+    resources:
+        mem_mb=4000,
     params:
         cfg=data_config,
         data_dir=DATA,
-    resources:
-        mem_mb=4000,
     shell:
         "python -m ltbench prepare --dataset {wildcards.dataset:q} --ratio {wildcards.ratio:q} "
         "--subset-seed {wildcards.subset:q} --data-dir {params.data_dir:q} --config-json {params.cfg:q} "
@@ -50,10 +50,10 @@ rule prepare_lists:
         f"{R}/logs/prepare/{{dataset}}_r{{ratio}}.log",
     conda:
         ENV
-    params:
-        cfg=data_config,
     resources:
         mem_mb=4000,
+    params:
+        cfg=data_config,
     shell:
         "python -m ltbench prepare --dataset {wildcards.dataset:q} --ratio {wildcards.ratio:q} "
         "--config-json {params.cfg:q} --out {output:q} > {log:q} 2>&1 || (cat {log:q} >&2; exit 1)"

@@ -19,10 +19,6 @@ rule train:
         f"{R}/logs/train/{{dataset}}/r{{ratio}}/{{method}}/{{backbone}}/s{{seed}}.log",
     conda:
         ENV
-    params:
-        spec=lambda w: json.dumps(ltconfig.cell_spec(config, w.dataset, w.method, w.backbone), sort_keys=True),
-        out=lambda w, output: os.path.dirname(output.metrics),
-        launch=lambda w, resources: launcher(resources.gpu),
     threads: 1
     resources:
         gpu=train_resource("gpu", 0),
@@ -30,6 +26,10 @@ rule train:
         runtime=train_resource("runtime", 60),
         mem_mb=train_resource("mem_mb", 4000),
         cpus_per_task=train_resource("cpus_per_task", 1),
+    params:
+        spec=lambda w: json.dumps(ltconfig.cell_spec(config, w.dataset, w.method, w.backbone), sort_keys=True),
+        out=lambda w, output: os.path.dirname(output.metrics),
+        launch=lambda w, resources: launcher(resources.gpu),
     shell:
         "exec {params.launch} -m ltbench train --dataset {wildcards.dataset:q} --ratio {wildcards.ratio:q} "
         "--method {wildcards.method:q} --backbone {wildcards.backbone:q} --seed {wildcards.seed:q} "

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltbench.registry import Registry
+from ltbench.registry import Factory, Registry
 
-BACKBONES = Registry("backbone")
+BACKBONES: Registry[Factory] = Registry("backbone")
 
 
 def build(
@@ -55,7 +55,9 @@ IMAGENET_ARCHS = {
 
 def _register_imagenet(name: str, layers: list[int], groups: int, width: int) -> None:
     @BACKBONES.register(name)
-    def build(num_classes: int, in_channels: int = 3, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+    def build(
+        num_classes: int, in_channels: int = 3, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d
+    ) -> nn.Module:
         from ltbench.nn.backbones.imagenet_resnet import ImageNetResNet  # lazy: torchvision, ImageNet sizes only
 
         return ImageNetResNet(layers, num_classes, in_channels, norm_layer, groups, width)

@@ -7,7 +7,7 @@ n = 5 (≈0.46M parameters). ResNet-8 (n = 1) is the small model the tests use.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -55,13 +55,13 @@ class CifarResNet(nn.Module):
         num_classes: int,
         in_channels: int = 3,
         norm_layer: NormLayer = nn.BatchNorm2d,
-        widths=(16, 32, 64),
-    ):
+        widths: tuple[int, int, int] = (16, 32, 64),
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = norm_layer(widths[0])
         stages, in_planes = [], widths[0]
-        for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
+        for width, stride in zip(widths, (1, 2, 2), strict=True):
             blocks = []
             for j in range(blocks_per_stage):
                 blocks.append(BasicBlock(in_planes, width, stride if j == 0 else 1, norm_layer))

@@ -8,7 +8,7 @@ only when one of them is built. Pretrained weights: :mod:`ltbench.nn.backbones.p
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
