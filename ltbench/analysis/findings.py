@@ -3,8 +3,8 @@
 The rows are those of ``gains.csv`` and ``comparison.csv``, reshaped, nothing recomputed:
 
 - every claimed gain (``gains.csv``, ``kind`` = ``claim``), every reading of a sensitivity experiment
-  (``kind`` = ``sensitivity``) and every cell of an ablation grid (``kind`` = ``ablation``) that is not
-  already one of the experiment's claims: ``ours`` is our gain in points with its 95 % Welch interval,
+  (``kind`` = ``sensitivity``), every point of a scaling curve (``kind`` = ``scaling``) and every cell
+  of an ablation grid (``kind`` = ``ablation``) that is not already one of the experiment's claims: ``ours`` is our gain in points with its 95 % Welch interval,
   ``paper`` the paper's claimed gain (empty where the paper gives no number), the verdict is
   ``gain_verdict`` judged on the Holm-adjusted p-value (``p_value``);
 - every reproduction test of a paper number (``comparison.csv``, ``kind`` = ``reproduction``), except
@@ -56,7 +56,7 @@ COLUMNS = [
 DECIDED = ("contradicted", "supported", "no gain", "below", "above", "reproduced")
 UNDECIDED = ("not significant", "inconclusive")
 NOT_TESTS = ("not reported", "quoted")  # comparison.csv rows that test nothing of ours
-KIND_ORDER = ("claim", "reproduction", "sensitivity", "ablation")
+KIND_ORDER = ("claim", "reproduction", "sensitivity", "scaling", "ablation")
 METRIC_WORDS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few"}
 _CELL = ["dataset", "ratio", "backbone", "metric", "method", "over"]
 

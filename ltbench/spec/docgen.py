@@ -74,12 +74,21 @@ def schema_keys(schema: Mapping, node: Mapping | None = None, prefix: str = "") 
         yield from schema_keys(schema, extra, f"{prefix}<name>.")
 
 
+def _alternatives(node: Mapping) -> list[Mapping]:
+    """The schemas a value may match besides ``node`` itself: ``oneOf`` / ``anyOf`` members and the
+    ``then`` / ``else`` of a conditional (e.g. a list of seeds or a mapping of a sequential design)."""
+    return [*node.get("oneOf", []), *node.get("anyOf", []), *(node[k] for k in ("then", "else") if k in node)]
+
+
 def _children(schema: Mapping, sub: Mapping, path: str) -> Iterator[tuple[str, dict, str]]:
     node = resolve(schema, sub)
     yield from schema_keys(schema, node, f"{path}.")
     items = node.get("items")
     if isinstance(items, Mapping) and "properties" in resolve(schema, items):
         yield from schema_keys(schema, items, f"{path}[].")
+    for alt in _alternatives(node):
+        if "properties" in resolve(schema, alt):
+            yield from schema_keys(schema, alt, f"{path}.")
 
 
 def sections(schema: Mapping) -> list[tuple[str, list[tuple[str, dict, str]]]]:
@@ -99,8 +108,8 @@ def _link(section: str) -> str:
 def _type(schema: Mapping, node: Mapping, section: str = "") -> str:
     if "enum" in node:
         return "one of " + ", ".join(f"`{json.dumps(v)}`" for v in node["enum"])
-    if "anyOf" in node:
-        return " or ".join(_type(schema, resolve(schema, n)) for n in node["anyOf"])
+    if _alternatives(node) and "type" not in node:
+        return " or ".join(_type(schema, resolve(schema, n)) for n in _alternatives(node))
     kind = node.get("type", "any")
     kinds = kind if isinstance(kind, list) else [kind]
     text = " or ".join("mapping" if k == "object" else k for k in kinds)
