@@ -5,8 +5,9 @@ The rows are those of ``gains.csv`` and ``comparison.csv``, reshaped, nothing re
 - every claimed gain (``gains.csv``, ``kind`` = ``claim``), every reading of a sensitivity experiment
   (``kind`` = ``sensitivity``), every point of a scaling curve (``kind`` = ``scaling``) and every cell
   of an ablation grid (``kind`` = ``ablation``) that is not already one of the experiment's claims:
-  ``ours`` is our gain in points with its 95 % Welch interval, ``paper`` the paper's claimed gain (empty where the paper gives no number), the verdict is
-  ``gain_verdict`` judged on the Holm-adjusted p-value (``p_value``);
+  ``ours`` is our gain in points with its 95 % Welch interval, ``paper`` the paper's claimed gain (empty
+  where the paper gives no number), the verdict is ``gain_verdict`` judged on the Holm-adjusted p-value
+  (``p_value``);
 - every reproduction test of a paper number (``comparison.csv``, ``kind`` = ``reproduction``), except
   entries the paper quotes from elsewhere or does not report: ``ours`` is our mean with its 95 %
   Student-t interval, ``paper`` the paper's value, ``p_value`` the equivalence test's (TOST).
