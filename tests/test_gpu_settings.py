@@ -65,6 +65,7 @@ def _spec(method: str, device: str = "cpu") -> dict:
     if staged:
         over["decoupled"] = {"fraction": 0.5}
     t = {"epochs": 2 if staged else 1, "batch_size": 16, "lr": 0.05, "warmup_epochs": 0, "device": device}
+    t["diag_images"] = 64  # CBN's end-of-run diagnostics: a token sample
     c = config.validate(
         {
             "train": {**t, "checkpoint_every": 0},
@@ -190,7 +191,7 @@ def test_every_method_trains_under_bf16_autocast(prepared, tmp_path, tmp_path_fa
 
 
 @pytest.mark.parametrize("kernel", [{"fused": True}, {"foreach": True}], ids=["fused", "foreach"])
-@pytest.mark.parametrize("method", ["baseline+cbn+sbn+dpl", "ldam-drw", "nbn+rect", "crt", "lws"])
+@pytest.mark.parametrize("method", ["baseline+cbn+sbn+dpl", "nbn+rect", "crt", "lws"])
 def test_channels_last_and_the_multi_tensor_updates_in_float32(
     prepared, tmp_path, tmp_path_factory, monkeypatch, method, kernel
 ):
