@@ -191,7 +191,7 @@ def cmd_bench(a) -> int:
     from ltbench.tools import bench  # lazy: torch
 
     if a.suite:
-        from ltbench.tools import gpu_suite
+        from ltbench.tools import gpu_suite  # lazy: torch
 
         result = gpu_suite.run(device=a.device, quick=a.quick)
         if a.out:

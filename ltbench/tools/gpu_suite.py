@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ltbench import data
@@ -116,8 +117,6 @@ def _reason(e: BaseException) -> str:
 
 
 def _graph_breaks() -> dict[str, Any]:
-    from torch._dynamo.utils import counters
-
     breaks = counters["graph_break"]
     reasons = sorted({_reason_line(k) for k in breaks})
     return {"graph_breaks": int(sum(breaks.values())), "graph_break_reasons": reasons[:5]}
@@ -137,8 +136,6 @@ def _mode_figure(x, y, method: str, sizes: Sizes, dev: torch.device, mode: str) 
         return {"images_per_s": None, "skipped": "CUDA graphs need a CUDA device"}
     if MODES[mode] is not None:
         torch._dynamo.reset()  # a fresh cache: no recompile limit carried over from the last figure
-        from torch._dynamo.utils import counters
-
         counters.clear()
         if sizes.compile_backend == "inductor":
             loop.model = torch.compile(loop.model, mode=MODES[mode])
