@@ -128,12 +128,12 @@ def _reason_line(text: str) -> str:
 
 def _mode_figure(x, y, method: str, sizes: Sizes, dev: torch.device, mode: str) -> dict[str, Any]:
     """Images/s of ``method``'s fast loop in ``mode`` (the failure's reason where it does not run)."""
-    torch.manual_seed(0)
     cuda = dev.type == "cuda"
-    loop = bench.FastLoop(x, y, method, sizes.backbone, sizes.batch_size, dev, amp=cuda, channels_last=cuda)
-    out: dict[str, Any] = {}
     if mode == "reduce-overhead" and not cuda:
         return {"images_per_s": None, "skipped": "CUDA graphs need a CUDA device"}
+    torch.manual_seed(0)
+    loop = bench.FastLoop(x, y, method, sizes.backbone, sizes.batch_size, dev, amp=cuda, channels_last=cuda)
+    out: dict[str, Any] = {}
     if MODES[mode] is not None:
         torch._dynamo.reset()  # a fresh cache: no recompile limit carried over from the last figure
         counters.clear()
@@ -160,7 +160,7 @@ def _mode_figure(x, y, method: str, sizes: Sizes, dev: torch.device, mode: str) 
     if MODES[mode] is not None:
         out |= _graph_breaks()
         torch._dynamo.reset()
-    else:
+    elif "error" not in out:
         out["ops_per_step"] = _ops_per_step(loop)
         with train.autocast(dev, cuda):
             out["eval_images_per_s"] = round(bench.eval_images_per_s(loop.model, dev, sizes.eval_images), 1)
@@ -174,9 +174,9 @@ def _ops_per_step(loop: bench.FastLoop) -> int:
     return count.ops
 
 
-def _projected_s(ips: float | None, eval_ips: float) -> float | None:
+def _projected_s(ips: float | None, eval_ips: float | None) -> float | None:
     """Wall seconds of a 400-epoch CIFAR-10-LT ρ = 100 cell at ``ips`` training and ``eval_ips`` test images/s."""
-    if not ips:
+    if not ips or not eval_ips:
         return None
     return round(EPOCHS * (sum(CIFAR10_LT_R100) / ips + 10000 / eval_ips), 1)
 
@@ -192,9 +192,8 @@ def throughput(sizes: Sizes, dev: torch.device, methods_: tuple[str, ...] = METH
             row["common"] = {"images_per_s": round(c["images_per_s"], 1), "step_time_ms": round(c["step_time_ms"], 3)}
         except Exception as e:  # noqa: BLE001
             row["common"] = {"images_per_s": None, "error": _reason(e)}
-        eval_ips = row["eager"].pop("eval_images_per_s")
-        row["eval_images_per_s"] = eval_ips
-        row["ops_per_step"] = row["eager"].pop("ops_per_step")
+        eval_ips = row["eval_images_per_s"] = row["eager"].pop("eval_images_per_s", None)
+        row["ops_per_step"] = row["eager"].pop("ops_per_step", None)
         row[f"projected_{EPOCHS}_epoch_wall_s"] = {
             k: _projected_s(row[k]["images_per_s"], eval_ips) for k in (*MODES, "common")
         }
@@ -370,7 +369,7 @@ def markdown(r: dict[str, Any]) -> str:
         ratio = f"{e / c:.1f}×" if e and c else "–"
         proj = " / ".join(_minutes(v) for v in row[f"projected_{EPOCHS}_epoch_wall_s"].values())
         lines.append(f"| {m} | {' | '.join(cells_[:1])} | {' | '.join(cells_[1:])} | {ratio} | "
-                     f"{row['ops_per_step']:,} | {proj} |")  # fmt: skip
+                     f"{_fmt(row['ops_per_step'])} | {proj} |")  # fmt: skip
         notes += [f"- ¹ {m}, {k}: {row[k]['error']}" for k in (*MODES, "common") if row[k].get("error")]
         notes += [f"- n/a {m}, {k}: {row[k]['skipped']}" for k in MODES if row[k].get("skipped")]
         notes += [
