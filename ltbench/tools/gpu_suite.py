@@ -362,7 +362,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"| {EPOCHS}-epoch cell: eager / compiled / reduce-overhead / common |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    notes = []
+    notes: list[str] = []
+    skipped: set[str] = set()
     for m, row in r["throughput"].items():
         cells_ = [_fmt(row[k]["images_per_s"], row[k].get("error")) for k in (*MODES, "common")]
         e, c = row["eager"]["images_per_s"], row["common"]["images_per_s"]
@@ -371,12 +372,13 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {m} | {' | '.join(cells_[:1])} | {' | '.join(cells_[1:])} | {ratio} | "
                      f"{_fmt(row['ops_per_step'])} | {proj} |")  # fmt: skip
         notes += [f"- ¹ {m}, {k}: {row[k]['error']}" for k in (*MODES, "common") if row[k].get("error")]
-        notes += [f"- n/a {m}, {k}: {row[k]['skipped']}" for k in MODES if row[k].get("skipped")]
+        skipped.update({f"- n/a, {k}: {row[k]['skipped']}" for k in MODES if row[k].get("skipped")})
         notes += [
             f"- {m}, {k}: {row[k]['graph_breaks']} graph breaks ({'; '.join(row[k]['graph_break_reasons'])})"
             for k in MODES
             if row[k].get("graph_breaks")
         ]
+    notes += sorted(skipped)
     lines += ["", *notes, *([""] if notes else []), _tests_line(r["cuda_tests"]), ""]
     lines += [
         "| family | method | epochs | exit | top-1 | train img/s | wall s |",
