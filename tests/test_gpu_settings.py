@@ -6,10 +6,11 @@ a decoupled recipe two, one per stage) from the same seed as the float32 referen
 torch's default SGD) and with a CUDA run's settings (bf16 autocast + channels_last + fused SGD). Both
 must have finite losses; the bf16 run must have run every forward pass (steps, classifier stage,
 τ selection, evaluation) under autocast and still hand float32 logits to the losses, and stay close
-to the reference: each epoch's mean training loss within ``LOSS_RTOL`` (relative), the test top-1
-within ``TOP1_TOL`` points, and its evaluation within ``EVAL_TOL`` points of the same weights
-evaluated in float32. channels_last with the fused and the foreach update is checked in float32 on
-the methods that build distinct optimizers or layouts.
+to the reference: the first step's loss within ``FIRST_STEP_RTOL`` (the same weights and batch), each
+epoch's mean training loss within ``LOSS_RTOL`` (relative), the test top-1 within ``TOP1_TOL``
+points, and its evaluation within ``EVAL_TOL`` points of the same weights evaluated in float32.
+channels_last with the fused and the foreach update is checked in float32 on the methods that build
+distinct optimizers or layouts.
 
 The settings only a GPU has (pinned host memory, the CUDA random state, the same runs on a CUDA
 device) are tests marked ``cuda``, skipped here with the reason; ``ltbench bench --suite gpu`` runs them.
@@ -30,15 +31,17 @@ from ltbench.spec import config, methods
 from ltbench.training import checkpoint, diagnostics, step
 from ltbench.training import trainer as train
 
-#: bf16 rounds every activation to 8 mantissa bits and the runs' weights part ways within the epoch:
-#: observed epoch-loss differences to the float32 run are up to ~2.3 % (la-posthoc@published), top-1
-#: differences up to ~16 points (ldam-drw@published: after one epoch of LDAM's s = 30 margins the
-#: top-1 of either run is a coin toss between 13 and 30 %), most under 5.
-LOSS_RTOL = 0.04
+#: The first step sees the same weights and batch in both runs, so only the forward's bf16 rounding
+#: differs: observed up to 0.4 % (the full CBN method), most under 0.2 %.
+FIRST_STEP_RTOL = 0.01
+#: Over the epoch the runs' weights part ways: observed epoch-loss differences to the float32 run up to
+#: 3.7 % (CBN's C kernels in float32 against its torch code, which channels_last takes, in bf16), most
+#: under 1 %; top-1 differences up to 16 points (ldam-drw@published: after one epoch of LDAM's s = 30
+#: margins the top-1 of either run is a coin toss between 13 and 30 %), all others up to 6.
+LOSS_RTOL = 0.06
 TOP1_TOL = 20.0
-#: The same final weights evaluated under bf16 autocast and in float32: a handful of the ~500 test images
-#: change sides (observed up to ~2 points).
-EVAL_TOL = 4.0
+#: The same final weights evaluated under bf16 autocast and in float32: observed up to 0.6 points.
+EVAL_TOL = 2.0
 
 NO_CUDA = "needs CUDA: no CUDA device here; `ltbench bench --suite gpu` runs it on a GPU"
 
@@ -85,13 +88,15 @@ class _Watch:
     the logits had where the code promises float32 (the step's loss, the classifier stage)."""
 
     def __init__(self, monkeypatch):
-        self.phase, self.conv, self.promised = "representation", set(), set()
+        self.phase, self.conv, self.promised, self.losses = "representation", set(), set(), []
         real_step_loss, real_stage_loss = step.step_loss, classifier.stage_loss
         real_eval, real_tau = train.evaluate_counts, classifier.select_tau
 
         def step_loss(recipe, criterion, logits, y):
             self.promised |= {("representation", v.dtype) for v in logits.values()}
-            return real_step_loss(recipe, criterion, logits, y)
+            loss, acc_logits = real_step_loss(recipe, criterion, logits, y)
+            self.losses.append(float(loss.detach()))
+            return loss, acc_logits
 
         def stage_loss(*a, **k):
             loss, logits = self.during("classifier", real_stage_loss, *a, **k)
@@ -185,6 +190,8 @@ def test_every_method_trains_under_bf16_autocast(prepared, tmp_path, tmp_path_fa
     # float32 logits where the code promises them (the step's losses, the classifier stage's)
     assert {d for _, d in gpu["watch"].promised} == {torch.float32}
     assert {p for p, _ in gpu["watch"].promised} == {p for p, _ in ref["watch"].promised}
+    # the first step: the same weights and batch, so only the forward's bf16 rounding differs
+    assert gpu["watch"].losses[0] == pytest.approx(ref["watch"].losses[0], rel=FIRST_STEP_RTOL)
     _close(gpu, ref, LOSS_RTOL, TOP1_TOL)
     # the evaluation path's own bf16 error, free of the training's: the same weights in float32
     assert gpu["rows"][-1]["top1"] == pytest.approx(_float32_top1(gpu), abs=EVAL_TOL)
@@ -204,6 +211,7 @@ def test_channels_last_and_the_multi_tensor_updates_in_float32(
     opts = [o for o in (run["trainer"].opt, run["trainer"].head_opt) if o is not None]
     assert all(o.defaults[next(iter(kernel))] for o in opts)
     assert run["watch"].conv == ref["watch"].conv
+    assert run["watch"].losses[0] == pytest.approx(ref["watch"].losses[0], rel=1e-4)
     cbn = methods.recipe(method)["norm"]["name"] == "cbn"
     _close(run, ref, LOSS_RTOL if cbn else 1e-4, TOP1_TOL if cbn else 1.0)
 
