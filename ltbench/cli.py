@@ -246,6 +246,14 @@ def cmd_report(a) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from ltbench.tools import bench  # lazy: torch
 
+    if a.suite:
+        from ltbench.tools import gpu_suite  # lazy: torch
+
+        result = gpu_suite.run(device=a.device, quick=a.quick)
+        if a.out:
+            io.write_text(a.out, bench.format_json(result) + "\n")
+        print(gpu_suite.markdown(result))
+        return 0 if result["cuda_tests"].get("failed", 0) == 0 else 1
     if a.layer:
         result = bench.layer_main(device=a.device, reps=a.steps)
     elif a.compare:
@@ -422,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps steps; images/s and the ratio of each to the first (medians over rounds)",
     )
     s.add_argument("--rounds", type=_at_least(1), default=5, help="rounds of --compare")
+    s.add_argument(
+        "--suite",
+        choices=["gpu"],
+        help="instead: the prepared GPU check (CUDA-only tests; baseline, baseline+cbn, baseline+cbn+sbn+dpl "
+        "images/s eager, compiled, reduce-overhead and the common recipe; one train cell per method family); "
+        "JSON to --out, a Markdown block for BENCHMARKS.md on stdout",
+    )
+    s.add_argument("--quick", action="store_true", help="--suite on tiny sizes (CPU: a few minutes)")
     s.set_defaults(fn=cmd_bench)
     return p
 

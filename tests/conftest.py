@@ -26,6 +26,16 @@ def run_cli(*args, check=True, cwd=ROOT, timeout=600):
     return p
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark ``cuda`` every test that needs a CUDA device: skipped for want of it (its skipif reason says
+    CUDA) or parametrized on the device "cuda"; ``ltbench bench --suite gpu`` selects them with ``-m cuda``."""
+    for item in items:
+        reasons = [m.kwargs.get("reason", "") for m in item.iter_markers("skipif")]
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any("CUDA" in r for r in reasons) or "cuda" in params.values():
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture
 def cli():
     return run_cli

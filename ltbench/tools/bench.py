@@ -70,9 +70,7 @@ def _setup(method: str, backbone: str, num_classes: int, device: torch.device, c
         model = model.to(memory_format=torch.channels_last)
     counts = torch.full((num_classes,), 100.0)
     criterion = losses.make(spec["recipe"]["loss"]["name"], counts, **spec["recipe"]["loss"]["options"]).to(device)
-    opt = torch.optim.SGD(
-        norm.param_groups(model, 2e-4), lr=0.05, momentum=0.9, **({"fused": True} if device.type == "cuda" else {})
-    )
+    opt = torch.optim.SGD(norm.param_groups(model, 2e-4), lr=0.05, momentum=0.9, **train.optimizer_kernel(device))
     return spec["recipe"], model, criterion, opt
 
 
@@ -126,6 +124,7 @@ class FastLoop:
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.groups = norm.class_groups(num_classes, self.recipe["norm"]["options"].get("num_components", 1)).to(device)
         self.total, self.done = torch.zeros((), device=device), 0
+        self.step_begin = None  # called before each step (CUDA graphs: torch.compiler.cudagraph_mark_step_begin)
 
     def view(self, xb: torch.Tensor, kind: str) -> torch.Tensor:
         xb = augment.random_crop_flip(xb, 4, self.gen)
@@ -138,6 +137,8 @@ class FastLoop:
         _sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
+            if self.step_begin is not None:
+                self.step_begin()
             idx = torch.randint(0, len(self.y), (self.batch,), device=self.device, generator=self.gen)
             yb = self.y[idx]
             views = {v: self.view(self.x[idx], v) for v in self.recipe["views"]}

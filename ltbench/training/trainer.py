@@ -104,6 +104,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def optimizer_kernel(device: torch.device) -> dict[str, bool]:
+    """The SGD implementation keyword for ``device``: on CUDA ``fused`` (one kernel for the whole
+    update); elsewhere torch's default. Every optimizer of a run (the representation's, the classifier
+    stage's) takes it; tests run the CUDA choice on CPU, where torch supports it too."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on ``device`` when ``amp`` (``train.amp: bf16``, on CPU as on CUDA), else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
 def build_model(spec: Mapping[str, Any], num_classes: int, channels: int) -> nn.Module:
     """The backbone with the recipe's norm layers (in scope) and optional logit rectification."""
     recipe = spec["recipe"]
@@ -202,7 +214,7 @@ class Trainer:
         if t["threads"]:
             torch.set_num_threads(t["threads"])
         self.device = device
-        self.amp = device.type == "cuda" and t["amp"] == "bf16"
+        self.amp = t["amp"] == "bf16"  # CPU autocast runs it too (default none)
         self.bs = t["batch_size"] // world.size  # per process; train.batch_size is the global batch
 
     def _seed(self) -> None:
@@ -242,7 +254,7 @@ class Trainer:
             self.model.compile(mode=self.compile)
         self.criterion = losses.make(r["loss"]["name"], self.counts, **r["loss"]["options"]).to(device)
         nopts = r["norm"]["options"]
-        self.fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on CUDA
+        self.fused = optimizer_kernel(device)
         self.opt = torch.optim.SGD(
             norm.param_groups(self.model, t["weight_decay"], alpha_weight_decay=nopts.get("alpha_weight_decay", True)),
             lr=t["lr"],
@@ -282,9 +294,10 @@ class Trainer:
         head = self.head = classifier.setup_stage(self.model, self.dt, self.K).to(self.device)
         if self.dt["classifier"] == "tau_norm":
             if self.dt.get("select_tau"):
-                tau, self.tau_scores = classifier.select_tau(
-                    self.model, self.source.val(), classifier.tau_grid(self.dt)
-                )
+                with autocast(self.device, self.amp):
+                    tau, self.tau_scores = classifier.select_tau(
+                        self.model, self.source.val(), classifier.tau_grid(self.dt)
+                    )
                 self.stage_dt = {**self.dt, "tau": tau}
             return head
         t = self.train
@@ -436,9 +449,10 @@ class Trainer:
         if in_head:
             if self.head is None or self.head_opt is None or self.head_sched is None:
                 raise RuntimeError(f"{self.label}: a classifier-stage step without a trained head")
-            loss, logits = classifier.stage_loss(
-                self.model, self.head, xs[-1], yb, self.stage_criterion, self.dt, self.counts_t
-            )
+            with autocast(self.device, self.amp):
+                loss, logits = classifier.stage_loss(
+                    self.model, self.head, xs[-1], yb, self.stage_criterion, self.dt, self.counts_t
+                )
             opt, sched = self.head_opt, self.head_sched
         else:
             # compiled: one input layout for every view (strides of 1-channel images too), one graph
@@ -506,7 +520,8 @@ class Trainer:
     def evaluate(self, row: dict) -> None:
         """Test accuracy into ``row``; it becomes the reported one (``train.report_epoch``)."""
         net = classifier.eval_model(self.model, self.head, self.stage_dt) if self.head is not None else self.model
-        correct, predicted = evaluate_counts(net, self.source, self.K, self.adjust)
+        with autocast(self.device, self.amp):
+            correct, predicted = evaluate_counts(net, self.source, self.K, self.adjust)
         per_class = correct.cpu().numpy() / self.test_per_class
         pred = predicted.cpu().numpy()
         row["top1"] = float(100.0 * per_class.mean())
