@@ -28,8 +28,8 @@ With the workflow config (``--config-json`` / ``--config``) also:
   experiment with ``figure: ablation`` or ``figure: sensitivity``, per method over the first one
   (``kind`` = ``ablation`` / ``sensitivity``), for ``figure: scaling`` per method over the first one of
   the same training length (:func:`ltbench.analysis.gains.scaling_pairs`, ``kind`` = ``scaling``): our
-  gain, Welch (with its 95 % interval) and paired t-tests, Holm-adjusted p, the "no gain" equivalence test, the paper's gain,
-  a verdict and the seeds a non-significant gain needs (:mod:`ltbench.analysis.gains`).
+  gain, Welch (with its 95 % interval) and paired t-tests, Holm-adjusted p, the "no gain" equivalence
+  test, the paper's gain, a verdict and the seeds a non-significant gain needs (:mod:`ltbench.analysis.gains`).
 - ``findings.csv``: one row per claim the report tests (every claimed gain, sensitivity reading and
   reproduction test of every experiment), decided verdicts first: the rows of comparison.csv and
   gains.csv reshaped (:mod:`ltbench.analysis.findings`). Without a config: its header only.
@@ -389,7 +389,7 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def _scaling_pairs(cfg: Mapping, exp: Mapping) -> list[tuple[str, str, str, str]]:
+def _scaling_pairs(cfg: Mapping, exp: Mapping) -> list[tuple[str | None, str, str, str]]:
     def epochs(dataset: str, method: str, backbone: str) -> int:
         return cell_spec(cfg, dataset, method, backbone)["train"]["epochs"]
 
