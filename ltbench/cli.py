@@ -7,8 +7,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ltbench import data, io
 from ltbench.data import imagelists
@@ -38,7 +39,7 @@ def _float(s: str) -> float:
     return v
 
 
-def _at_least(low: int):
+def _at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (bench's step, round and worker counts)."""
 
     def parse(s: str) -> int:
@@ -51,7 +52,7 @@ def _at_least(low: int):
     return parse
 
 
-def _json(s: str, flag: str):
+def _json(s: str, flag: str) -> Any:
     """A JSON value given on the command line; invalid JSON names the flag."""
     try:
         return json.loads(s)
@@ -59,7 +60,7 @@ def _json(s: str, flag: str):
         raise ConfigError(f"argument {flag}: not valid JSON ({e})") from None
 
 
-def _schema_type(definition: str, key: str | None = None, kind: type = int):
+def _schema_type(definition: str, key: str | None = None, kind: type = int) -> Callable[[str], Any]:
     """An argparse type: parse ``kind`` and validate it with the config schema's ``$defs`` entry
     (``key`` of its properties), as the same value in a config file would be."""
 
@@ -141,7 +142,7 @@ def _check_warmup_flags(a: argparse.Namespace, train: dict) -> None:
         )
 
 
-def cmd_train(a) -> int:
+def cmd_train(a: argparse.Namespace) -> int:
     from ltbench.training import trainer as train  # lazy: torch takes seconds to import
 
     cfg = _load_config(a)
@@ -210,7 +211,7 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_findings(a) -> int:
+def cmd_findings(a: argparse.Namespace) -> int:
     from ltbench.analysis import findings  # lazy: pandas
 
     if not (a.config or a.config_json):
@@ -219,7 +220,7 @@ def cmd_findings(a) -> int:
     return 0
 
 
-def cmd_plan(a) -> int:
+def cmd_plan(a: argparse.Namespace) -> int:
     from ltbench.tools import plan  # lazy: pandas
 
     path = a.configfile or a.config or "config/config.yaml"  # snakemake's default config file
@@ -229,13 +230,13 @@ def cmd_plan(a) -> int:
     return 0
 
 
-def cmd_run(a) -> int:
+def cmd_run(a: argparse.Namespace) -> int:
     from ltbench.tools import run  # lazy: pandas, scipy
 
     return run.main(a.configfile, a.snakemake_args, until_decided=a.until_decided)
 
 
-def cmd_report(a) -> int:
+def cmd_report(a: argparse.Namespace) -> int:
     from ltbench.report import page as report  # lazy: matplotlib, seaborn, pandas
 
     cfg = _load_config(a) if (a.config or a.config_json) else None
@@ -293,7 +294,7 @@ def _config_args(s: argparse.ArgumentParser) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (``ltbench <subcommand>: error: ...``), without the usage."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -145,3 +145,13 @@ def test_kernels_refuse_tensors_they_would_index_out_of_bounds(kernel):
         cbn_cpu.mix(x, None, shift, r, None, torch.zeros(M, 2, 3), None, out=torch.empty(2, 10, 3).transpose(1, 2))
     with pytest.raises(ValueError, match="cbn_quad: w must be"):
         cbn_cpu.quad(x, None, shift, torch.zeros(M, 2, 4), torch.zeros(M))
+
+
+def test_kernels_called_without_the_library_say_so(kernel):
+    """With the torch implementation chosen no library is loaded: a direct call is a clear error, not a
+    NoneType attribute error."""
+    kernel("torch")
+    x = torch.randn(2, 3, 10)
+    assert not cbn_cpu.usable(x.reshape(2, 3, 2, 5))
+    with pytest.raises(RuntimeError, match="CBN CPU kernels are not loaded"):
+        cbn_cpu.moments(x, None, torch.zeros(3), torch.full((2, 2, 10), 0.5))

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from cbn_reference import ReferenceCBN
 
-from ltbench.nn import cbn_cpu
+from ltbench.nn import cbn_cpu, cbn_ops
 from ltbench.nn.norm import CompoundBatchNorm2d
 
 C = 5
@@ -262,3 +262,15 @@ def test_output_takes_an_inplace_relu_and_backpropagates(responsibilities, chann
     )
     torch.relu_(y).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_fixed_mode_without_responsibilities_names_them():
+    """``"fixed"`` mode normalizes with given responsibilities: without them a clear error (was a NoneType
+    attribute error deep in the statistics)."""
+    x, M, C = torch.randn(4, 3, 2, 2), 2, 3
+    buffers = (torch.full((M,), 0.5), torch.zeros(M, C), torch.ones(M, C))
+    with pytest.raises(ValueError, match='"fixed" needs the responsibilities fixed_r'):
+        cbn_ops.compound(x, torch.ones(M, C), torch.zeros(M, C), buffers, None, "fixed", True, False, 1e-5)
+    onehot = torch.eye(M)[torch.tensor([0, 1, 1, 0])]
+    y = cbn_ops.compound(x, torch.ones(M, C), torch.zeros(M, C), buffers, onehot, "fixed", True, False, 1e-5)[0]
+    assert y.shape == x.shape

@@ -389,7 +389,7 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def _scaling_pairs(cfg: Mapping, exp: Mapping) -> list[tuple[str, str, str, str]]:
+def _scaling_pairs(cfg: Mapping, exp: Mapping) -> list[tuple[str | None, str, str, str]]:
     def epochs(dataset: str, method: str, backbone: str) -> int:
         return cell_spec(cfg, dataset, method, backbone)["train"]["epochs"]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -62,21 +63,21 @@ METRIC_WORDS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few
 _CELL = ["dataset", "ratio", "backbone", "metric", "method", "over"]
 
 
-def _where(r) -> str:
+def _where(r: Any) -> str:
     return f"{dataset_name(r.dataset)} ρ={format_ratio(float(r.ratio))}, {backbone_name(r.backbone)}"
 
 
-def _metric(r) -> str:
+def _metric(r: Any) -> str:
     return "" if r.metric == "top1" else f", {METRIC_WORDS.get(r.metric, r.metric)}"
 
 
-def _source(paper: str | None, table) -> str:
+def _source(paper: str | None, table: object) -> str:
     if not paper:
         return ""
     return f"{paper} Table {table}" if isinstance(table, str) and table else paper
 
 
-def _table(v) -> str:
+def _table(v: str | float | None) -> str:
     if v is None or (isinstance(v, float) and pd.isna(v)) or str(v) in ("", "nan", "None"):
         return ""
     return str(int(float(v))) if str(v).replace(".", "", 1).isdigit() else str(v)
@@ -178,7 +179,7 @@ def findings(comparison: pd.DataFrame | None, gains: pd.DataFrame | None, cfg: M
     return df.loc[order.sort_values(["rank", "exp", "kind"], kind="stable").index].reset_index(drop=True)
 
 
-def write(aggregate_dir, cfg: Mapping) -> pd.DataFrame:
+def write(aggregate_dir: str | Path, cfg: Mapping) -> pd.DataFrame:
     """``findings.csv`` of an aggregate directory written by an ltbench without it, from the directory's
     own ``comparison.csv`` and ``gains.csv`` (no run is read again)."""
     d = Path(aggregate_dir)

@@ -109,7 +109,7 @@ def z_boundaries(fractions: tuple[float, ...], alpha: float, spending: str = DEF
     spends nothing."""
     out: list[float] = []
     dens = None
-    grid = None
+    grid = np.empty(0)  # the previous look's grid (the first look has none)
     prev_t, prev_spent = 0.0, 0.0
     for t in fractions:
         inc = spent(t, alpha, spending) - prev_spent
@@ -119,7 +119,9 @@ def z_boundaries(fractions: tuple[float, ...], alpha: float, spending: str = DEF
             var = t - prev_t
             w = dens * _weights(grid)
 
-            def cross(c: float, w=w, var=var, t=t, grid=grid, inc=inc) -> float:
+            def cross(
+                c: float, w: np.ndarray = w, var: float = var, t: float = t, grid: np.ndarray = grid, inc: float = inc
+            ) -> float:
                 return float(np.sum(w * stats.norm.sf((c * math.sqrt(t) - grid) / math.sqrt(var)))) - inc
 
             c = optimize.brentq(cross, -5.0, 40.0, xtol=1e-10) if inc > 1e-15 else math.inf
@@ -251,7 +253,9 @@ class Outcome:
     taken: np.ndarray
 
 
-def _holm(p: Mapping, taken: np.ndarray, rejected: np.ndarray, up: np.ndarray, nominal: Mapping, holm: bool):
+def _holm(
+    p: Mapping, taken: np.ndarray, rejected: np.ndarray, up: np.ndarray, nominal: Mapping, holm: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     m = rejected.shape[-1]
     while True:
         divisor = (m - rejected.sum(axis=-1, keepdims=True)) if holm else np.ones_like(rejected, dtype=int)

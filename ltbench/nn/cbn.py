@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 from ltbench.nn import cbn_cpu, cbn_ops
 from ltbench.nn.cbn_ops import MIN_MASS, Mixture, affine, bessel, mixture
 from ltbench.registry import choice
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 
 class CompoundBatchNorm2d(nn.Module):
@@ -84,6 +88,14 @@ class CompoundBatchNorm2d(nn.Module):
     """
 
     split_groups: torch.Tensor | None
+    # buffers (registered in __init__; typed here, as torch's BatchNorm does, since Module.__getattr__ is untyped)
+    running_prior: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+    initialized: torch.Tensor
+    global_running_mean: torch.Tensor  # em=False only
+    global_running_var: torch.Tensor  # em=False only
 
     def __init__(
         self,
@@ -100,7 +112,7 @@ class CompoundBatchNorm2d(nn.Module):
         detach_responsibilities: bool = False,
         em: bool = True,
         unbiased_var: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
@@ -168,7 +180,7 @@ class CompoundBatchNorm2d(nn.Module):
                 self.global_running_var.fill_(1.0)
         self._initialized_cache = initialized
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._initialized_cache = None if self.initialized.is_meta else bool(self.initialized)
 
@@ -233,7 +245,7 @@ class CompoundBatchNorm2d(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Self:
         self._eval_cache = None
         return super().train(mode)
 
@@ -250,15 +262,16 @@ class CompoundBatchNorm2d(nn.Module):
             raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
         with torch.autocast(x.device.type, enabled=False):
             x4 = x.float()
-            split = self.training and self.split_groups is not None
-            if split and self.split_groups.shape != (x.shape[0],):
-                raise ValueError(f"split_groups must have shape ({x.shape[0]},), got {tuple(self.split_groups.shape)}")
+            groups = self.split_groups if self.training else None
+            split = groups is not None
+            if groups is not None and groups.shape != (x.shape[0],):
+                raise ValueError(f"split_groups must have shape ({x.shape[0]},), got {tuple(groups.shape)}")
             if self._batchnorm_exact() and (self.num_components == 1 or not split):
                 y = self._batchnorm(x4, global_path=not self.em and not split)
             elif not self.training:
                 y = self._eval(x4)
-            elif split:
-                y = self._train_split(x4, self.split_groups)
+            elif groups is not None:
+                y = self._train_split(x4, groups)
             elif self.em:
                 y = self._train_compound(x4)
             else:
@@ -267,6 +280,8 @@ class CompoundBatchNorm2d(nn.Module):
 
     def _batchnorm(self, x: torch.Tensor, global_path: bool) -> torch.Tensor:
         """M = 1 (r ≡ 1) or the ``em=False`` compound path: ``F.batch_norm`` on the matching buffers."""
+        w: torch.Tensor
+        b: torch.Tensor
         if global_path:
             w, b, rm, rv = self.global_weight, self.global_bias, self.global_running_mean, self.global_running_var
         else:
@@ -278,7 +293,17 @@ class CompoundBatchNorm2d(nn.Module):
                     self.running_prior.lerp_(torch.ones_like(self.running_prior), self.prior_momentum)
         return F.batch_norm(x, rm, rv, w, b, self.training, self.mean_momentum, self.eps)
 
-    def _apply_fn(self, x, r, mode, batch_stats, shift=None, weight=None, bias=None, buffers=None):
+    def _apply_fn(
+        self,
+        x: torch.Tensor,
+        r: torch.Tensor | None,
+        mode: str,
+        batch_stats: bool,
+        shift: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
         prior, mean, var = buffers or (self.running_prior, self.running_mean, self.running_var)

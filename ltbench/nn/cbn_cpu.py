@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -110,12 +110,13 @@ def build() -> Path:
     return path
 
 
-def _load() -> None:
+def _load() -> str:
+    """Load (building if needed) the kernels as ``LTBENCH_CBN_KERNEL`` asks; the resulting state."""
     global _lib, _state
     mode = choice()
     if mode == "torch":
         _state = "torch"
-        return
+        return _state
     try:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
@@ -123,15 +124,16 @@ def _load() -> None:
             raise RuntimeError(f"LTBENCH_CBN_KERNEL=c but the CBN CPU kernels are unavailable: {e}") from e
         warnings.warn(f"CBN CPU kernels unavailable, using the torch implementation: {e}", RuntimeWarning, stacklevel=3)
         _state = f"torch ({str(e).splitlines()[0]})"
-        return
+        return _state
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    shape = [i64, i64, i64, i64, ctypes.c_int]
-    lib.cbn_quad.argtypes = [ptr] * 6 + shape
-    lib.cbn_moments.argtypes = [ptr] * 5 + shape
-    lib.cbn_mix.argtypes = [ptr] * 8 + shape
+    shape = (i64, i64, i64, i64, ctypes.c_int)
+    lib.cbn_quad.argtypes = (*[ptr] * 6, *shape)
+    lib.cbn_moments.argtypes = (*[ptr] * 5, *shape)
+    lib.cbn_mix.argtypes = (*[ptr] * 8, *shape)
     for f in (lib.cbn_quad, lib.cbn_moments, lib.cbn_mix):
         f.restype = None
     _lib, _state = lib, "c"
+    return _state
 
 
 def reset() -> None:
@@ -158,9 +160,7 @@ def choosing(value: str) -> Iterator[None]:
 
 def describe() -> str:
     """Which implementation the per-pixel CBN layer uses on CPU: ``c``, ``torch`` or ``torch (why)``."""
-    if _state is None:
-        _load()
-    return _state
+    return _load() if _state is None else _state
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -180,7 +180,14 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def _call(fn, x: torch.Tensor, M: int, K: int, **tensors: torch.Tensor | None) -> None:
+def _library() -> ctypes.CDLL:
+    """The loaded kernels; callers check :func:`usable` first."""
+    if _lib is None:
+        raise RuntimeError("the CBN CPU kernels are not loaded: check cbn_cpu.usable(x) before calling them")
+    return _lib
+
+
+def _call(fn: Callable[..., None], x: torch.Tensor, M: int, K: int, **tensors: torch.Tensor | None) -> None:
     """Call a C loop on raw pointers after checking what it will index: every tensor float32,
     contiguous, on the CPU, with the element count its role implies (x, g, out: N·C·L; r, da,
     logits: N·M·L; shift: C; cst: M; w, wr: M·K·C; wd: M·2·C; part: threads·M·2C, float64)."""
@@ -218,7 +225,9 @@ def quad(
     """(N, M, L): cst_k + Σ_c xc (w[k,0] + w[k,1] xc) [+ g (w[k,2] xc + w[k,3])], w: (M, 2 or 4, C)."""
     M = w.shape[0]
     out = x.new_empty((x.shape[0], M, x.numel() // (x.shape[0] * x.shape[1])))
-    _call(_lib.cbn_quad, x, M, 2 if g is None else 4, g=g, shift=_f32(shift), w=_f32(w), cst=_f32(cst), logits=out)
+    _call(
+        _library().cbn_quad, x, M, 2 if g is None else 4, g=g, shift=_f32(shift), w=_f32(w), cst=_f32(cst), logits=out
+    )
     return out
 
 
@@ -226,7 +235,7 @@ def moments(x: torch.Tensor, g: torch.Tensor | None, shift: torch.Tensor, r: tor
     """(M, 2C): [Σ r xc | Σ r xc²] over all points, or [Σ r g xc | Σ r g] with g."""
     M, C = r.shape[1], x.shape[1]
     part = torch.zeros((torch.get_num_threads(), M, 2 * C), dtype=torch.float64)
-    _call(_lib.cbn_moments, x, M, 2, g=g, shift=_f32(shift), r=r, part=part)
+    _call(_library().cbn_moments, x, M, 2, g=g, shift=_f32(shift), r=r, part=part)
     return part.sum(0).to(torch.float32)
 
 
@@ -243,7 +252,7 @@ def mix(
     """out (like x) = B + A xc [+ G g]: A, B, G = Σ_k r_k wr[k, 0/1/2] (+ Σ_k da_k wd[k, 0/1])."""
     M = r.shape[1]
     _call(
-        _lib.cbn_mix,
+        _library().cbn_mix,
         x,
         M,
         2 if g is None else 3,

@@ -20,7 +20,7 @@ the torch code below. Only x, r and (M, C)/(N, C) statistics are kept between fo
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,6 +33,10 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # its running statistics are left as they are and it is normalized with them.
 MIN_MASS = 1e-6
 _TINY_R = 1e-20
+
+_T = torch.Tensor
+_Outputs = tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T]
+_Grads = tuple[_T, _T, _T]  # (∂L/∂x, ∂L/∂weight, ∂L/∂bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +207,9 @@ def _pooled_r(pc: torch.Tensor, mix: Mixture) -> torch.Tensor:
     return _flush(torch.softmax(torch.cat([pc, pc * pc], 1) @ mix.estep.t() + mix.const, 1))
 
 
-def _stat_grads(ctx, dscale: torch.Tensor, doff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stat_grads(
+    ctx: _Saved, dscale: torch.Tensor, doff: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From ∂L/∂scale, ∂L/∂offset (M, C) with scale = γ/sqrt(v+ε), offset = β − m·scale: ∂L/∂γ and
     D1 = ∂L/∂μ̃ / n, D2 = ∂L/∂σ̃² / n, zero where the normalization did not use the batch statistics
     (running stats, dead component)."""
@@ -214,12 +220,12 @@ def _stat_grads(ctx, dscale: torch.Tensor, doff: torch.Tensor) -> tuple[torch.Te
     return d1, d2, dscale * ctx.inv
 
 
-def _dlogits(ctx, r: torch.Tensor, dr: torch.Tensor, dim: int) -> torch.Tensor:
+def _dlogits(ctx: _Saved, r: torch.Tensor, dr: torch.Tensor, dim: int) -> torch.Tensor:
     """Through r = softmax(logits): r ⊙ (dr − Σ_k r dr)."""
     return r * (dr - (r * dr).sum(dim, keepdim=True))
 
 
-def _pixel_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
+def _pixel_backward(ctx: _Saved, lay: _Layout, x: torch.Tensor, g: torch.Tensor) -> _Grads:
     """Per-pixel r: dx, ∂L/∂γ, ∂L/∂β, reading the forward's Z = [xc | xc²] (kept: already written once).
     G = [g ⊙ xc | g] (2C channels) is written once, so ∂L/∂scale, ∂L/∂offset are one reduction and
     the affine's share of ∂L/∂r one matmul."""
@@ -238,10 +244,9 @@ def _pixel_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
             const = (d2 * (ctx.mean_c * ctx.mean_c - ctx.var) - d1 * ctx.mean_c).sum(1)
             dr.add_(lay.to_components(z, torch.cat([lin, d2], 1))).add_(lay.vec(const))
         da = _dlogits(ctx, r, dr, lay.c)
-        mix = ctx.mix
         zero = torch.zeros_like(ctx.scale)
         w = torch.cat(
-            [torch.cat([ctx.scale, 2.0 * d2, lin], 1), torch.cat([zero, -mix.prec, mix.center * mix.prec], 1)], 0
+            [torch.cat([ctx.scale, 2.0 * d2, lin], 1), torch.cat([zero, -ctx.prec, ctx.center * ctx.prec], 1)], 0
         )
         t = lay.to_points(torch.cat([r, da], lay.c), w)
     else:
@@ -250,7 +255,7 @@ def _pixel_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
     return dx.addcmul_(lay.narrow(t, C, C), xc), dgamma, doff
 
 
-def _pixel_backward_fused(ctx, x: torch.Tensor, g: torch.Tensor):
+def _pixel_backward_fused(ctx: _Saved, x: torch.Tensor, g: torch.Tensor) -> _Grads:
     """:func:`_pixel_backward` on the fused CPU kernels (contiguous (N, C, L) x and g): the same chain
     rule, with ∂L/∂scale, ∂L/∂offset one pass over (x, g, r), ∂L/∂r one and dx one."""
     C, r, s = x.shape[1], ctx.r, ctx.shift
@@ -264,12 +269,12 @@ def _pixel_backward_fused(ctx, x: torch.Tensor, g: torch.Tensor):
         const = (d2 * (ctx.mean_c * ctx.mean_c - ctx.var) - d1 * ctx.mean_c).sum(1)
         dr = cbn_cpu.quad(x, g, s, torch.stack([lin, d2, ctx.scale, ctx.offset], 1), const)
         da = _dlogits(ctx, r, dr, 1)
-        wd = torch.stack([-ctx.mix.prec, ctx.mix.center * ctx.mix.prec], 1)
+        wd = torch.stack([-ctx.prec, ctx.center * ctx.prec], 1)
     dx = cbn_cpu.mix(x, g, s, r, da, torch.stack([2.0 * d2, lin, ctx.scale], 1), wd, out=torch.empty_like(x))
     return dx, dgamma, doff
 
 
-def _sample_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
+def _sample_backward(ctx: _Saved, lay: _Layout, x: torch.Tensor, g: torch.Tensor) -> _Grads:
     """Per-sample or fixed r (N, M): per-sample sums, then one broadcast multiply-add for dx."""
     L, r, s = x.shape[lay.l], ctx.r, ctx.shift
     gs = g.sum(lay.l)
@@ -279,14 +284,13 @@ def _sample_backward(ctx, lay: _Layout, x: torch.Tensor, g: torch.Tensor):
     lin = d1 - 2.0 * d2 * ctx.mean_c
     k1, k0 = r @ (2.0 * d2), r @ lin
     if ctx.grad_r:
-        pc, var_s = ctx.pooled
+        pc, var_s = ctx.pooled[0], ctx.pooled[1]
         dr = gxs @ ctx.scale.t() + gs @ ctx.offset.t()
         if ctx.batch_stats:
             const = (d2 * (ctx.mean_c * ctx.mean_c - ctx.var) - d1 * ctx.mean_c).sum(1)
             dr = dr + L * (pc @ lin.t() + (var_s + pc * pc) @ d2.t() + const)
         da = _dlogits(ctx, r, dr, 1)
-        mix = ctx.mix
-        k0 = k0 + (da @ (mix.center * mix.prec) - pc * (da @ mix.prec)) / L
+        k0 = k0 + (da @ (ctx.center * ctx.prec) - pc * (da @ ctx.prec)) / L
     a = r @ ctx.scale
     dx = torch.addcmul(lay.vec(k0 - s * k1), x, lay.vec(k1))
     return dx.addcmul_(g, lay.vec(a)), dgamma, doff
@@ -308,7 +312,18 @@ class _Normalizer(NamedTuple):
     offset: torch.Tensor
 
 
-def _normalizer(weight, bias, rmean, rvar, shift, n, mean_c, var, batch_stats: bool, eps: float) -> _Normalizer:
+def _normalizer(
+    weight: _T,
+    bias: _T,
+    rmean: _T,
+    rvar: _T,
+    shift: _T,
+    n: _T,
+    mean_c: _T,
+    var: _T,
+    batch_stats: bool,
+    eps: float,
+) -> _Normalizer:
     """The batch estimates (``batch_stats``, components with mass) or else the running statistics, and
     the per-component affine γ_k (x − μ_k)/sqrt(σ²_k + ε) + β_k (Eq. 16) they give."""
     denom = n.clamp_min(MIN_MASS)[:, None]
@@ -321,10 +336,22 @@ def _normalizer(weight, bias, rmean, rvar, shift, n, mean_c, var, batch_stats: b
     return _Normalizer(denom, alive, use_m, inv, scale, offset)
 
 
-def _statistics(lay: _Layout, x, prior, rmean, rvar, fixed_r, shift, mode: str, eps: float, fused: bool):
+def _statistics(
+    lay: _Layout,
+    x: _T,
+    prior: _T,
+    rmean: _T,
+    rvar: _T,
+    fixed_r: _T | None,
+    shift: _T | None,
+    mode: str,
+    eps: float,
+    fused: bool,
+) -> tuple[_T, Mixture | None, _T, _T | None, tuple[_T, _T] | None, _T, _T, _T]:
     """E-step (Eq. 8–9) and the M-step's sums (Eq. 10–12): (shift, mixture or None, r, Z or None,
     (pc, var_s) or None, n = Σ r, Σ r xc, Σ r xc²) with xc = x − shift."""
     C, L = x.shape[lay.c], x.shape[lay.l]
+    mix: Mixture | None = None
     if mode == "pixel":
         s = _location(lay, x) if shift is None else shift
         mix = mixture(prior, rmean, rvar, eps, s)
@@ -338,12 +365,30 @@ def _statistics(lay: _Layout, x, prior, rmean, rvar, fixed_r, shift, mode: str, 
     mean_s, var_s, s = _sample_stats(lay, x)
     s = s if shift is None else shift
     pc = mean_s - s
-    mix = mixture(prior, rmean, rvar, eps, s) if mode == "sample" else None
-    r = _pooled_r(pc, mix) if mode == "sample" else fixed_r
+    if mode == "sample":
+        mix = mixture(prior, rmean, rvar, eps, s)
+        r = _pooled_r(pc, mix)
+    elif fixed_r is None:
+        raise ValueError('CBN mode "fixed" needs the responsibilities fixed_r (N, M), got None')
+    else:
+        r = fixed_r
     return s, mix, r, None, (pc, var_s), r.sum(0) * L, L * (r.t() @ pc), L * (r.t() @ (var_s + pc * pc))
 
 
-def _forward(x4, weight, bias, prior, rmean, rvar, fixed_r, shift, mode: str, batch_stats: bool, eps: float, kernels):
+def _forward(
+    x4: _T,
+    weight: _T,
+    bias: _T,
+    prior: _T,
+    rmean: _T,
+    rvar: _T,
+    fixed_r: _T | None,
+    shift: _T | None,
+    mode: str,
+    batch_stats: bool,
+    eps: float,
+    kernels: bool,
+) -> _Outputs:
     """y = Σ_k r_ik (scale_k ⊙ (x_i − shift) + offset_k), the batch estimates and the residuals
     (see :func:`cbn_forward`); ``kernels``: the per-pixel path may take the C loops."""
     if mode not in MODES:
@@ -363,6 +408,7 @@ def _forward(x4, weight, bias, prior, rmean, rvar, fixed_r, shift, mode: str, ba
     if fused:
         cbn_cpu.mix(x, None, s, r, None, torch.stack([aff.scale, aff.offset], 1), None, out=y4)
     elif mode == "pixel":
+        assert z is not None  # the torch per-pixel path writes Z (_statistics)
         _mixed_affine(lay, r, lay.narrow(z, 0, x.shape[lay.c]), aff.scale, aff.offset, out=lay.flat(y4))
     else:
         a = r @ aff.scale
@@ -381,10 +427,6 @@ def _forward(x4, weight, bias, prior, rmean, rvar, fixed_r, shift, mode: str, ba
         x.new_empty(0) if pooled is None else torch.stack(pooled),
         torch.stack(consts),
     )
-
-
-_T = torch.Tensor
-_Outputs = tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T]
 
 
 @torch.library.custom_op("ltbench::cbn_forward", mutates_args=())
@@ -422,29 +464,51 @@ def cbn_forward(
 
 @cbn_forward.register_kernel("cpu")
 def _cbn_forward_cpu(
-    x, weight, bias, prior, running_mean, running_var, fixed_r, shift, mode, batch_stats, detach_r, eps
-):
+    x: _T,
+    weight: _T,
+    bias: _T,
+    prior: _T,
+    running_mean: _T,
+    running_var: _T,
+    fixed_r: _T | None,
+    shift: _T | None,
+    mode: str,
+    batch_stats: bool,
+    detach_r: bool,
+    eps: float,
+) -> _Outputs:
     return _forward(x, weight, bias, prior, running_mean, running_var, fixed_r, shift, mode, batch_stats, eps, True)
 
 
 @cbn_forward.register_fake
 def _cbn_forward_fake(
-    x, weight, bias, prior, running_mean, running_var, fixed_r, shift, mode, batch_stats, detach_r, eps
-):
+    x: _T,
+    weight: _T,
+    bias: _T,
+    prior: _T,
+    running_mean: _T,
+    running_var: _T,
+    fixed_r: _T | None,
+    shift: _T | None,
+    mode: str,
+    batch_stats: bool,
+    detach_r: bool,
+    eps: float,
+) -> _Outputs:
     lay = _Layout(x)
     (N, C, H, W), M = x.shape, weight.shape[0]
     y = torch.empty(
         lay.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device, memory_format=lay.format
     )
-    stats = [x.new_empty(M), x.new_empty((M, C)), x.new_empty((M, C)), x.new_empty(C)]
+    stats = (x.new_empty(M), x.new_empty((M, C)), x.new_empty((M, C)), x.new_empty(C))
     consts = x.new_empty((4 if mode == "fixed" else 6, M, C))
     if mode != "pixel":
         r = x.new_empty((N, M) if mode == "sample" else 0)
         return (y, *stats, r, x.new_empty(0), x.new_empty((2, N, C)), consts)
     if x.device.type == "cpu" and uses_kernels(x, weight, running_mean, running_var):
         return (y, *stats, x.new_empty((N, M, H * W)), x.new_empty(0), x.new_empty(0), consts)
-    r, z = ((N, H * W, M), (N, H * W, 2 * C)) if lay.cl else ((N, M, H * W), (N, 2 * C, H * W))
-    return (y, *stats, x.new_empty(r), x.new_empty(z), x.new_empty(0), consts)
+    r_shape, z_shape = ((N, H * W, M), (N, H * W, 2 * C)) if lay.cl else ((N, M, H * W), (N, 2 * C, H * W))
+    return (y, *stats, x.new_empty(r_shape), x.new_empty(z_shape), x.new_empty(0), consts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,9 +520,10 @@ class _Saved(NamedTuple):
     """What the backward routines read: the forward's intermediate values, from its residuals."""
 
     r: torch.Tensor
-    z: torch.Tensor | None
-    pooled: tuple[torch.Tensor, torch.Tensor] | None
-    mix: Mixture | None
+    z: torch.Tensor  # Z = [xc | xc²] on the torch per-pixel path, else empty
+    pooled: torch.Tensor  # (pc, var_s) stacked (2, N, C) for "sample"/"fixed", else empty
+    prec: torch.Tensor  # the mixture's 1/(σ² + ε) (M, C), unless "fixed" (no gradient through r)
+    center: torch.Tensor  # the mixture's μ − shift (M, C), unless "fixed"
     shift: torch.Tensor
     mean_c: torch.Tensor
     var: torch.Tensor
@@ -494,11 +559,11 @@ def cbn_backward(
     lay = _Layout(x)
     xf, g = lay.flat(x), lay.flat(grad.contiguous(memory_format=lay.format))
     scale, offset, inv, use_m = consts[:4]
-    mix = None if mode == "fixed" else Mixture(shift, None, None, consts[4], consts[5])
+    prec, center = (consts.new_empty(0), consts.new_empty(0)) if mode == "fixed" else (consts[4], consts[5])
     pixel, fused = mode == "pixel", mode == "pixel" and z.numel() == 0
     denom, alive = n.clamp_min(MIN_MASS)[:, None], n > MIN_MASS
     saved = _Saved(
-        r, z if pixel and not fused else None, None if pixel else (pooled[0], pooled[1]), mix, shift, mean_c, var,
+        r, z, pooled, prec, center, shift, mean_c, var,
         denom, alive, use_m, inv, scale, offset, batch_stats, grad_r,
     )  # fmt: skip
     if fused:
@@ -511,13 +576,13 @@ def cbn_backward(
 
 
 @cbn_backward.register_fake
-def _cbn_backward_fake(grad, x, r, z, pooled, consts, *_):
+def _cbn_backward_fake(grad: _T, x: _T, r: _T, z: _T, pooled: _T, consts: _T, *_: object) -> _Grads:
     lay = _Layout(x)
     dx = torch.empty(lay.shape, dtype=x.dtype, device=x.device, memory_format=lay.format)
     return dx, consts.new_empty(consts.shape[1:]), consts.new_empty(consts.shape[1:])
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: _Outputs) -> None:
     x, fixed_r, mode, detach_r = inputs[0], inputs[6], inputs[8], inputs[10]
     _, n, mean_c, var, s, r, z, pooled, consts = output
     r = fixed_r if mode == "fixed" else r
@@ -526,7 +591,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad, *_):
+def _backward(ctx: Any, grad: _T, *_: _T) -> tuple[_T | None, ...]:
     dx, dgamma, dbeta = cbn_backward(grad, *ctx.saved_tensors, ctx.mode, ctx.batch_stats, ctx.grad_r)
     return (dx if ctx.needs_input_grad[0] else None, dgamma, dbeta) + (None,) * 9
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltbench.nn.cbn import CompoundBatchNorm2d, class_groups, compound_layers, implementation, split_mode
-from ltbench.registry import Registry, choice
+from ltbench.registry import Factory, Registry, choice
 
 __all__ = [
     "ALPHA_MODES",
@@ -53,7 +53,7 @@ __all__ = [
     "split_mode",
 ]
 
-NORMS = Registry("norm layer")
+NORMS: Registry[Factory] = Registry("norm layer")
 
 SCOPES = ("all", "last_stage", "last_stage_all")
 ALPHA_MODES = ("shared", "per_layer", "separate")
@@ -80,6 +80,11 @@ class NormalizedBatchNorm2d(nn.BatchNorm2d):
         alpha_weight_decay: whether the magnitudes get weight decay (read by :func:`param_groups`).
     """
 
+    # nn.BatchNorm2d types these as optional (momentum None: cumulative average; no running statistics);
+    # this layer always has a numeric momentum and tracks running statistics (see forward)
+    momentum: float
+    num_batches_tracked: torch.Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -87,7 +92,7 @@ class NormalizedBatchNorm2d(nn.BatchNorm2d):
         momentum: float = 0.1,
         alpha: str = "shared",
         alpha_weight_decay: bool = True,
-    ):
+    ) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.alpha_mode = choice("alpha", alpha, ALPHA_MODES)
         self.alpha_weight_decay = alpha_weight_decay
@@ -191,7 +196,7 @@ def apply(model: nn.Module, name: str, scope: str = "all", **options: Any) -> nn
     installed: list[nn.Module] = []
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if id(child) in targets:
+            if id(child) in targets and isinstance(child, nn.BatchNorm2d):  # the targets are BatchNorm2d
                 layer = make(name, child.num_features, **options).to(device=child.weight.device)
                 setattr(parent, child_name, layer)
                 installed.append(layer)

@@ -589,7 +589,9 @@ def _epochs_of(runs: pd.DataFrame) -> dict[tuple, float]:
     return {k: float(v.iloc[0]) for k, v in df.groupby(keys)["train.epochs"]}
 
 
-def scaling_points(gains: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, metric: str = "top1"):
+def scaling_points(
+    gains: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, metric: str = "top1"
+) -> tuple[str, pd.DataFrame]:
     """The points of the scaling figure, from ``gains.csv`` (``kind`` = ``scaling``) and the runs' epochs.
 
     Returns (axis, points): axis ``"depth"`` when the experiment's gains span several backbone depths,
@@ -628,7 +630,9 @@ def scaling_points(gains: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapp
     return axis, pts[["panel", "series", "label", "x", "method", "over", "gain", "low", "high", "verdict"]]
 
 
-def fig_scaling(gains: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1"):
+def fig_scaling(
+    gains: pd.DataFrame, runs: pd.DataFrame, name: str, exp: Mapping, path: Path, metric: str = "top1"
+) -> Path:
     """Each method's Δ top-1 over the first method of its training length (``gains.csv``, ``kind`` =
     ``scaling``) with its 95 % Welch interval, coloured by verdict, against the training epochs or the
     backbone depth (:func:`scaling_points`); log-scaled where the values span more than 4×."""
@@ -693,7 +697,7 @@ def _common_suffix(claims: list[str]) -> str:
     return ", " + tails.pop() if len(tails) == 1 and "" not in tails else ""
 
 
-def _forest_row(ax, y: int, r) -> None:
+def _forest_row(ax: Axes, y: int, r: Any) -> None:
     color, marker = VERDICT_STYLE.get(r.verdict, VERDICT_STYLE["untested"])
     if pd.isna(r.ours):
         ax.annotate(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -36,7 +37,7 @@ p.finding{font-size:.95rem;background:#f7f8fa;border-left:4px solid #8a94a3;padd
 """
 
 
-def esc(v) -> str:
+def esc(v: object) -> str:
     return html.escape("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
 
 
@@ -44,11 +45,11 @@ def label(verdict: str) -> str:
     return f"<span class='label v-{esc(verdict).replace(' ', '-')}'>{esc(verdict)}</span>"
 
 
-def _gain(r) -> bool:
+def _gain(r: Any) -> bool:
     return r.quantity == "gain"
 
 
-def ours_text(r, minus: str = "−") -> str:
+def ours_text(r: Any, minus: str = "−") -> str:
     """'−12.29 [−19.88, −4.71]' (a gain, signed) or '67.20 [59.62, 74.78]' (an accuracy); '–' without runs."""
     if pd.isna(r.ours):
         return "–"
@@ -57,24 +58,24 @@ def ours_text(r, minus: str = "−") -> str:
     return f(r.ours) + ci
 
 
-def paper_text(r, minus: str = "−") -> str:
+def paper_text(r: Any, minus: str = "−") -> str:
     if pd.isna(r.paper):
         return "–"  # the paper gives no number for this cell
     return fmt_delta(r.paper, minus=minus) if _gain(r) else fmt_paper(r.paper)
 
 
-def seeds_text(r) -> str:
+def seeds_text(r: Any) -> str:
     n = "–" if pd.isna(r.n_method) else str(int(r.n_method))
     return f"{n} / {int(r.n_over)}" if _gain(r) and not pd.isna(r.n_over) else n
 
 
-def _p(r) -> str:
+def _p(r: Any) -> str:
     if pd.isna(r.p_value):
         return "–"
     return "< 0.001" if r.p_value < 0.001 else f"{r.p_value:.3f}"
 
 
-def _row(r) -> str:
+def _row(r: Any) -> str:
     src = f" <small>({esc(r.source)})</small>" if isinstance(r.source, str) and r.source else ""
     cls = "decided" if r.verdict in DECIDED else ""
     return (
@@ -126,7 +127,7 @@ def table_html(findings: pd.DataFrame) -> str:
     return "".join(out)
 
 
-def _one(r) -> str:
+def _one(r: Any) -> str:
     return f"{esc(r.claim)}: {label(r.verdict)} ({esc(ours_text(r))}, seeds {seeds_text(r)})"
 
 

@@ -647,10 +647,10 @@ def _experiment_section(
     parts.append(_gains_html(claims, exp))
     parts.append(sequential_report.section_html(tables.of_experiment(data.get("sequential"), ename), exp))
     drawn, skipped = figures.experiment_figures(ename, exp, data, lay, figures_dir)
-    drawn, skipped = _earlier_figures(drawn, skipped, Path(figures_dir) / tables.safe_name(ename), data)
-    if drawn:
+    shown, skipped = _earlier_figures(drawn, skipped, Path(figures_dir) / tables.safe_name(ename), data)
+    if shown:
         parts.append("<h3>Figures</h3>")
-    parts += [_img(path, figures.CAPTIONS[kind] + note) for kind, path, note in drawn]
+    parts += [_img(path, figures.CAPTIONS[kind] + note) for kind, path, note in shown]
     if skipped:
         parts.append(
             "<p class='skip'>Not drawn: " + "; ".join(f"{esc(k)} ({esc(why)})" for k, why in skipped) + ".</p>"

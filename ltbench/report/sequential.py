@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
 TEST_KEYS = ["kind", "test", "dataset", "ratio", "backbone", "metric", "method", "over"]
 
 
-def _num(v, digits: int = 2) -> str:
+def _num(v: float | None, digits: int = 2) -> str:
     if v is None or pd.isna(v):
         return "–"
     if abs(v) == float("inf"):
@@ -20,7 +21,7 @@ def _num(v, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
-def _look_cell(r) -> str:
+def _look_cell(r: Any) -> str:
     """One look: n, |t| against the difference boundary, the TOST's t against its boundary."""
     if int(r.look) == 0:
         return "<td>waiting for seeds</td>"
@@ -30,7 +31,7 @@ def _look_cell(r) -> str:
     )
 
 
-def _test_name(first) -> str:
+def _test_name(first: Any) -> str:
     what = f"{first.method} over {first.over}" if isinstance(first.over, str) and first.over else first.description
     return f"{first.kind}: {what}, {first.dataset} ρ={first.ratio}, {first.backbone}, {first.metric}"
 

@@ -150,7 +150,7 @@ def check(ref: Mapping, where: str) -> None:
     except ReferenceFileError as e:
         raise ConfigError(f"config key {where}.paper: {e}") from None
     label = table_label(ref.get("table"))
-    tables = {table_label(e["table"]) for e in data["entries"]} - {None}
+    tables = {t for e in data["entries"] if (t := table_label(e["table"])) is not None}
     if label is not None and label not in tables:
         raise ConfigError(
             f"config key {where}.table: reference {ref['paper']!r} has no table {ref['table']!r}; "

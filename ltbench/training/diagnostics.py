@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,7 +190,7 @@ def cbn_diagnostics(
     )
     rows: list[dict[str, Any]] = []
     for (name, layer), share in zip(layers, shares, strict=True):
-        prior = cast(torch.Tensor, layer.running_prior).detach().float().cpu()  # a buffer: Tensor | Module to torch
+        prior = layer.running_prior.detach().float().cpu()
         rows.append(
             {
                 "name": name,
