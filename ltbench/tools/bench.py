@@ -124,7 +124,9 @@ class FastLoop:
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.groups = norm.class_groups(num_classes, self.recipe["norm"]["options"].get("num_components", 1)).to(device)
         self.total, self.done = torch.zeros((), device=device), 0
-        self.step_begin = None  # called before each step (CUDA graphs: torch.compiler.cudagraph_mark_step_begin)
+        self.step_begin: Callable[[], Any] | None = (
+            None  # called before each step (CUDA graphs: torch.compiler.cudagraph_mark_step_begin)
+        )
 
     def view(self, xb: torch.Tensor, kind: str) -> torch.Tensor:
         xb = augment.random_crop_flip(xb, 4, self.gen)

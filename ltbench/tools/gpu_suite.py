@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,11 @@ QUICK = Sizes("resnet8", 64, 8, 2, 1, 2, 0, 64, "aot_eager", "digits-lt", 10, "r
 class _OpCount(TorchDispatchMode):
     """Counts the aten operators dispatched, views and allocations left out."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.ops = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if not func.is_view and not func.__name__.startswith(("empty", "_to_copy", "detach")):
             self.ops += 1
         return func(*args, **(kwargs or {}))
@@ -126,7 +127,9 @@ def _reason_line(text: str) -> str:
     return text.strip().splitlines()[0][:200] if text.strip() else ""
 
 
-def _mode_figure(x, y, method: str, sizes: Sizes, dev: torch.device, mode: str) -> dict[str, Any]:
+def _mode_figure(
+    x: torch.Tensor, y: torch.Tensor, method: str, sizes: Sizes, dev: torch.device, mode: str
+) -> dict[str, Any]:
     """Images/s of ``method``'s fast loop in ``mode`` (the failure's reason where it does not run)."""
     cuda = dev.type == "cuda"
     if mode == "reduce-overhead" and not cuda:
@@ -252,7 +255,7 @@ def synthetic_cifar10_lt(path: Path) -> Path:
     ys["val"] = np.repeat(np.arange(10), 100)
     arrays = {f"{k}_y": v.astype(np.int64) for k, v in ys.items()}
     arrays |= {f"{k}_x": g.integers(0, 256, (len(v), 3, 32, 32), dtype=np.uint8) for k, v in ys.items()}
-    np.savez(path, counts=counts, **arrays)
+    np.savez(path, counts=counts, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **arrays as allow_pickle
     return path
 
 
@@ -327,9 +330,14 @@ def run(device: str = "auto", quick: bool = False) -> dict[str, Any]:
         },
     }
     result["section_wall_s"] = {}
-    for name, part in (("cuda_tests", cuda_tests), ("throughput", throughput), ("cells", cells)):
+    parts: tuple[tuple[str, Callable[[], Any]], ...] = (
+        ("cuda_tests", lambda: cuda_tests(sizes)),
+        ("throughput", lambda: throughput(sizes, dev)),
+        ("cells", lambda: cells(sizes, dev)),
+    )
+    for name, part in parts:
         t1 = time.time()
-        result[name] = part(sizes) if name == "cuda_tests" else part(sizes, dev)
+        result[name] = part()
         result["section_wall_s"][name] = round(time.time() - t1, 1)
     result["wall_s"] = round(time.time() - t0, 1)
     return result

@@ -111,7 +111,7 @@ def optimizer_kernel(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type == "cuda" else {}
 
 
-def autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
     """bf16 autocast on ``device`` when ``amp`` (``train.amp: bf16``, on CPU as on CUDA), else a no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
