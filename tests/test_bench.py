@@ -96,7 +96,8 @@ def test_bench_command_on_cpu(cli, tmp_path):
     assert out["passes_per_step"] == 4 and out["device"].startswith("cpu")
     for path in ("fast", "common"):
         assert out[path]["images_per_s"] > 0 and np.isfinite(out[path]["mean_loss"])
-    assert out["speedup"] == pytest.approx(out["fast"]["images_per_s"] / out["common"]["images_per_s"], rel=0.01)
+    # speedup is rounded to 2 decimals
+    assert out["speedup"] == pytest.approx(out["fast"]["images_per_s"] / out["common"]["images_per_s"], abs=0.0051)
     proj = out["projected_device_hours"]
     assert proj["unique_cells"] == len(demo_cells()) and proj["total"] > 0
     # the projection is `ltbench plan`'s, with this measurement as resnet8's speed

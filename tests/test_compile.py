@@ -135,7 +135,14 @@ def test_compile_setting_per_device():
 def _spec(method: str, **train_overrides) -> dict:
     c = config.validate(
         {
-            "train": {"epochs": 1, "batch_size": 64, "device": "cpu", "checkpoint_every": 0, **train_overrides},
+            "train": {
+                "epochs": 1,
+                "warmup_epochs": 0,
+                "batch_size": 64,
+                "device": "cpu",
+                "checkpoint_every": 0,
+                **train_overrides,
+            },
             "experiments": {
                 "e": {"datasets": ["digits-lt"], "ratios": [10], "methods": [method], "backbones": ["resnet8"]}
             },
@@ -216,5 +223,5 @@ def test_compiled_training_matches_eager_and_is_recorded(prepared, tmp_path, mon
     compiled = train.run(_spec(method, compile="default"), 10, 0, prepared, tmp_path / "compiled")
     assert seen == [{"mode": "default"}] and compiled["environment"]["compile"] == "default"
     loss = [json.loads((tmp_path / d / "train.jsonl").read_text())["train_loss"] for d in ("eager", "compiled")]
-    assert loss[0] == pytest.approx(loss[1], rel=1e-5)
+    assert loss[0] == pytest.approx(loss[1], rel=1e-4)  # float rounding: an epoch of steps accumulates it
     assert compiled["per_class_acc"] == pytest.approx(eager["per_class_acc"], abs=2.0)

@@ -187,7 +187,8 @@ def test_gains_with_t_tests(grid):
     assert r.gain_verdict == "untested" and "no runs of 'baseline+sbn'" in r.explanation
     r = row(g, claim="t3-rw-many")  # the paper's gain is negative: a negative gain supports it
     assert r.paper_gain < 0 and r.gain < 0 and r.expected_sign == -1 and r.gain_verdict == "supported"
-    assert set(g.experiment) == {"cbn_table2", "cbn_table3", "nbn_cifar", "ldamdrw_table2"}
+    assert set(g.experiment) == {"cbn_table2", "cbn_table3", "nbn_cifar", "ldamdrw_table2", "cbn_fig6"}
+    assert set(g.loc[g.experiment == "cbn_fig6", "kind"]) == {"scaling"}  # figure: [backbones, scaling]
     claims = g[g.kind == "claim"]
     assert (
         len(claims[claims.experiment == "cbn_table2"]) == 5 * 6 and len(claims[claims.experiment == "nbn_cifar"]) == 6
@@ -318,7 +319,7 @@ def test_figures_written_per_experiment(grid):
         "cbn_table3": {"groups", "per_class"},
         "cbn_table4": {"groups", "per_class"},
         "cbn_fig5": {"components", "groups", "per_class"},
-        "cbn_fig6": {"backbones", "groups", "per_class"},
+        "cbn_fig6": {"backbones", "scaling", "groups", "per_class"},
         "nbn_cifar": {"groups", "per_class"},
     }
     for exp, kinds in expected.items():
@@ -370,7 +371,9 @@ def test_report_page_summary_first_then_sections(grid):
     assert f"hash {__import__('ltbench').io.config_hash(grid['cfg'])}" in prov
     assert "CBN open detail 8" in h and "recipe.norm.options.responsibilities" in h
     assert (
-        h.count("data:image/png;base64,") == len(list(grid["figures"].rglob("*.png"))) == 20 + 1  # + findings.png
+        h.count("data:image/png;base64,")
+        == len(list(grid["figures"].rglob("*.png")))
+        == 21 + 1  # + findings.png (cbn_fig6 draws backbones and scaling)
         and 'src="http' not in h
         and "<script" not in h
     )

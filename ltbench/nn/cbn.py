@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,7 @@ from ltbench.nn import cbn_cpu, cbn_ops
 from ltbench.nn.cbn_ops import MIN_MASS, Mixture, affine, bessel, mixture
 from ltbench.registry import choice
 
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self needs Python 3.11
+_Layer = TypeVar("_Layer", bound="CompoundBatchNorm2d")
 
 
 class CompoundBatchNorm2d(nn.Module):
@@ -245,7 +244,7 @@ class CompoundBatchNorm2d(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
 
-    def train(self, mode: bool = True) -> Self:
+    def train(self: _Layer, mode: bool = True) -> _Layer:
         self._eval_cache = None
         return super().train(mode)
 
