@@ -31,7 +31,11 @@ from ltbench.spec import config
 
 WIDTH, HEIGHT = 1280, 800
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-COMMITTED = {"fashion": "config/fashion.yaml", "fashion-cbn": "config/fashion-cbn.yaml"}
+COMMITTED = {
+    "fashion": "config/fashion.yaml",
+    "fashion-cbn": "config/fashion-cbn.yaml",
+    "fashion-scale": "config/fashion-scale.yaml",
+}
 
 # Everything the tests read from a loaded page, in one script: the viewport, what is wider than it or
 # scrolls sideways, the images, and every row of the findings tables (hidden ones included).
