@@ -26,6 +26,22 @@ from ltbench import io
 
 FORMAT = "ltbench-checkpoint/2"
 
+#: The trainer's progress through the cell, saved in (and restored from) a checkpoint.
+COUNTERS = (
+    "epoch",
+    "step",
+    "perm",
+    "log",
+    "images_seen",
+    "train_time",
+    "loss_sum",
+    "correct",
+    "first_bad",
+    "grad_sum",
+    "grad_max",
+    "nonfinite",
+)
+
 #: The keys every checkpoint payload has (the trainer's :meth:`~ltbench.training.trainer.Trainer.payload`).
 REQUIRED = frozenset(
     {
@@ -43,18 +59,7 @@ REQUIRED = frozenset(
         "cuda_rng",
         "numpy_rng",
         "python_rng",
-        "epoch",
-        "step",
-        "perm",
-        "log",
-        "images_seen",
-        "train_time",
-        "loss_sum",
-        "correct",
-        "first_bad",
-        "grad_sum",
-        "grad_max",
-        "nonfinite",
+        *COUNTERS,
         "best_row",
         "best_per_class",
     }

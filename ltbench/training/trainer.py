@@ -67,20 +67,7 @@ from ltbench.training.evaluation import collapse_reason, evaluate_counts, group_
 from ltbench.training.schedule import lr_lambda
 
 #: The trainer's progress through the cell, saved in (and restored from) a checkpoint.
-COUNTERS = (
-    "epoch",
-    "step",
-    "perm",
-    "log",
-    "images_seen",
-    "train_time",
-    "loss_sum",
-    "correct",
-    "first_bad",
-    "grad_sum",
-    "grad_max",
-    "nonfinite",
-)
+COUNTERS = checkpoint.COUNTERS
 
 
 GPU_COMPILE = "default"  # what train.compile: auto means on CUDA (docs/architecture.md, "Compiled training")
