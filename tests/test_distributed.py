@@ -111,3 +111,21 @@ def test_sigterm_to_torchrun_checkpoints_and_the_rerun_resumes(digits, tmp_path)
     m = json.loads((out / "metrics.json").read_text())
     assert m["top1"] > 50.0 and len((out / "train.jsonl").read_text().splitlines()) == 40
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_ranks_agree_on_a_caught_signal_only_at_sync_steps(monkeypatch):
+    """Under data parallelism a step without agreement costs no all_reduce; a single process reads
+    its own flag every step."""
+    from types import SimpleNamespace
+
+    from ltbench.training import trainer
+
+    calls = []
+    monkeypatch.setattr(distributed, "any_rank", lambda flag, world, device: calls.append(flag) or flag)
+    ddp = SimpleNamespace(signals=SimpleNamespace(caught=15), world=SimpleNamespace(active=True), device="cpu")
+    assert trainer.Trainer._stop_requested(ddp, False) is False and calls == []
+    assert trainer.Trainer._stop_requested(ddp, True) is True and calls == [True]
+    single = SimpleNamespace(signals=SimpleNamespace(caught=15), world=SimpleNamespace(active=False), device="cpu")
+    assert trainer.Trainer._stop_requested(single, False) is True and calls == [True]
+    single.signals.caught = None
+    assert trainer.Trainer._stop_requested(single, True) is False

@@ -70,6 +70,10 @@ from ltbench.training.schedule import lr_lambda
 COUNTERS = checkpoint.COUNTERS
 
 
+#: Under data parallelism, the ranks agree on a caught signal (SLURM's SIGTERM before the time limit)
+#: every this many steps, not at every step: each agreement is an all_reduce and a host sync.
+SIGNAL_SYNC_EVERY = 25
+
 GPU_COMPILE = "default"  # what train.compile: auto means on CUDA (docs/architecture.md, "Compiled training")
 # graphs one compiled model may need: CBN's first-batch step, compound and split paths, evaluation and
 # diagnostics, each again for a smaller last batch; dynamo's default of 8 would run the rest eagerly
@@ -409,8 +413,10 @@ class Trainer:
         perm = self._permutation(in_head)
         for xs, yb in self.source.epoch(perm[self.step * self.bs :], self.bs, self.views, self.gen):
             self.train_step(xs, yb, in_head)
-            if distributed.any_rank(self.signals.caught is not None, self.world, self.device):  # every rank stops
+            if self._stop_requested(self.step % SIGNAL_SYNC_EVERY == 0):
                 self.preempt(t0)
+        if self._stop_requested(True):  # a signal caught since the last agreement stops before the epoch's row
+            self.preempt(t0)
         row = self._epoch_row(len(perm), in_head)
         if not math.isfinite(row["train_loss"]):
             raise self.diverged(row, in_head)
@@ -422,6 +428,16 @@ class Trainer:
             self.evaluate(row)
         row["epoch_time_s"] = time.time() - t0
         self.end_epoch(row)
+
+    def _stop_requested(self, sync: bool) -> bool:
+        """Whether a caught signal stops training now. A single process reads its flag at every step
+        (free); under data parallelism every rank must stop at the same step, and agreeing on it costs an
+        ``all_reduce`` and a host sync, so the ranks agree only where ``sync`` (every
+        :data:`SIGNAL_SYNC_EVERY` steps and at the epoch's end)."""
+        caught = self.signals.caught is not None
+        if not self.world.active:
+            return caught
+        return sync and distributed.any_rank(caught, self.world, self.device)
 
     def _permutation(self, in_head: bool) -> torch.Tensor:
         """This rank's share of the epoch's sample order (drawn at the epoch's start, kept on resume)."""
