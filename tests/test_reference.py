@@ -298,6 +298,17 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
 
 def test_packaged_file_must_carry_its_own_id(good, monkeypatch):
     good["paper"] = "nbn2025"
-    monkeypatch.setattr(references, "_read", lambda paper: (good, "cbn2022.yaml"))  # load() lives there
+    monkeypatch.setattr(references, "_read", lambda paper: ("cbn2022.yaml", yaml.safe_dump(good)))  # load()'s home
     with pytest.raises(ReferenceFileError, match="'paper' is 'nbn2025', expected 'cbn2022'"):
         load("cbn2022")
+
+
+def test_a_file_is_parsed_once_per_content_and_each_load_is_its_own_copy(good, tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(good))
+    first = load(path)
+    first["entries"].clear()  # a caller's change stays with the caller
+    assert load(path) == good
+    good["entries"][0]["value"] = 12.5  # an edited file is read again
+    path.write_text(yaml.safe_dump(good))
+    assert load(path)["entries"][0]["value"] == 12.5

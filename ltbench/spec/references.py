@@ -4,6 +4,8 @@ described in :mod:`ltbench.analysis.reference`, which re-exports this module's f
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,34 +100,43 @@ def validate(data: Any, source: str = "<data>") -> None:
                     )
 
 
-def _read(paper: str | os.PathLike) -> tuple[Any, str]:
+def _read(paper: str | os.PathLike) -> tuple[str, str]:
+    """(source, text) of a packaged paper id or a .yaml path."""
     name = os.fspath(paper)
     if name in papers():
-        source, text = f"{name}.yaml", (_files() / f"{name}.yaml").read_text(encoding="utf-8")
-    elif name.endswith((".yaml", ".yml")) and os.path.isfile(name):
+        return f"{name}.yaml", (_files() / f"{name}.yaml").read_text(encoding="utf-8")
+    if name.endswith((".yaml", ".yml")) and os.path.isfile(name):
         try:
             with open(name, encoding="utf-8") as fh:
-                source, text = name, fh.read()
+                return name, fh.read()
         except (OSError, UnicodeDecodeError) as err:
             raise ReferenceFileError(f"{name}: cannot be read as UTF-8 text ({err})") from None
-    else:
-        raise KeyError(f"unknown paper {name!r}: known papers are {papers()} (or pass a path to a .yaml file)")
+    raise KeyError(f"unknown paper {name!r}: known papers are {papers()} (or pass a path to a .yaml file)")
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(source: str, text: str) -> Any:
+    """The parsed and validated file; one parse per distinct text (an aggregate asks for each paper once
+    per experiment and claim list). Errors are raised, never cached."""
     try:
-        return safeyaml.load(text), source
+        data = safeyaml.load(text)
     except yaml.YAMLError as err:
         raise ReferenceFileError(f"{source}: not valid YAML: {err}") from err
+    validate(data, source)
+    return data
 
 
 def load(paper: str | os.PathLike) -> dict:
     """Load and validate a paper's reference file.
 
     ``paper`` is a packaged paper id (see :func:`papers`) or the path of a YAML file in the same format
-    (e.g. a user's copy of ``nbn2025.yaml`` with the numbers filled in). Returns the parsed mapping.
-    Raises :class:`ReferenceFileError` (a ``ValueError``) naming the file and the offending entry/key,
-    or ``KeyError`` for an unknown paper id.
+    (e.g. a user's copy of ``nbn2025.yaml`` with the numbers filled in). Returns the parsed mapping (a
+    copy of its own: the file is read every call, parsed once per distinct content). Raises
+    :class:`ReferenceFileError` (a ``ValueError``) naming the file and the offending entry/key, or
+    ``KeyError`` for an unknown paper id.
     """
-    data, source = _read(paper)
-    validate(data, source)
+    source, text = _read(paper)
+    data = copy.deepcopy(_parsed(source, text))
     packaged_id = os.fspath(paper)
     if source == f"{packaged_id}.yaml" and data["paper"] != packaged_id:
         raise ReferenceFileError(f"{source}: 'paper' is {data['paper']!r}, expected {packaged_id!r}")
