@@ -105,6 +105,16 @@ def test_demo_pipeline_end_to_end(tmp_path):
     (tmp_path / "more.yaml").write_text(yaml.safe_dump(more))
     jobs = job_counts(snakemake("-n", "--cores", 1, "--configfile", tmp_path / "more.yaml", cwd=tmp_path).stdout)
     assert jobs["train"] == 2 * 3 and jobs["aggregate"] == 1 and jobs["report"] == 1, jobs
+    # another config sharing results_dir (its own name, report and experiments) reuses the data and cells
+    other = {
+        **cfg,
+        "name": "other",
+        "reports_dir": str(tmp_path / "other-reports"),
+        "experiments": {"ce_only": {**cfg["experiments"]["demo"], "methods": ["ce"]}},
+    }
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    jobs = job_counts(snakemake("-n", "--cores", 1, "--configfile", tmp_path / "other.yaml", cwd=tmp_path).stdout)
+    assert jobs.get("train", 0) == jobs.get("prepare", 0) == 0 and jobs["report"] == 1, jobs
     # Snakemake's own report of the same results, its captions rendered without errors
     p = snakemake("--cores", 1, "--configfile", tmp_path / "demo.yaml", "--report", tmp_path / "smk.zip", cwd=tmp_path)
     out = p.stdout + p.stderr

@@ -70,16 +70,16 @@ def metrics_files():
 
 
 def data_config(w):
-    """The config a data job (download, prepare) is given: the paths and this dataset's own entry,
-    with one placeholder experiment, not the whole config. A param of the data rules: the whole
-    config there made a new seed, method or experiment redo the data and, through it, every cell."""
+    """The config a data job (download, prepare) is given: the paths of the data and this dataset's
+    own entry, with one placeholder experiment, not the whole config. A param of the data rules: the
+    whole config there made a new seed, method or experiment redo the data and, through it, every
+    cell; the config's name and reports_dir there made every config sharing a results_dir (each with
+    its own name and report) redo them too."""
     ratio = float(getattr(w, "ratio", 1))
     return json.dumps(
         {
-            "name": config["name"],
             "data_dir": DATA,
             "results_dir": R,
-            "reports_dir": config["reports_dir"],
             "datasets": {w.dataset: config["datasets"].get(w.dataset, {})},
             "experiments": {
                 "data": {
