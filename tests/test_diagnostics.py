@@ -157,6 +157,21 @@ def test_component_spread_definition():
 # ---- collapse: a failed cell with its reason, never an accuracy
 
 
+def test_mixture_collapse_counts_live_components_per_layer():
+    live = aggregate.LIVE_PRIOR
+    layers = [
+        {"priors": [1.0 - 3 * live / 2, live / 2, live / 2, live / 2]},  # one live component: collapsed
+        {"priors": [0.25, 0.25, 0.25, 0.25]},
+        {"priors": [0.5, 0.5 - 2 * live, 2 * live, 0.0]},
+    ]
+    assert aggregate.mixture_collapse(layers) == {"live_components": 8 / 3, "collapsed_layers": 1 / 3}
+    assert aggregate.mixture_collapse([]) == {"live_components": None, "collapsed_layers": None}
+    m = {"diagnostics": {"min_prior": 0.0, "layers": layers}}
+    cols = aggregate.diag_columns(m)
+    assert cols["diag.live_components"] == 8 / 3 and cols["diag.collapsed_layers"] == 1 / 3
+    assert "diag.live_components" not in aggregate.diag_columns({"diagnostics": None})
+
+
 def test_collapse_reason():
     assert collapse_reason(0.95, 3, 0.9).startswith("collapsed: class 3 received 95.0 %")
     assert collapse_reason(0.5, 3, 0.9) is None and collapse_reason(0.95, 3, None) is None

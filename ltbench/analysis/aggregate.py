@@ -11,7 +11,8 @@ the report shows (:mod:`ltbench.report` renders these files and recomputes nothi
   experiment's seeds: mean, std, n, 95 % Student-t interval, seeds
   (:func:`ltbench.analysis.compare.summarize`). Without a config one experiment ``all`` spans every run.
 - ``diagnostics.csv``: the CBN diagnostics (smallest prior, spread of the component means, share of
-  confident pixels, top-1 with the running mixture and with batch statistics; ``metric`` = the name) per
+  confident pixels, top-1 with the running mixture and with batch statistics, live components per layer
+  and share of collapsed layers (:func:`mixture_collapse`); ``metric`` = the name) per
   experiment and cell with CBN layers over the experiment's seeds, in ``summary.csv``'s columns.
 - ``cells.csv``: every cell once with its experiments and status: ``finished``, ``failed`` (its
   training log exists but no ``metrics.json``, ``detail`` is the log's last error line; or its
@@ -80,7 +81,12 @@ OUTPUTS = (
 )
 # metrics.json's `stability` and `diagnostics` entries that become runs.csv columns diag.<key>
 STABILITY_KEYS = ("nonfinite_steps", "grad_norm_mean", "grad_norm_max", "grad_norm_last")
-DIAG_KEYS = ("min_prior", "mean_spread", "confident_share", "top1_running", "top1_batch_stats")
+# ... and the two read from its per-layer priors (:func:`mixture_collapse`)
+COLLAPSE_KEYS = ("live_components", "collapsed_layers")
+DIAG_KEYS = ("min_prior", "mean_spread", "confident_share", "top1_running", "top1_batch_stats", *COLLAPSE_KEYS)
+# A mixture component is live while its running prior exceeds this; a CBN layer left with one live
+# component normalizes as plain BN does (its mixture has collapsed onto that component).
+LIVE_PRIOR = 0.01
 CELL_COLUMNS = [*KEYS, "seed", "experiments", "status", "detail", "log"]
 # The train rule's log (workflow/rules/train.smk): where a failed cell's error message is.
 TRAIN_LOG = "logs/train/{path}.log"
@@ -215,8 +221,24 @@ def diag_columns(m: Mapping) -> dict:
     curve's stability for every run that records it, the CBN diagnostics for a run with CBN layers."""
     out = {f"diag.{k}": v for k, v in (m.get("stability") or {}).items() if k in STABILITY_KEYS}
     diag = m.get("diagnostics") or {}
+    if diag:
+        diag = {**diag, **mixture_collapse(diag.get("layers") or [])}
     out.update({f"diag.{k}": diag.get(k) for k in DIAG_KEYS if diag})
     return out
+
+
+def mixture_collapse(layers: Sequence[Mapping], live: float = LIVE_PRIOR) -> dict:
+    """From the per-layer running priors of a run's CBN diagnostics: ``live_components``, the mean
+    over the layers of the components whose prior exceeds ``live`` (:data:`LIVE_PRIOR`), and
+    ``collapsed_layers``, the share of the layers left with a single live component. Both are None
+    when no layer records its priors."""
+    counts = [sum(p > live for p in layer["priors"]) for layer in layers if layer.get("priors")]
+    if not counts:
+        return {"live_components": None, "collapsed_layers": None}
+    return {
+        "live_components": sum(counts) / len(counts),
+        "collapsed_layers": sum(c <= 1 for c in counts) / len(counts),
+    }
 
 
 def tables(metrics: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -35,7 +35,7 @@ import pandas as pd
 from ltbench import io
 from ltbench.analysis import compare, power
 from ltbench.analysis import gains as gains_mod
-from ltbench.analysis.aggregate import KEYS, METRICS
+from ltbench.analysis.aggregate import KEYS, LIVE_PRIOR, METRICS
 from ltbench.data.longtail import format_ratio
 from ltbench.errors import ConfigError
 from ltbench.report import figures, headline, tables
@@ -691,6 +691,8 @@ DIAG_TABLE = {
     "diag.top1_running": "top-1 running mixture (sample)",
     "diag.top1_batch_stats": "top-1 batch statistics (sample)",
     "diag.min_prior": "smallest prior",
+    "diag.live_components": "live components per layer",
+    "diag.collapsed_layers": "share of layers collapsed",
     "diag.mean_spread": "spread of means",
     "diag.confident_share": "share of pixels r > 0.9",
     "diag.grad_norm_max": "max gradient norm",
@@ -755,6 +757,8 @@ def diagnostics_html(runs: pd.DataFrame, exp: Mapping, diagnostics: pd.DataFrame
         "(ltbench/training/diagnostics.py): top-1 on a fixed test sample with the running mixture (eval mode, "
         "what is reported) and with each test batch's own statistics (a large gap: the running statistics do "
         "not match training); the smallest running prior over the layers (≈ 0: a collapsed component); the "
+        f"components per layer whose prior exceeds {LIVE_PRIOR:g} (live) and the share of layers left "
+        "with one live component (collapsed: the layer normalizes as plain BN); the "
         "spread of the component means (mean over layers and channels of std_k μ_k / sqrt(mean_k σ²_k)); the "
         "share of pixels whose largest responsibility exceeds 0.9; the largest gradient norm of a step and "
         "the steps with a non-finite loss.</p>"
