@@ -63,8 +63,15 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+# What can change a result: a local change under these paths makes a run's code "dirty". Generated
+# files that a project commits (reports, docs) do not: regenerating a committed report between two
+# cells must not mark the second cell's code as changed.
+CODE_PATHS = ("ltbench", "workflow", "Snakefile", "config", "pyproject.toml")
+
+
 def code_version() -> dict:
-    """Package version plus the git commit (and whether the tree had local changes), if any."""
+    """Package version plus the git commit and whether the code had local changes (``git_dirty``: a
+    tracked file under :data:`CODE_PATHS` differs from the commit), if in a git checkout."""
     root = Path(ltbench.__file__).resolve().parent.parent
     info: dict[str, str | bool | None] = {"ltbench": ltbench.__version__, "git_commit": None, "git_dirty": None}
     try:
@@ -75,7 +82,7 @@ def code_version() -> dict:
             ).stdout.strip()
 
         info["git_commit"] = run("rev-parse", "HEAD")
-        info["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
+        info["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS))
     except (OSError, subprocess.SubprocessError):
         pass
     return info

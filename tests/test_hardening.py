@@ -159,3 +159,34 @@ def test_a_yaml_syntax_error_names_file_line_and_column(capsys, tmp_path):
         config.load(bad)
     code, err = run_cli(capsys, "plan", "--configfile", bad)
     assert code == 2 and f"ltbench plan: error: config file {bad}, line 3, column 3" in err
+
+
+def test_git_dirty_flags_code_changes_not_regenerated_reports(tmp_path, monkeypatch):
+    import subprocess
+
+    import ltbench
+    from ltbench import io as ltio
+
+    repo = tmp_path / "repo"
+    for rel in ("ltbench/__init__.py", "reports/r.html", "docs/d.md", "config/c.yaml"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("v1\n")
+
+    def git(*a):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo, check=True, capture_output=True
+        )
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(ltbench, "__file__", str(repo / "ltbench" / "__init__.py"))
+    assert ltio.code_version()["git_dirty"] is False
+    (repo / "reports" / "r.html").write_text("regenerated\n")
+    (repo / "docs" / "d.md").write_text("edited\n")
+    assert ltio.code_version()["git_dirty"] is False
+    (repo / "config" / "c.yaml").write_text("edited\n")
+    assert ltio.code_version()["git_dirty"] is True
+    git("checkout", "--", "config")
+    (repo / "ltbench" / "__init__.py").write_text("edited\n")
+    assert ltio.code_version()["git_dirty"] is True
