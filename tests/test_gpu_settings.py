@@ -89,7 +89,7 @@ class _Watch:
 
     def __init__(self, monkeypatch):
         self.phase, self.conv, self.promised, self.losses = "representation", set(), set(), []
-        real_step_loss, real_stage_loss = step.step_loss, classifier.stage_loss
+        real_step_loss, real_stage_loss = step.step_loss, classifier.StageLoss.__call__
         real_eval, real_tau = train.evaluate_counts, classifier.select_tau
 
         def step_loss(recipe, criterion, logits, y):
@@ -104,7 +104,7 @@ class _Watch:
             return loss, logits
 
         monkeypatch.setattr(step, "step_loss", step_loss)
-        monkeypatch.setattr(classifier, "stage_loss", stage_loss)
+        monkeypatch.setattr(classifier.StageLoss, "__call__", stage_loss)
         monkeypatch.setattr(train, "evaluate_counts", lambda *a, **k: self.during("evaluation", real_eval, *a, **k))
         monkeypatch.setattr(classifier, "select_tau", lambda *a, **k: self.during("tau", real_tau, *a, **k))
         real_diag = diagnostics.cbn_diagnostics  # after the metrics are fixed, in float32 (changes no result)

@@ -5,7 +5,7 @@ After the representation epochs the backbone is frozen and only a classifier hea
 ``decoupled`` dict (keys ``enabled``, ``fraction``, ``classifier``, ``sampler``, ``reweight``,
 ``reinit``, ``lr``, ``tau``, ``backbone_mode``; missing keys take the defaults of
 ``methods.DEFAULT_RECIPE["decoupled"]``). The stage's sampler is chosen by the caller
-(``ltbench.nn.sampling``); re-weighting (RW) is applied here, in :func:`stage_loss`.
+(``ltbench.nn.sampling``); re-weighting (RW) is applied here, in :class:`StageLoss`.
 
 The model is a backbone with ``model.features(x) -> (N, D)`` and its classifier ``model.fc``:
 an ``nn.Linear``, or, with NBN logit rectification, ``nn.Sequential(nn.Linear,
@@ -19,7 +19,7 @@ Choices the papers leave open, made here:
   ``dt["backbone_mode"]`` names: ``train`` (default; Kang et al.'s classifier-balancing code keeps
   every network in train mode in this stage: BN normalizes with the stage's (class-balanced) batch
   statistics and its running statistics move towards them, so the test-time backbone changes in
-  this stage although no weight does) or ``eval`` (running statistics, no update). :func:`stage_loss`
+  this stage although no weight does) or ``eval`` (running statistics, no update). :class:`StageLoss`
   leaves the model in that mode. The rectification BatchNorm1d stays in eval mode either way (it is
   part of the frozen classifier).
 - ``crt``: the classifier Linear is the head; with ``reinit`` it is re-initialized as
@@ -231,6 +231,43 @@ def setup_stage(model: nn.Module, dt: Mapping[str, Any], num_classes: int) -> nn
     return stage.setup(linear, dt, num_classes)
 
 
+class StageLoss:
+    """The classifier stage's loss, set up once when the stage starts: ``(model, head, x, y)`` →
+    (loss, logits) of one batch; gradients reach only ``head``.
+
+    Features come from the backbone in ``dt["backbone_mode"]`` (train: batch statistics, running
+    statistics updated; eval: running statistics) under ``torch.no_grad``; the loss is
+    ``criterion.per_sample`` reduced with class weights of kind ``dt["reweight"]`` ("none" =
+    plain mean), computed here once from ``counts`` (on its device). Raises ``RuntimeError`` for
+    tau_norm, which is not trained, and ``ValueError`` for an unknown backbone mode.
+    """
+
+    def __init__(self, dt: Mapping[str, Any], criterion: losses.Loss, counts: torch.Tensor) -> None:
+        dt = _options(dt)
+        self.stage = _stage(dt)
+        if not self.stage.trainable:
+            raise RuntimeError(POST_HOC)
+        if dt["backbone_mode"] not in BACKBONE_MODES:
+            raise ValueError(
+                f"decoupled.backbone_mode must be one of {', '.join(BACKBONE_MODES)}, not {dt['backbone_mode']!r}"
+            )
+        self.train_backbone = dt["backbone_mode"] == "train"
+        self.criterion = criterion
+        self.weight = None if dt["reweight"] == "none" else losses.class_weights(counts, dt["reweight"])
+
+    def __call__(
+        self, model: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model.train(self.train_backbone)
+        _, rect = classifier_layers(model)
+        if rect is not None:
+            rect.eval()
+        with torch.no_grad():
+            feats = features(model, x)
+        logits = self.stage.logits(model, head, feats).float()
+        return losses.weighted_mean(self.criterion.per_sample(logits, y), y, self.weight), logits
+
+
 def stage_loss(
     model: nn.Module,
     head: nn.Module,
@@ -240,30 +277,9 @@ def stage_loss(
     dt: Mapping[str, Any],
     counts: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits) of one classifier-stage batch; gradients reach only ``head``.
-
-    Features come from the backbone in ``dt["backbone_mode"]`` (train: batch statistics, running
-    statistics updated; eval: running statistics) under ``torch.no_grad``; the loss is
-    ``criterion.per_sample`` reduced with class weights of kind ``dt["reweight"]`` ("none" =
-    plain mean). Raises ``RuntimeError`` for tau_norm, which is not trained.
-    """
-    dt = _options(dt)
-    stage = _stage(dt)
-    if not stage.trainable:
-        raise RuntimeError(POST_HOC)
-    if dt["backbone_mode"] not in BACKBONE_MODES:
-        raise ValueError(
-            f"decoupled.backbone_mode must be one of {', '.join(BACKBONE_MODES)}, not {dt['backbone_mode']!r}"
-        )
-    model.train(dt["backbone_mode"] == "train")
-    _, rect = classifier_layers(model)
-    if rect is not None:
-        rect.eval()
-    with torch.no_grad():
-        feats = features(model, x)
-    logits = stage.logits(model, head, feats).float()
-    weight = None if dt["reweight"] == "none" else losses.class_weights(counts, dt["reweight"])
-    return losses.weighted_mean(criterion.per_sample(logits, y), y, weight), logits
+    """(loss, logits) of one classifier-stage batch (:class:`StageLoss`; a training loop builds that
+    once and calls it every step)."""
+    return StageLoss(dt, criterion, counts)(model, head, x, y)
 
 
 def tau_grid(dt: Mapping[str, Any]) -> list[float]:

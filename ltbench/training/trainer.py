@@ -276,6 +276,7 @@ class Trainer:
         )
         self.head: nn.Module | None = None
         self.head_opt: torch.optim.Optimizer | None = None
+        self.head_loss: classifier.StageLoss | None = None
         self.head_sched: torch.optim.lr_scheduler.LambdaLR | None = None
         self.stage_dt = self.dt
         self.tau_scores: dict[float, float] | None = None  # τ-normalization: τ chosen on the validation split
@@ -291,6 +292,7 @@ class Trainer:
                     )
                 self.stage_dt = {**self.dt, "tau": tau}
             return head
+        self.head_loss = classifier.StageLoss(self.dt, self.stage_criterion, self.counts_t)
         t = self.train
         lr = self.dt["lr"] if self.dt["lr"] is not None else t["lr"]
         opt = self.head_opt = torch.optim.SGD(
@@ -450,12 +452,10 @@ class Trainer:
     def train_step(self, xs: list[torch.Tensor], yb: torch.Tensor, in_head: bool) -> None:
         opt: torch.optim.Optimizer
         if in_head:
-            if self.head is None or self.head_opt is None or self.head_sched is None:
+            if self.head is None or self.head_opt is None or self.head_sched is None or self.head_loss is None:
                 raise RuntimeError(f"{self.label}: a classifier-stage step without a trained head")
             with autocast(self.device, self.amp):
-                loss, logits = classifier.stage_loss(
-                    self.model, self.head, xs[-1], yb, self.stage_criterion, self.dt, self.counts_t
-                )
+                loss, logits = self.head_loss(self.model, self.head, xs[-1], yb)
             opt, sched = self.head_opt, self.head_sched
         else:
             # compiled: one input layout for every view (strides of 1-channel images too), one graph
