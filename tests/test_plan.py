@@ -1,6 +1,7 @@
 """`ltbench plan`: one projection of a grid's GPU-hours (also what `ltbench bench --config` reports),
 torch-free, with the forward passes of a step from the recipe (ltbench.spec.methods.passes)."""
 
+import json
 import math
 import subprocess
 import sys
@@ -120,6 +121,13 @@ def test_plan_prices_the_seeds_that_would_decide_the_undecided_verdicts(tmp_path
     assert x["hours"] == pytest.approx(4 * hours[("resnet8", "ce")] + 3 * hours[("resnet8", "baseline+cbn+sbn+dpl")])
     text = plan.format_text(p)
     assert "7 more runs on 2 cells" in text and "1 verdict would need more than" in text
+    # another config sharing the results folder aggregated last: its verdicts are not this config's
+    (agg / "provenance.json").write_text(json.dumps({"config": "other"}))
+    p = plan.plan(cfg)
+    assert p["extra_seeds"] is None and p["aggregate_of_other_config"] == "other"
+    assert "written for the config 'other'" in plan.format_text(p)
+    (agg / "provenance.json").write_text(json.dumps({"config": cfg["name"]}))
+    assert plan.plan(cfg)["extra_seeds"]["runs"] == 7
     pd.DataFrame([{"dataset": "cifar10"}]).to_csv(agg / "gains.csv", index=False)
     with pytest.raises(ValueError, match="gains.csv.*gain_verdict"):
         plan.plan(cfg)

@@ -114,6 +114,9 @@ def test_runs_csv_has_every_knob_and_provenance(grid):
     # LDAM-DRW; + Kang's 10 stage epochs; Balanced Softmax (CIFAR-10 / -100); logit adjustment (CIFAR-10 / -100)
     assert set(runs[runs.protocol == "published"]["train.epochs"]) == {200, 210, 591, 685, 1241, 1419}
     assert row(runs, dataset="cifar10", ratio="100", method="ce", seed=0, metric="top1").n_train == 12406
+    prov = json.loads((grid["agg"] / aggregate.PROVENANCE).read_text())
+    assert prov["config"] == "paper" and prov["metrics_files"] == 521 and "git_commit" in prov["code"]
+    assert aggregate.written_for(grid["agg"]) == "paper" and aggregate.written_for(grid["tmp"]) is None
 
 
 def test_comparison_numbers_and_verdicts(grid):

@@ -39,6 +39,11 @@ With the workflow config (``--config-json`` / ``--config``) also:
   row per test (claimed gain, reproduction) and look: the look's seeds, estimate, t and boundaries,
   and the test's group-sequential decision (:func:`ltbench.analysis.sequential.experiment_table`).
 
+- ``provenance.json`` (with a config): which config wrote the tables (its ``name`` and the hash of
+  the whole config), the code (:func:`ltbench.io.code_version`), when, and how many metrics files
+  went in. Configs that share a ``results_dir`` share this folder, so the last one aggregated owns it:
+  :func:`written_for` tells a reader such as ``ltbench plan`` whose tables it is looking at.
+
 A partial grid is fine: ``existing=True`` (``--existing``) aggregates the ``metrics.json`` files of the
 config's cells that exist, and the others are listed in ``cells.csv`` as failed or not run.
 
@@ -53,6 +58,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +85,7 @@ OUTPUTS = (
     "sequential.csv",
     "findings.csv",
 )
+PROVENANCE = "provenance.json"
 # metrics.json's `stability` and `diagnostics` entries that become runs.csv columns diag.<key>
 STABILITY_KEYS = ("nonfinite_steps", "grad_norm_mean", "grad_norm_max", "grad_norm_last")
 # ... and the two read from its per-layer priors (:func:`mixture_collapse`)
@@ -490,4 +497,29 @@ def main(paths: Iterable[str | Path], out_dir: Path, cfg: Mapping | None = None,
     out["findings.csv"] = findings.findings(out.get("comparison.csv"), out.get("gains.csv"), cfg)
     for name, df in out.items():
         write_csv(df, Path(out_dir) / name)
+    if cfg is not None:
+        io.write_json(Path(out_dir) / PROVENANCE, provenance(cfg, len(good) + len(invalid)))
     return out
+
+
+def provenance(cfg: Mapping, n_files: int) -> dict:
+    """The ``provenance.json`` of an aggregate written for ``cfg`` (see the module docstring)."""
+    return {
+        "config": cfg["name"],
+        "config_hash": io.config_hash(cfg),
+        "code": io.code_version(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "metrics_files": n_files,
+    }
+
+
+def written_for(out_dir: str | Path) -> str | None:
+    """The name of the config whose aggregate ``out_dir`` holds (its ``provenance.json``); None when the
+    folder has no readable record (no aggregate yet, or one written without a config or by an ltbench
+    that did not record it)."""
+    try:
+        rec = json.loads((Path(out_dir) / PROVENANCE).read_text())
+    except (OSError, ValueError):
+        return None
+    name = rec.get("config") if isinstance(rec, dict) else None
+    return name if isinstance(name, str) else None

@@ -30,6 +30,10 @@ rows minus the seeds it has, times that cell's projected hours.
 Sequential experiments (``seeds: {initial, max, step}``): the runs and hours of the grid so far, at
 the least, at the most and expected (:func:`sequential_hours`).
 
+Configs that share a ``results_dir`` share its aggregate folder; when the last aggregate there was
+written for another config (its ``provenance.json``), its verdicts and looks are not this config's:
+the plan prices neither and says so (:func:`own_aggregate`); its measured speeds are still used.
+
 Each speed row says which source it used. Not modelled: data loading, the cheaper classifier stage of
 decoupled methods, CBN's EM overhead beyond its passes (put a measured file in for those).
 """
@@ -46,7 +50,7 @@ from typing import Any
 import pandas as pd
 
 from ltbench import data
-from ltbench.analysis import sequential
+from ltbench.analysis import aggregate, sequential
 from ltbench.analysis.power import MAX_SEEDS
 from ltbench.spec import config as ltconfig
 from ltbench.spec import seeds
@@ -263,9 +267,20 @@ def plan(cfg: Mapping, throughput_files: Iterable[str | Path] = (), bench: Mappi
         for c in ltconfig.cells(cfg)
     }
     out = _summary(cfg, per_cell, speeds, files)
-    out["extra_seeds"] = extra_seeds(Path(cfg["results_dir"]) / "aggregate", per_cell)
-    out["sequential"] = sequential_hours(cfg, per_cell)
+    agg, out["aggregate_of_other_config"] = own_aggregate(cfg)
+    out["aggregate_dir"] = str(Path(cfg["results_dir"]) / "aggregate")
+    out["extra_seeds"] = extra_seeds(agg, per_cell) if agg is not None else None
+    out["sequential"] = sequential_hours(cfg, per_cell, agg)
     return out
+
+
+def own_aggregate(cfg: Mapping) -> tuple[Path | None, str | None]:
+    """(the config's aggregate folder, None), or (None, the other config's name) when the last aggregate
+    in ``<results_dir>/aggregate`` was written for another config sharing the results folder (its
+    verdicts and looks are not this config's; its measured speeds still are)."""
+    agg = Path(cfg["results_dir"]) / "aggregate"
+    other = aggregate.written_for(agg)
+    return (None, other) if other is not None and other != cfg["name"] else (agg, None)
 
 
 def _sequential_looks(agg: Path) -> pd.DataFrame | None:
@@ -278,12 +293,15 @@ def _sequential_looks(agg: Path) -> pd.DataFrame | None:
     return df
 
 
-def sequential_hours(cfg: Mapping, per_cell: Mapping[ltconfig.Cell, float | None]) -> list[dict]:
+def sequential_hours(
+    cfg: Mapping, per_cell: Mapping[ltconfig.Cell, float | None], agg: Path | None = None
+) -> list[dict]:
     """Per sequential experiment: runs and hours now (the grid so far), at the least (``initial`` seeds
     everywhere), at the most (``max`` everywhere) and expected (:func:`sequential.expected_cell_seeds`
     from the aggregate's ``sequential.csv``: decided tests keep their seeds, undecided ones are simulated
-    at their observed gain and spread; ``max`` for a cell without looks yet)."""
-    looks = _sequential_looks(Path(cfg["results_dir"]) / "aggregate")
+    at their observed gain and spread; ``max`` for a cell without looks yet). ``agg``: the config's
+    aggregate folder (None: no looks yet)."""
+    looks = _sequential_looks(agg) if agg is not None else None
     hours_of = {seeds.cell_key(c.dataset, c.ratio, c.method, c.backbone): h for c, h in per_cell.items()}
     out = []
     for name, exp in cfg["experiments"].items():
@@ -447,6 +465,12 @@ def format_text(p: Mapping, config_path: str | None = None) -> str:
         out.append(
             f"{p['cells_without_estimate']} cells have no estimate (unknown backbone speed or dataset size): "
             "'+?' above."
+        )
+    if other := p.get("aggregate_of_other_config"):
+        out.append(
+            f"The aggregate in {p['aggregate_dir']} was written for the config {other!r}, which shares "
+            "this results folder: its verdicts and looks are not priced here (run this config's workflow to "
+            "aggregate it); its measured speeds are used."
         )
     if (x := p.get("extra_seeds")) and (x["runs"] or x["beyond_max_seeds"]):
         line = (
