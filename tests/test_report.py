@@ -20,6 +20,7 @@ import synthetic
 from conftest import ROOT
 
 from ltbench.analysis import aggregate
+from ltbench.errors import ConfigError
 from ltbench.report import page as report
 from ltbench.spec import config
 
@@ -117,6 +118,9 @@ def test_runs_csv_has_every_knob_and_provenance(grid):
     prov = json.loads((grid["agg"] / aggregate.PROVENANCE).read_text())
     assert prov["config"] == "paper" and prov["metrics_files"] == 521 and "git_commit" in prov["code"]
     assert aggregate.written_for(grid["agg"]) == "paper" and aggregate.written_for(grid["tmp"]) is None
+    other = config.load(ROOT / "config" / "config.yaml", {"name": "other", "results_dir": str(grid["tmp"] / "results")})
+    with pytest.raises(ConfigError, match="aggregate of the config 'paper', not of 'other'"):
+        report.main(grid["agg"], grid["tmp"] / "other.html", other)
 
 
 def test_comparison_numbers_and_verdicts(grid):

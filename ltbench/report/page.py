@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import compare, power
+from ltbench.analysis import aggregate, compare, power
 from ltbench.analysis import gains as gains_mod
 from ltbench.analysis.aggregate import KEYS, LIVE_PRIOR, METRICS
 from ltbench.data.longtail import format_ratio
@@ -844,6 +844,12 @@ def main(
         raise ConfigError(
             f"{d / 'findings.csv'} does not exist (an aggregate written before it did): rerun `ltbench aggregate`, "
             f"or `ltbench findings --aggregate-dir {d}` with the config"
+        )
+    other = aggregate.written_for(d)
+    if cfg is not None and other is not None and other != cfg["name"]:
+        raise ConfigError(
+            f"{d} holds the aggregate of the config {other!r}, not of {cfg['name']!r} (configs sharing a "
+            "results_dir share it): aggregate this config first (`snakemake --configfile FILE --forcerun aggregate`)"
         )
     stem = Path(out).with_suffix("")
     figures_d = Path(figures_dir) if figures_dir else stem / "figures"
