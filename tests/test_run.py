@@ -246,3 +246,62 @@ def test_reproduction_tests_against_the_paper(tmp_path):
     assert (repro["estimate"] < 0.1).all() and repro.loc["baseline+sbn", "estimate"] == pytest.approx(
         78.0333 - 82.03, abs=1e-3
     )
+
+
+def _diverged_json(cfg: dict, cell: config.Cell, commit: str) -> None:
+    """What the trainer writes for a diverged cell (the spec with the train rule's --threads)."""
+    spec = config.cell_spec(cfg, cell.dataset, cell.method, cell.backbone)
+    spec = {**spec, "train": {**spec["train"], "threads": 1}}
+    d = Path(cfg["results_dir"]) / "runs" / cell.path
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "diverged.json").write_text(json.dumps({"seed": cell.seed, "code": {"git_commit": commit}, "spec": spec}))
+
+
+def test_a_round_with_recorded_divergences_is_judged_on_its_finished_runs(tmp_path, monkeypatch, capsys):
+    """`ce-again` s1 diverges (recorded for this spec, seed and code): every round's Snakemake run fails,
+    yet each round is judged on the partial report's aggregate. `balanced-softmax` vs `ce` is undecided at
+    2 seeds and gets its third; `ce-again` vs `ce` stays untested (no seed replaces the diverged one);
+    the driver ends with Snakemake's failed status. A failure that is not a recorded divergence (here: a
+    divergence under other code) ends the driver after the first round, as a rerun may finish it."""
+    cfg_path = tmp_path / "seq.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tmp_path)))
+    cfg = config.load(cfg_path)
+    results = Path(cfg["results_dir"])
+    bad = config.Cell("digits-lt", "10", "ce-again", "resnet8", 1)
+    values = {"ce": [50.0, 51.0, 50.5], "ce-again": [50.0, None, 50.5], "balanced-softmax": [53.0, 49.0, 52.0]}
+    calls = []
+
+    def snakemake(cfg_now, cmd):  # trains every cell of the grid but the diverged one; writes the partial aggregate
+        calls.append(cmd)
+        grid = config.cells(config.load(cfg_path))
+        rows = []
+        for c in grid:
+            if c != bad:
+                (results / "runs" / c.path).mkdir(parents=True, exist_ok=True)
+                (results / "runs" / c.path / "metrics.json").write_text("{}")
+                rows.append(dict(dataset=c.dataset, ratio=c.ratio, method=c.method, backbone=c.backbone,
+                                 metric="top1", seed=c.seed, value=values[c.method][c.seed]))  # fmt: skip
+        agg = results / "partial" / "aggregate"
+        agg.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(agg / "runs.csv", index=False)
+        return 1
+
+    monkeypatch.setattr(run, "run_snakemake", snakemake)
+    commit = run.io.code_version()["git_commit"]
+    _diverged_json(cfg, bad, "0" * 40 if commit != "0" * 40 else "1" * 40)  # recorded under other code
+    assert run.unfinished(cfg) == ([], config.cells(cfg))  # nothing trained; no divergence of this code
+    assert run.main(str(cfg_path), [], until_decided=True) == 1
+    out = capsys.readouterr().out
+    assert "cells did not finish (digits-lt r10 ce-again resnet8 s1)" in out and "round 1" not in out
+    assert len(calls) == 1 and not seeds.state_path(cfg).exists()
+
+    _diverged_json(cfg, bad, commit)
+    assert run.unfinished(cfg) == ([bad], [])
+    assert run.main(str(cfg_path), [], until_decided=True) == 1
+    out = capsys.readouterr().out
+    assert out.count("1 cells diverged and stay diverged (digits-lt r10 ce-again resnet8 s1;") == 2
+    assert "ltbench run: round 2" in out and "stopped: 1 untested tests wait for runs that failed" in out
+    bs, ce = (seeds.cell_key("digits-lt", "10", m, "resnet8") for m in ("balanced-softmax", "ce"))
+    state = json.loads(seeds.state_path(cfg).read_text())
+    assert state == {"round": 1, "experiments": {"seq": {"cells": {bs: 3, ce: 3}}}}
+    assert len(calls) == 3

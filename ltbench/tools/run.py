@@ -16,6 +16,14 @@ decisions are a function of the runs alone, so a rerun reaches the same ones.
 kill), and while Snakemake runs the driver notes its pid in ``<name>.snakemake.json`` next to the
 grid file: a driver that finds that note waits for that Snakemake to end and removes the lock it left
 (``snakemake --unlock``), so a driver killed even with SIGKILL resumes with the same command.
+
+A cell that diverged stays diverged: its ``diverged.json`` records the divergence for the cell's spec,
+seed and code, and a rerun fails it again at once (:mod:`ltbench.training.trainer`). A round whose
+only failed cells are such recorded divergences is therefore judged on its finished runs (the
+aggregate of the partial report that the failed Snakemake run wrote) instead of ending the loop: the
+tests that need a diverged cell stay ``untested`` (no seed is added in its place: that would keep only
+the seeds that trained), the others go on. Any other failure ends the driver with Snakemake's status;
+rerunning the same command retries those cells.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import sequential
+from ltbench.analysis import aggregate, sequential
 from ltbench.spec import config, seeds
 
 
@@ -42,14 +50,76 @@ def snakemake_command(configfile: str, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "snakemake", "--configfile", configfile, *args, *extra]
 
 
-def _runs(cfg: Mapping) -> pd.DataFrame:
-    path = Path(cfg["results_dir"]) / "aggregate" / "runs.csv"
+def _runs(cfg: Mapping, partial: bool = False) -> pd.DataFrame:
+    """The aggregate's runs; ``partial``: those of the partial report's aggregate (after a failed run)."""
+    path = Path(cfg["results_dir"]) / (f"{aggregate.PARTIAL_DIR}/aggregate" if partial else "aggregate") / "runs.csv"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist after the Snakemake run: give a target that includes the aggregate "
             "(the default `all`, or the aggregate's outputs)"
         )
     return pd.read_csv(path, dtype={"ratio": str})
+
+
+# Training settings the train rule sets on the command line (not part of the cell's config spec).
+_COMMAND_LINE_TRAIN_KEYS = ("threads",)
+
+
+def _spec_without_command_line(spec: Mapping) -> dict:
+    train = {k: v for k, v in spec.get("train", {}).items() if k not in _COMMAND_LINE_TRAIN_KEYS}
+    return json.loads(json.dumps({**spec, "train": train}, sort_keys=True))
+
+
+def recorded_divergence(cfg: Mapping, cell: config.Cell) -> bool:
+    """Whether the cell's ``diverged.json`` records a divergence of this cell's spec and seed under the
+    code now checked out: the train rule then fails it again at once, so rerunning cannot finish it."""
+    try:
+        prev = json.loads((Path(cfg["results_dir"]) / "runs" / cell.path / "diverged.json").read_text())
+        spec = config.cell_spec(cfg, cell.dataset, cell.method, cell.backbone)
+        return (
+            prev["seed"] == cell.seed
+            and prev["code"]["git_commit"] == io.code_version()["git_commit"]
+            and _spec_without_command_line(prev["spec"]) == _spec_without_command_line(spec)
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def unfinished(cfg: Mapping) -> tuple[list[config.Cell], list[config.Cell]]:
+    """The grid's cells without ``metrics.json``: (recorded divergences, the others)."""
+    runs_dir = Path(cfg["results_dir"]) / "runs"
+    todo = [c for c in config.cells(cfg) if not (runs_dir / c.path / "metrics.json").exists()]
+    diverged = [c for c in todo if recorded_divergence(cfg, c)]
+    return diverged, [c for c in todo if c not in diverged]
+
+
+def _label(c: config.Cell) -> str:
+    return f"{c.dataset} r{c.ratio} {c.method} {c.backbone} s{c.seed}"
+
+
+def judge_failed_round(cfg: Mapping, started: float) -> bool:
+    """After a failed Snakemake run: whether the round can be judged on its finished runs (every
+    unfinished cell a recorded divergence, and the partial report's aggregate written by this run)."""
+    diverged, other = unfinished(cfg)
+    if other or not diverged:
+        shown = ", ".join(_label(c) for c in other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        print(
+            f"ltbench run: {len(other)} cells did not finish ({shown or 'no cell: another job failed'}); "
+            "run the same command again to retry them",
+            flush=True,
+        )
+        return False
+    runs_csv = Path(cfg["results_dir"]) / aggregate.PARTIAL_DIR / "aggregate" / "runs.csv"
+    if not runs_csv.exists() or runs_csv.stat().st_mtime < started:
+        print(f"ltbench run: the failed run wrote no partial aggregate ({runs_csv}); see its log", flush=True)
+        return False
+    print(
+        f"ltbench run: {len(diverged)} cells diverged and stay diverged ({', '.join(_label(c) for c in diverged)}; "
+        "each one's diverged.json says how); the round is judged on the finished runs, and the tests that "
+        "need a diverged cell stay untested",
+        flush=True,
+    )
+    return True
 
 
 def extend(state: Mapping, need: Mapping[str, Mapping[str, int]], round_no: int) -> dict:
@@ -80,20 +150,21 @@ def report_round(round_no: int, looks: pd.DataFrame, added: int) -> str:
     for (ename, kind), g in sequential.counts(looks).groupby(["experiment", "kind"], sort=False):
         parts = ", ".join(f"{r.tests} {r.decision}" for r in g.itertuples())
         lines.append(f"  {ename} ({kind}): {parts}")
-    waiting = sequential.counts(looks).query("decision == @sequential.UNDECIDED")["tests"].sum()
+    waiting = sequential.counts(looks).query("decision == @sequential.UNTESTED")["tests"].sum()
     if added:
         lines.append(f"  next: {added} more runs")
     elif waiting:  # their seeds are in the grid but have no runs: failed cells (cells.csv says why)
-        lines.append(f"  stopped: {waiting} undecided tests wait for runs that failed (see the aggregate's cells.csv)")
+        lines.append(f"  stopped: {waiting} untested tests wait for runs that failed (see the aggregate's cells.csv)")
     else:
         lines.append("  done: every verdict decided or at its maximum of seeds")
     return "\n".join(lines)
 
 
-def decide_round(configfile: str, round_no: int) -> int:
-    """Judge the aggregate's runs, extend the grid file, print the round; returns the runs added."""
+def decide_round(configfile: str, round_no: int, partial: bool = False) -> int:
+    """Judge the aggregate's runs (``partial``: the partial report's), extend the grid file, print the
+    round; returns the runs added."""
     cfg = config.load(configfile)
-    looks = sequential.table(_runs(cfg), cfg)
+    looks = sequential.table(_runs(cfg, partial), cfg)
     state = seeds.read_state(cfg)
     new = extend(state, sequential.needed_seeds(looks), round_no)
     added = _added_runs(cfg, new)
@@ -164,8 +235,11 @@ def main(configfile: str, snakemake_args: Sequence[str], until_decided: bool = F
     round_no = int(seeds.read_state(cfg).get("round", 0))
     while True:
         round_no += 1
+        started = time.time()
         rc = run_snakemake(cfg, cmd)
-        if rc or not until_decided or not sequential_exps:
+        if not until_decided or not sequential_exps:
             return rc
-        if not decide_round(configfile, round_no):
-            return 0
+        if rc and not judge_failed_round(config.load(configfile), started):
+            return rc
+        if not decide_round(configfile, round_no, partial=bool(rc)):
+            return rc
