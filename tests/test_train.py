@@ -240,6 +240,7 @@ def test_preempted_run_resumes_bit_identically(prepared, tmp_path, monkeypatch, 
     got = train.run(s, 10, 0, prepared, tmp_path / "cut")
     assert got["per_class_acc"] == ref["per_class_acc"]
     assert (tmp_path / "cut" / "train.jsonl").read_text().count("\n") == 5
+    assert got["wall_time_s"] >= got["train_time_s"] > 0  # both sum the three processes' parts
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()
 
 

@@ -183,6 +183,7 @@ class Trainer:
         self.ratio, self.seed, self.out_dir = ratio, seed, Path(out_dir)
         self.world = world or distributed.World()
         self.t_start = time.time()
+        self.wall_before = 0.0  # wall time of the earlier processes of a resumed cell, to their checkpoint
         self._setup_device()
         self._seed()
         self._setup_data(data_file)
@@ -364,7 +365,13 @@ class Trainer:
             **{k: getattr(self, k) for k in COUNTERS},
             "best_row": json.dumps(best[0]) if best else None,
             "best_per_class": torch.from_numpy(best[1]) if best else None,
+            "wall_time": self.wall_time(),  # optional: a checkpoint without it resumes with 0
         }
+
+    def wall_time(self) -> float:
+        """Seconds of wall time of the cell: this process's, plus the earlier processes' up to the
+        checkpoint this one resumed from (the work a resume redoes is counted once, in this process)."""
+        return self.wall_before + time.time() - self.t_start
 
     def save_checkpoint(self) -> None:
         if self.world.main:
@@ -390,6 +397,7 @@ class Trainer:
         checkpoint.set_rng_state(ck, self.gen)
         for k in COUNTERS:
             setattr(self, k, ck[k])
+        self.wall_before = float(ck.get("wall_time", 0.0))
         if not self.world.main:  # rank 0 saved the sums of all ranks and its own random streams
             self._reset_sums()
             self.gen.manual_seed(_rank_seed(self.seed, self.world, self.epoch, self.step))
@@ -607,7 +615,7 @@ class Trainer:
                 "compile": self.compile,
             },
             "world_size": self.world.size,
-            "wall_time_s": time.time() - self.t_start,
+            "wall_time_s": self.wall_time(),
             "train_time_s": self.train_time,
             "images_per_s": self.images_seen / max(self.train_time, 1e-9),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
