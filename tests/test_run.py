@@ -305,3 +305,42 @@ def test_a_round_with_recorded_divergences_is_judged_on_its_finished_runs(tmp_pa
     state = json.loads(seeds.state_path(cfg).read_text())
     assert state == {"round": 1, "experiments": {"seq": {"cells": {bs: 3, ce: 3}}}}
     assert len(calls) == 3
+
+
+def test_the_findings_of_a_sequential_experiment_are_its_sequential_decisions(tmp_path):
+    """The first screen (findings.csv) carries the group-sequential decision, not the fixed-design test on
+    the seeds so far: `ce-again` (identical to `ce`) is "no gain" at the first look where the t-test on
+    2 seeds says "not significant"; `balanced-softmax` is undecided (at its first of two looks), shown
+    as "not significant" with the decision in `test`, no p-value and no fixed-design seeds needed."""
+    from ltbench.analysis import aggregate, findings
+    from ltbench.report import headline
+
+    cfg = config.validate(_config(tmp_path, {"initial": 2, "max": 4, "step": 2}))
+    rows = [
+        {**dict(dataset="digits-lt", ratio="10", method=m, backbone="resnet8", metric="top1"), "seed": s, "value": v}
+        for m, vals in (("ce", [50.0, 51.0]), ("ce-again", [50.0, 51.0]), ("balanced-softmax", [60.0, 62.0]))
+        for s, v in enumerate(vals)
+    ]
+    runs = pd.DataFrame(rows)
+    comparison, gains = aggregate.comparisons(runs, cfg)
+    looks = sequential.table(runs, cfg)
+    fixed = findings.findings(comparison, gains, cfg)
+    assert fixed.set_index("method").loc["ce-again", ["verdict", "p_value"]].tolist() == ["not significant", 1.0]
+    f = findings.findings(comparison, gains, cfg, looks)
+    by = f.set_index("method")
+    assert by.loc["ce-again", "verdict"] == "no gain" and bool(by.loc["ce-again", "decided"])
+    assert by.loc["ce-again", "test"] == "group-sequential t: no gain at 2 seeds"
+    assert by.loc["balanced-softmax", "verdict"] == "not significant"
+    assert by.loc["balanced-softmax", "test"] == "group-sequential t: undecided at 2 seeds"
+    assert by["p_value"].isna().all() and by["seeds_needed"].isna().all()
+    assert list(f["method"]) == ["ce-again", "balanced-softmax"]  # decided first
+    html = headline.table_html(f)
+    assert html.count(">seq.</span>") == 2 and headline.SEQUENTIAL_NOTE in html
+    assert "(seq.)" in headline.to_markdown(f) and headline.SEQUENTIAL_NOTE not in headline.table_html(fixed)
+    # an aggregate written before: `ltbench findings` reads its sequential.csv too
+    d = tmp_path / "agg"
+    d.mkdir()
+    comparison.to_csv(d / "comparison.csv", index=False)
+    gains.to_csv(d / "gains.csv", index=False)
+    looks.to_csv(d / "sequential.csv", index=False)
+    assert findings.write(d, cfg).set_index("method").loc["ce-again", "verdict"] == "no gain"

@@ -497,7 +497,9 @@ def main(paths: Iterable[str | Path], out_dir: Path, cfg: Mapping | None = None,
     if cfg is not None:
         out["comparison.csv"], out["gains.csv"] = comparisons(runs, cfg)
         out["sequential.csv"] = sequential.table(runs, cfg)
-    out["findings.csv"] = findings.findings(out.get("comparison.csv"), out.get("gains.csv"), cfg)
+    out["findings.csv"] = findings.findings(
+        out.get("comparison.csv"), out.get("gains.csv"), cfg, out.get("sequential.csv")
+    )
     for name, df in out.items():
         write_csv(df, Path(out_dir) / name)
     if cfg is not None:

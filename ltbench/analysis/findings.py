@@ -12,6 +12,14 @@ The rows are those of ``gains.csv`` and ``comparison.csv``, reshaped, nothing re
   entries the paper quotes from elsewhere or does not report: ``ours`` is our mean with its 95 %
   Student-t interval, ``paper`` the paper's value, ``p_value`` the equivalence test's (TOST).
 
+A sequential experiment's rows (``seeds: {initial, max}``) carry its group-sequential decision instead
+(``sequential.csv``, the test's last look; :mod:`ltbench.analysis.sequential`): the fixed-design test on
+all the seeds ignores that seeds were added after looking. The decision is put in the findings' words
+(gain → supported, below → contradicted, no gain, undecided or undecided at max → not significant for a
+gain, inconclusive for a reproduction, not reproduced → below or above), ``test`` says which decision
+at how many seeds, ``p_value`` is empty (the rule compares t with each look's boundary) and the seeds
+are those of the last look.
+
 ``decided`` marks a verdict the seeds decide (supported, contradicted, no gain, reproduced, below,
 above). Rows are ordered decided first, then undecided (not significant, inconclusive), then the untested
 (untested, single run, missing); within each, experiments in config order and each table's own order.
@@ -61,6 +69,23 @@ NOT_TESTS = ("not reported", "quoted")  # comparison.csv rows that test nothing 
 KIND_ORDER = ("claim", "reproduction", "sensitivity", "scaling", "ablation")
 METRIC_WORDS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few"}
 _CELL = ["dataset", "ratio", "backbone", "metric", "method", "over"]
+
+
+SEQUENTIAL_TEST = "group-sequential t"  # how ``test`` starts on a sequential experiment's row
+_SEQ_GAIN = {
+    "gain": "supported",
+    "below": "contradicted",
+    "no gain": "no gain",
+    "undecided": "not significant",
+    "undecided at max": "not significant",
+    "untested": "untested",
+}
+_SEQ_REPRODUCTION = {
+    "reproduced": "reproduced",
+    "undecided": "inconclusive",
+    "undecided at max": "inconclusive",
+    "untested": "untested",
+}
 
 
 def _where(r: Any) -> str:
@@ -151,14 +176,60 @@ def _reproduction_rows(comparison: pd.DataFrame, papers: Mapping[str, str | None
     return rows
 
 
+def _sequential_key(experiment: str, quantity: str, r: Mapping) -> tuple:
+    over = r.get("over") if quantity == "gain" else ""
+    ratio = format_ratio(float(r["ratio"]))
+    return (experiment, quantity, r["dataset"], ratio, r["backbone"], r["metric"], r["method"], over)
+
+
+def _apply_sequential(df: pd.DataFrame, looks: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows a sequential experiment tests take its group-sequential decision (module docstring)."""
+    if looks is None or looks.empty or df.empty:
+        return df
+    last = looks.drop_duplicates(["experiment", "kind", "test"], keep="last")
+    decided = {
+        _sequential_key(r["experiment"], "accuracy" if r["kind"] == "reproduction" else "gain", r): r
+        for r in last.to_dict("records")
+    }
+    df = df.copy()
+    for i, r in df.iterrows():
+        s = decided.get(_sequential_key(r["experiment"], r["quantity"], r))
+        if s is None:
+            continue
+        d = s["decision"]
+        if r["quantity"] == "gain":
+            verdict = _SEQ_GAIN.get(d, "not significant")
+        elif d == "not reproduced":
+            verdict = "above" if s["estimate"] > 0 else "below"
+        else:
+            verdict = _SEQ_REPRODUCTION.get(d, "inconclusive")
+        n = int(s["n"]) if not pd.isna(s["n"]) else 0
+        df.loc[i, ["verdict", "test", "p_value", "seeds_needed"]] = [
+            verdict,
+            f"{SEQUENTIAL_TEST}: {d}" + (f" at {n} seeds" if n else ""),
+            float("nan"),
+            pd.NA,
+        ]
+        if n:
+            df.loc[i, "n_method"] = n
+            if r["quantity"] == "gain":
+                df.loc[i, "n_over"] = n
+    return df
+
+
 def rank(verdict: str) -> int:
     """0: decided, 1: undecided (more seeds would decide it), 2: not tested (no runs, one seed, no spread)."""
     return 0 if verdict in DECIDED else 1 if verdict in UNDECIDED else 2
 
 
-def findings(comparison: pd.DataFrame | None, gains: pd.DataFrame | None, cfg: Mapping | None) -> pd.DataFrame:
-    """The rows of ``findings.csv`` (module docstring) from the aggregate's comparison and gains tables;
-    empty (with its columns) without a config."""
+def findings(
+    comparison: pd.DataFrame | None,
+    gains: pd.DataFrame | None,
+    cfg: Mapping | None,
+    looks: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The rows of ``findings.csv`` (module docstring) from the aggregate's comparison and gains tables,
+    and its sequential looks (``sequential.csv``); empty (with its columns) without a config."""
     if cfg is None:
         return pd.DataFrame(columns=COLUMNS)
     exps = list(cfg["experiments"])
@@ -167,6 +238,7 @@ def findings(comparison: pd.DataFrame | None, gains: pd.DataFrame | None, cfg: M
     if df.empty:
         return df
     df["ratio"] = df["ratio"].map(lambda v: format_ratio(float(v)))
+    df = _apply_sequential(df, looks)
     df["decided"] = df["verdict"].isin(DECIDED)
     df["seeds_needed"] = pd.array(df["seeds_needed"], dtype="Int64")
     order = pd.DataFrame(
@@ -183,7 +255,7 @@ def write(aggregate_dir: str | Path, cfg: Mapping) -> pd.DataFrame:
     """``findings.csv`` of an aggregate directory written by an ltbench without it, from the directory's
     own ``comparison.csv`` and ``gains.csv`` (no run is read again)."""
     d = Path(aggregate_dir)
-    read = {}
+    read: dict[str, pd.DataFrame | None] = {}
     for name in ("comparison", "gains"):
         p = d / f"{name}.csv"
         if not p.exists():
@@ -192,7 +264,9 @@ def write(aggregate_dir: str | Path, cfg: Mapping) -> pd.DataFrame:
             read[name] = pd.read_csv(p, dtype={"ratio": str, "table": str, "row": str})
         except pd.errors.EmptyDataError:
             read[name] = pd.DataFrame()
-    out = findings(read["comparison"], read["gains"], cfg)
+    seq = d / "sequential.csv"
+    looks = pd.read_csv(seq, dtype={"ratio": str}) if seq.exists() and seq.stat().st_size else None
+    out = findings(read["comparison"], read["gains"], cfg, looks)
     with io.atomic_path(d / "findings.csv") as tmp:
         out.to_csv(tmp, index=False)
     return out

@@ -11,9 +11,14 @@ from typing import Any
 
 import pandas as pd
 
-from ltbench.analysis.findings import DECIDED, UNDECIDED
+from ltbench.analysis.findings import DECIDED, SEQUENTIAL_TEST, UNDECIDED
 from ltbench.report.tables import fmt_delta, fmt_num, fmt_paper, safe_name
 
+SEQUENTIAL_NOTE = (
+    " Rows marked seq. are a sequential experiment's: their verdict is its group-sequential decision at the "
+    "seeds shown (the error rate kept over its looks; its section's Sequential verdicts), not a fixed-design "
+    "test on those seeds."
+)
 INLINE_ROWS = 20  # rows shown in the table itself; undecided rows beyond it fold into a <details> block
 LISTED = 3  # decided findings an experiment's one-line finding names with their numbers
 
@@ -69,7 +74,13 @@ def seeds_text(r: Any) -> str:
     return f"{n} / {int(r.n_over)}" if _gain(r) and not pd.isna(r.n_over) else n
 
 
+def _sequential(r: Any) -> bool:
+    return isinstance(r.test, str) and r.test.startswith(SEQUENTIAL_TEST)
+
+
 def _p(r: Any) -> str:
+    if _sequential(r):
+        return f"<span title='{esc(r.test)}'>seq.</span>"
     if pd.isna(r.p_value):
         return "–"
     return "< 0.001" if r.p_value < 0.001 else f"{r.p_value:.3f}"
@@ -90,7 +101,8 @@ HEAD = (
     "<thead><tr><th class='claim'>claim tested</th><th title='the value the paper gives; – where none'>paper</th>"
     "<th>ours [95 % interval]</th><th>verdict</th>"
     "<th title='seeds per side: method / the method it improves on'>seeds</th><th title='Holm-adjusted t-test "
-    "of a gain; TOST of a reproduction'>p</th><th class='claim'>section</th></tr></thead>"
+    "of a gain; TOST of a reproduction; seq.: the group-sequential decision of a sequential experiment'>p</th>"
+    "<th class='claim'>section</th></tr></thead>"
 )
 
 
@@ -115,7 +127,7 @@ def table_html(findings: pd.DataFrame) -> str:
     intro = (
         f"<p>{len(rows)} claims tested: {_counts(findings)}. Gains are in points (ours − the method it improves "
         "on, 95 % Welch interval); accuracies in % (95 % Student-t interval over seeds). Decided verdicts first."
-        "</p>"
+        f"{SEQUENTIAL_NOTE if any(map(_sequential, rows)) else ''}</p>"
     )
     out = [intro, f"<table class='findings'>{HEAD}<tbody>{''.join(map(_row, rows[:cut]))}</tbody></table>"]
     if rows[cut:]:
@@ -160,12 +172,16 @@ def to_markdown(findings: pd.DataFrame) -> str:
         "| claim tested | paper | ours [95 % interval] | verdict | seeds | experiment |",
         "|:---|---:|---:|:---|---:|:---|",
     ]
+    seq = False
     for r in findings.itertuples(index=False):
-        cells = [r.claim, paper_text(r, "-"), ours_text(r, "-"), f"**{r.verdict}**", seeds_text(r), r.experiment]
+        seq = seq or _sequential(r)
+        verdict = f"**{r.verdict}**" + (" (seq.)" if _sequential(r) else "")
+        cells = [r.claim, paper_text(r, "-"), ours_text(r, "-"), verdict, seeds_text(r), r.experiment]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     lines += [
         "",
         "Gains in points (ours − the method it improves on; 95 % Welch interval; verdict by the Holm-adjusted "
-        "t-test across seeds), accuracies in % (95 % Student-t interval); seeds per side. From `findings.csv`.",
+        "t-test across seeds), accuracies in % (95 % Student-t interval); seeds per side. From `findings.csv`."
+        + (SEQUENTIAL_NOTE if seq else ""),
     ]
     return "\n".join(lines) + "\n"
