@@ -97,9 +97,6 @@ LIVE_PRIOR = 0.01
 CELL_COLUMNS = [*KEYS, "seed", "experiments", "status", "detail", "log"]
 # The train rule's log (workflow/rules/train.smk): where a failed cell's error message is.
 TRAIN_LOG = "logs/train/{path}.log"
-# After a failed run, the report of the finished cells (workflow/rules/common.smk, partial_report)
-# is built under <results_dir>/partial: its aggregate in PARTIAL_DIR/aggregate.
-PARTIAL_DIR = "partial"
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:

@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 
 from ltbench import io
-from ltbench.analysis import aggregate, sequential
+from ltbench.analysis import sequential
 from ltbench.spec import config, seeds
 
 
@@ -52,7 +52,7 @@ def snakemake_command(configfile: str, args: Sequence[str]) -> list[str]:
 
 def _runs(cfg: Mapping, partial: bool = False) -> pd.DataFrame:
     """The aggregate's runs; ``partial``: those of the partial report's aggregate (after a failed run)."""
-    path = Path(cfg["results_dir"]) / (f"{aggregate.PARTIAL_DIR}/aggregate" if partial else "aggregate") / "runs.csv"
+    path = Path(cfg["results_dir"]) / (f"{io.PARTIAL_DIR}/aggregate" if partial else "aggregate") / "runs.csv"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist after the Snakemake run: give a target that includes the aggregate "
@@ -109,7 +109,7 @@ def judge_failed_round(cfg: Mapping, started: float) -> bool:
             flush=True,
         )
         return False
-    runs_csv = Path(cfg["results_dir"]) / aggregate.PARTIAL_DIR / "aggregate" / "runs.csv"
+    runs_csv = Path(cfg["results_dir"]) / io.PARTIAL_DIR / "aggregate" / "runs.csv"
     if not runs_csv.exists() or runs_csv.stat().st_mtime < started:
         print(f"ltbench run: the failed run wrote no partial aggregate ({runs_csv}); see its log", flush=True)
         return False

@@ -13,7 +13,6 @@ from ltbench.spec import config as ltconfig
 from ltbench import data as ltdata
 from ltbench import io as ltio
 from ltbench.spec import catalog
-from ltbench.analysis.aggregate import PARTIAL_DIR
 
 # A YAML syntax error in a config file never gets here: Snakemake parses --configfile (and the
 # Snakefile's default config) itself and says only "Config file is not valid JSON or YAML";
@@ -167,7 +166,7 @@ _check_resource_cells()
 
 def partial_report(snakemake_log=None):
     """After a failed run: the report of the finished cells (the others marked missing), written
-    where no rule's output lives: ``<reports_dir>/<name>.partial.html`` and ``{R}/partial/`` (PARTIAL_DIR).
+    where no rule's output lives: ``<reports_dir>/<name>.partial.html`` and ``{R}/partial/`` (ltbench.io.PARTIAL_DIR).
 
     Runs the same two commands as the rules, with `aggregate --existing`. No rule's output is
     written or redated, and the grid file (an input of the aggregate rule, rewritten when the next
@@ -179,7 +178,7 @@ def partial_report(snakemake_log=None):
     import subprocess
 
     log = f"{R}/logs/partial_report.log"
-    out = f"{R}/{PARTIAL_DIR}"
+    out = f"{R}/{ltio.PARTIAL_DIR}"
     os.makedirs(os.path.dirname(log), exist_ok=True)
     try:
         os.remove(GRID)
@@ -238,4 +237,4 @@ def remove_partial_report():
 
     if os.path.exists(PARTIAL):
         os.remove(PARTIAL)
-    shutil.rmtree(f"{R}/{PARTIAL_DIR}", ignore_errors=True)
+    shutil.rmtree(f"{R}/{ltio.PARTIAL_DIR}", ignore_errors=True)
