@@ -93,8 +93,10 @@ def unfinished(cfg: Mapping) -> tuple[list[config.Cell], list[config.Cell]]:
     return diverged, [c for c in todo if c not in diverged]
 
 
-def _label(c: config.Cell) -> str:
-    return f"{c.dataset} r{c.ratio} {c.method} {c.backbone} s{c.seed}"
+def _shown(cells: Sequence[config.Cell], most: int = 5) -> str:
+    """The cells' labels, the first ``most`` of them and how many more."""
+    labels = ", ".join(f"{c.dataset} r{c.ratio} {c.method} {c.backbone} s{c.seed}" for c in cells[:most])
+    return labels + (f" and {len(cells) - most} more" if len(cells) > most else "")
 
 
 def judge_failed_round(cfg: Mapping, started: float) -> bool:
@@ -102,9 +104,8 @@ def judge_failed_round(cfg: Mapping, started: float) -> bool:
     unfinished cell a recorded divergence, and the partial report's aggregate written by this run)."""
     diverged, other = unfinished(cfg)
     if other or not diverged:
-        shown = ", ".join(_label(c) for c in other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
         print(
-            f"ltbench run: {len(other)} cells did not finish ({shown or 'no cell: another job failed'}); "
+            f"ltbench run: {len(other)} cells did not finish ({_shown(other) or 'no cell: another job failed'}); "
             "run the same command again to retry them",
             flush=True,
         )
@@ -114,7 +115,7 @@ def judge_failed_round(cfg: Mapping, started: float) -> bool:
         print(f"ltbench run: the failed run wrote no partial aggregate ({runs_csv}); see its log", flush=True)
         return False
     print(
-        f"ltbench run: {len(diverged)} cells diverged and stay diverged ({', '.join(_label(c) for c in diverged)}; "
+        f"ltbench run: {len(diverged)} cells diverged and stay diverged ({_shown(diverged)}; "
         "each one's diverged.json says how); the round is judged on the finished runs, and the tests that "
         "need a diverged cell stay untested",
         flush=True,
