@@ -66,10 +66,10 @@ def config_hash(obj: Any) -> str:
 # What can change a result: a local change under these paths makes a run's code "dirty". Generated
 # files that a project commits (reports, docs) do not: regenerating a committed report between two
 # cells must not mark the second cell's code as changed.
+CODE_PATHS = ("ltbench", "workflow", "Snakefile", "config", "pyproject.toml")
 # After a failed workflow run, the report of the finished cells (workflow/rules/common.smk,
 # partial_report) is built under <results_dir>/PARTIAL_DIR: its aggregate in PARTIAL_DIR/aggregate.
 PARTIAL_DIR = "partial"
-CODE_PATHS = ("ltbench", "workflow", "Snakefile", "config", "pyproject.toml")
 
 
 def code_version() -> dict:

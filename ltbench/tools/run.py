@@ -70,15 +70,16 @@ def _spec_without_command_line(spec: Mapping) -> dict:
     return json.loads(json.dumps({**spec, "train": train}, sort_keys=True))
 
 
-def recorded_divergence(cfg: Mapping, cell: config.Cell) -> bool:
+def recorded_divergence(cfg: Mapping, cell: config.Cell, commit: str) -> bool:
     """Whether the cell's ``diverged.json`` records a divergence of this cell's spec and seed under the
-    code now checked out: the train rule then fails it again at once, so rerunning cannot finish it."""
+    code ``commit`` (the one checked out): the train rule then fails it again at once (the trainer's
+    check, which also compares the spec), so rerunning cannot finish it."""
     try:
         prev = json.loads((Path(cfg["results_dir"]) / "runs" / cell.path / "diverged.json").read_text())
         spec = config.cell_spec(cfg, cell.dataset, cell.method, cell.backbone)
         return (
             prev["seed"] == cell.seed
-            and prev["code"]["git_commit"] == io.code_version()["git_commit"]
+            and prev["code"]["git_commit"] == commit
             and _spec_without_command_line(prev["spec"]) == _spec_without_command_line(spec)
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -89,7 +90,8 @@ def unfinished(cfg: Mapping) -> tuple[list[config.Cell], list[config.Cell]]:
     """The grid's cells without ``metrics.json``: (recorded divergences, the others)."""
     runs_dir = Path(cfg["results_dir"]) / "runs"
     todo = [c for c in config.cells(cfg) if not (runs_dir / c.path / "metrics.json").exists()]
-    diverged = [c for c in todo if recorded_divergence(cfg, c)]
+    commit = io.code_version()["git_commit"] if todo else ""
+    diverged = [c for c in todo if recorded_divergence(cfg, c, commit)]
     return diverged, [c for c in todo if c not in diverged]
 
 
